@@ -1,0 +1,41 @@
+# The whole set-up on a fresh Debian machine, as root: `make run` or `make test`.
+# Both install only what is missing and say nothing when nothing is.
+
+DEBS := fuse3 libfuse3-dev pkg-config fio e2fsprogs util-linux liblz4-dev libzstd-dev
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+SOURCES := pyproject.toml setup.py $(wildcard zramfs/*.py zramfs/*.pyx zramfs/*.pxd)
+PIP := $(VENV)/bin/pip --quiet --disable-pip-version-check
+# Passed to pytest by `make test`, e.g. make test PYTEST_ARGS='-k alloc -x'.
+PYTEST_ARGS ?=
+
+.PHONY: run test debs build clean
+
+run: build
+	@echo "zramfs: built $(VENV)/bin/zramfs; the daemon is not written yet (see README)."
+
+test: build
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+debs:
+	@missing=$$(for p in $(DEBS); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	  done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+build: debs $(STAMP)
+
+# Build in place with the venv's own Cython (no isolated build env to set up each time).
+$(STAMP): $(SOURCES)
+	@[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
+	@echo "building zramfs into $(VENV)"
+	@$(PIP) install 'setuptools>=68' wheel 'Cython>=3.0'
+	@$(PIP) install --no-build-isolation --editable '.[test]'
+	@touch $@
+
+clean:
+	rm -rf build $(VENV) zramfs/*.so zramfs/*.c *.egg-info

@@ -1,0 +1,303 @@
+"""The allocator (zramfs._alloc): models, threads, memory given back, density."""
+from __future__ import annotations
+
+import random
+import threading
+
+import lz4.block
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
+
+from zramfs import _alloc, corpus
+
+BACKENDS = ["zsmalloc", "zbud"]
+PAGE = 4096
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process, from the kernel's own rollup."""
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Rss:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no Rss line in smaps_rollup")
+
+
+def fill(seed: int, size: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+# --- models ----------------------------------------------------------------------------------
+
+
+class PoolModel(RuleBasedStateMachine):
+    """Random malloc/write/free/compact against a dict; every live object reads back."""
+
+    backend = "zsmalloc"
+    handles = Bundle("handles")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = _alloc.Pool(self.backend, "model", max_pages_per_zspage=4)
+        self.model: dict[int, bytes] = {}
+
+    @rule(target=handles, size=st.integers(1, PAGE), seed=st.integers(0, 2**16))
+    def malloc(self, size: int, seed: int) -> int:
+        h = self.pool.malloc(size)
+        assert h not in self.model
+        data = fill(seed, size)
+        self.pool.write(h, data)
+        self.model[h] = data
+        return h
+
+    @rule(h=handles, seed=st.integers(0, 2**16))
+    def rewrite(self, h: int, seed: int) -> None:
+        if h in self.model:
+            data = fill(seed, len(self.model[h]))
+            self.pool.write(h, data)
+            self.model[h] = data
+
+    @rule(h=consumes(handles))
+    def free(self, h: int) -> None:
+        if h in self.model:
+            self.pool.free(h)
+            del self.model[h]
+        else:
+            with pytest.raises(KeyError):
+                self.pool.free(h)
+
+    @rule()
+    def compact(self) -> None:
+        before = self.pool.total_pages
+        freed = self.pool.compact()
+        assert self.pool.total_pages == before - freed
+
+    @invariant()
+    def contents(self) -> None:
+        for h, data in self.model.items():
+            assert self.pool.read(h)[: len(data)] == data
+
+    @invariant()
+    def memory(self) -> None:
+        held = self.pool.total_pages * PAGE
+        assert held >= sum(len(d) for d in self.model.values())
+        if not self.model:
+            assert held == 0
+        for row in self.pool.class_stats():
+            assert 0 <= row.obj_used <= row.obj_allocated
+
+    def teardown(self) -> None:
+        self.pool.destroy()
+
+
+class ZbudModel(PoolModel):
+    backend = "zbud"
+
+
+TestZsmallocModel = PoolModel.TestCase
+TestZsmallocModel.settings = settings(max_examples=60, stateful_step_count=80, deadline=None)
+TestZbudModel = ZbudModel.TestCase
+TestZbudModel.settings = settings(max_examples=60, stateful_step_count=80, deadline=None)
+
+
+# --- behaviour -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_sizes_and_handles(backend: str) -> None:
+    with _alloc.Pool(backend) as pool:
+        for size in (0, PAGE + 1):
+            with pytest.raises(ValueError):
+                pool.malloc(size)
+        h = pool.malloc(100)
+        with pytest.raises(ValueError):
+            pool.write(h, bytes(PAGE))
+        pool.free(h)
+        with pytest.raises(KeyError):
+            pool.read(h)
+    with pytest.raises(_alloc.PoolError):
+        pool.malloc(1)
+
+
+def test_size_classes_merge_and_huge_threshold() -> None:
+    with _alloc.Pool("zsmalloc", max_pages_per_zspage=8) as pool:
+        rows = pool.class_stats()
+        sizes = [r.size for r in rows]
+        assert sizes == sorted(sizes) and sizes[0] == 32 and sizes[-1] == PAGE
+        assert len(rows) < 255                      # some classes merged
+        assert all(1 <= r.pages_per_zspage <= 8 for r in rows)
+        huge = pool.huge_class_size
+        assert 3000 < huge < PAGE
+        # An object just under the threshold shares its zspage; one at it takes a page alone.
+        a, b = pool.malloc(huge - 16), pool.malloc(huge - 16)
+        assert pool.total_pages > 1
+        row = next(r for r in pool.class_stats() if r.size >= huge - 16)
+        assert row.obj_used == 2 and row.pages_per_zspage > 1
+        pool.free(a)
+        pool.free(b)
+        h = pool.malloc(huge)
+        row = next(r for r in pool.class_stats() if r.obj_used)
+        assert row.size == PAGE and row.pages_per_zspage == 1
+
+
+def test_fullest_zspage_first() -> None:
+    with _alloc.Pool("zsmalloc", max_pages_per_zspage=1) as pool:
+        hs = [pool.malloc(1024) for _ in range(12)]          # three zspages of four objects
+        assert pool.total_pages == 3
+        for h in hs[0:2] + hs[4:5]:                          # zspage 1 half used, zspage 2 3/4
+            pool.free(h)
+        pool.malloc(1024)                                    # goes to zspage 2, the fullest
+        for h in hs[2:4]:
+            pool.free(h)
+        assert pool.total_pages == 2                         # zspage 1 emptied, given back
+
+
+def test_compaction_moves_and_frees() -> None:
+    with _alloc.Pool("zsmalloc", max_pages_per_zspage=4) as pool:
+        data = {}
+        for i in range(4000):
+            h = pool.malloc(500)
+            data[h] = fill(i, 500)
+            pool.write(h, data[h])
+        for h in list(data)[::3] + list(data)[1::3]:         # leave every third
+            pool.free(h)
+            del data[h]
+        before = pool.total_pages
+        freeable = sum(r.freeable for r in pool.class_stats())
+        freed = pool.compact()
+        assert freed > 0 and freed >= freeable // 2
+        assert pool.total_pages == before - freed
+        assert pool.pages_compacted == freed
+        assert sum(r.freeable for r in pool.class_stats()) < freeable
+        for h, d in data.items():
+            assert pool.read(h)[:500] == d
+
+
+def test_pool_names_unique_while_torn_down() -> None:
+    a = _alloc.Pool(name="zram0")
+    b = _alloc.Pool(name="zram0")            # a still alive, e.g. being torn down
+    assert (a.name, b.name) == ("zram0", "zram0-2")
+    a.destroy()
+    c = _alloc.Pool(name="zram0")            # free again once a is gone
+    assert c.name == "zram0"
+    assert len({a.name, b.name, c.name} - {"zram0"}) == 1
+    b.destroy()
+    c.destroy()
+
+
+def test_backend_in_use_cannot_be_unregistered() -> None:
+    pool = _alloc.Pool("zbud")
+    with pytest.raises(_alloc.BackendBusy):
+        _alloc.unregister_backend("zbud")
+    assert "zbud" in _alloc.backends()
+    pool.destroy()
+    _alloc.unregister_backend("zbud")
+    try:
+        with pytest.raises(_alloc.UnknownBackend):
+            _alloc.Pool("zbud")
+    finally:
+        _alloc.register_backend("zbud")
+    assert "zbud" in _alloc.backends()
+
+
+# --- threads ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threads_hammer_one_pool(backend: str) -> None:
+    """Allocate, write, read, free and compact at once; every object keeps its content."""
+    pool = _alloc.Pool(backend, "hammer", max_pages_per_zspage=4)
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        mine: dict[int, bytes] = {}
+        try:
+            for step in range(6000):
+                if mine and rng.random() < 0.45:
+                    h = rng.choice(list(mine))
+                    if pool.read(h)[: len(mine[h])] != mine[h]:
+                        errors.append(f"thread {seed}: handle {h:#x} changed")
+                        return
+                    pool.free(h)
+                    del mine[h]
+                else:
+                    size = rng.choice((rng.randrange(1, 200), rng.randrange(1, PAGE + 1)))
+                    data = bytes([seed]) * 4 + rng.randbytes(size - 4) if size > 4 else b"x" * size
+                    h = pool.malloc(size)
+                    pool.write(h, data)
+                    mine[h] = data
+            for h, data in mine.items():
+                if pool.read(h)[: len(data)] != data:
+                    errors.append(f"thread {seed}: handle {h:#x} changed at the end")
+        except Exception as e:  # reported below, in the main thread
+            errors.append(f"thread {seed}: {e!r}")
+
+    def compactor() -> None:
+        while not stop.is_set():
+            pool.compact()
+
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    comp = threading.Thread(target=compactor)
+    comp.start()
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    stop.set()
+    comp.join()
+    try:
+        assert not errors, errors[:5]
+    finally:
+        pool.destroy()
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+
+def test_memory_really_returns() -> None:
+    """Free most objects and compact: resident memory falls by what the pool says it freed."""
+    with _alloc.Pool("zsmalloc", "rss") as pool:
+        rng = random.Random(1)
+        handles = []
+        chunk = rng.randbytes(PAGE)
+        for i in range(60000):                      # ~100 MiB in objects of 1..3.5 KiB
+            size = rng.randrange(1000, 3500)
+            h = pool.malloc(size)
+            pool.write(h, chunk[:size])
+            handles.append(h)
+        rng.shuffle(handles)
+        keep = handles[: len(handles) // 10]
+        rss_full, held_full = rss_bytes(), pool.total_pages * PAGE
+        for h in handles[len(handles) // 10 :]:
+            pool.free(h)
+        pool.compact()
+        rss_after, held_after = rss_bytes(), pool.total_pages * PAGE
+        given_back = held_full - held_after
+        assert given_back > 0.8 * held_full          # 90 % freed, compacted
+        assert rss_full - rss_after >= 0.95 * given_back, (rss_full, rss_after, given_back)
+        assert all(len(pool.read(h)) >= 1000 for h in keep)
+
+
+@pytest.fixture(scope="module")
+def corpus_data() -> bytes:
+    return corpus.build(128 << 20)
+
+
+def test_density_on_real_files(corpus_data: bytes) -> None:
+    """lz4 pages of real files, stored as zram would: at most 5 % over the objects' sizes."""
+    with _alloc.Pool("zsmalloc", "density") as pool:
+        huge = pool.huge_class_size
+        stored = 0
+        for page in corpus.pages(corpus_data):
+            data = lz4.block.compress(page, store_size=False)
+            if len(data) >= huge:
+                data = page                      # zram stores such pages raw
+            pool.write(pool.malloc(len(data)), data)
+            stored += len(data)
+        held = pool.total_pages * PAGE
+        print(f"\ndensity: {held} bytes held for {stored} bytes of objects: {held / stored:.4f}")
+        assert held <= 1.05 * stored
