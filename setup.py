@@ -1,11 +1,32 @@
 """Builds the Cython extensions; everything else is in pyproject.toml."""
+import subprocess
+
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 COMPILE_ARGS = ["-O2", "-Wno-unused-function", "-Wno-unreachable-code"]
 
+
+def extension(name: str, *libraries: str, macros: tuple = ()) -> Extension:
+    """zramfs.<name> from zramfs/<name>.pyx, with system libraries found through pkg-config."""
+    def pkg_config(option: str) -> list[str]:
+        if not libraries:
+            return []
+        out = subprocess.run(["pkg-config", option, *libraries], check=True,
+                             capture_output=True, text=True).stdout
+        return out.split()
+    return Extension(
+        f"zramfs.{name}", [f"zramfs/{name}.pyx"],
+        extra_compile_args=COMPILE_ARGS + pkg_config("--cflags"),
+        extra_link_args=pkg_config("--libs"),
+        define_macros=list(macros),
+    )
+
+
 extensions = [
-    Extension("zramfs._alloc", ["zramfs/_alloc.pyx"], extra_compile_args=COMPILE_ARGS),
+    extension("_alloc"),
+    extension("_zcomp", "liblz4", "libzstd"),
+    extension("_meta"),
 ]
 
 setup(

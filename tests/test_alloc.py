@@ -10,7 +10,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
-from zramfs import _alloc, corpus
+from zramfs import _alloc, corpus, registry
 
 BACKENDS = ["zsmalloc", "zbud"]
 PAGE = 4096
@@ -189,17 +189,20 @@ def test_pool_names_unique_while_torn_down() -> None:
 
 def test_backend_in_use_cannot_be_unregistered() -> None:
     pool = _alloc.Pool("zbud")
-    with pytest.raises(_alloc.BackendBusy):
-        _alloc.unregister_backend("zbud")
-    assert "zbud" in _alloc.backends()
+    with pytest.raises(registry.InUse):
+        _alloc.BACKENDS.unregister("zbud")
+    assert "zbud" in _alloc.BACKENDS.names()
     pool.destroy()
-    _alloc.unregister_backend("zbud")
+    backend = _alloc.BACKENDS.pin("zbud")
+    _alloc.BACKENDS.unpin("zbud")
+    _alloc.BACKENDS.unregister("zbud")
     try:
-        with pytest.raises(_alloc.UnknownBackend):
+        with pytest.raises(registry.NotRegistered):
             _alloc.Pool("zbud")
     finally:
-        _alloc.register_backend("zbud")
-    assert "zbud" in _alloc.backends()
+        _alloc.BACKENDS.register("zbud", backend)
+    with _alloc.Pool("zbud") as pool:
+        assert pool.backend == "zbud"
 
 
 # --- threads ---------------------------------------------------------------------------------

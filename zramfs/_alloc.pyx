@@ -17,13 +17,15 @@ zbud is the simple second backend: at most two objects per page, one from each e
 
 Both are reached through a `zpool_driver` table (see _alloc.pxd) of C functions that run
 without the GIL. `Pool` is the Python face over a driver, for tests and tools, and the
-owner the device holds. Backends are picked by name from a registry that pins a backend
-while a pool uses it.
+owner the device holds. Backends are picked by name from a registry (zramfs.registry) that
+pins a backend while a pool uses it.
 """
 from __future__ import annotations
 
 import threading
 from collections import namedtuple
+
+from zramfs.registry import Registry
 
 from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t
 from libc.stdlib cimport malloc, calloc, realloc, free
@@ -71,15 +73,7 @@ DEFAULT_MAX_PAGES_PER_ZSPAGE = 8
 
 
 class PoolError(Exception):
-    """Base of the allocator's errors."""
-
-
-class BackendBusy(PoolError):
-    """The backend still has pools and cannot be unregistered."""
-
-
-class UnknownBackend(PoolError):
-    """No backend of that name is registered."""
+    """The pool cannot do that (it is destroyed)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -783,59 +777,30 @@ cdef zpool_driver ZBUD = zpool_driver(
 
 
 # ---------------------------------------------------------------------------------------------
-# Registry of backends (hazard 5: a backend in use cannot be unregistered) and of pool names
-# (hazard 3: a name still held by a pool being torn down is not handed out twice).
+# Backends are pinned while a pool uses them (hazard 5); pool names stay unique while an old
+# pool is still being torn down (hazard 3).
 
 cdef class _Backend:
     cdef const zpool_driver* driver
-    cdef public int users
 
 
-_registry_lock = threading.Lock()
-_backends: dict[str, _Backend] = {}
-_pool_names: set[str] = set()
-
-
-cdef _Backend _make_backend(const zpool_driver* driver):
+cdef _Backend _backend(const zpool_driver* driver):
     cdef _Backend b = _Backend()
     b.driver = driver
-    b.users = 0
     return b
 
 
-def backends() -> list[str]:
-    """Names of the registered backends."""
-    with _registry_lock:
-        return sorted(_backends)
+BACKENDS: Registry[_Backend] = Registry("allocator backend")
+BACKENDS.register("zsmalloc", _backend(&ZSMALLOC))
+BACKENDS.register("zbud", _backend(&ZBUD))
 
-
-def register_backend(name: str) -> None:
-    """(Re-)registers one of the built-in backends by name."""
-    builtin = {"zsmalloc": _make_backend(&ZSMALLOC), "zbud": _make_backend(&ZBUD)}
-    if name not in builtin:
-        raise UnknownBackend(f"no built-in backend named {name!r}")
-    with _registry_lock:
-        _backends.setdefault(name, builtin[name])
-
-
-def unregister_backend(name: str) -> None:
-    """Removes a backend; BackendBusy while any pool uses it."""
-    with _registry_lock:
-        backend = _backends.get(name)
-        if backend is None:
-            raise UnknownBackend(f"no backend named {name!r}")
-        if backend.users:
-            raise BackendBusy(f"backend {name!r} is used by {backend.users} pool(s)")
-        del _backends[name]
-
-
-register_backend("zsmalloc")
-register_backend("zbud")
+_names_lock = threading.Lock()
+_pool_names: set[str] = set()
 
 
 def _claim_name(wanted: str) -> str:
     """A pool name unique among live pools: `wanted`, or `wanted-N` while that is held."""
-    with _registry_lock:
+    with _names_lock:
         name, n = wanted, 1
         while name in _pool_names:
             n += 1
@@ -862,12 +827,8 @@ cdef class Pool:
         cdef _Backend b
         if not 1 <= max_pages_per_zspage <= MAX_CHAIN:
             raise ValueError(f"max_pages_per_zspage must be 1..{MAX_CHAIN}")
-        with _registry_lock:
-            b = _backends.get(backend)
-            if b is None:
-                raise UnknownBackend(f"no backend named {backend!r}")
-            b.users += 1      # pinned under the same lock as the lookup
-        self._pin = b
+        b = BACKENDS.pin(backend)
+        self._pin = backend
         self.driver = b.driver
         self.backend = backend
         self._live = set()
@@ -880,10 +841,8 @@ cdef class Pool:
         self.name = _claim_name(name)
 
     def _unpin(self):
-        cdef _Backend b = self._pin
-        if b is not None:
-            with _registry_lock:
-                b.users -= 1
+        if self._pin is not None:
+            BACKENDS.unpin(self._pin)
             self._pin = None
 
     def destroy(self) -> None:
@@ -895,7 +854,7 @@ cdef class Pool:
         self.impl = NULL
         self._live.clear()
         self._unpin()
-        with _registry_lock:
+        with _names_lock:
             _pool_names.discard(self.name)   # only now may the name be handed out again
 
     def __dealloc__(self):

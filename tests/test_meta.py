@@ -1,0 +1,241 @@
+"""The device's data path without FUSE (zramfs._meta): a model, stats, limits, lifetime, races."""
+from __future__ import annotations
+
+import os
+import random
+import threading
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from zramfs._meta import Disk, Meta
+
+PAGE = 4096
+PUNCH_HOLE = 0x02 | 0x01     # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+ZERO_RANGE = 0x10 | 0x01     # FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
+
+
+def make_disk(size: int = 64 * PAGE, algorithm: str = "lz4", **kw) -> Disk:
+    disk = Disk()
+    disk.attach(Meta(size, algorithm, name="test", **kw))
+    return disk
+
+
+def destroy(disk: Disk) -> None:
+    disk.detach()
+    disk.release().destroy()
+
+
+def page_data(kind: str, seed: int, size: int) -> bytes:
+    rng = random.Random(seed)
+    if kind == "random":
+        return rng.randbytes(size)
+    if kind == "text":
+        words = [b"zram", b"page", b"swap", b"slot", b"\n", b"compressed "]
+        out = b" ".join(rng.choice(words) for _ in range(size // 3 + 1))
+        return out[:size]
+    return bytes([rng.randrange(256)]) * size          # same-filled
+
+
+class DiskModel(RuleBasedStateMachine):
+    """Writes, reads and discards at any offset and length against a bytearray."""
+
+    SIZE = 48 * PAGE
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.algorithm = "zstd" if random.random() < 0.3 else "lz4"
+        self.disk = make_disk(self.SIZE, self.algorithm)
+        self.model = bytearray(self.SIZE)
+
+    span = st.integers(0, SIZE - 1).flatmap(
+        lambda off: st.tuples(st.just(off), st.integers(1, min(3 * PAGE, DiskModel.SIZE - off))))
+
+    @rule(span=span, kind=st.sampled_from(["random", "text", "same"]), seed=st.integers(0, 999))
+    def write(self, span: tuple[int, int], kind: str, seed: int) -> None:
+        off, n = span
+        data = page_data(kind, seed, n)
+        assert self.disk.write(off, data) == n
+        self.model[off : off + n] = data
+
+    @rule(span=span)
+    def read(self, span: tuple[int, int]) -> None:
+        off, n = span
+        assert self.disk.read(off, n) == self.model[off : off + n]
+
+    @rule(span=span, mode=st.sampled_from([PUNCH_HOLE, ZERO_RANGE]))
+    def discard(self, span: tuple[int, int], mode: int) -> None:
+        off, n = span
+        self.disk.fallocate(mode, off, n)
+        self.model[off : off + n] = bytes(n)
+
+    @rule()
+    def compact(self) -> None:
+        self.disk.meta.compact()
+
+    @invariant()
+    def whole_device(self) -> None:
+        assert self.disk.read(0, self.SIZE) == self.model
+
+    @invariant()
+    def stats_add_up(self) -> None:
+        orig, compr, used, _, used_max, same, _, huge, _ = self.disk.meta.mm_stat()
+        stored = sum(1 for p in range(0, self.SIZE, PAGE) if any(self.model[p : p + PAGE]))
+        assert orig // PAGE >= stored                  # all-zero pages may be stored as same
+        assert compr <= (orig // PAGE - same) * PAGE
+        assert used_max >= used
+        assert huge <= orig // PAGE
+
+    def teardown(self) -> None:
+        destroy(self.disk)
+
+
+TestDiskModel = DiskModel.TestCase
+TestDiskModel.settings = settings(max_examples=50, stateful_step_count=40, deadline=None)
+
+
+def test_same_and_huge_pages_are_counted() -> None:
+    disk = make_disk(16 * PAGE)
+    try:
+        disk.write(0, b"\xab" * PAGE)                      # same-filled: no object
+        disk.write(PAGE, os.urandom(PAGE))                 # incompressible: huge
+        disk.write(2 * PAGE, b"hello zram " * 372 + b"1234")
+        orig, compr, used, limit, used_max, same, compacted, huge, huge_since = disk.meta.mm_stat()
+        assert (orig, same, huge, huge_since, limit) == (3 * PAGE, 1, 1, 1, 0)
+        assert PAGE < compr < 2 * PAGE and used >= PAGE + compr - PAGE
+        disk.fallocate(PUNCH_HOLE, 0, 2 * PAGE)
+        orig, compr, _, _, _, same, _, huge, huge_since = disk.meta.mm_stat()
+        assert (orig // PAGE, same, huge, huge_since) == (1, 0, 0, 1)   # since: never falls
+        assert disk.meta.io_stat()[3] == 2                 # notify_free: pages discarded
+        assert disk.read(0, 2 * PAGE) == bytes(2 * PAGE)
+    finally:
+        destroy(disk)
+
+
+def test_mem_limit_fails_writes_with_eio() -> None:
+    disk = make_disk(1024 * PAGE)
+    try:
+        disk.meta.mem_limit = 64 * PAGE
+        written = 0
+        with pytest.raises(OSError) as err:
+            for i in range(1024):
+                disk.write(i * PAGE, os.urandom(PAGE))
+                written += 1
+        assert err.value.errno == 5
+        assert 50 <= written <= 64
+        assert disk.meta.io_stat()[1] == 1                   # failed_writes
+        assert disk.meta.mm_stat()[2] <= 64 * PAGE           # mem_used_total within the limit
+        disk.meta.mem_limit = 0
+        disk.write(written * PAGE, b"x" * PAGE)              # lifted: writes work again
+    finally:
+        destroy(disk)
+
+
+def test_mem_used_max_resets_to_current() -> None:
+    disk = make_disk(256 * PAGE)
+    try:
+        for i in range(200):
+            disk.write(i * PAGE, os.urandom(PAGE))
+        disk.fallocate(PUNCH_HOLE, 0, 200 * PAGE)
+        _, _, used, _, used_max, *_ = disk.meta.mm_stat()
+        assert used_max >= 200 * PAGE > used
+        disk.meta.reset_mem_used_max()
+        assert disk.meta.mm_stat()[4] == used
+    finally:
+        destroy(disk)
+
+
+def test_out_of_range_io() -> None:
+    disk = make_disk(4 * PAGE)
+    try:
+        with pytest.raises(OSError) as err:
+            disk.write(4 * PAGE, b"x")
+        assert err.value.errno == 28                         # ENOSPC
+        assert disk.write(4 * PAGE - 10, b"y" * 100) == 10   # short at the end
+        assert disk.read(4 * PAGE, 10) == b""
+        assert disk.meta.io_stat()[2] == 1                   # invalid_io
+        with pytest.raises(OSError) as err:
+            disk.fallocate(0, 0, PAGE)                       # plain allocate: not supported
+        assert err.value.errno == 95
+    finally:
+        destroy(disk)
+
+
+def test_detached_disk_fails_with_eio_and_drains() -> None:
+    disk = make_disk()
+    disk.write(0, b"z" * PAGE)
+    disk.detach()
+    assert not disk.live and disk.in_flight == 0
+    for call in (lambda: disk.read(0, 1), lambda: disk.write(0, b"x"),
+                 lambda: disk.fallocate(PUNCH_HOLE, 0, PAGE)):
+        with pytest.raises(OSError) as err:
+            call()
+        assert err.value.errno == 5
+    meta = disk.release()
+    meta.destroy()
+    disk.attach(Meta(8 * PAGE, "zstd", name="test"))        # re-initialised, fresh content
+    assert disk.read(0, PAGE) == bytes(PAGE)
+    destroy(disk)
+
+
+def test_readers_never_see_a_torn_page() -> None:
+    """One writer rewrites a page with whole-page patterns; readers see one pattern each time."""
+    disk = make_disk(8 * PAGE)
+    patterns = [bytes([i]) * 2000 + os.urandom(96) + bytes([i]) * 2000 for i in range(1, 17)]
+    allowed = set(patterns) | {bytes(PAGE)}
+    stop = threading.Event()
+    bad: list[bytes] = []
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            disk.write(PAGE, patterns[i % len(patterns)])
+            if i % 50 == 0:
+                disk.fallocate(PUNCH_HOLE, PAGE, PAGE)
+            i += 1
+
+    def reader() -> None:
+        for _ in range(20000):
+            got = disk.read(PAGE, PAGE)
+            if got not in allowed:
+                bad.append(got)
+                return
+
+    def compactor() -> None:
+        while not stop.is_set():
+            disk.meta.compact()
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=compactor)]
+    readers = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads + readers:
+        t.start()
+    for t in readers:
+        t.join()
+    stop.set()
+    for t in threads:
+        t.join()
+    destroy(disk)
+    assert not bad
+
+
+def test_concurrent_partial_writes_to_one_page_all_land() -> None:
+    """Read-modify-write of one page from several threads loses no write."""
+    disk = make_disk(4 * PAGE)
+    nthreads, per = 4, PAGE // 4
+
+    def writer(t: int) -> None:
+        for rep in range(300):
+            for k in range(t * per, (t + 1) * per, 256):
+                disk.write(k, bytes([t + 1 + rep % 2]) * 256)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(nthreads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    page = disk.read(0, PAGE)
+    destroy(disk)
+    for t in range(nthreads):
+        assert page[t * per : (t + 1) * per] == bytes([t + 2]) * per

@@ -1,0 +1,60 @@
+# A device's data path, for the FUSE layer (cimport zramfs._meta).
+#
+# The FUSE layer holds the `zdisk*` of an open device file and calls zdisk_read/write/fallocate
+# without the GIL from its worker threads. Each returns bytes done (0 for fallocate) or a
+# negative errno. A request first takes a reference on the disk's meta, only while the meta is
+# live (hazard 1); reset clears LIVE, waits for the in-flight count to drain, then frees.
+from libc.stdint cimport uint32_t, uint64_t, int64_t
+from posix.types cimport off_t
+
+from zramfs._alloc cimport zpool_driver
+from zramfs._zcomp cimport zcomp
+
+ctypedef struct zslot:
+    uint64_t handle        # the object; for a same-filled page, the repeated word
+    uint32_t flags         # ZS_* bits, the lock bit among them (atomic)
+    uint32_t size          # compressed size, 0 for an empty or same-filled page
+
+ctypedef struct zmeta:
+    zslot* table
+    size_t nr_pages
+    const zpool_driver* driver
+    void* pool
+    size_t huge_size       # compressed sizes from here up are stored raw
+    zcomp* comp
+    size_t limit_pages     # mem_limit, 0 = none
+    # mm_stat, io_stat: atomic counters
+    size_t compr_data_size
+    size_t pages_stored
+    size_t max_used_pages
+    size_t same_pages
+    size_t huge_pages
+    size_t huge_pages_since
+    size_t failed_reads
+    size_t failed_writes
+    size_t invalid_io
+    size_t notify_free
+
+ctypedef struct zdisk:
+    int64_t state          # ZD_LIVE | number of requests in flight
+    zmeta* meta
+    # the block layer's stat file: lives as long as the disk, across resets
+    size_t ios[3]          # read, write, discard requests
+    size_t sectors[3]
+    size_t ticks_ns[3]
+
+cdef ssize_t zdisk_read(zdisk* disk, char* buf, size_t size, off_t off) noexcept nogil
+cdef ssize_t zdisk_write(zdisk* disk, const char* buf, size_t size, off_t off) noexcept nogil
+cdef int zdisk_fallocate(zdisk* disk, int mode, off_t off, off_t length) noexcept nogil
+
+
+cdef class Meta:
+    cdef zmeta* m
+    cdef readonly object pool
+    cdef readonly object compressor
+    cdef readonly size_t disksize
+
+
+cdef class Disk:
+    cdef zdisk* disk
+    cdef readonly Meta meta

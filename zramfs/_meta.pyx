@@ -1,0 +1,535 @@
+# cython: language_level=3
+"""A device's slot table, its lifetime, and the byte-range I/O over it, all without the GIL.
+
+The slot table has one `zslot` per 4 KiB page, as zram's table: the object's handle and size
+and flags (same-filled, huge, the slot lock). Every page operation holds the slot's lock from
+first look to last touch, so a page being read is never freed, moved or half-written under
+the reader (hazard 2), and a partial write's read-modify-write is one step. Lock order:
+compression stream, then slot, then the pool's own locks. Nothing is allocated on the request
+path but the compressed objects themselves (hazard 4).
+
+`Disk` is the device as the FUSE layer sees it: it holds the current `Meta` while the device
+is initialised and counts the requests in flight (hazard 1). `Meta` is what disksize creates
+and reset destroys: table, pool, compressor streams, and mm_stat's counters.
+"""
+from __future__ import annotations
+
+from libc.errno cimport EIO, ENOSPC, ENOMEM, EOPNOTSUPP, EINVAL
+from libc.stdint cimport uint32_t, uint64_t, int64_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy, memset
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+
+from zramfs._alloc cimport Pool, zpool_driver
+from zramfs._zcomp cimport (Compressor, zcomp, zstream, zcomp_stream_get, zcomp_stream_put,
+                            ZCOMP_PAGE)
+
+from zramfs._alloc import Pool as _Pool
+from zramfs._zcomp import Compressor as _Compressor
+
+cdef extern from *:
+    """
+    #include <sched.h>
+    #include <time.h>
+    #include <linux/falloc.h>
+    #define ZS_LOCK (1u << 31)
+    static inline void zslot_lock(uint32_t* flags) {
+        unsigned spins = 0;
+        while (__atomic_fetch_or(flags, ZS_LOCK, __ATOMIC_ACQUIRE) & ZS_LOCK) {
+            if (++spins > 64) sched_yield();
+    #if defined(__x86_64__) || defined(__i386__)
+            else __builtin_ia32_pause();
+    #endif
+        }
+    }
+    static inline void zslot_unlock(uint32_t* flags) {
+        __atomic_fetch_and(flags, ~ZS_LOCK, __ATOMIC_RELEASE);
+    }
+    /* Flags other than the lock bit change only under the lock, but atomically, since
+       waiters set the lock bit on the same word. */
+    static inline uint32_t zslot_flags(uint32_t* flags) {
+        return __atomic_load_n(flags, __ATOMIC_RELAXED) & ~ZS_LOCK;
+    }
+    static inline void zslot_set_flags(uint32_t* flags, uint32_t value) {
+        __atomic_store_n(flags, value | ZS_LOCK, __ATOMIC_RELAXED);
+    }
+    #define ZD_LIVE ((int64_t)1 << 62)
+    /* A reference on the disk's meta, only while it is live. */
+    static inline int zdisk_get(int64_t* state) {
+        int64_t s = __atomic_load_n(state, __ATOMIC_RELAXED);
+        do {
+            if (!(s & ZD_LIVE)) return 0;
+        } while (!__atomic_compare_exchange_n(state, &s, s + 1, 1, __ATOMIC_ACQUIRE,
+                                              __ATOMIC_RELAXED));
+        return 1;
+    }
+    static inline void zdisk_put(int64_t* state) {
+        __atomic_fetch_sub(state, 1, __ATOMIC_RELEASE);
+    }
+    #define ZM_LOAD(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+    #define ZM_ADD(p, v) __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)
+    #define ZM_SUB(p, v) __atomic_fetch_sub((p), (v), __ATOMIC_RELAXED)
+    static inline void zm_max(size_t* p, size_t v) {
+        size_t old = __atomic_load_n(p, __ATOMIC_RELAXED);
+        while (v > old && !__atomic_compare_exchange_n(p, &old, v, 1, __ATOMIC_RELAXED,
+                                                       __ATOMIC_RELAXED)) {}
+    }
+    static inline uint64_t zm_now_ns(void) {
+        struct timespec t;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        return (uint64_t)t.tv_sec * 1000000000u + t.tv_nsec;
+    }
+    """
+    uint32_t ZS_LOCK
+    int64_t ZD_LIVE
+    int FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+    void zslot_lock(uint32_t* flags) nogil
+    void zslot_unlock(uint32_t* flags) nogil
+    uint32_t zslot_flags(uint32_t* flags) nogil
+    void zslot_set_flags(uint32_t* flags, uint32_t value) nogil
+    int zdisk_get(int64_t* state) nogil
+    void zdisk_put(int64_t* state) nogil
+    size_t ZM_LOAD(size_t*) nogil
+    int64_t ZM_LOAD64 "ZM_LOAD"(int64_t*) nogil
+    size_t ZM_ADD(size_t*, size_t) nogil
+    size_t ZM_SUB(size_t*, size_t) nogil
+    int64_t ZM_AND64 "__atomic_fetch_and"(int64_t*, int64_t, int) nogil
+    int64_t ZM_OR64 "__atomic_fetch_or"(int64_t*, int64_t, int) nogil
+    int __ATOMIC_SEQ_CST
+    void zm_max(size_t* p, size_t v) nogil
+    uint64_t zm_now_ns() nogil
+
+cdef enum:
+    PAGE_SHIFT = 12
+    PAGE_SIZE = 4096
+    ZS_SAME = 1 << 0         # handle holds the repeated word; no object
+    ZS_HUGE = 1 << 1         # the object is the raw page
+    SECTOR_SHIFT = 9
+    IO_READ = 0
+    IO_WRITE = 1
+    IO_DISCARD = 2
+
+
+# --- one page, slot lock held ----------------------------------------------------------------
+
+cdef inline bint _same_filled(const char* page, uint64_t* word) noexcept nogil:
+    cdef const uint64_t* w = <const uint64_t*>page
+    cdef size_t i
+    for i in range(1, PAGE_SIZE // 8):
+        if w[i] != w[0]:
+            return False
+    word[0] = w[0]
+    return True
+
+
+cdef inline void _fill(char* page, uint64_t word) noexcept nogil:
+    cdef uint64_t* w = <uint64_t*>page
+    cdef size_t i
+    if word == 0:
+        memset(page, 0, PAGE_SIZE)
+        return
+    for i in range(PAGE_SIZE // 8):
+        w[i] = word
+
+
+cdef void _free_locked(zmeta* m, zslot* s) noexcept nogil:
+    cdef uint32_t flags = zslot_flags(&s.flags)
+    if flags & ZS_SAME:
+        ZM_SUB(&m.same_pages, 1)
+        ZM_SUB(&m.pages_stored, 1)
+    elif s.size:
+        m.driver.free(m.pool, s.handle)
+        ZM_SUB(&m.compr_data_size, s.size)
+        ZM_SUB(&m.pages_stored, 1)
+        if flags & ZS_HUGE:
+            ZM_SUB(&m.huge_pages, 1)
+    s.handle = 0
+    s.size = 0
+    zslot_set_flags(&s.flags, 0)
+
+
+cdef int _load_locked(zmeta* m, zslot* s, char* dst, zstream* st) noexcept nogil:
+    cdef uint32_t flags = zslot_flags(&s.flags)
+    cdef const char* src
+    cdef int rc = 0
+    if flags & ZS_SAME:
+        _fill(dst, s.handle)
+    elif s.size == 0:
+        memset(dst, 0, PAGE_SIZE)
+    else:
+        src = m.driver.map(m.pool, s.handle)
+        if flags & ZS_HUGE:
+            memcpy(dst, src, PAGE_SIZE)
+        else:
+            rc = m.comp.ops.decompress(st.ctx, src, s.size, dst)
+        m.driver.unmap(m.pool, s.handle)
+    return rc
+
+
+cdef int _store_locked(zmeta* m, zslot* s, const char* page, zstream* st) noexcept nogil:
+    """Compresses and stores one page in place of the slot's old content; -errno on failure."""
+    cdef uint64_t word
+    cdef const char* data = st.buffer
+    cdef int n
+    cdef uint32_t flags = 0
+    cdef uint64_t handle
+    cdef size_t used
+    cdef char* dst
+    if _same_filled(page, &word):
+        _free_locked(m, s)
+        s.handle = word
+        zslot_set_flags(&s.flags, ZS_SAME)
+        ZM_ADD(&m.same_pages, 1)
+        ZM_ADD(&m.pages_stored, 1)
+        return 0
+    # A result that would land in a huge class is no better than the page itself.
+    n = m.comp.ops.compress(st.ctx, m.comp.level, page, st.buffer, <int>m.huge_size - 1)
+    if n <= 0:
+        data, n, flags = page, PAGE_SIZE, ZS_HUGE
+    handle = m.driver.malloc(m.pool, n)
+    if handle == 0:
+        return -ENOMEM
+    used = m.driver.total_pages(m.pool)
+    zm_max(&m.max_used_pages, used)
+    if m.limit_pages and used > ZM_LOAD(&m.limit_pages):
+        m.driver.free(m.pool, handle)
+        return -ENOMEM
+    dst = m.driver.map(m.pool, handle)
+    memcpy(dst, data, n)
+    m.driver.unmap(m.pool, handle)
+    _free_locked(m, s)
+    s.handle = handle
+    s.size = n
+    zslot_set_flags(&s.flags, flags)
+    ZM_ADD(&m.compr_data_size, n)
+    ZM_ADD(&m.pages_stored, 1)
+    if flags & ZS_HUGE:
+        ZM_ADD(&m.huge_pages, 1)
+        ZM_ADD(&m.huge_pages_since, 1)
+    return 0
+
+
+# --- byte ranges -----------------------------------------------------------------------------
+
+cdef inline size_t _disk_bytes(zmeta* m) noexcept nogil:
+    return m.nr_pages << PAGE_SHIFT
+
+
+cdef inline void _account(zdisk* d, int kind, size_t nbytes, uint64_t started) noexcept nogil:
+    ZM_ADD(&d.ios[kind], 1)
+    ZM_ADD(&d.sectors[kind], nbytes >> SECTOR_SHIFT)
+    ZM_ADD(&d.ticks_ns[kind], zm_now_ns() - started)
+
+
+cdef ssize_t zdisk_read(zdisk* d, char* buf, size_t size, off_t off) noexcept nogil:
+    """Reads up to `size` bytes at `off`; short at the end of the device."""
+    cdef uint64_t started = zm_now_ns()
+    cdef zmeta* m
+    cdef zstream* st
+    cdef zslot* s
+    cdef size_t done = 0, n, pofs
+    cdef int rc = 0
+    if not zdisk_get(&d.state):
+        return -EIO
+    m = d.meta
+    if off < 0 or <size_t>off >= _disk_bytes(m):
+        zdisk_put(&d.state)
+        return 0
+    size = min(size, _disk_bytes(m) - <size_t>off)
+    st = zcomp_stream_get(m.comp)
+    while done < size:
+        s = &m.table[(off + done) >> PAGE_SHIFT]
+        pofs = (off + done) & (PAGE_SIZE - 1)
+        n = min(PAGE_SIZE - pofs, size - done)
+        zslot_lock(&s.flags)
+        if n == PAGE_SIZE:
+            rc = _load_locked(m, s, buf + done, st)
+        else:
+            rc = _load_locked(m, s, st.page, st)
+            memcpy(buf + done, st.page + pofs, n)
+        zslot_unlock(&s.flags)
+        if rc:
+            ZM_ADD(&m.failed_reads, 1)
+            break
+        done += n
+    zcomp_stream_put(st)
+    zdisk_put(&d.state)
+    _account(d, IO_READ, done, started)
+    return -EIO if rc else <ssize_t>done
+
+
+cdef ssize_t zdisk_write(zdisk* d, const char* buf, size_t size, off_t off) noexcept nogil:
+    """Writes `size` bytes at `off`; ENOSPC at or past the end, short up to it."""
+    cdef uint64_t started = zm_now_ns()
+    cdef zmeta* m
+    cdef zstream* st
+    cdef zslot* s
+    cdef size_t done = 0, n, pofs
+    cdef int rc = 0
+    if not zdisk_get(&d.state):
+        return -EIO
+    m = d.meta
+    if off < 0 or <size_t>off >= _disk_bytes(m):
+        ZM_ADD(&m.invalid_io, 1)
+        zdisk_put(&d.state)
+        return -ENOSPC
+    size = min(size, _disk_bytes(m) - <size_t>off)
+    st = zcomp_stream_get(m.comp)
+    while done < size:
+        s = &m.table[(off + done) >> PAGE_SHIFT]
+        pofs = (off + done) & (PAGE_SIZE - 1)
+        n = min(PAGE_SIZE - pofs, size - done)
+        zslot_lock(&s.flags)
+        if n == PAGE_SIZE:
+            rc = _store_locked(m, s, buf + done, st)
+        else:
+            rc = _load_locked(m, s, st.page, st)
+            if rc == 0:
+                memcpy(st.page + pofs, buf + done, n)
+                rc = _store_locked(m, s, st.page, st)
+        zslot_unlock(&s.flags)
+        if rc:
+            ZM_ADD(&m.failed_writes, 1)
+            break
+        done += n
+    zcomp_stream_put(st)
+    zdisk_put(&d.state)
+    _account(d, IO_WRITE, done, started)
+    if rc and done == 0:
+        return -EIO
+    return <ssize_t>done
+
+
+cdef int zdisk_fallocate(zdisk* d, int mode, off_t off, off_t length) noexcept nogil:
+    """Discard (PUNCH_HOLE) and write-zeroes (ZERO_RANGE), both with KEEP_SIZE: whole pages
+    are freed, the partial pages at either end zeroed."""
+    cdef uint64_t started = zm_now_ns()
+    cdef zmeta* m
+    cdef zstream* st = NULL
+    cdef zslot* s
+    cdef size_t pos, end, n, pofs
+    cdef int rc = 0
+    if mode != (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) and \
+            mode != (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE):
+        return -EOPNOTSUPP
+    if off < 0 or length <= 0:
+        return -EINVAL
+    if not zdisk_get(&d.state):
+        return -EIO
+    m = d.meta
+    pos = <size_t>off
+    end = min(<size_t>off + <size_t>length, _disk_bytes(m))
+    while pos < end:
+        s = &m.table[pos >> PAGE_SHIFT]
+        pofs = pos & (PAGE_SIZE - 1)
+        n = min(PAGE_SIZE - pofs, end - pos)
+        zslot_lock(&s.flags)
+        if n == PAGE_SIZE:
+            if zslot_flags(&s.flags) & ZS_SAME or s.size:
+                ZM_ADD(&m.notify_free, 1)
+            _free_locked(m, s)
+        else:
+            if st == NULL:
+                st = zcomp_stream_get(m.comp)
+            rc = _load_locked(m, s, st.page, st)
+            if rc == 0:
+                memset(st.page + pofs, 0, n)
+                rc = _store_locked(m, s, st.page, st)
+        zslot_unlock(&s.flags)
+        if rc:
+            ZM_ADD(&m.failed_writes, 1)
+            break
+        pos += n
+    if st != NULL:
+        zcomp_stream_put(st)
+    zdisk_put(&d.state)
+    _account(d, IO_DISCARD, pos - <size_t>off if pos > <size_t>off else 0, started)
+    return -EIO if rc else 0
+
+
+# --- Python faces ----------------------------------------------------------------------------
+
+MmStat = tuple  # orig_data_size compr_data_size mem_used_total mem_limit mem_used_max
+                # same_pages pages_compacted huge_pages huge_pages_since
+
+
+cdef class Meta:
+    """What writing disksize creates: `Meta(disksize, "lz4", name="zram0")`.
+
+    Everything the data path needs is made here, none of it later (hazard 4).
+    """
+
+    def __init__(self, size_t disksize, str algorithm="lz4", level=None, *,
+                 str backend="zsmalloc", str name="zram", streams=None,
+                 int max_pages_per_zspage=8):
+        cdef Pool pool
+        cdef Compressor comp
+        if disksize == 0 or disksize % PAGE_SIZE:
+            raise ValueError(f"disksize must be a positive multiple of {PAGE_SIZE}")
+        self.m = <zmeta*>calloc(1, sizeof(zmeta))
+        if self.m == NULL:
+            raise MemoryError("no memory for the device's meta")
+        self.disksize = disksize
+        # calloc of a large table maps zero pages lazily: untouched slots cost nothing.
+        self.m.table = <zslot*>calloc(disksize >> PAGE_SHIFT, sizeof(zslot))
+        if self.m.table == NULL:
+            self.destroy()
+            raise MemoryError(f"no memory for a slot table of {disksize >> PAGE_SHIFT} pages")
+        self.m.nr_pages = disksize >> PAGE_SHIFT
+        try:
+            self.pool = _Pool(backend, name, max_pages_per_zspage)
+            self.compressor = _Compressor(algorithm, level, streams)
+        except BaseException:
+            self.destroy()
+            raise
+        pool = self.pool
+        comp = self.compressor
+        self.m.driver = pool.driver
+        self.m.pool = pool.impl
+        self.m.huge_size = pool.driver.huge_class_size(pool.impl)
+        self.m.comp = comp.comp
+
+    def destroy(self) -> None:
+        """Frees everything. Only once no request can reach the meta (Disk.release)."""
+        if self.m == NULL:
+            return
+        if self.pool is not None:
+            self.pool.destroy()       # frees every object at once: no need to walk the table
+        if self.compressor is not None:
+            self.compressor.destroy()
+        free(self.m.table)
+        free(self.m)
+        self.m = NULL
+
+    def __dealloc__(self):
+        if self.m != NULL:
+            free(self.m.table)
+            free(self.m)
+
+    @property
+    def mem_limit(self) -> int:
+        return self.m.limit_pages << PAGE_SHIFT
+
+    @mem_limit.setter
+    def mem_limit(self, size_t nbytes) -> None:
+        """Bytes, rounded up to pages; 0 for none."""
+        self.m.limit_pages = (nbytes + PAGE_SIZE - 1) >> PAGE_SHIFT
+
+    def reset_mem_used_max(self) -> None:
+        """mem_used_max starts again from the memory used now."""
+        self.m.max_used_pages = self.pool.total_pages
+
+    def compact(self) -> int:
+        return self.pool.compact()
+
+    def mm_stat(self) -> tuple[int, ...]:
+        """The nine fields of mm_stat, in the kernel's order."""
+        cdef zmeta* m = self.m
+        return (
+            ZM_LOAD(&m.pages_stored) << PAGE_SHIFT,
+            ZM_LOAD(&m.compr_data_size),
+            self.pool.total_pages << PAGE_SHIFT,
+            m.limit_pages << PAGE_SHIFT,
+            ZM_LOAD(&m.max_used_pages) << PAGE_SHIFT,
+            ZM_LOAD(&m.same_pages),
+            self.pool.pages_compacted,
+            ZM_LOAD(&m.huge_pages),
+            ZM_LOAD(&m.huge_pages_since),
+        )
+
+    def io_stat(self) -> tuple[int, int, int, int]:
+        """failed_reads failed_writes invalid_io notify_free."""
+        cdef zmeta* m = self.m
+        return (ZM_LOAD(&m.failed_reads), ZM_LOAD(&m.failed_writes),
+                ZM_LOAD(&m.invalid_io), ZM_LOAD(&m.notify_free))
+
+
+cdef class Disk:
+    """A device as the FUSE layer reaches it; lives as long as the device (across resets).
+
+    `attach(meta)` makes it live; `detach()` stops new requests; once `in_flight` is 0,
+    `release()` hands the meta back to be destroyed outside any request.
+    """
+
+    def __cinit__(self):
+        self.disk = <zdisk*>calloc(1, sizeof(zdisk))
+        if self.disk == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.disk)
+
+    @property
+    def address(self) -> int:
+        """The zdisk*, for the FUSE layer's file handles."""
+        return <size_t>self.disk
+
+    def attach(self, Meta meta) -> None:
+        if self.meta is not None:
+            raise RuntimeError("disk already has a meta")
+        self.meta = meta
+        self.disk.meta = meta.m
+        ZM_OR64(&self.disk.state, ZD_LIVE, __ATOMIC_SEQ_CST)
+
+    def detach(self) -> None:
+        """New requests fail with EIO from now on."""
+        ZM_AND64(&self.disk.state, ~ZD_LIVE, __ATOMIC_SEQ_CST)
+
+    @property
+    def live(self) -> bool:
+        return bool(ZM_LOAD64(&self.disk.state) & ZD_LIVE)
+
+    @property
+    def in_flight(self) -> int:
+        return ZM_LOAD64(&self.disk.state) & ~ZD_LIVE
+
+    def release(self) -> Meta:
+        """Takes the meta away once detached and drained."""
+        if self.live or self.in_flight:
+            raise RuntimeError("disk is live or has requests in flight")
+        meta, self.meta = self.meta, None
+        self.disk.meta = NULL
+        return meta
+
+    def stat(self) -> tuple[int, ...]:
+        """The block layer's 17 stat fields (read, write, discard; no merges, no flushes)."""
+        cdef zdisk* d = self.disk
+        ios = [ZM_LOAD(&d.ios[i]) for i in range(3)]
+        sectors = [ZM_LOAD(&d.sectors[i]) for i in range(3)]
+        ms = [ZM_LOAD(&d.ticks_ns[i]) // 1000000 for i in range(3)]
+        busy = ms[0] + ms[1] + ms[2]
+        return (ios[0], 0, sectors[0], ms[0], ios[1], 0, sectors[1], ms[1],
+                self.in_flight, busy, busy, ios[2], 0, sectors[2], ms[2], 0, 0)
+
+    # Python entry points over the same C path, for tests and tools.
+
+    def read(self, off_t off, size_t size) -> bytes:
+        cdef ssize_t n
+        out = PyBytes_FromStringAndSize(NULL, size)
+        cdef char* buf = PyBytes_AS_STRING(out)
+        with nogil:
+            n = zdisk_read(self.disk, buf, size, off)
+        if n < 0:
+            raise OSError(-n, f"read of {size} bytes at {off}")
+        return out[:n]
+
+    def write(self, off_t off, data) -> int:
+        cdef Py_buffer view
+        cdef ssize_t n
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            with nogil:
+                n = zdisk_write(self.disk, <const char*>view.buf, view.len, off)
+        finally:
+            PyBuffer_Release(&view)
+        if n < 0:
+            raise OSError(-n, f"write of {len(data)} bytes at {off}")
+        return n
+
+    def fallocate(self, int mode, off_t off, off_t length) -> None:
+        cdef int rc
+        with nogil:
+            rc = zdisk_fallocate(self.disk, mode, off, length)
+        if rc < 0:
+            raise OSError(-rc, f"fallocate mode {mode:#x} of {length} bytes at {off}")

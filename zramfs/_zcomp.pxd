@@ -1,0 +1,55 @@
+# Compressors and their streams, for the device's data path (cimport zramfs._zcomp).
+#
+# A zcomp is one device's compressor: an algorithm, a level, and a fixed set of streams set up
+# when disksize is written (hazard 4: nothing big is allocated on the request path). A request
+# takes a stream, uses its context and buffers, and puts it back:
+#
+#     s = zcomp_stream_get(comp)
+#     n = comp.ops.compress(s.ctx, comp.level, page, s.buffer, ZCOMP_BUFFER)
+#     zcomp_stream_put(s)
+
+cdef extern from *:
+    """
+    #include <pthread.h>
+    """
+    ctypedef struct pthread_mutex_t:
+        pass
+
+cdef enum:
+    ZCOMP_PAGE = 4096
+    ZCOMP_BUFFER = 8192        # more than any algorithm's bound for one page
+
+ctypedef struct zcomp_ops:
+    const char* name
+    int level_default
+    int level_min
+    int level_max
+    void* (*ctx_create)() noexcept nogil
+    void (*ctx_destroy)(void* ctx) noexcept nogil
+    # Returns the compressed length, or 0 if it does not fit dst_cap (store the page raw).
+    int (*compress)(void* ctx, int level, const char* src, char* dst, int dst_cap) noexcept nogil
+    # Returns 0 when exactly one page came out, -1 otherwise.
+    int (*decompress)(void* ctx, const char* src, int src_len, char* dst) noexcept nogil
+
+ctypedef struct zstream:
+    pthread_mutex_t lock
+    void* ctx
+    char* buffer               # compressed output, ZCOMP_BUFFER bytes
+    char* page                 # a scratch page, for read-modify-write
+
+ctypedef struct zcomp:
+    const zcomp_ops* ops
+    int level
+    int nr_streams
+    zstream* streams
+    unsigned int hint
+
+cdef zstream* zcomp_stream_get(zcomp* comp) noexcept nogil
+cdef void zcomp_stream_put(zstream* s) noexcept nogil
+
+
+cdef class Compressor:
+    cdef zcomp* comp
+    cdef readonly str name
+    cdef readonly int level
+    cdef readonly int streams

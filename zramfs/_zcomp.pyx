@@ -1,0 +1,314 @@
+# cython: language_level=3
+"""Compression algorithms (lz4, lz4hc, zstd) and per-device compression streams.
+
+The algorithms call liblz4 and libzstd directly, so compression runs without the GIL in the
+FUSE worker threads. Each device gets `streams` contexts with their buffers, made when
+disksize is written; a request borrows one (try each without waiting, then wait on one), as
+the kernel's zram borrows a per-CPU stream.
+
+Algorithms are looked up and pinned through a registry (hazard 5): `Compressor("zstd", 5)`
+pins zstd until `destroy()`.
+"""
+from __future__ import annotations
+
+import os
+
+from libc.stdlib cimport calloc, free, malloc
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+
+from zramfs.registry import Registry
+
+cdef extern from *:
+    """
+    #define ZC_HINT(p) __atomic_fetch_add((p), 1, __ATOMIC_RELAXED)
+    """
+    int pthread_mutex_init(pthread_mutex_t*, void*) nogil
+    int pthread_mutex_destroy(pthread_mutex_t*) nogil
+    int pthread_mutex_lock(pthread_mutex_t*) nogil
+    int pthread_mutex_trylock(pthread_mutex_t*) nogil
+    int pthread_mutex_unlock(pthread_mutex_t*) nogil
+    unsigned int ZC_HINT(unsigned int*) nogil
+
+cdef extern from "lz4.h" nogil:
+    int LZ4_sizeofState()
+    int LZ4_compress_fast_extState(void* state, const char* src, char* dst, int src_size,
+                                   int dst_capacity, int acceleration)
+    int LZ4_decompress_safe(const char* src, char* dst, int compressed_size, int dst_capacity)
+
+cdef extern from "lz4hc.h" nogil:
+    int LZ4_sizeofStateHC()
+    int LZ4_compress_HC_extStateHC(void* state, const char* src, char* dst, int src_size,
+                                   int dst_capacity, int level)
+
+cdef extern from "zstd.h" nogil:
+    ctypedef struct ZSTD_CCtx:
+        pass
+    ctypedef struct ZSTD_DCtx:
+        pass
+    ZSTD_CCtx* ZSTD_createCCtx()
+    size_t ZSTD_freeCCtx(ZSTD_CCtx*)
+    ZSTD_DCtx* ZSTD_createDCtx()
+    size_t ZSTD_freeDCtx(ZSTD_DCtx*)
+    size_t ZSTD_compressCCtx(ZSTD_CCtx*, void* dst, size_t dst_capacity, const void* src,
+                             size_t src_size, int level)
+    size_t ZSTD_decompressDCtx(ZSTD_DCtx*, void* dst, size_t dst_capacity, const void* src,
+                               size_t src_size)
+    unsigned ZSTD_isError(size_t)
+
+
+class CompressorError(ValueError):
+    """Unknown algorithm, bad level, or data that does not decompress to a page."""
+
+
+# --- lz4 and lz4hc: one state buffer, decompression needs none ------------------------------
+
+cdef void* lz4_create() noexcept nogil:
+    return malloc(LZ4_sizeofState())
+
+
+cdef void* lz4hc_create() noexcept nogil:
+    return malloc(LZ4_sizeofStateHC())
+
+
+cdef void lz4_destroy(void* ctx) noexcept nogil:
+    free(ctx)
+
+
+cdef int lz4_compress(void* ctx, int level, const char* src, char* dst, int cap) noexcept nogil:
+    return LZ4_compress_fast_extState(ctx, src, dst, ZCOMP_PAGE, cap, level)
+
+
+cdef int lz4hc_compress(void* ctx, int level, const char* src, char* dst, int cap) noexcept nogil:
+    return LZ4_compress_HC_extStateHC(ctx, src, dst, ZCOMP_PAGE, cap, level)
+
+
+cdef int lz4_decompress(void* ctx, const char* src, int n, char* dst) noexcept nogil:
+    return 0 if LZ4_decompress_safe(src, dst, n, ZCOMP_PAGE) == ZCOMP_PAGE else -1
+
+
+# --- zstd: a compression and a decompression context ----------------------------------------
+
+ctypedef struct zstd_ctx:
+    ZSTD_CCtx* cctx
+    ZSTD_DCtx* dctx
+
+
+cdef void* zstd_create() noexcept nogil:
+    cdef zstd_ctx* z = <zstd_ctx*>calloc(1, sizeof(zstd_ctx))
+    if z == NULL:
+        return NULL
+    z.cctx = ZSTD_createCCtx()
+    z.dctx = ZSTD_createDCtx()
+    if z.cctx == NULL or z.dctx == NULL:
+        zstd_destroy(z)
+        return NULL
+    return z
+
+
+cdef void zstd_destroy(void* ctx) noexcept nogil:
+    cdef zstd_ctx* z = <zstd_ctx*>ctx
+    if z.cctx != NULL:
+        ZSTD_freeCCtx(z.cctx)
+    if z.dctx != NULL:
+        ZSTD_freeDCtx(z.dctx)
+    free(z)
+
+
+cdef int zstd_compress(void* ctx, int level, const char* src, char* dst, int cap) noexcept nogil:
+    cdef size_t n = ZSTD_compressCCtx((<zstd_ctx*>ctx).cctx, dst, cap, src, ZCOMP_PAGE, level)
+    return 0 if ZSTD_isError(n) else <int>n
+
+
+cdef int zstd_decompress(void* ctx, const char* src, int n, char* dst) noexcept nogil:
+    cdef size_t out = ZSTD_decompressDCtx((<zstd_ctx*>ctx).dctx, dst, ZCOMP_PAGE, src, n)
+    return 0 if not ZSTD_isError(out) and out == ZCOMP_PAGE else -1
+
+
+cdef zcomp_ops LZ4 = zcomp_ops(
+    name=b"lz4", level_default=1, level_min=1, level_max=65537,   # lz4: the acceleration
+    ctx_create=lz4_create, ctx_destroy=lz4_destroy,
+    compress=lz4_compress, decompress=lz4_decompress)
+cdef zcomp_ops LZ4HC = zcomp_ops(
+    name=b"lz4hc", level_default=9, level_min=1, level_max=12,
+    ctx_create=lz4hc_create, ctx_destroy=lz4_destroy,
+    compress=lz4hc_compress, decompress=lz4_decompress)
+cdef zcomp_ops ZSTD = zcomp_ops(
+    name=b"zstd", level_default=3, level_min=-22, level_max=22,
+    ctx_create=zstd_create, ctx_destroy=zstd_destroy,
+    compress=zstd_compress, decompress=zstd_decompress)
+
+
+cdef class _Algorithm:
+    cdef const zcomp_ops* ops
+
+
+cdef _Algorithm _algorithm(const zcomp_ops* ops):
+    cdef _Algorithm a = _Algorithm()
+    a.ops = ops
+    return a
+
+
+ALGORITHMS: Registry[_Algorithm] = Registry("compression algorithm")
+ALGORITHMS.register("lz4", _algorithm(&LZ4))
+ALGORITHMS.register("lz4hc", _algorithm(&LZ4HC))
+ALGORITHMS.register("zstd", _algorithm(&ZSTD))
+
+
+def default_streams() -> int:
+    """Streams per device: enough for the FUSE worker threads of a small machine."""
+    return max(4, 2 * (os.cpu_count() or 1))
+
+
+# --- streams ---------------------------------------------------------------------------------
+
+cdef zstream* zcomp_stream_get(zcomp* comp) noexcept nogil:
+    """A free stream, waiting for one only if every stream is busy."""
+    cdef unsigned int start = ZC_HINT(&comp.hint)
+    cdef int i
+    cdef zstream* s
+    for i in range(comp.nr_streams):
+        s = &comp.streams[(start + i) % comp.nr_streams]
+        if pthread_mutex_trylock(&s.lock) == 0:
+            return s
+    s = &comp.streams[start % comp.nr_streams]
+    pthread_mutex_lock(&s.lock)
+    return s
+
+
+cdef void zcomp_stream_put(zstream* s) noexcept nogil:
+    pthread_mutex_unlock(&s.lock)
+
+
+cdef void _zcomp_free(zcomp* comp) noexcept nogil:
+    cdef int i
+    cdef zstream* s
+    if comp.streams != NULL:
+        for i in range(comp.nr_streams):
+            s = &comp.streams[i]
+            if s.ctx != NULL:
+                comp.ops.ctx_destroy(s.ctx)
+            free(s.buffer)
+            free(s.page)
+            pthread_mutex_destroy(&s.lock)
+        free(comp.streams)
+    free(comp)
+
+
+cdef zcomp* _zcomp_create(const zcomp_ops* ops, int level, int nr) noexcept nogil:
+    cdef zcomp* comp = <zcomp*>calloc(1, sizeof(zcomp))
+    cdef int i
+    cdef zstream* s
+    if comp == NULL:
+        return NULL
+    comp.ops = ops
+    comp.level = level
+    comp.streams = <zstream*>calloc(nr, sizeof(zstream))
+    if comp.streams == NULL:
+        _zcomp_free(comp)
+        return NULL
+    comp.nr_streams = nr
+    for i in range(nr):
+        s = &comp.streams[i]
+        pthread_mutex_init(&s.lock, NULL)
+        s.ctx = ops.ctx_create()
+        s.buffer = <char*>malloc(ZCOMP_BUFFER)
+        s.page = <char*>malloc(ZCOMP_PAGE)
+        if s.ctx == NULL or s.buffer == NULL or s.page == NULL:
+            _zcomp_free(comp)
+            return NULL
+    return comp
+
+
+def parse_level(name: str, params: dict[str, str]) -> int | None:
+    """The `level=` of algorithm params, checked against the algorithm; None if absent."""
+    if "level" not in params:
+        return None
+    try:
+        level = int(params["level"])
+    except ValueError:
+        raise CompressorError(f"level must be an integer, not {params['level']!r}") from None
+    cdef _Algorithm a = ALGORITHMS.pin(name)
+    try:
+        if not a.ops.level_min <= level <= a.ops.level_max:
+            raise CompressorError(
+                f"{name} level must be {a.ops.level_min}..{a.ops.level_max}, not {level}")
+    finally:
+        ALGORITHMS.unpin(name)
+    return level
+
+
+cdef class Compressor:
+    """One device's compressor: `Compressor("zstd", level=5, streams=4)`.
+
+    `compress`/`decompress` are for tests and tools; the device uses `comp` without the GIL.
+    """
+
+    def __init__(self, name: str, level: int | None = None, streams: int | None = None):
+        cdef _Algorithm a = ALGORITHMS.pin(name)
+        cdef int lvl = a.ops.level_default if level is None else level
+        cdef int nr = default_streams() if streams is None else streams
+        if not a.ops.level_min <= lvl <= a.ops.level_max or nr < 1:
+            ALGORITHMS.unpin(name)
+            raise CompressorError(f"bad level {lvl} or streams {nr} for {name}")
+        with nogil:
+            self.comp = _zcomp_create(a.ops, lvl, nr)
+        if self.comp == NULL:
+            ALGORITHMS.unpin(name)
+            raise MemoryError(f"cannot set up {nr} {name} streams")
+        self.name = name
+        self.level = lvl
+        self.streams = nr
+
+    def destroy(self) -> None:
+        if self.comp != NULL:
+            with nogil:
+                _zcomp_free(self.comp)
+            self.comp = NULL
+            ALGORITHMS.unpin(self.name)
+
+    def __dealloc__(self):
+        if self.comp != NULL:
+            _zcomp_free(self.comp)
+
+    def compress(self, page) -> bytes | None:
+        """The compressed page, or None where it does not fit a page (store it raw)."""
+        cdef Py_buffer view
+        cdef zstream* s
+        cdef int n
+        if self.comp == NULL:
+            raise CompressorError("compressor is destroyed")
+        PyObject_GetBuffer(page, &view, PyBUF_SIMPLE)
+        try:
+            if view.len != ZCOMP_PAGE:
+                raise CompressorError(f"a page is {ZCOMP_PAGE} bytes, not {view.len}")
+            with nogil:
+                s = zcomp_stream_get(self.comp)
+                n = self.comp.ops.compress(s.ctx, self.comp.level, <const char*>view.buf,
+                                           s.buffer, ZCOMP_PAGE)
+            try:
+                return PyBytes_FromStringAndSize(s.buffer, n) if n > 0 else None
+            finally:
+                zcomp_stream_put(s)
+        finally:
+            PyBuffer_Release(&view)
+
+    def decompress(self, data) -> bytes:
+        cdef Py_buffer view
+        cdef zstream* s
+        cdef int rc
+        if self.comp == NULL:
+            raise CompressorError("compressor is destroyed")
+        out = PyBytes_FromStringAndSize(NULL, ZCOMP_PAGE)
+        cdef char* dst = PyBytes_AS_STRING(out)
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            with nogil:
+                s = zcomp_stream_get(self.comp)
+                rc = self.comp.ops.decompress(s.ctx, <const char*>view.buf, <int>view.len, dst)
+                zcomp_stream_put(s)
+        finally:
+            PyBuffer_Release(&view)
+        if rc != 0:
+            raise CompressorError("data does not decompress to one page")
+        return out
