@@ -20,6 +20,7 @@ def extension(name: str, *libraries: str, macros: tuple = ()) -> Extension:
         extra_compile_args=COMPILE_ARGS + pkg_config("--cflags"),
         extra_link_args=pkg_config("--libs"),
         define_macros=list(macros),
+        include_dirs=["zramfs"],
     )
 
 
@@ -27,6 +28,8 @@ extensions = [
     extension("_alloc"),
     extension("_zcomp", "liblz4", "libzstd"),
     extension("_meta"),
+    # The header picks its API by version: 3.14 is Debian 12's libfuse.
+    extension("_fuse", "fuse3", macros=(("FUSE_USE_VERSION", "314"),)),
 ]
 
 setup(

@@ -20,6 +20,9 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.pycapsule cimport PyCapsule_New
+
+from zramfs.data_ops cimport zramfs_data_ops, ZRAMFS_DATA_OPS_CAPSULE
 
 from zramfs._alloc cimport Pool, zpool_driver
 from zramfs._zcomp cimport (Compressor, zcomp, zstream, zcomp_stream_get, zcomp_stream_put,
@@ -346,6 +349,32 @@ cdef int zdisk_fallocate(zdisk* d, int mode, off_t off, off_t length) noexcept n
     zdisk_put(&d.state)
     _account(d, IO_DISCARD, pos - <size_t>off if pos > <size_t>off else 0, started)
     return -EIO if rc else 0
+
+
+# --- the FUSE layer's data ops: a device file's handle is its zdisk* ----------------------------
+
+cdef ssize_t _dops_read(void* ctx, uint64_t fh, char* buf, size_t size,
+                        uint64_t off) noexcept nogil:
+    return zdisk_read(<zdisk*>fh, buf, size, <off_t>off)
+
+
+cdef ssize_t _dops_write(void* ctx, uint64_t fh, const char* buf, size_t size,
+                         uint64_t off) noexcept nogil:
+    return zdisk_write(<zdisk*>fh, buf, size, <off_t>off)
+
+
+cdef int _dops_fallocate(void* ctx, uint64_t fh, int mode, uint64_t off,
+                         uint64_t length) noexcept nogil:
+    return zdisk_fallocate(<zdisk*>fh, mode, <off_t>off, <off_t>length)
+
+
+cdef zramfs_data_ops DATA_OPS = zramfs_data_ops(
+    ctx=NULL, read=_dops_read, write=_dops_write, fallocate=_dops_fallocate)
+
+
+def data_ops_capsule() -> object:
+    """The data ops for _fuse.Session(data=zramfs._meta): file handles are `Disk.address`."""
+    return PyCapsule_New(&DATA_OPS, ZRAMFS_DATA_OPS_CAPSULE, NULL)
 
 
 # --- Python faces ----------------------------------------------------------------------------

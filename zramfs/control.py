@@ -1,0 +1,200 @@
+"""The tree under the mountpoint, mirroring /dev and /sys, and every FUSE operation on it but
+the device files' data (that runs in C, see _fuse.pyx).
+
+    dev/zramN                            the device files
+    sys/class/zram-control/hot_add       read: a new device's id
+    sys/class/zram-control/hot_remove    write an id
+    sys/block/zramN/<attribute>          as /sys/block/zramN/
+
+The handlers run on the trio thread (the FUSE layer hands them over), so the tree and the
+devices change only between awaits. Inode numbers are never reused, so a kernel that still
+holds a removed device's inode gets ENOENT, not another device.
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import stat
+from dataclasses import dataclass, field
+
+from zramfs._fuse import Attr, OpenReply
+from zramfs.device import ATTRIBUTES, Device, Devices, fail
+
+ROOT_INO = 1
+ATTR_FILE_SIZE = 4096          # what sysfs reports for every attribute
+
+
+@dataclass(eq=False)
+class Node:
+    ino: int
+    name: str
+    mode: int
+    parent: Node | None = None
+    children: dict[str, Node] = field(default_factory=dict)
+    device: Device | None = None
+    attr: str | None = None     # attribute name, or "hot_add"/"hot_remove" on zram-control
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+
+@dataclass(eq=False)
+class Handle:
+    """An open attribute file: its content is made at the first read, as sysfs does."""
+    node: Node
+    content: bytes | None = None
+
+
+class Tree:
+    """The FUSE operations the trio thread answers; see the protocol in _fuse.pyx."""
+
+    def __init__(self, devices: Devices) -> None:
+        self.devices = devices
+        self._inos = itertools.count(ROOT_INO)
+        self._fhs = itertools.count(1)
+        self.nodes: dict[int, Node] = {}
+        self.handles: dict[int, Handle] = {}
+        self.root = self._add(None, "", stat.S_IFDIR | 0o755)
+        self.dev_dir = self._add(self.root, "dev", stat.S_IFDIR | 0o755)
+        sys_dir = self._add(self.root, "sys", stat.S_IFDIR | 0o755)
+        control = self._add(self._add(sys_dir, "class", stat.S_IFDIR | 0o755), "zram-control",
+                            stat.S_IFDIR | 0o755)
+        self._add(control, "hot_add", stat.S_IFREG | 0o444, attr="hot_add")
+        self._add(control, "hot_remove", stat.S_IFREG | 0o200, attr="hot_remove")
+        self.block_dir = self._add(sys_dir, "block", stat.S_IFDIR | 0o755)
+        for dev in devices.by_id.values():
+            self.add_device(dev)
+
+    # --- the tree ------------------------------------------------------------------------------
+
+    def _add(self, parent: Node | None, name: str, mode: int, *, device: Device | None = None,
+             attr: str | None = None) -> Node:
+        node = Node(next(self._inos), name, mode, parent, device=device, attr=attr)
+        self.nodes[node.ino] = node
+        if parent is not None:
+            parent.children[name] = node
+        return node
+
+    def _drop(self, node: Node) -> None:
+        for child in list(node.children.values()):
+            self._drop(child)
+        del self.nodes[node.ino]
+        if node.parent is not None:
+            del node.parent.children[node.name]
+
+    def add_device(self, dev: Device) -> None:
+        self._add(self.dev_dir, dev.name, stat.S_IFREG | 0o660, device=dev)
+        d = self._add(self.block_dir, dev.name, stat.S_IFDIR | 0o755, device=dev)
+        for name, a in ATTRIBUTES.items():
+            self._add(d, name, stat.S_IFREG | a.mode, device=dev, attr=name)
+
+    def drop_device(self, dev: Device) -> None:
+        for parent in (self.dev_dir, self.block_dir):
+            node = parent.children.get(dev.name)
+            if node is not None:
+                self._drop(node)
+
+    def _node(self, ino: int) -> Node:
+        node = self.nodes.get(ino)
+        if node is None:
+            raise fail(errno.ENOENT, f"no inode {ino}")
+        return node
+
+    def _attr(self, node: Node) -> Attr:
+        if node.is_dir:
+            return Attr(node.ino, node.mode, 0, st_nlink=2)
+        if node.attr is None:                      # a device file: its size is disksize
+            return Attr(node.ino, node.mode, node.device.disksize)
+        return Attr(node.ino, node.mode, ATTR_FILE_SIZE)
+
+    # --- FUSE operations -----------------------------------------------------------------------
+
+    def lookup(self, parent: int, name: str) -> Attr:
+        node = self._node(parent).children.get(name)
+        if node is None:
+            raise fail(errno.ENOENT, name)
+        return self._attr(node)
+
+    def getattr(self, ino: int) -> Attr:
+        return self._attr(self._node(ino))
+
+    def setattr(self, ino: int, changes: dict, fh: int | None) -> Attr:
+        # O_TRUNC on an attribute (echo > attr) or on a device file (dd without notrunc) is
+        # a no-op, as on sysfs and block devices; the size of a device is its disksize.
+        return self._attr(self._node(ino))
+
+    def readdir(self, ino: int) -> list[tuple[str, Attr]]:
+        node = self._node(ino)
+        if not node.is_dir:
+            raise fail(errno.ENOTDIR, node.name)
+        entries = [(".", self._attr(node)), ("..", self._attr(node.parent or node))]
+        return entries + [(name, self._attr(c)) for name, c in sorted(node.children.items())]
+
+    def open(self, ino: int, flags: int) -> OpenReply:
+        node = self._node(ino)
+        if node.is_dir:
+            raise fail(errno.EISDIR, node.name)
+        if node.attr is None:
+            dev = node.device
+            if dev.removed:
+                raise fail(errno.ENODEV, dev.name)
+            dev.openers += 1
+            return OpenReply(dev.disk.address, data=True)
+        mode = flags & os.O_ACCMODE
+        if mode in (os.O_RDONLY, os.O_RDWR) and not node.mode & 0o444:
+            raise fail(errno.EACCES, f"{node.name} is write-only")
+        if mode in (os.O_WRONLY, os.O_RDWR) and not node.mode & 0o200:
+            raise fail(errno.EACCES, f"{node.name} is read-only")
+        fh = next(self._fhs)
+        self.handles[fh] = Handle(node)
+        return OpenReply(fh, direct_io=True)
+
+    def release(self, ino: int, fh: int) -> None:
+        if self.handles.pop(fh, None) is not None:
+            return
+        node = self.nodes.get(ino)
+        if node is not None and node.device is not None and node.attr is None:
+            node.device.openers -= 1
+
+    def read(self, ino: int, fh: int, size: int, off: int) -> bytes:
+        h = self.handles.get(fh)
+        if h is None:
+            raise fail(errno.EBADF, f"no handle {fh}")
+        if h.content is None:
+            h.content = self._show(h.node).encode()
+        return h.content[off : off + size]
+
+    async def write(self, ino: int, fh: int, data: bytes, off: int) -> int:
+        h = self.handles.get(fh)
+        if h is None:
+            raise fail(errno.EBADF, f"no handle {fh}")
+        text = data.decode("latin-1")
+        node = h.node
+        if node.attr == "hot_remove":
+            dev = self.devices.by_id.get(_int_or_none(text))
+            await self.devices.remove(text)
+            if dev is not None:
+                self.drop_device(dev)
+        elif node.attr == "hot_add":
+            raise fail(errno.EACCES, "hot_add is read-only")
+        else:
+            await node.device.store(node.attr, text)
+        return len(data)
+
+    def _show(self, node: Node) -> str:
+        if node.attr == "hot_add":
+            dev = self.devices.add()
+            self.add_device(dev)
+            return f"{dev.id}\n"
+        if node.attr == "hot_remove":
+            raise fail(errno.EACCES, "hot_remove is write-only")
+        return node.device.show(node.attr)
+
+
+def _int_or_none(text: str) -> int | None:
+    try:
+        return int(text.strip())
+    except ValueError:
+        return None

@@ -1,0 +1,289 @@
+"""zram devices: their attributes, with the kernel's formats and errnos, and their lifetime.
+
+A `Device` is what /sys/block/zramN describes. Its data path is a `Disk` (zramfs._meta) that
+lives as long as the device; writing disksize creates a `Meta` (slot table, pool, compressor
+streams) and attaches it, reset detaches it, waits for requests in flight to drain and only
+then destroys it (hazard 1). Everything here runs on the trio thread: code between two awaits
+is atomic, which is the one rule that makes the bookkeeping safe.
+
+    devices = Devices()
+    dev = devices.add()
+    dev.store("disksize", "1G")
+    dev.show("mm_stat")
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import re
+from collections.abc import Callable
+
+import trio
+
+from zramfs import _zcomp
+from zramfs._meta import Disk, Meta
+
+log = logging.getLogger(__name__)
+
+PAGE = 4096
+DEFAULT_ALGORITHM = "lz4"
+DEFAULT_BACKEND = "zsmalloc"
+DRAIN_POLL = 0.001
+
+
+def fail(code: int, message: str) -> OSError:
+    """The error an attribute store or show gives back: the kernel's errno, and why."""
+    return OSError(code, message)
+
+
+_MEMPARSE = re.compile(r"(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)([kKmMgGtTpPeE]?)")
+_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+
+
+def memparse(text: str) -> int | None:
+    """The kernel's memparse: a number (0x hex, 0 octal) and a K/M/G/T/P/E suffix; trailing
+    text is ignored as the kernel ignores it. None where no number starts the text."""
+    m = _MEMPARSE.match(text)
+    if m is None:
+        return None
+    return int(m.group(1), 0) << _SHIFT[m.group(2).lower()]
+
+
+def kstrtoul(text: str) -> int:
+    """The kernel's kstrtoul for a sysfs store: digits and at most one trailing newline."""
+    body = text[:-1] if text.endswith("\n") else text
+    if not re.fullmatch(r"\+?[0-9]+", body):
+        raise fail(errno.EINVAL, f"not a number: {text!r}")
+    return int(body)
+
+
+class Device:
+    """One zram device; `store`/`show` are its sysfs attributes."""
+
+    def __init__(self, dev_id: int) -> None:
+        self.id = dev_id
+        self.name = f"zram{dev_id}"
+        self.disk = Disk()
+        self.algorithm = DEFAULT_ALGORITHM
+        self.level: int | None = None
+        self.mem_limit = 0
+        self.openers = 0               # open file handles on dev/zramN
+        self.busy = False              # a reset or removal is draining
+        self.removed = False
+
+    # --- state ---------------------------------------------------------------------------------
+
+    @property
+    def meta(self) -> Meta | None:
+        return self.disk.meta
+
+    @property
+    def initialised(self) -> bool:
+        return self.disk.meta is not None
+
+    @property
+    def disksize(self) -> int:
+        return self.disk.meta.disksize if self.disk.meta is not None else 0
+
+    def init(self, disksize: int) -> None:
+        """Creates the table, pool and streams now, never on the request path (hazard 4)."""
+        if self.initialised or self.busy:
+            raise fail(errno.EBUSY, f"{self.name} is already initialised")
+        disksize = -(-disksize // PAGE) * PAGE
+        try:
+            meta = Meta(disksize, self.algorithm, self.level, backend=DEFAULT_BACKEND,
+                        name=self.name)
+        except MemoryError as e:
+            raise fail(errno.ENOMEM, str(e)) from None
+        meta.mem_limit = self.mem_limit
+        self.disk.attach(meta)
+        log.info("%s: disksize %d, %s", self.name, disksize, self.algorithm)
+
+    async def reset(self) -> None:
+        """Stops new requests, waits for those in flight, then frees (hazard 1). The
+        attributes go back to their defaults, as the kernel's reset does."""
+        if self.busy:
+            raise fail(errno.EBUSY, f"{self.name} is being reset")
+        self.busy = True
+        try:
+            if self.initialised:
+                self.disk.detach()
+                while self.disk.in_flight:
+                    await trio.sleep(DRAIN_POLL)
+                meta = self.disk.release()
+                await trio.to_thread.run_sync(meta.destroy)
+            self.algorithm, self.level, self.mem_limit = DEFAULT_ALGORITHM, None, 0
+        finally:
+            self.busy = False
+        log.info("%s: reset", self.name)
+
+    # --- attributes ----------------------------------------------------------------------------
+
+    def show(self, attr: str) -> str:
+        return ATTRIBUTES[attr].show(self)
+
+    async def store(self, attr: str, text: str) -> None:
+        a = ATTRIBUTES[attr]
+        if a.store is None:
+            raise fail(errno.EACCES, f"{attr} is read-only")
+        result = a.store(self, text)
+        if result is not None:
+            await result
+
+    def _store_disksize(self, text: str) -> None:
+        size = memparse(text)
+        if not size:
+            raise fail(errno.EINVAL, f"disksize must be a positive size, not {text!r}")
+        self.init(size)
+
+    def _store_comp_algorithm(self, text: str) -> None:
+        name = text.strip()
+        if self.initialised:
+            raise fail(errno.EBUSY, f"{self.name} is initialised; reset it first")
+        if name not in _zcomp.ALGORITHMS.names():
+            raise fail(errno.EINVAL, f"unknown compression algorithm {name!r}")
+        if name != self.algorithm:
+            self.algorithm, self.level = name, None
+
+    def _show_comp_algorithm(self) -> str:
+        names = (f"[{n}]" if n == self.algorithm else n for n in _zcomp.ALGORITHMS.names())
+        return " ".join(names) + " \n"
+
+    def _store_algorithm_params(self, text: str) -> None:
+        """`[priority=0] [algo=NAME] level=N`, for the primary algorithm."""
+        if self.initialised:
+            raise fail(errno.EBUSY, f"{self.name} is initialised; reset it first")
+        params: dict[str, str] = {}
+        for token in text.split():
+            key, sep, value = token.partition("=")
+            if not sep or key not in ("priority", "algo", "level"):
+                raise fail(errno.EINVAL, f"unknown parameter {token!r}")
+            params[key] = value
+        if params.get("priority", "0") != "0":
+            raise fail(errno.EINVAL, "only priority=0 (the primary algorithm) is supported")
+        if params.get("algo", self.algorithm) != self.algorithm:
+            raise fail(errno.EINVAL, f"algo={params['algo']} is not the device's algorithm")
+        try:
+            level = _zcomp.parse_level(self.algorithm, params)
+        except _zcomp.CompressorError as e:
+            raise fail(errno.EINVAL, str(e)) from None
+        if level is not None:
+            self.level = level
+
+    def _store_mem_limit(self, text: str) -> None:
+        limit = memparse(text)
+        if limit is None:
+            raise fail(errno.EINVAL, f"mem_limit must be a size, not {text!r}")
+        self.mem_limit = -(-limit // PAGE) * PAGE
+        if self.meta is not None:
+            self.meta.mem_limit = self.mem_limit
+
+    def _store_mem_used_max(self, text: str) -> None:
+        if kstrtoul(text) != 0:
+            raise fail(errno.EINVAL, "mem_used_max takes only 0")
+        if self.meta is not None:
+            self.meta.reset_mem_used_max()
+
+    async def _store_compact(self, text: str) -> None:
+        if self.meta is None:
+            raise fail(errno.EINVAL, f"{self.name} is not initialised")
+        await trio.to_thread.run_sync(self.meta.compact)
+
+    async def _store_reset(self, text: str) -> None:
+        if kstrtoul(text) == 0:
+            raise fail(errno.EINVAL, "reset takes a non-zero number")
+        if self.openers:
+            raise fail(errno.EBUSY, f"{self.name} is open")
+        await self.reset()
+
+    def _show_mm_stat(self) -> str:
+        if self.meta is None:
+            fields = (0, 0, 0, self.mem_limit, 0, 0, 0, 0, 0)
+        else:
+            fields = self.meta.mm_stat()
+        return "{:8} {:8} {:8} {:8} {:8} {:8} {:8} {:8} {:8}\n".format(*fields)
+
+    def _show_io_stat(self) -> str:
+        fields = self.meta.io_stat() if self.meta is not None else (0, 0, 0, 0)
+        return "{:8} {:8} {:8} {:8}\n".format(*fields)
+
+    def _show_debug_stat(self) -> str:
+        # The kernel's second line is a retired counter (0) and miss_free: slot frees that
+        # lost a race with the slot lock; ours wait for the lock, so never miss.
+        return "version: 1\n0 {:8}\n".format(0)
+
+    def _show_stat(self) -> str:
+        return " ".join(f"{v:8}" for v in self.disk.stat()) + "\n"
+
+
+class Attribute:
+    def __init__(self, show: Callable[[Device], str] | None,
+                 store: Callable[[Device, str], object] | None) -> None:
+        self.show = show if show is not None else _write_only
+        self.store = store
+        self.readable = show is not None
+
+    @property
+    def mode(self) -> int:
+        return (0o444 if self.readable else 0) | (0o200 if self.store is not None else 0)
+
+
+def _write_only(dev: Device) -> str:
+    raise fail(errno.EACCES, "write-only attribute")
+
+
+ATTRIBUTES: dict[str, Attribute] = {
+    "disksize": Attribute(lambda d: f"{d.disksize}\n", Device._store_disksize),
+    "initstate": Attribute(lambda d: f"{int(d.initialised)}\n", None),
+    "reset": Attribute(None, Device._store_reset),
+    "comp_algorithm": Attribute(Device._show_comp_algorithm, Device._store_comp_algorithm),
+    "algorithm_params": Attribute(None, Device._store_algorithm_params),
+    "mem_limit": Attribute(None, Device._store_mem_limit),
+    "mem_used_max": Attribute(None, Device._store_mem_used_max),
+    "compact": Attribute(None, Device._store_compact),
+    "mm_stat": Attribute(Device._show_mm_stat, None),
+    "io_stat": Attribute(Device._show_io_stat, None),
+    "debug_stat": Attribute(Device._show_debug_stat, None),
+    "stat": Attribute(Device._show_stat, None),
+}
+
+
+class Devices:
+    """The set of devices, with the kernel's id allocation (lowest free id first)."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[int, Device] = {}
+
+    def add(self) -> Device:
+        dev_id = next(i for i in range(len(self.by_id) + 1) if i not in self.by_id)
+        dev = Device(dev_id)
+        self.by_id[dev_id] = dev
+        log.info("%s: added", dev.name)
+        return dev
+
+    def get(self, name: str) -> Device | None:
+        m = re.fullmatch(r"zram(0|[1-9][0-9]*)", name)
+        return self.by_id.get(int(m.group(1))) if m else None
+
+    async def remove(self, text: str) -> None:
+        """hot_remove: ENODEV for an unknown id, EBUSY while open or draining."""
+        try:
+            dev_id = int(text.strip())
+        except ValueError:
+            raise fail(errno.EINVAL, f"not a device id: {text!r}") from None
+        dev = self.by_id.get(dev_id)
+        if dev is None:
+            raise fail(errno.ENODEV, f"no device zram{dev_id}")
+        if dev.openers or dev.busy:
+            raise fail(errno.EBUSY, f"{dev.name} is open")
+        dev.removed = True
+        del self.by_id[dev_id]          # no new opens from here on
+        await dev.reset()
+        log.info("%s: removed", dev.name)
+
+    async def remove_all(self) -> None:
+        """Shutdown: every device drained and freed, open or not."""
+        for dev in list(self.by_id.values()):
+            del self.by_id[dev.id]
+            dev.removed = True
+            await dev.reset()
