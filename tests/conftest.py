@@ -1,0 +1,236 @@
+"""Shared fixtures: a real zramfs daemon in a subprocess on its own temporary mountpoint, and
+clean-up that runs pass or fail (swapoff, umount, losetup -d, fusermount3 -u, the process).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ZRAMFS = [sys.executable, "-m", "zramfs.cli"]
+PAGE = 4096
+PUNCH_HOLE = 0x02 | 0x01     # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: what loop sends for discard
+ZERO_RANGE = 0x10 | 0x01     # FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE: for write-zeroes
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def can_mount_fuse() -> str | None:
+    """Why FUSE tests cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root"
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if shutil.which("fusermount3") is None:
+        return "no fusermount3 (Debian package fuse3)"
+    return None
+
+
+requires_fuse = pytest.mark.skipif(can_mount_fuse() is not None,
+                                   reason=str(can_mount_fuse()))
+
+
+def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, **kw)
+
+
+class Cleanup:
+    """Callbacks run last-in first-out; every one runs even if another fails."""
+
+    def __init__(self) -> None:
+        self._stack: list[tuple[str, Callable[[], object]]] = []
+
+    def push(self, what: str, fn: Callable[[], object]) -> None:
+        self._stack.append((what, fn))
+
+    def run_all(self) -> None:
+        errors = []
+        while self._stack:
+            what, fn = self._stack.pop()
+            try:
+                fn()
+            except Exception as e:  # keep cleaning; report at the end
+                errors.append(f"{what}: {e!r}")
+        if errors:
+            raise AssertionError("clean-up failed: " + "; ".join(errors))
+
+
+class Daemon:
+    """A running `zramfs daemon` and its tree."""
+
+    def __init__(self, mountpoint: Path, proc: subprocess.Popen, log: Path,
+                 cleanup: Cleanup) -> None:
+        self.mnt = mountpoint
+        self.proc = proc
+        self.log = log
+        self.cleanup = cleanup
+
+    def dev(self, name: str = "zram0") -> Path:
+        return self.mnt / "dev" / name
+
+    def sys(self, name: str, attr: str) -> Path:
+        return self.mnt / "sys" / "block" / name / attr
+
+    def read(self, name: str, attr: str) -> str:
+        return self.sys(name, attr).read_text()
+
+    def write(self, name: str, attr: str, value: str) -> None:
+        fd = os.open(self.sys(name, attr), os.O_WRONLY)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+
+    def mm_stat(self, name: str = "zram0") -> list[int]:
+        return [int(x) for x in self.read(name, "mm_stat").split()]
+
+    def hot_add(self) -> str:
+        return "zram" + (self.mnt / "sys/class/zram-control/hot_add").read_text().strip()
+
+    def hot_remove(self, name: str) -> None:
+        fd = os.open(self.mnt / "sys/class/zram-control/hot_remove", os.O_WRONLY)
+        try:
+            os.write(fd, name.removeprefix("zram").encode())
+        finally:
+            os.close(fd)
+
+    def device(self, size: str = "256M", algorithm: str = "lz4") -> str:
+        """A new initialised device's name."""
+        name = self.hot_add()
+        self.write(name, "comp_algorithm", algorithm)
+        self.write(name, "disksize", size)
+        return name
+
+    def losetup(self, name: str) -> str:
+        """Binds a device file to a loop device with direct I/O; unbound at clean-up."""
+        loop = run("losetup", "--direct-io=on", "--find", "--show", str(self.dev(name))).stdout.strip()
+        self.cleanup.push(f"losetup -d {loop}", lambda: detach_loop(loop))
+        return loop
+
+    def rss(self) -> int:
+        """The daemon's resident memory, bytes."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def fallocate(path: Path, mode: int, off: int, length: int) -> None:
+    """fallocate(2) with any mode (os.posix_fallocate only allocates)."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        if _libc.fallocate(fd, mode, ctypes.c_long(off), ctypes.c_long(length)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"fallocate mode {mode:#x}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def detach_loop(loop: str) -> None:
+    if run("losetup", loop, check=False).returncode == 0:
+        run("losetup", "-d", loop)
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def is_mounted(path: Path) -> bool:
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == str(path) for line in f)
+
+
+def stop_daemon(proc: subprocess.Popen, mountpoint: Path, timeout: float = 15) -> int | None:
+    """SIGTERM, then lazy unmount and kill if it will not go. Returns its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    if is_mounted(mountpoint):
+        run("fusermount3", "-u", "-z", str(mountpoint), check=False)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+    return proc.returncode
+
+
+def release_holders(mountpoint: Path) -> None:
+    """Swap, mounts and loop devices still on files under the mountpoint (a failed test)."""
+    for line in Path("/proc/swaps").read_text().splitlines()[1:]:
+        dev = line.split()[0]
+        back = Path(f"/sys/block/{Path(dev).name}/loop/backing_file")
+        if back.exists() and back.read_text().strip().startswith(str(mountpoint)):
+            run("swapoff", dev, check=False)
+    for line in run("losetup", "-l", "-n", "-O", "NAME,BACK-FILE", check=False).stdout.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[1].startswith(str(mountpoint)):
+            for mline in Path("/proc/mounts").read_text().splitlines():
+                if mline.split()[0] == parts[0]:
+                    run("umount", "-l", mline.split()[1], check=False)
+            run("losetup", "-d", parts[0], check=False)
+
+
+@contextlib.contextmanager
+def zramfs_daemon(*args: str, tmp: Path | None = None) -> Iterator[Daemon]:
+    cleanup = Cleanup()
+    base = Path(tempfile.mkdtemp(prefix="zramfs-test-", dir=tmp))
+    mountpoint = base / "mnt"
+    log = base / "daemon.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*ZRAMFS, "--log-level", "debug", "daemon", "--mountpoint",
+                                 str(mountpoint), *args], stdout=out, stderr=subprocess.STDOUT,
+                                cwd=ROOT)
+    d = Daemon(mountpoint, proc, log, cleanup)
+    try:
+        wait_for(lambda: (mountpoint / "sys/class/zram-control/hot_add").exists()
+                 or proc.poll() is not None, 20, "the daemon to mount")
+        if proc.poll() is not None:
+            raise AssertionError(f"daemon exited {proc.returncode}:\n{log.read_text()}")
+        yield d
+    finally:
+        try:
+            cleanup.run_all()
+        finally:
+            release_holders(mountpoint)
+            stop_daemon(proc, mountpoint)
+            if not is_mounted(mountpoint):
+                shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon() -> Iterator[Daemon]:
+    reason = can_mount_fuse()
+    if reason:
+        pytest.skip(reason)
+    with zramfs_daemon() as d:
+        yield d
+        assert d.alive(), f"daemon died:\n{d.log.read_text()}"
+
+
+@pytest.fixture
+def cleanup() -> Iterator[Cleanup]:
+    c = Cleanup()
+    try:
+        yield c
+    finally:
+        c.run_all()

@@ -1,0 +1,87 @@
+"""A small server on the project's FUSE binding, for tests of the binding itself:
+
+    python tests/fuse_server.py MOUNTPOINT
+
+    disk    a 64 MiB device file on the real data path (zramfs._meta), no trio
+    fail    reading it raises ValueError in the handler
+    hog     reading it holds the GIL for 2 s (a Python busy loop, switch interval raised)
+    stats   the session's counters, JSON
+
+Serves until SIGTERM.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import signal
+import stat
+import sys
+import threading
+import time
+
+from zramfs import _fuse, _meta
+
+ROOT, DISK, FAIL, HOG, STATS = range(1, 6)
+FILES = {"disk": DISK, "fail": FAIL, "hog": HOG, "stats": STATS}
+
+
+class Ops:
+    def __init__(self, disk: _meta.Disk) -> None:
+        self.disk = disk
+        self.session: _fuse.Session | None = None
+
+    def _attr(self, ino: int) -> _fuse.Attr:
+        if ino == ROOT:
+            return _fuse.Attr(ROOT, stat.S_IFDIR | 0o755, st_nlink=2)
+        if ino not in FILES.values():
+            raise OSError(errno.ENOENT, "no such inode")
+        return _fuse.Attr(ino, stat.S_IFREG | 0o644, 64 << 20 if ino == DISK else 4096)
+
+    def lookup(self, parent: int, name: str) -> _fuse.Attr:
+        if parent != ROOT or name not in FILES:
+            raise OSError(errno.ENOENT, name)
+        return self._attr(FILES[name])
+
+    def getattr(self, ino: int) -> _fuse.Attr:
+        return self._attr(ino)
+
+    def readdir(self, ino: int) -> list:
+        return [(n, self._attr(i)) for n, i in FILES.items()]
+
+    def open(self, ino: int, flags: int) -> _fuse.OpenReply:
+        if ino == DISK:
+            return _fuse.OpenReply(self.disk.address, data=True)
+        return _fuse.OpenReply(ino)
+
+    def read(self, ino: int, fh: int, size: int, off: int) -> bytes:
+        if ino == FAIL:
+            raise ValueError("a bug in a handler")
+        if ino == HOG:
+            sys.setswitchinterval(5.0)          # nothing takes the GIL from us for 2 s
+            end = time.monotonic() + 2
+            while time.monotonic() < end:
+                pass
+            sys.setswitchinterval(0.005)
+            return b"done\n"[off:]
+        return (json.dumps(self.session.stats()) + "\n").encode()[off : off + size]
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO)
+    disk = _meta.Disk()
+    disk.attach(_meta.Meta(64 << 20, "lz4", name="fuse-test"))
+    ops = Ops(disk)
+    session = _fuse.Session(sys.argv[1], ops, data=_meta, attr_timeout=0, entry_timeout=0)
+    ops.session = session
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=session.exit).start())
+    loop = threading.Thread(target=session.run)
+    loop.start()
+    print("READY", flush=True)
+    while loop.is_alive():
+        loop.join(0.1)                           # the main thread stays free for signals
+    session.close()
+
+
+if __name__ == "__main__":
+    main()
