@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 .PHONY: run test debs build clean
 
 run: build
-	@echo "zramfs: built $(VENV)/bin/zramfs; the daemon is not written yet (see README)."
+	$(VENV)/bin/zramfs daemon --default-device
 
 test: build
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
