@@ -112,9 +112,12 @@ class Daemon:
         return name
 
     def losetup(self, name: str) -> str:
-        """Binds a device file to a loop device with direct I/O; unbound at clean-up."""
-        loop = run("losetup", "--direct-io=on", "--find", "--show", str(self.dev(name))).stdout.strip()
-        self.cleanup.push(f"losetup -d {loop}", lambda: detach_loop(loop))
+        """Binds a device file to a loop device with direct I/O. The undo detaches it only
+        while it is still bound to that file: a test may detach early, and another test on
+        this machine may have the same loop device by then."""
+        back = str(self.dev(name))
+        loop = run("losetup", "--direct-io=on", "--find", "--show", back, timeout=60).stdout.strip()
+        self.cleanup.push(f"losetup -d {loop}", lambda: detach_if_ours(loop, back))
         return loop
 
     def rss(self) -> int:
@@ -140,9 +143,17 @@ def fallocate(path: Path, mode: int, off: int, length: int) -> None:
         os.close(fd)
 
 
-def detach_loop(loop: str) -> None:
-    if run("losetup", loop, check=False).returncode == 0:
-        run("losetup", "-d", loop)
+def backing_file(loop: str) -> str | None:
+    """What a loop device is bound to, or None if it is free."""
+    try:
+        return Path(f"/sys/block/{Path(loop).name}/loop/backing_file").read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def detach_if_ours(loop: str, back: str) -> None:
+    if backing_file(loop) == back:
+        run("losetup", "-d", loop, timeout=60)
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
