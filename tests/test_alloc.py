@@ -1,6 +1,7 @@
 """The allocator (zramfs._alloc): models, threads, memory given back, density."""
 from __future__ import annotations
 
+import os
 import random
 import threading
 
@@ -304,3 +305,28 @@ def test_density_on_real_files(corpus_data: bytes) -> None:
         held = pool.total_pages * PAGE
         print(f"\ndensity: {held} bytes held for {stored} bytes of objects: {held / stored:.4f}")
         assert held <= 1.05 * stored
+
+
+def test_memory_returns_under_mlockall() -> None:
+    """With every page locked (the daemon's swap safety), freed zspages still go back."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
+    if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
+        pytest.skip(f"mlockall: {os.strerror(ctypes.get_errno())}")
+    try:
+        with _alloc.Pool("zsmalloc", "mlocked") as pool:
+            chunk = random.Random(2).randbytes(PAGE)
+            handles = [pool.malloc(3000) for _ in range(20000)]
+            for h in handles:
+                pool.write(h, chunk[:3000])
+            rss_full, held_full = rss_bytes(), pool.total_pages * PAGE
+            for h in handles:
+                pool.free(h)
+            assert pool.total_pages == 0
+            assert rss_full - rss_bytes() >= 0.95 * held_full
+            h = pool.malloc(3000)                        # the freed runs are usable again
+            pool.write(h, chunk[:3000])
+            assert pool.read(h)[:3000] == chunk[:3000]
+    finally:
+        libc.munlockall()

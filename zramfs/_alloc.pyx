@@ -51,7 +51,7 @@ cdef extern from *:
     int munmap(void* addr, size_t length) nogil
     int madvise(void* addr, size_t length, int advice) nogil
     void* MAP_FAILED
-    int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE, MADV_DONTNEED
+    int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE, MAP_FIXED, MADV_DONTNEED
     size_t ZR_LOAD(size_t*) nogil
     size_t ZR_ADD(size_t*, size_t) nogil
     size_t ZR_SUB(size_t*, size_t) nogil
@@ -187,7 +187,12 @@ cdef char* pages_alloc(page_source* ps, int npages) noexcept nogil:
 
 cdef void pages_free(page_source* ps, char* addr, int npages) noexcept nogil:
     """Gives the run's memory back to the OS and keeps its address range for reuse."""
-    madvise(addr, <size_t>npages * PAGE_SIZE, MADV_DONTNEED)
+    cdef size_t length = <size_t>npages * PAGE_SIZE
+    if madvise(addr, length, MADV_DONTNEED) != 0:
+        # Locked memory (the daemon's mlockall, for swap) refuses MADV_DONTNEED: map fresh
+        # zero pages over the run instead, which mlockall's MCL_ONFAULT locks as they fault.
+        mmap(addr, length, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0)
     pthread_mutex_lock(&ps.lock)
     _push_run(ps, addr, npages)
     ps.pages_held -= npages
