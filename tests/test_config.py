@@ -1,0 +1,115 @@
+"""Config parsing: expressions, defaults, drop-ins, and every error path."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from zramfs.config import ConfigError, evaluate, load, parse_algorithm
+
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize("expr,ram,value", [
+    ("min(ram / 2, 4096)", 24000, 4096),
+    ("min(ram / 2, 4096)", 2000, 1000),
+    ("ram / 4", 1000, 250),
+    ("1024", 8000, 1024),
+    ("2 * (ram - 1000) / 4", 9000, 4000),
+    ("max(512, ram / 8, 100)", 8192, 1024),
+    ("-1 + 3", 0, 2),
+    ("1.5 * 2", 0, 3),
+])
+def test_expressions(expr: str, ram: float, value: float) -> None:
+    assert evaluate(expr, ram) == value
+
+
+@pytest.mark.parametrize("expr", [
+    "", "ram +", "2 ** 3", "__import__('os')", "ram / 0", "min(1,", "foo", "1 2", "(ram",
+    "open('x')", "ram; 1",
+])
+def test_bad_expressions(expr: str) -> None:
+    with pytest.raises(ValueError):
+        evaluate(expr, 1000)
+
+
+def test_algorithms() -> None:
+    assert parse_algorithm("lz4") == ("lz4", {})
+    assert parse_algorithm(" zstd(level=7) ") == ("zstd", {"level": "7"})
+    for bad in ("lzo-rle", "zstd(dict=/x)", "zstd(level=x)", "lz4 zstd", ""):
+        with pytest.raises(ValueError):
+            parse_algorithm(bad)
+
+
+def write(tmp_path: Path, text: str, name: str = "zramfs.conf") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults(tmp_path: Path) -> None:
+    [dev] = load(write(tmp_path, "[zram0]\n"), ram_mib=24000)
+    assert (dev.name, dev.id, dev.disksize) == ("zram0", 0, 4096 * MIB)
+    assert (dev.algorithm, dev.algorithm_params, dev.mem_limit) == ("lz4", {}, 0)
+    assert (dev.fs_type, dev.mount_point, dev.options, dev.swap_priority) == \
+        ("swap", None, "discard", 100)
+
+
+def test_all_keys_and_dropins(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+# swap first
+[zram0]
+zram-size = ram / 4
+zram-resident-limit = 256
+compression-algorithm = zstd(level=5)
+swap-priority = 50
+
+[zram2]
+zram-size = 512
+fs-type = ext4
+mount-point = /var/tmp/z
+options = discard,noatime
+""")
+    (tmp_path / "zramfs.conf.d").mkdir()
+    write(tmp_path, "[zram0]\nswap-priority = 60\n[zram1]\nzram-size = 0\n",
+          "zramfs.conf.d/10-local.conf")
+    devs = load(path, ram_mib=8000)
+    assert [d.name for d in devs] == ["zram0", "zram2"]          # size 0: no device
+    z0, z2 = devs
+    assert (z0.disksize, z0.mem_limit, z0.algorithm, z0.algorithm_params, z0.swap_priority) == \
+        (2000 * MIB, 256 * MIB, "zstd", {"level": "5"}, 60)
+    assert (z2.fs_type, z2.mount_point, z2.options) == ("ext4", Path("/var/tmp/z"),
+                                                        "discard,noatime")
+    [z] = load(write(tmp_path, "[zram3]\nmount-point = /mnt/x\n", "b.conf"), ram_mib=8000)
+    assert z.fs_type == "ext2"                          # zram-generator's default for mounts
+
+
+@pytest.mark.parametrize("text,where,words", [
+    ("[zram0]\nzram-size = ram ** 2\n", ":2", "zram-size"),
+    ("[zram0]\nbogus = 1\n", ":2", "unknown key"),
+    ("[swap]\n", ":1", "sections are [zramN]"),
+    ("zram-size = 1\n", ":1", "outside a [zramN] section"),
+    ("[zram0]\njust words\n", ":2", "expected key = value"),
+    ("[zram0]\ncompression-algorithm = lzo\n", ":2", "unknown algorithm"),
+    ("[zram0]\ncompression-algorithm = zstd lz4\n", ":2", "recompression"),
+    ("[zram0]\nswap-priority = high\n", ":2", "swap-priority"),
+    ("[zram0]\nfs-type = btrfs\nmount-point = /x\n", ":2", "fs-type"),
+    ("[zram0]\nfs-type = ext4\n", ":2", "needs a mount-point"),
+    ("[zram0]\nfs-type = swap\nmount-point = /x\n", ":3", "no mount point"),
+    ("[zram0]\nmount-point = relative\n", ":2", "absolute"),
+    ("[zram0]\nwriteback-device = /dev/sdb\n", ":2", "writeback"),
+    ("[zram0]\nzram-size = -5\n", ":2", "negative"),
+    ("[zram0]\nmount-point = /x\n[zram1]\nmount-point = /x\n", "", "same mount-point"),
+])
+def test_errors_name_file_line_and_key(tmp_path: Path, text: str, where: str, words: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load(path, ram_mib=8000)
+    message = str(e.value)
+    assert message.startswith(f"{path}{where}"), message
+    assert words in message, message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="No such file"):
+        load(tmp_path / "nope.conf", ram_mib=1000)

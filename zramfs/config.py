@@ -1,0 +1,259 @@
+"""`/etc/zramfs.conf` and `/etc/zramfs.conf.d/*.conf`: zram-generator's keys and meanings.
+
+    [zram0]
+    zram-size = min(ram / 2, 4096)       # MiB, an expression over `ram` (MiB of RAM)
+    compression-algorithm = zstd(level=3)
+    swap-priority = 100
+
+    [zram1]
+    zram-size = 1024
+    fs-type = ext4
+    mount-point = /var/tmp/zram
+    options = discard,noatime
+
+Every device is checked before anything is set up: an unknown key or a bad value is a
+`ConfigError` naming the file, the line and the key. Expressions are parsed here, never
+evaluated by Python.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_PATH = Path("/etc/zramfs.conf")
+DEFAULT_SIZE = "min(ram / 2, 4096)"
+ALGORITHMS = ("lz4", "lz4hc", "zstd")
+FS_TYPES = ("swap", "ext4", "ext2", "xfs")
+MIB = 1 << 20
+
+
+class ConfigError(ValueError):
+    """A config file says something we cannot do; the message names file, line and key."""
+
+
+@dataclass
+class DeviceConfig:
+    """One `[zramN]` section, checked and with its defaults."""
+    name: str
+    disksize: int                          # bytes; 0 means the section makes no device
+    algorithm: str = "lz4"
+    algorithm_params: dict[str, str] = field(default_factory=dict)
+    mem_limit: int = 0                     # bytes, from zram-resident-limit
+    swap_priority: int = 100
+    fs_type: str | None = "swap"           # None: the device only (the embedded default)
+    mount_point: Path | None = None
+    options: str = "discard"
+    source: str = ""                       # file:line of the section, for messages
+
+    @property
+    def id(self) -> int:
+        return int(self.name[4:])
+
+
+# --- expressions: + - * / min max ( ) numbers and `ram` --------------------------------------
+
+_TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d*)?|\.\d+)|(ram|min|max)|(.))")
+
+
+def evaluate(expr: str, ram_mib: float) -> float:
+    """The value of a zram-size expression, `ram` being the machine's RAM in MiB.
+
+    >>> evaluate("min(ram / 2, 4096)", 24000)
+    4096.0
+    """
+    tokens: list[tuple[str, str]] = []
+    for number, name, other in _TOKEN.findall(expr.strip()):
+        if number:
+            tokens.append(("num", number))
+        elif name:
+            tokens.append(("name", name))
+        elif other.strip():
+            if other not in "+-*/(),":
+                raise ValueError(f"unexpected {other!r}")
+            tokens.append(("op", other))
+    pos = 0
+
+    def peek() -> tuple[str, str] | None:
+        return tokens[pos] if pos < len(tokens) else None
+
+    def take(value: str | None = None) -> tuple[str, str]:
+        nonlocal pos
+        tok = peek()
+        if tok is None or (value is not None and tok[1] != value):
+            raise ValueError(f"expected {value or 'more'}" + (f", found {tok[1]!r}" if tok else ""))
+        pos += 1
+        return tok
+
+    def sum_() -> float:
+        value = product()
+        while peek() and peek()[1] in "+-":
+            value = value + product() if take()[1] == "+" else value - product()
+        return value
+
+    def product() -> float:
+        value = unary()
+        while peek() and peek()[1] in "*/":
+            if take()[1] == "*":
+                value *= unary()
+            else:
+                divisor = unary()
+                if divisor == 0:
+                    raise ValueError("division by zero")
+                value /= divisor
+        return value
+
+    def unary() -> float:
+        if peek() and peek()[1] == "-":
+            take()
+            return -unary()
+        return atom()
+
+    def atom() -> float:
+        kind, text = take()
+        if kind == "num":
+            return float(text)
+        if text == "ram":
+            return float(ram_mib)
+        if text in ("min", "max"):
+            take("(")
+            args = [sum_()]
+            while peek() and peek()[1] == ",":
+                take()
+                args.append(sum_())
+            take(")")
+            return min(args) if text == "min" else max(args)
+        if text == "(":
+            value = sum_()
+            take(")")
+            return value
+        raise ValueError(f"unexpected {text!r}")
+
+    if not tokens:
+        raise ValueError("empty expression")
+    value = sum_()
+    if peek() is not None:
+        raise ValueError(f"unexpected {peek()[1]!r}")
+    return value
+
+
+def parse_algorithm(text: str) -> tuple[str, dict[str, str]]:
+    """`zstd(level=3)` -> ("zstd", {"level": "3"}). Further names (recompression) are not
+    supported yet and are refused rather than ignored."""
+    words = re.findall(r"[^\s(]+(?:\([^)]*\))?|\([^)]*\)", text.strip())
+    if not words:
+        raise ValueError("no algorithm named")
+    if len(words) > 1:
+        raise ValueError(f"recompression algorithms ({' '.join(words[1:])}) are not supported")
+    m = re.fullmatch(r"([a-z0-9-]+)(?:\(([^)]*)\))?", words[0])
+    if m is None or m.group(1) not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {words[0]!r} (known: {', '.join(ALGORITHMS)})")
+    params: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in (m.group(2) or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() != "level" or not re.fullmatch(r"-?\d+", value.strip()):
+            raise ValueError(f"bad parameter {item!r} (known: level=N)")
+        params["level"] = value.strip()
+    return m.group(1), params
+
+
+# --- files -------------------------------------------------------------------------------------
+
+@dataclass
+class _Section:
+    name: str
+    source: str
+    keys: dict[str, tuple[str, str]] = field(default_factory=dict)    # key -> (value, where)
+
+
+def _read(path: Path, sections: dict[str, _Section]) -> None:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    current: _Section | None = None
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        where = f"{path}:{lineno}"
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        m = re.fullmatch(r"\[([^\]]*)\]", line)
+        if m:
+            name = m.group(1).strip()
+            if not re.fullmatch(r"zram(0|[1-9]\d{0,3})", name):
+                raise ConfigError(f"{where}: section [{name}]: sections are [zramN]")
+            current = sections.setdefault(name, _Section(name, where))
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise ConfigError(f"{where}: expected key = value, found {line!r}")
+        if current is None:
+            raise ConfigError(f"{where}: key {key.strip()!r} outside a [zramN] section")
+        current.keys[key.strip()] = (value.strip(), where)
+
+
+def _device(section: _Section, ram_mib: float) -> DeviceConfig:
+    keys = dict(section.keys)
+
+    def take(key: str, default: str | None = None) -> tuple[str | None, str]:
+        value, where = keys.pop(key, (default, section.source))
+        return value, where
+
+    def fail(where: str, key: str, why: str) -> ConfigError:
+        return ConfigError(f"{where}: [{section.name}] {key}: {why}")
+
+    def size_of(key: str, default: str) -> int:
+        expr, where = take(key, default)
+        try:
+            mib = evaluate(expr, ram_mib)
+        except ValueError as e:
+            raise fail(where, key, f"{e} in {expr!r}") from None
+        if mib < 0:
+            raise fail(where, key, f"{expr!r} is negative")
+        return int(mib * MIB) // 4096 * 4096
+
+    dev = DeviceConfig(section.name, size_of("zram-size", DEFAULT_SIZE), source=section.source)
+    dev.mem_limit = size_of("zram-resident-limit", "0")
+    text, where = take("compression-algorithm", "lz4")
+    try:
+        dev.algorithm, dev.algorithm_params = parse_algorithm(text)
+    except ValueError as e:
+        raise fail(where, "compression-algorithm", str(e)) from None
+    text, where = take("swap-priority", "100")
+    if not re.fullmatch(r"-?\d+", text) or not -1 <= int(text) <= 32767:
+        raise fail(where, "swap-priority", f"{text!r} is not a priority in -1..32767")
+    dev.swap_priority = int(text)
+    mount_point, mp_where = take("mount-point")
+    fs_type, where = take("fs-type", "ext2" if mount_point else "swap")
+    if fs_type not in FS_TYPES:
+        raise fail(where, "fs-type", f"{fs_type!r} is not one of {', '.join(FS_TYPES)}")
+    if fs_type != "swap" and not mount_point:
+        raise fail(where, "fs-type", f"{fs_type} needs a mount-point")
+    if fs_type == "swap" and mount_point:
+        raise fail(mp_where, "mount-point", "a swap device has no mount point")
+    if mount_point is not None and not mount_point.startswith("/"):
+        raise fail(mp_where, "mount-point", f"{mount_point!r} is not an absolute path")
+    dev.fs_type = fs_type
+    dev.mount_point = Path(mount_point) if mount_point else None
+    dev.options = take("options", "discard")[0]
+    if "writeback-device" in keys:
+        raise fail(keys["writeback-device"][1], "writeback-device", "writeback is not supported yet")
+    for key, (_, where) in keys.items():
+        raise fail(where, key, "unknown key")
+    return dev
+
+
+def load(path: Path = DEFAULT_PATH, *, ram_mib: float) -> list[DeviceConfig]:
+    """The devices of `path` and of `path`.d/*.conf (later files override keys of earlier
+    ones, as systemd's drop-ins do), in id order; devices sized 0 are left out."""
+    sections: dict[str, _Section] = {}
+    _read(path, sections)
+    dropins = Path(str(path) + ".d")
+    if dropins.is_dir():
+        for extra in sorted(dropins.glob("*.conf")):
+            _read(extra, sections)
+    devices = [_device(s, ram_mib) for s in sections.values()]
+    mounts = [d.mount_point for d in devices if d.mount_point]
+    if len(mounts) != len(set(mounts)):
+        raise ConfigError(f"{path}: two devices have the same mount-point")
+    return sorted((d for d in devices if d.disksize), key=lambda d: d.id)
