@@ -10,7 +10,7 @@ PIP := $(VENV)/bin/pip --quiet --disable-pip-version-check
 # Passed to pytest by `make test`, e.g. make test PYTEST_ARGS='-k alloc -x'.
 PYTEST_ARGS ?=
 
-.PHONY: run test debs build clean
+.PHONY: run test debs build clean install-systemd uninstall-systemd
 
 run: build
 	$(VENV)/bin/zramfs daemon --default-device
@@ -36,6 +36,19 @@ $(STAMP): $(SOURCES)
 	@$(PIP) install 'setuptools>=68' wheel 'Cython>=3.0'
 	@$(PIP) install --no-build-isolation --editable '.[test]'
 	@touch $@
+
+# The unit runs this checkout's .venv/bin/zramfs; /etc/zramfs.conf says which devices.
+UNIT_DIR := /etc/systemd/system
+install-systemd: build
+	sed 's|@PREFIX@|$(abspath $(VENV))|' systemd/zramfs.service > $(UNIT_DIR)/zramfs.service
+	[ -e /etc/zramfs.conf ] || cp systemd/zramfs.conf.example /etc/zramfs.conf
+	systemctl daemon-reload
+	systemctl enable zramfs.service
+
+uninstall-systemd:
+	-systemctl disable --now zramfs.service
+	rm -f $(UNIT_DIR)/zramfs.service
+	systemctl daemon-reload
 
 clean:
 	rm -rf build $(VENV) zramfs/*.so zramfs/*.c *.egg-info

@@ -213,8 +213,9 @@ def zramfs_daemon(*args: str, tmp: Path | None = None) -> Iterator[Daemon]:
                                 cwd=ROOT)
     d = Daemon(mountpoint, proc, log, cleanup)
     try:
-        wait_for(lambda: (mountpoint / "sys/class/zram-control/hot_add").exists()
-                 or proc.poll() is not None, 20, "the daemon to mount")
+        # "serving" is logged once the tree is mounted and the config's devices are set up.
+        wait_for(lambda: b"serving " in log.read_bytes() or proc.poll() is not None, 60,
+                 "the daemon to mount and set up")
         if proc.poll() is not None:
             raise AssertionError(f"daemon exited {proc.returncode}:\n{log.read_text()}")
         yield d

@@ -11,7 +11,8 @@ import pytest
 from conftest import PAGE, PUNCH_HOLE, Daemon, fallocate
 
 ATTRS = ["algorithm_params", "comp_algorithm", "compact", "debug_stat", "disksize",
-         "initstate", "io_stat", "mem_limit", "mem_used_max", "mm_stat", "reset", "stat"]
+         "initstate", "io_stat", "max_comp_streams", "mem_limit", "mem_used_max", "mm_stat",
+         "reset", "stat"]
 WRITE_ONLY = {"algorithm_params", "compact", "mem_limit", "mem_used_max", "reset"}
 
 

@@ -1,5 +1,12 @@
-"""The `zramfs` command. Every error is one line on stderr and a non-zero exit status
-(1, or 2 for usage), never a traceback."""
+"""The `zramfs` command. Every error is one line on stderr and exit status 1 (2 for usage),
+never a traceback.
+
+    zramfs daemon [--mountpoint DIR] [--config FILE] [--default-device]
+    zramfs ctl [NAME] [--find] [--size SIZE] [--algorithm ALG] [--reset] [--output COLS]
+               [--bytes] [--raw] [--json]
+    zramfs swapon NAME [--priority N]  /  zramfs swapoff NAME
+    zramfs stats [NAME]
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,37 +17,155 @@ from pathlib import Path
 
 import trio
 
-from zramfs import daemon
+from zramfs import config, ctl, daemon
+from zramfs.config import DeviceConfig
 
 log = logging.getLogger("zramfs")
 
 
-def ram_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+def ram_mib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 20)
 
 
-def default_device() -> daemon.DeviceSpec:
-    """The embedded default: zram0, lz4, a quarter of RAM."""
-    return daemon.DeviceSpec(disksize=ram_bytes() // 4 // 4096 * 4096, algorithm="lz4")
+def default_device() -> DeviceConfig:
+    """The embedded default: zram0, lz4, a quarter of RAM, no swap or file system on it."""
+    return DeviceConfig("zram0", disksize=int(ram_mib() / 4) << 20, fs_type=None)
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
-    specs = [default_device()] if args.default_device else []
-    trio.run(daemon.serve, Path(args.mountpoint), specs)
+    devices = config.load(Path(args.config), ram_mib=ram_mib()) if args.config else []
+    if args.default_device and not any(d.id == 0 for d in devices):
+        devices.insert(0, default_device())
+    opts = daemon.Options(Path(args.mountpoint), devices, mlock=args.mlock,
+                          shutdown_timeout=args.shutdown_timeout)
+    trio.run(daemon.serve, opts)
     return 0
+
+
+def _tree(args: argparse.Namespace) -> ctl.Tree:
+    tree = ctl.Tree(Path(args.mountpoint))
+    tree.check()
+    return tree
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    tree = _tree(args)
+    size = ctl.parse_size(args.size) if args.size else None
+    if args.find:
+        if args.device:
+            raise ctl.CtlError("--find and a device name exclude each other")
+        if size is None:
+            raise ctl.CtlError("--find needs --size")
+        print(ctl.find(tree, size, args.algorithm, args.algorithm_params))
+        return 0
+    if args.reset:
+        if not args.device:
+            raise ctl.CtlError("--reset needs a device name")
+        for text in args.device:
+            ctl.reset(tree, tree.name_of(text))
+        return 0
+    names = [tree.name_of(d) for d in args.device] or None
+    if size or args.algorithm or args.algorithm_params:
+        if not names or len(names) != 1:
+            raise ctl.CtlError("setting up a device needs exactly one device name")
+        ctl.configure(tree, names[0], size, args.algorithm, args.algorithm_params)
+        return 0
+    columns = [c.strip().upper() for c in args.output.split(",")] if args.output \
+        else ctl.DEFAULT_COLUMNS
+    unknown = [c for c in columns if c not in ctl.COLUMNS]
+    if unknown:
+        raise ctl.CtlError(f"unknown column {unknown[0]!r} (known: {', '.join(ctl.COLUMNS)})")
+    rows = ctl.status(tree, names)
+    if rows or args.json:
+        print(ctl.format_status(rows, columns, as_bytes=args.bytes, raw=args.raw,
+                                as_json=args.json, headings=not args.noheadings))
+    return 0
+
+
+def cmd_swapon(args: argparse.Namespace) -> int:
+    tree = _tree(args)
+    print(ctl.swapon(tree, tree.name_of(args.device), args.priority))
+    return 0
+
+
+def cmd_swapoff(args: argparse.Namespace) -> int:
+    tree = _tree(args)
+    ctl.swapoff(tree, tree.name_of(args.device))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    tree = _tree(args)
+    names = [tree.name_of(args.device)] if args.device else tree.names()
+    print(ctl.stats(tree, names), end="")
+    return 0
+
+
+def priority(text: str) -> int:
+    if not text.lstrip("-").isdigit() or not -1 <= int(text) <= 32767:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a swap priority in -1..32767")
+    return int(text)
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="zramfs", description="zram in userspace, through FUSE")
     ap.add_argument("--log-level", default="info",
                     choices=("debug", "info", "warning", "error"), help="default: info")
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--mountpoint", default=str(daemon.DEFAULT_MOUNTPOINT),
+                       help=f"the daemon's tree (default {daemon.DEFAULT_MOUNTPOINT})")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    d = sub.add_parser("daemon", help="mount the tree and serve it until SIGTERM/SIGINT")
-    d.add_argument("--mountpoint", default=str(daemon.DEFAULT_MOUNTPOINT),
-                   help=f"where to mount the tree (default {daemon.DEFAULT_MOUNTPOINT})")
+
+    d = sub.add_parser("daemon", parents=[where],
+                       help="mount the tree and serve it until SIGTERM/SIGINT")
+    d.add_argument("--config", metavar="FILE",
+                   help=f"devices to set up, zram-generator style (e.g. {config.DEFAULT_PATH})")
     d.add_argument("--default-device", action="store_true",
-                   help="set up zram0 (lz4, a quarter of RAM) at start")
+                   help="set up zram0 (lz4, a quarter of RAM) unless the config has it")
+    d.add_argument("--mlock", choices=("auto", "yes", "no"), default="auto",
+                   help="lock the daemon's memory (auto: when a device is swap)")
+    d.add_argument("--shutdown-timeout", type=seconds, default=10.0, metavar="SECONDS",
+                   help="how long to wait at shutdown for others to close devices (10)")
     d.set_defaults(func=cmd_daemon)
+
+    c = sub.add_parser("ctl", parents=[where], help="zramctl: show, set up and reset devices")
+    c.add_argument("device", nargs="*", help="zramN, or its path")
+    c.add_argument("-f", "--find", action="store_true", help="set up a free device, print it")
+    c.add_argument("-s", "--size", help="disksize, with K, M, G or T")
+    c.add_argument("-a", "--algorithm", help="lz4, lz4hc or zstd")
+    c.add_argument("-p", "--algorithm-params", metavar="PARAMS", help="e.g. level=5")
+    c.add_argument("-r", "--reset", action="store_true", help="reset the named devices")
+    c.add_argument("-o", "--output", metavar="LIST",
+                   help="columns: " + ",".join(ctl.COLUMNS))
+    c.add_argument("-b", "--bytes", action="store_true", help="sizes in bytes")
+    c.add_argument("--raw", action="store_true", help="no alignment")
+    c.add_argument("-n", "--noheadings", action="store_true", help="no header line")
+    c.add_argument("-J", "--json", action="store_true", help="JSON output")
+    c.set_defaults(func=cmd_ctl)
+
+    s = sub.add_parser("swapon", parents=[where],
+                       help="loop device with direct I/O, mkswap, swapon --discard")
+    s.add_argument("device", help="zramN, or its path")
+    s.add_argument("-p", "--priority", type=priority, default=100, help="swap priority (100)")
+    s.set_defaults(func=cmd_swapon)
+    s = sub.add_parser("swapoff", parents=[where], help="swapoff and detach the loop device")
+    s.add_argument("device", help="zramN, or its path")
+    s.set_defaults(func=cmd_swapoff)
+
+    s = sub.add_parser("stats", parents=[where],
+                       help="the allocator's per-class table and a summary")
+    s.add_argument("device", nargs="?", help="zramN (default: all)")
+    s.set_defaults(func=cmd_stats)
     return ap
 
 
@@ -50,11 +175,14 @@ def main(argv: list[str] | None = None) -> int:
                         format="zramfs: %(levelname)s: %(message)s")
     try:
         return args.func(args)
-    except daemon.DaemonError as e:
+    except (daemon.DaemonError, config.ConfigError, ctl.CtlError) as e:
         print(f"zramfs: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:           # `zramfs ctl | head`: the reader left, not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

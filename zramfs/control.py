@@ -5,6 +5,7 @@ the device files' data (that runs in C, see _fuse.pyx).
     sys/class/zram-control/hot_add       read: a new device's id
     sys/class/zram-control/hot_remove    write an id
     sys/block/zramN/<attribute>          as /sys/block/zramN/
+    sys/kernel/debug/zsmalloc/<pool>/classes   the allocator's classes, as zsmalloc's debugfs
 
 The handlers run on the trio thread (the FUSE layer hands them over), so the tree and the
 devices change only between awaits. Inode numbers are never reused, so a kernel that still
@@ -64,6 +65,9 @@ class Tree:
         self._add(control, "hot_add", stat.S_IFREG | 0o444, attr="hot_add")
         self._add(control, "hot_remove", stat.S_IFREG | 0o200, attr="hot_remove")
         self.block_dir = self._add(sys_dir, "block", stat.S_IFDIR | 0o755)
+        debug = self._add(self._add(sys_dir, "kernel", stat.S_IFDIR | 0o755), "debug",
+                          stat.S_IFDIR | 0o755)
+        self.pools_dir = self._add(debug, "zsmalloc", stat.S_IFDIR | 0o755)
         for dev in devices.by_id.values():
             self.add_device(dev)
 
@@ -96,6 +100,17 @@ class Tree:
             if node is not None:
                 self._drop(node)
 
+    def _sync_pools(self) -> None:
+        """One directory a live pool, named as the pool (unique, hazard 3)."""
+        live = {d.meta.pool.name: d for d in self.devices.by_id.values() if d.meta is not None}
+        for name, node in list(self.pools_dir.children.items()):
+            if live.get(name) is not node.device:
+                self._drop(node)
+        for name, dev in live.items():
+            if name not in self.pools_dir.children:
+                d = self._add(self.pools_dir, name, stat.S_IFDIR | 0o755, device=dev)
+                self._add(d, "classes", stat.S_IFREG | 0o444, device=dev, attr="classes")
+
     def _node(self, ino: int) -> Node:
         node = self.nodes.get(ino)
         if node is None:
@@ -112,6 +127,8 @@ class Tree:
     # --- FUSE operations -----------------------------------------------------------------------
 
     def lookup(self, parent: int, name: str) -> Attr:
+        if parent == self.pools_dir.ino:
+            self._sync_pools()
         node = self._node(parent).children.get(name)
         if node is None:
             raise fail(errno.ENOENT, name)
@@ -129,6 +146,8 @@ class Tree:
         node = self._node(ino)
         if not node.is_dir:
             raise fail(errno.ENOTDIR, node.name)
+        if node is self.pools_dir:
+            self._sync_pools()
         entries = [(".", self._attr(node)), ("..", self._attr(node.parent or node))]
         return entries + [(name, self._attr(c)) for name, c in sorted(node.children.items())]
 
@@ -190,7 +209,23 @@ class Tree:
             return f"{dev.id}\n"
         if node.attr == "hot_remove":
             raise fail(errno.EACCES, "hot_remove is write-only")
+        if node.attr == "classes":
+            meta = node.device.meta
+            if meta is None:
+                raise fail(errno.ENOENT, "the pool is gone")
+            return classes_text(meta.pool.class_stats())
         return node.device.show(node.attr)
+
+
+def classes_text(rows: list) -> str:
+    """zsmalloc's debugfs `classes` table: classes with objects, then the total."""
+    head = " class  size obj_allocated   obj_used pages_used pages_per_zspage freeable\n"
+    lines = [f"{r.index:6} {r.size:5} {r.obj_allocated:13} {r.obj_used:10} {r.pages_used:10} "
+             f"{r.pages_per_zspage:16} {r.freeable:8}\n" for r in rows if r.obj_allocated]
+    total = [sum(getattr(r, f) for r in rows)
+             for f in ("obj_allocated", "obj_used", "pages_used", "freeable")]
+    return head + "".join(lines) + (f" Total {'':5} {total[0]:13} {total[1]:10} {total[2]:10} "
+                                    f"{'':16} {total[3]:8}\n")
 
 
 def _int_or_none(text: str) -> int | None:

@@ -1,16 +1,24 @@
-"""The daemon: mounts the tree, serves it until SIGTERM/SIGINT or an unmount, tears down.
+"""The daemon: mounts the tree, sets up the configured devices and their uses (swap, file
+systems), serves until SIGTERM/SIGINT or an unmount, and undoes it all in reverse.
 
 trio owns the daemon. libfuse's multi-threaded loop runs in a thread of its own; its workers
 answer device-file I/O in C and hand every other request to the trio thread through a
 `TrioBridge`, so the tree and the devices are only ever touched between two awaits there.
+Commands that open device files (losetup, mkswap, swapoff...) run in worker threads, so the
+trio thread stays free to answer their OPENs.
 
-Shutdown, in order: the devices are detached and drained (requests in flight finish, new ones
-get EIO) and freed; the bridge refuses new control requests; the tree is unmounted (lazily, so
-a file still held open, e.g. by a loop device, does not keep us alive); libfuse's loop is
-woken and the session closed.
+Shutdown, in order: file systems unmounted and swap turned off while the devices still serve
+(swapoff reads every swapped page back); loop devices detached; a bounded wait for anyone
+else still holding a device open (logged by name and pid); the devices detached and drained
+(requests in flight finish, new ones get EIO) and freed; the bridge refuses new control
+requests; the tree is unmounted lazily; libfuse's loop is woken and the session closed.
+
+Swap safety (hazard 6): the kernel swaps out through this process, so it must never wait on
+reclaim of its own memory: mlockall, PR_SET_IO_FLUSHER and oom_score_adj -1000.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import inspect
 import logging
@@ -19,13 +27,14 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from zramfs import _fuse, _meta
+from zramfs import _fuse, _meta, loop
+from zramfs.config import DeviceConfig
 from zramfs.control import Tree
 from zramfs.device import Devices
 
@@ -35,15 +44,20 @@ DEFAULT_MOUNTPOINT = Path("/run/zramfs")
 WAKE_AFTER = 0.5          # seconds to let libfuse's loop end by itself before waking it
 
 
+PR_SET_IO_FLUSHER = 57
+MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
+
+
 @dataclass
-class DeviceSpec:
-    """A device to set up at start: disksize in bytes, and its algorithm."""
-    disksize: int
-    algorithm: str = "lz4"
+class Options:
+    mountpoint: Path = DEFAULT_MOUNTPOINT
+    devices: list[DeviceConfig] = field(default_factory=list)
+    mlock: str = "auto"                  # yes, no, or auto: yes when a device is swap
+    shutdown_timeout: float = 10.0       # seconds to wait for others to close devices
 
 
 class DaemonError(Exception):
-    """The daemon cannot start (bad mountpoint, mount failed)."""
+    """The daemon cannot start (bad mountpoint, mount failed, set-up failed)."""
 
 
 class TrioBridge:
@@ -117,6 +131,23 @@ def notify_systemd(state: str) -> None:
         log.warning("cannot notify systemd: %s", e)
 
 
+def protect_from_reclaim(mlock: bool) -> None:
+    """Hazard 6. Called before any thread starts: PR_SET_IO_FLUSHER is per thread and new
+    threads inherit it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        Path("/proc/self/oom_score_adj").write_text("-1000")
+    except OSError as e:
+        log.warning("cannot set oom_score_adj: %s", e.strerror)
+    if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
+        log.warning("cannot set PR_SET_IO_FLUSHER: %s", os.strerror(ctypes.get_errno()))
+    if mlock:
+        # ONFAULT: lock pages as they are touched, so reserved arenas cost nothing until used.
+        if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
+            raise DaemonError(f"mlockall: {os.strerror(ctypes.get_errno())}")
+        log.info("memory locked (mlockall)")
+
+
 def _check_mountpoint(mountpoint: Path) -> None:
     try:
         mountpoint.mkdir(parents=True, exist_ok=True)
@@ -145,15 +176,14 @@ def _poke(fd: int) -> None:
         pass
 
 
-async def serve(mountpoint: Path, specs: list[DeviceSpec],
+async def serve(opts: Options,
                 task_status: trio.TaskStatus[Tree] = trio.TASK_STATUS_IGNORED) -> None:
-    """Runs the daemon until cancelled, a signal, or an unmount from outside."""
+    """Runs the daemon until a signal or an unmount from outside."""
+    mountpoint = opts.mountpoint
     _check_mountpoint(mountpoint)
+    swap = any(d.fs_type == "swap" for d in opts.devices)
+    protect_from_reclaim(opts.mlock == "yes" or (opts.mlock == "auto" and swap))
     devices = Devices()
-    for spec in specs:
-        dev = devices.add()
-        await dev.store("comp_algorithm", spec.algorithm)
-        await dev.store("disksize", str(spec.disksize))
     tree = Tree(devices)
     bridge = TrioBridge(tree, trio.lowlevel.current_trio_token())
     try:
@@ -162,44 +192,106 @@ async def serve(mountpoint: Path, specs: list[DeviceSpec],
     except OSError as e:
         raise DaemonError(f"cannot mount {mountpoint}: {e.strerror}") from None
     loop_done = trio.Event()
+    undo: list[tuple[str, Callable[[], None]]] = []
 
     async def run_loop() -> None:
         rc = await trio.to_thread.run_sync(session.run)
         log.info("FUSE loop ended (%d)", rc)
         loop_done.set()
 
+    failure: DaemonError | None = None
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_loop)
-            log.info("serving %s with %d device(s)", mountpoint, len(specs))
-            notify_systemd("READY=1\nSTATUS=serving " + str(mountpoint))
-            task_status.started(tree)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async with trio.open_nursery() as waiters:
-                    async def until_signal() -> None:
-                        async for signum in signals:
-                            log.info("%s: shutting down", signal.Signals(signum).name)
-                            break
-                        waiters.cancel_scope.cancel()
-
-                    async def until_unmounted() -> None:
-                        await loop_done.wait()
-                        waiters.cancel_scope.cancel()
-
-                    waiters.start_soon(until_signal)
-                    waiters.start_soon(until_unmounted)
-            with trio.CancelScope(shield=True):
-                await _shutdown(mountpoint, session, bridge, devices, loop_done)
+            try:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    try:
+                        await _set_up(opts, devices, tree, undo)
+                    except DaemonError as e:
+                        failure = e          # raised below, outside the nursery: one line
+                    else:
+                        names = ", ".join(d.name for d in opts.devices) or "no devices"
+                        log.info("serving %s (%s)", mountpoint, names)
+                        notify_systemd(f"READY=1\nSTATUS=serving {mountpoint}: {names}")
+                        task_status.started(tree)
+                        await _until_stopped(signals, loop_done)
+            finally:
+                # Whatever ended us (a signal, an unmount, a failed set-up, a bug), undo it
+                # all: the FUSE loop thread cannot be abandoned, so we must make it return.
+                with trio.CancelScope(shield=True):
+                    await _shutdown(opts, session, bridge, devices, undo, loop_done)
     finally:
         session.close()
     log.info("stopped")
+    if failure is not None:
+        raise failure
 
 
-async def _shutdown(mountpoint: Path, session: _fuse.Session, bridge: TrioBridge,
-                    devices: Devices, loop_done: trio.Event) -> None:
+async def _until_stopped(signals, loop_done: trio.Event) -> None:
+    async with trio.open_nursery() as waiters:
+        async def until_signal() -> None:
+            async for signum in signals:
+                log.info("%s: shutting down", signal.Signals(signum).name)
+                break
+            waiters.cancel_scope.cancel()
+
+        async def until_unmounted() -> None:
+            await loop_done.wait()
+            log.info("unmounted from outside: shutting down")
+            waiters.cancel_scope.cancel()
+
+        waiters.start_soon(until_signal)
+        waiters.start_soon(until_unmounted)
+
+
+async def _set_up(opts: Options, devices: Devices, tree: Tree,
+                  undo: list[tuple[str, Callable[[], None]]]) -> None:
+    """Each device, then its use; every step that worked pushes its undo first."""
+    for cfg in opts.devices:
+        try:
+            dev = devices.add(cfg.id)
+            tree.add_device(dev)
+            await dev.store("comp_algorithm", cfg.algorithm)
+            if "level" in cfg.algorithm_params:
+                await dev.store("algorithm_params", f"level={cfg.algorithm_params['level']}")
+            if cfg.mem_limit:
+                await dev.store("mem_limit", str(cfg.mem_limit))
+            await dev.store("disksize", str(cfg.disksize))
+        except OSError as e:
+            raise DaemonError(f"{cfg.name}: {e.strerror}") from None
+        if cfg.fs_type is None:
+            continue
+        path = opts.mountpoint / "dev" / cfg.name
+        try:
+            lo = await trio.to_thread.run_sync(loop.bind, path)
+            undo.append((f"losetup -d {lo}", lambda lo=lo: loop.unbind(lo)))
+            if cfg.fs_type == "swap":
+                await trio.to_thread.run_sync(loop.swapon, lo, cfg.swap_priority, cfg.options)
+                undo.append((f"swapoff {lo}", lambda lo=lo: loop.swapoff(lo)))
+                log.info("%s: swap on %s, priority %d", cfg.name, lo, cfg.swap_priority)
+            else:
+                await trio.to_thread.run_sync(loop.mkfs_and_mount, lo, cfg.fs_type,
+                                              cfg.mount_point, cfg.options)
+                undo.append((f"umount {cfg.mount_point}",
+                             lambda mp=cfg.mount_point: loop.umount(mp)))
+                log.info("%s: %s on %s at %s", cfg.name, cfg.fs_type, lo, cfg.mount_point)
+        except loop.UseError as e:
+            raise DaemonError(f"{cfg.name}: {e}") from None
+
+
+async def _shutdown(opts: Options, session: _fuse.Session, bridge: TrioBridge,
+                    devices: Devices, undo: list[tuple[str, Callable[[], None]]],
+                    loop_done: trio.Event) -> None:
     notify_systemd("STOPPING=1")
+    for what, fn in reversed(undo):
+        try:
+            await trio.to_thread.run_sync(fn)
+            log.info("%s", what)
+        except loop.UseError as e:
+            log.error("%s", e)
+    await _wait_for_holders(opts, devices)
     await devices.remove_all()
-    fd = None if loop_done.is_set() else await trio.to_thread.run_sync(_wake, mountpoint)
+    fd = None if loop_done.is_set() else await trio.to_thread.run_sync(_wake, opts.mountpoint)
     bridge.close()
     await trio.to_thread.run_sync(session.exit)
     with trio.move_on_after(WAKE_AFTER):
@@ -210,3 +302,21 @@ async def _shutdown(mountpoint: Path, session: _fuse.Session, bridge: TrioBridge
     if fd is not None:
         session.close()       # answers the poke, so the descriptor can go
         os.close(fd)
+
+
+async def _wait_for_holders(opts: Options, devices: Devices) -> None:
+    """Devices others still hold open: say who, and give them a bounded time to let go."""
+    held = [d for d in devices.by_id.values() if d.openers]
+    if not held:
+        return
+    for dev in held:
+        path = opts.mountpoint / "dev" / dev.name
+        who = await trio.to_thread.run_sync(loop.holders, path)
+        log.warning("%s is held open by %s; waiting up to %.0f s", dev.name,
+                    ", ".join(who) or "an unknown process", opts.shutdown_timeout)
+    with trio.move_on_after(opts.shutdown_timeout):
+        while any(d.openers for d in held):
+            await trio.sleep(0.1)
+    for dev in held:
+        if dev.openers:
+            log.warning("%s: still open; its I/O fails from now on", dev.name)

@@ -212,6 +212,11 @@ class Device:
         # lost a race with the slot lock; ours wait for the lock, so never miss.
         return "version: 1\n0 {:8}\n".format(0)
 
+    def _show_max_comp_streams(self) -> str:
+        # The kernel's old attribute, still read by zramctl's STREAMS column.
+        streams = self.meta.compressor.streams if self.meta is not None else _zcomp.default_streams()
+        return f"{streams}\n"
+
     def _show_stat(self) -> str:
         return " ".join(f"{v:8}" for v in self.disk.stat()) + "\n"
 
@@ -241,6 +246,7 @@ ATTRIBUTES: dict[str, Attribute] = {
     "mem_limit": Attribute(None, Device._store_mem_limit),
     "mem_used_max": Attribute(None, Device._store_mem_used_max),
     "compact": Attribute(None, Device._store_compact),
+    "max_comp_streams": Attribute(Device._show_max_comp_streams, None),
     "mm_stat": Attribute(Device._show_mm_stat, None),
     "io_stat": Attribute(Device._show_io_stat, None),
     "debug_stat": Attribute(Device._show_debug_stat, None),
@@ -254,8 +260,12 @@ class Devices:
     def __init__(self) -> None:
         self.by_id: dict[int, Device] = {}
 
-    def add(self) -> Device:
-        dev_id = next(i for i in range(len(self.by_id) + 1) if i not in self.by_id)
+    def add(self, dev_id: int | None = None) -> Device:
+        """A new device: `dev_id`, or the lowest free id as the kernel's hot_add gives."""
+        if dev_id is None:
+            dev_id = next(i for i in range(len(self.by_id) + 1) if i not in self.by_id)
+        elif dev_id in self.by_id:
+            raise fail(errno.EEXIST, f"zram{dev_id} exists")
         dev = Device(dev_id)
         self.by_id[dev_id] = dev
         log.info("%s: added", dev.name)

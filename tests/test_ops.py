@@ -1,0 +1,274 @@
+"""Operations: config-driven start and stop, the CLI, the systemd unit, and swap safety."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (ROOT, ZRAMFS, Daemon, Cleanup, is_mounted, requires_fuse, run,
+                      zramfs_daemon)
+
+pytestmark = requires_fuse
+
+
+def zramfs(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run([*ZRAMFS, *args], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert "Traceback" not in out.stderr, out.stderr
+    if check:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+def ctl(d: Daemon, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return zramfs("ctl", "--mountpoint", str(d.mnt), *args, check=check)
+
+
+def loops_under(path: Path) -> list[str]:
+    out = run("losetup", "-l", "-n", "-O", "NAME,BACK-FILE").stdout
+    return [line.split()[0] for line in out.splitlines() if str(path) in line]
+
+
+def swap_priority(dev: str) -> int | None:
+    for line in Path("/proc/swaps").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[0] == dev:
+            return int(f[4])
+    return None
+
+
+def test_config_brings_up_swap_and_ext4_and_sigterm_takes_them_down(tmp_path: Path) -> None:
+    fs = tmp_path / "fs"
+    conf = tmp_path / "zramfs.conf"
+    conf.write_text(f"""
+[zram0]
+zram-size = 256
+compression-algorithm = zstd(level=3)
+swap-priority = 1234
+
+[zram1]
+zram-size = 128
+fs-type = ext4
+mount-point = {fs}
+options = discard,noatime
+""")
+    with zramfs_daemon("--config", str(conf), tmp=tmp_path) as d:
+        [swap_loop] = [lo for lo in loops_under(d.dev("zram0"))]
+        [fs_loop] = loops_under(d.dev("zram1"))
+        assert swap_priority(swap_loop) == 1234
+        assert is_mounted(fs)
+        assert "noatime" in next(line for line in Path("/proc/mounts").read_text().splitlines()
+                                 if line.split()[1] == str(fs))
+        (fs / "hello").write_text("zram\n")
+        table = ctl(d).stdout.splitlines()
+        assert table[0].split() == ["NAME", "ALGORITHM", "DISKSIZE", "DATA", "COMPR", "TOTAL",
+                                    "STREAMS", "MOUNTPOINT"]
+        rows = {line.split()[0]: line.split() for line in table[1:]}
+        assert rows[str(d.dev("zram0"))][1:3] == ["zstd", "256M"]
+        assert rows[str(d.dev("zram0"))][-1] == "[SWAP]"
+        assert rows[str(d.dev("zram1"))][1:3] == ["lz4", "128M"]
+        assert rows[str(d.dev("zram1"))][-1] == str(fs)
+        started = time.monotonic()
+        d.proc.terminate()
+        assert d.proc.wait(30) == 0, d.log.read_text()
+        took = time.monotonic() - started
+        assert swap_priority(swap_loop) is None
+        assert not is_mounted(fs) and not is_mounted(d.mnt)
+        assert not loops_under(d.mnt)
+        log = d.log.read_text()
+        assert log.index(f"umount {fs}") < log.index(f"losetup -d {fs_loop}")
+        assert log.index(f"swapoff {swap_loop}") < log.index("zram0: reset")
+        assert took < 30
+
+
+def test_bad_config_is_one_line_and_sets_up_nothing(tmp_path: Path) -> None:
+    conf = tmp_path / "zramfs.conf"
+    conf.write_text("[zram0]\nzram-size = 64\nswap-priority = 5\ncolour = blue\n")
+    mnt = tmp_path / "mnt"
+    out = zramfs("daemon", "--mountpoint", str(mnt), "--config", str(conf), check=False)
+    assert out.returncode == 1
+    assert out.stderr.strip() == f"zramfs: {conf}:4: [zram0] colour: unknown key"
+    assert not is_mounted(mnt)
+
+
+def test_failed_set_up_undoes_what_was_done(tmp_path: Path) -> None:
+    """zram1's file system cannot be made (mount-point is a file): zram0's swap, both loop
+    devices and the tree are undone, and the daemon says why and exits 1."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    conf = tmp_path / "zramfs.conf"
+    conf.write_text(f"[zram0]\nzram-size = 64\n\n[zram1]\nzram-size = 64\nfs-type = ext4\n"
+                    f"mount-point = {blocker}\n")
+    mnt = tmp_path / "mnt"
+    swaps_before = Path("/proc/swaps").read_text()
+    try:
+        proc = subprocess.run([*ZRAMFS, "daemon", "--mountpoint", str(mnt), "--config",
+                               str(conf)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("zramfs: zram1: ") and "Traceback" not in proc.stderr, proc.stderr
+        assert Path("/proc/swaps").read_text() == swaps_before
+        assert not is_mounted(mnt) and not loops_under(mnt)
+    finally:
+        for lo in loops_under(mnt):
+            run("swapoff", lo, check=False)
+            run("losetup", "-d", lo, check=False)
+        if is_mounted(mnt):
+            run("fusermount3", "-u", "-z", str(mnt), check=False)
+
+
+def test_ctl_find_configure_reset_and_formats(daemon: Daemon) -> None:
+    path = ctl(daemon, "--find", "--size", "64M", "--algorithm", "zstd",
+               "--algorithm-params", "level=7").stdout.strip()
+    assert path == str(daemon.dev("zram0"))
+    assert daemon.read("zram0", "disksize") == f"{64 << 20}\n"
+    with open(path, "r+b") as f:
+        f.write(b"compressible zram text " * 50000)
+        f.write(bytes(4096 * 4))
+    assert ctl(daemon, "--find", "-s", "1G").stdout.strip() == str(daemon.dev("zram1"))
+    ctl(daemon, "zram1", "--reset")
+    assert ctl(daemon, "--find", "-s", "8M").stdout.strip() == str(daemon.dev("zram1"))
+    data = json.loads(ctl(daemon, "--json", "--bytes", "--output",
+                          "name,disksize,data,compr,algorithm,streams,zero-pages,total,"
+                          "mem-limit,mem-used,migrated,comp-ratio,mountpoint").stdout)
+    row = data["zramdevices"][0]
+    assert row["name"] == path and row["disksize"] == 64 << 20 and row["algorithm"] == "zstd"
+    assert row["data"] > 1 << 20 and 0 < row["compr"] < row["data"] // 10
+    assert row["zero-pages"] >= 4 and row["streams"] >= 1 and row["mountpoint"] == ""
+    assert row["comp-ratio"] == round(row["data"] / row["compr"], 2)
+    human = json.loads(ctl(daemon, "--json").stdout)["zramdevices"][0]
+    assert human["disksize"] == "64M"
+    raw = ctl(daemon, "--raw", "--noheadings", "-o", "NAME,DISKSIZE").stdout.splitlines()
+    assert raw == [f"{path} 64M", f"{daemon.dev('zram1')} 8M"]
+    ctl(daemon, "zram1", "--reset")
+    ctl(daemon, "zram1", "--size", "16M", "--algorithm", "lz4hc")
+    assert daemon.read("zram1", "comp_algorithm") == "lz4 [lz4hc] zstd \n"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--find"], "--find needs --size"),
+    (["--find", "--size", "lots"], "invalid size 'lots'"),
+    (["--find", "--size", "1G", "--algorithm", "lzo"], "lzo: unknown algorithm"),
+    (["zram9"], "zram9: no such device"),
+    (["--output", "NAME,COLOUR"], "unknown column 'COLOUR'"),
+    (["--reset"], "--reset needs a device name"),
+    (["zram0", "--size", "1G"], "zram0: device is in use"),
+])
+def test_ctl_errors_are_one_line(daemon: Daemon, args: list[str], message: str) -> None:
+    daemon.device("8M")
+    out = ctl(daemon, *args, check=False)
+    assert out.returncode == 1
+    assert len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr
+
+
+def test_cli_without_a_daemon_and_usage_errors(tmp_path: Path) -> None:
+    out = zramfs("ctl", "--mountpoint", str(tmp_path), check=False)
+    assert out.returncode == 1 and "no zramfs tree" in out.stderr
+    out = zramfs("swapon", "zram0", "--priority", "high", "--mountpoint", str(tmp_path),
+                 check=False)
+    assert out.returncode == 2 and "not a swap priority" in out.stderr
+    out = zramfs("frobnicate", check=False)
+    assert out.returncode == 2
+    out = zramfs("daemon", "--mountpoint", str(tmp_path), "--config", str(tmp_path / "no"),
+                 check=False)
+    assert out.returncode == 1 and out.stderr.startswith(f"zramfs: {tmp_path}/no: ")
+
+
+def test_swapon_swapoff_and_stats(daemon: Daemon) -> None:
+    daemon.device("64M")
+    loop = zramfs("swapon", "zram0", "--priority", "321", "--mountpoint", str(daemon.mnt)).stdout.strip()
+    daemon.cleanup.push("swapoff", lambda: run("swapoff", loop, check=False))
+    daemon.cleanup.push("losetup -d", lambda: run("losetup", "-d", loop, check=False))
+    assert swap_priority(loop) == 321
+    assert ctl(daemon, "-o", "NAME,MOUNTPOINT", "--raw", "-n").stdout.split() == \
+        [str(daemon.dev("zram0")), "[SWAP]"]
+    out = zramfs("swapon", "zram0", "--mountpoint", str(daemon.mnt), check=False)
+    assert out.returncode == 1 and "already bound" in out.stderr
+    stats = zramfs("stats", "zram0", "--mountpoint", str(daemon.mnt)).stdout
+    assert "zram0 (pool zram0):" in stats and "obj_allocated" in stats and "Total" in stats
+    zramfs("swapoff", "zram0", "--mountpoint", str(daemon.mnt))
+    assert swap_priority(loop) is None and not loops_under(daemon.mnt)
+    out = zramfs("swapoff", "zram0", "--mountpoint", str(daemon.mnt), check=False)
+    assert out.returncode == 1 and "not in use as swap" in out.stderr
+
+
+def test_pool_mirror_in_debugfs_tree(daemon: Daemon) -> None:
+    pools = daemon.mnt / "sys/kernel/debug/zsmalloc"
+    assert os.listdir(pools) == []
+    daemon.device("16M")
+    with open(daemon.dev("zram0"), "r+b") as f:
+        f.write(b"abc" * 100000)
+    assert os.listdir(pools) == ["zram0"]
+    lines = (pools / "zram0/classes").read_text().splitlines()
+    assert lines[0].split() == ["class", "size", "obj_allocated", "obj_used", "pages_used",
+                                "pages_per_zspage", "freeable"]
+    total = lines[-1].split()
+    assert total[0] == "Total" and int(total[2]) > 0
+    daemon.write("zram0", "reset", "1")
+    assert os.listdir(pools) == []
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    unit = tmp_path / "zramfs.service"
+    unit.write_text((ROOT / "systemd/zramfs.service").read_text()
+                    .replace("@PREFIX@", str(Path(sys.executable).parent.parent)))
+    out = run("systemd-analyze", "verify", str(unit), check=False)
+    assert out.returncode == 0, out.stderr
+    text = unit.read_text()
+    for line in ("Type=notify", "OOMScoreAdjust=-1000", "LimitMEMLOCK=infinity",
+                 "Before=swap.target local-fs.target"):
+        assert line in text
+
+
+def make_cgroup(cleanup: Cleanup, name: str, limit: str) -> Path:
+    cg = Path(f"/sys/fs/cgroup/memory/{name}-{os.getpid()}")
+    cg.mkdir()
+    cleanup.push(f"rmdir {cg}", lambda: cg.rmdir())
+    (cg / "memory.limit_in_bytes").write_text(limit)
+    if (cg / "memory.swappiness").exists():
+        (cg / "memory.swappiness").write_text("100")
+    return cg
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/sys/fs/cgroup/memory").is_dir(), reason="no cgroup v1 memory")
+def test_swap_through_a_daemon_under_its_own_tight_limit(tmp_path: Path) -> None:
+    """The daemon serves swap-out while its own memory cgroup is tight: it locked its memory,
+    so nothing of it is reclaimed to the swap it serves. A process pushes 384 MiB through swap
+    from a 64 MiB cgroup; it finishes in bounded time with its data intact."""
+    conf = tmp_path / "zramfs.conf"
+    conf.write_text("[zram0]\nzram-size = 1024\nswap-priority = 32000\n")
+    cleanup = Cleanup()
+    try:
+        with zramfs_daemon("--config", str(conf), tmp=tmp_path) as d:
+            assert "memory locked (mlockall)" in d.log.read_text()
+            daemon_cg = make_cgroup(cleanup, "zramfs-test-daemon", "320M")
+            root = Path("/sys/fs/cgroup/memory")
+            cleanup.push("daemon back to the root cgroup",
+                         lambda: d.alive() and (root / "cgroup.procs").write_text(str(d.proc.pid)))
+            (daemon_cg / "cgroup.procs").write_text(str(d.proc.pid))
+            hog_cg = make_cgroup(cleanup, "zramfs-test-hog", "64M")
+            hog = subprocess.Popen(
+                ["sh", "-c", f'echo $$ > {hog_cg}/cgroup.procs && exec "$0" "$@"',
+                 sys.executable, str(ROOT / "tests/memhog.py"), "384"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cleanup.push("end memhog", lambda: hog.poll() is None and (hog.kill(), hog.wait()))
+            out, _ = hog.communicate(timeout=300)
+            assert hog.returncode == 0, out
+            assert "verified 98304 pages" in out
+            assert d.alive()
+            peak = int((daemon_cg / "memory.max_usage_in_bytes").read_text())
+            assert peak > 64 << 20                  # the pool really lived in the daemon's cgroup
+            oom = dict(line.split() for line in
+                       (daemon_cg / "memory.oom_control").read_text().splitlines())
+            assert oom.get("oom_kill", "0") == "0"
+            (root / "cgroup.procs").write_text(str(d.proc.pid))
+    finally:
+        cleanup.run_all()

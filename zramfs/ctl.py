@@ -1,0 +1,248 @@
+"""`zramfs ctl`, `swapon`, `swapoff`, `stats`: util-linux's zramctl and friends, against the
+tree a daemon serves. They only read and write the tree's files, as zramctl does /sys.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from zramfs import loop
+
+COLUMNS = {
+    # name: (header, what it shows)
+    "NAME": "zram device name",
+    "DISKSIZE": "limit on the uncompressed amount of data",
+    "DATA": "uncompressed size of stored data",
+    "COMPR": "compressed size of stored data",
+    "ALGORITHM": "the selected compression algorithm",
+    "STREAMS": "number of concurrent compress operations",
+    "ZERO-PAGES": "empty pages with no allocated memory",
+    "TOTAL": "all memory including allocator fragmentation and metadata overhead",
+    "MEM-LIMIT": "memory limit used to store compressed data",
+    "MEM-USED": "memory zram has consumed to store compressed data",
+    "MIGRATED": "number of objects migrated by compaction",
+    "COMP-RATIO": "compression ratio: DATA/COMPR",
+    "MOUNTPOINT": "where the device is used",
+}
+DEFAULT_COLUMNS = ["NAME", "ALGORITHM", "DISKSIZE", "DATA", "COMPR", "TOTAL", "STREAMS",
+                   "MOUNTPOINT"]
+SIZE_COLUMNS = {"DISKSIZE", "DATA", "COMPR", "TOTAL", "MEM-LIMIT", "MEM-USED"}
+NUMBER_COLUMNS = {"STREAMS", "ZERO-PAGES", "MIGRATED"}
+
+
+class CtlError(Exception):
+    """What the user asked cannot be done; the message says why, in one line."""
+
+
+def human(n: int) -> str:
+    """zramctl's sizes: 0B, 512B, 4K, 1.5M, 5.9G."""
+    if n < 1024:
+        return f"{n}B"
+    exp = 0
+    value = float(n)
+    while value >= 1024 and exp < 6:
+        value /= 1024
+        exp += 1
+    text = f"{value:.1f}".removesuffix(".0")
+    return text + "KMGTPE"[exp - 1]
+
+
+def parse_size(text: str) -> int:
+    """A size with the kernel's suffixes: 512, 64K, 1G, 2T."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGTkmgt]?)(?:i?[Bb])?\s*", text)
+    if m is None or int(m.group(1)) == 0:
+        raise CtlError(f"invalid size {text!r}: use a positive number with K, M, G or T")
+    return int(m.group(1)) << (10 * " KMGT".index(m.group(2).upper() or " "))
+
+
+@dataclass
+class Tree:
+    """The files of a daemon's tree."""
+    mountpoint: Path
+
+    def check(self) -> None:
+        if not (self.control / "hot_add").exists():
+            raise CtlError(f"no zramfs tree at {self.mountpoint} (is the daemon running?)")
+
+    @property
+    def control(self) -> Path:
+        return self.mountpoint / "sys/class/zram-control"
+
+    def names(self) -> list[str]:
+        try:
+            names = os.listdir(self.mountpoint / "dev")
+        except OSError as e:
+            raise CtlError(f"{self.mountpoint}/dev: {e.strerror}") from None
+        return sorted(names, key=lambda n: int(n[4:]))
+
+    def name_of(self, text: str) -> str:
+        """`zram0`, or a path ending in it (the tree's or /dev's)."""
+        name = Path(text).name
+        if not re.fullmatch(r"zram\d+", name) or not (self.mountpoint / "dev" / name).exists():
+            raise CtlError(f"{text}: no such device")
+        return name
+
+    def dev(self, name: str) -> Path:
+        return self.mountpoint / "dev" / name
+
+    def read(self, name: str, attr: str) -> str:
+        try:
+            return (self.mountpoint / "sys/block" / name / attr).read_text()
+        except OSError as e:
+            raise CtlError(f"{name}: cannot read {attr}: {e.strerror}") from None
+
+    def write(self, name: str, attr: str, value: str) -> None:
+        path = self.mountpoint / "sys/block" / name / attr
+        try:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, value.encode())
+            finally:
+                os.close(fd)
+        except OSError as e:
+            why = {errno.EBUSY: "device is busy", errno.EINVAL: "invalid value"}.get(
+                e.errno, e.strerror)
+            raise CtlError(f"{name}: cannot set {attr} to {value.strip()!r}: {why}") from None
+
+    def hot_add(self) -> str:
+        try:
+            return "zram" + (self.control / "hot_add").read_text().strip()
+        except OSError as e:
+            raise CtlError(f"cannot add a device: {e.strerror}") from None
+
+
+def status(tree: Tree, names: list[str] | None = None) -> list[dict[str, object]]:
+    """One row a device, every column, values raw (bytes, counts)."""
+    rows = []
+    for name in names or tree.names():
+        if names is None and tree.read(name, "initstate").strip() != "1":
+            continue                       # zramctl lists the devices in use
+        mm = [int(x) for x in tree.read(name, "mm_stat").split()]
+        algorithm = re.search(r"\[([^\]]+)\]", tree.read(name, "comp_algorithm"))
+        rows.append({
+            "NAME": str(tree.dev(name)),
+            "DISKSIZE": int(tree.read(name, "disksize")),
+            "DATA": mm[0], "COMPR": mm[1], "TOTAL": mm[2], "MEM-LIMIT": mm[3],
+            "MEM-USED": mm[4], "ZERO-PAGES": mm[5], "MIGRATED": mm[6],
+            "ALGORITHM": algorithm.group(1) if algorithm else "",
+            "STREAMS": int(tree.read(name, "max_comp_streams")),
+            "COMP-RATIO": round(mm[0] / mm[1], 2) if mm[1] else 0.0,
+            "MOUNTPOINT": loop.use_of(tree.dev(name)),
+        })
+    return rows
+
+
+def format_status(rows: list[dict[str, object]], columns: list[str], *, as_bytes: bool,
+                  raw: bool, as_json: bool, headings: bool = True) -> str:
+    def cell(col: str, value: object) -> object:
+        if col in SIZE_COLUMNS and not as_bytes:
+            return human(int(value))
+        return value
+
+    if as_json:
+        return json.dumps({"zramdevices": [
+            {c.lower(): cell(c, r[c]) for c in columns} for r in rows]}, indent=3)
+    table = [columns] if headings else []
+    table += [[str(cell(c, r[c])) for c in columns] for r in rows]
+    if raw:
+        return "\n".join(" ".join(line) for line in table)
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))] if table else []
+    out = []
+    for line in table:
+        cells = []
+        for i, (c, text) in enumerate(zip(columns, line)):
+            right = c in SIZE_COLUMNS | NUMBER_COLUMNS | {"COMP-RATIO"}
+            last = i == len(columns) - 1
+            cells.append(text.rjust(widths[i]) if right else
+                         (text if last else text.ljust(widths[i])))
+        out.append(" ".join(cells).rstrip())
+    return "\n".join(out)
+
+
+def configure(tree: Tree, name: str, size: int | None, algorithm: str | None,
+              params: str | None) -> None:
+    """zramctl's set-up of one device: algorithm and params first, disksize last."""
+    if tree.read(name, "initstate").strip() == "1" and (size or algorithm or params):
+        raise CtlError(f"{name}: device is in use (reset it first)")
+    if algorithm:
+        available = tree.read(name, "comp_algorithm").replace("[", "").replace("]", "").split()
+        if algorithm not in available:
+            raise CtlError(f"{algorithm}: unknown algorithm (available: {' '.join(available)})")
+        tree.write(name, "comp_algorithm", algorithm)
+    if params:
+        tree.write(name, "algorithm_params", params)
+    if size:
+        tree.write(name, "disksize", str(size))
+
+
+def find(tree: Tree, size: int, algorithm: str | None, params: str | None) -> str:
+    """The first free device, or a new one, set up; its path."""
+    free = [n for n in tree.names() if tree.read(n, "initstate").strip() == "0"]
+    name = free[0] if free else tree.hot_add()
+    configure(tree, name, size, algorithm, params)
+    return str(tree.dev(name))
+
+
+def reset(tree: Tree, name: str) -> None:
+    tree.write(name, "reset", "1")
+
+
+def swapon(tree: Tree, name: str, priority: int) -> str:
+    path = tree.dev(name)
+    if tree.read(name, "initstate").strip() != "1":
+        raise CtlError(f"{name}: not initialised (set a size first: zramfs ctl {name} --size 1G)")
+    if loop.loops_of(path):
+        raise CtlError(f"{name}: already bound to {', '.join(loop.loops_of(path))}")
+    try:
+        lo = loop.bind(path)
+    except loop.UseError as e:
+        raise CtlError(str(e)) from None
+    try:
+        loop.swapon(lo, priority)
+    except loop.UseError as e:
+        loop.unbind(lo)
+        raise CtlError(str(e)) from None
+    return lo
+
+
+def swapoff(tree: Tree, name: str) -> None:
+    active = loop.swaps()
+    loops = [lo for lo in loop.loops_of(tree.dev(name)) if lo in active]
+    if not loops:
+        raise CtlError(f"{name}: not in use as swap")
+    try:
+        for lo in loops:
+            loop.swapoff(lo)
+            loop.unbind(lo)
+    except loop.UseError as e:
+        raise CtlError(str(e)) from None
+
+
+def pools_of(tree: Tree, name: str) -> list[Path]:
+    """The allocator pools of a device in the tree's debugfs mirror: `zram0`, or `zram0-N`
+    while an older pool of the same name is still being torn down."""
+    base = tree.mountpoint / "sys/kernel/debug/zsmalloc"
+    return [p for p in sorted(base.iterdir()) if re.fullmatch(rf"{name}(-\d+)?", p.name)]
+
+
+def stats(tree: Tree, names: list[str]) -> str:
+    """Per device: the allocator's classes table and a summary."""
+    out = []
+    for name in names:
+        if tree.read(name, "initstate").strip() != "1":
+            out.append(f"{name}: not initialised\n")
+            continue
+        mm = [int(x) for x in tree.read(name, "mm_stat").split()]
+        for pool in pools_of(tree, name):
+            out.append(f"{name} (pool {pool.name}):")
+            out.append((pool / "classes").read_text())
+        data, compr, total = mm[0], mm[1], mm[2]
+        out.append(f"  data {human(data)}, compressed {human(compr)}, memory {human(total)}")
+        ratio = f"{data / total:.2f}" if total else "-"
+        out.append(f"  ratio {ratio} (data / memory), memory saved {human(max(data - total, 0))},"
+                   f" same-filled pages {mm[5]}, huge pages {mm[7]}\n")
+    return "\n".join(out)
