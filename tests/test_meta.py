@@ -239,3 +239,117 @@ def test_concurrent_partial_writes_to_one_page_all_land() -> None:
     destroy(disk)
     for t in range(nthreads):
         assert page[t * per : (t + 1) * per] == bytes([t + 2]) * per
+
+
+# --- large requests shared out to the compression workers --------------------------------------
+
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("algorithm", ["lz4", "zstd"])
+def test_large_requests_through_workers_match_a_model(workers: int, algorithm: str) -> None:
+    """Requests of 16 pages and more are split among the workers: unaligned ones, with
+    partial pages at either end, land exactly as the model says."""
+    size = 256 * PAGE
+    disk = make_disk(size, algorithm, workers=workers)
+    model = bytearray(size)
+    rng = random.Random(4)
+    try:
+        for i in range(60):
+            n = rng.randrange(16 * PAGE, 80 * PAGE)
+            off = rng.randrange(0, size - n)
+            data = b"".join(page_data(rng.choice(["random", "text", "same"]), i * 100 + k, PAGE)
+                            for k in range(n // PAGE + 1))[:n]
+            assert disk.write(off, data) == n
+            model[off : off + n] = data
+            r_off = rng.randrange(0, size - 16 * PAGE)
+            r_n = rng.randrange(16 * PAGE, size - r_off + 1)
+            assert disk.read(r_off, r_n) == model[r_off : r_off + r_n]
+        assert disk.read(0, size) == model
+        orig, *_ = disk.meta.mm_stat()                # all-zero pages may be stored as same
+        assert orig >= sum(PAGE for p in range(0, size, PAGE) if any(model[p : p + PAGE]))
+    finally:
+        destroy(disk)
+
+
+def test_large_write_short_at_first_failed_page() -> None:
+    """Under mem_limit a large write fails part-way: the count returned stops at the first
+    page that failed, and every page before it holds the new data."""
+    disk = make_disk(512 * PAGE, workers=1)
+    try:
+        disk.meta.mem_limit = 64 * PAGE
+        data = os.urandom(256 * PAGE)                       # huge pages: one page each
+        n = disk.write(0, data)
+        assert 0 < n < len(data) and n % PAGE == 0
+        assert disk.read(0, n) == data[:n]
+        assert disk.meta.io_stat()[1] == 1                  # failed_writes: once a request
+        assert disk.meta.mm_stat()[2] <= 64 * PAGE
+        with pytest.raises(OSError) as err:                 # nothing fits: EIO
+            disk.write(300 * PAGE, os.urandom(32 * PAGE))
+        assert err.value.errno == 5
+    finally:
+        destroy(disk)
+
+
+def test_large_readers_never_see_a_torn_page_under_large_writers() -> None:
+    """Large writes (shared among workers) and large reads of the same pages, with discard
+    and compaction beside them: every page a reader gets is one whole written version."""
+    npages = 64
+    disk = make_disk(npages * PAGE, workers=2)
+    versions = [bytes([v]) * 1000 + os.urandom(96) + bytes([v]) * 3000 for v in range(1, 9)]
+    allowed = set(versions) | {bytes(PAGE)}
+    stop = threading.Event()
+    bad: list[int] = []
+
+    def writer(seed: int) -> None:
+        rng = random.Random(seed)
+        while not stop.is_set():
+            v = rng.choice(versions)
+            first = rng.randrange(0, npages - 32)
+            disk.write(first * PAGE, v * rng.randrange(16, 33))
+            if rng.random() < 0.05:
+                disk.fallocate(PUNCH_HOLE, first * PAGE, 16 * PAGE)
+
+    def reader() -> None:
+        for _ in range(300):
+            got = disk.read(0, npages * PAGE)
+            for p in range(npages):
+                if got[p * PAGE : (p + 1) * PAGE] not in allowed:
+                    bad.append(p)
+                    return
+
+    def compactor() -> None:
+        while not stop.is_set():
+            disk.meta.compact()
+
+    threads = [threading.Thread(target=writer, args=(s,)) for s in range(2)]
+    threads.append(threading.Thread(target=compactor))
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads + readers:
+        t.start()
+    for t in readers:
+        t.join()
+    stop.set()
+    for t in threads:
+        t.join()
+    destroy(disk)
+    assert not bad
+
+
+def test_workers_start_with_the_meta_and_stop_with_it() -> None:
+    """The threads exist from disksize on (none are made per request) and are gone after
+    destroy, also when a meta is dropped without destroy."""
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    before = threads()
+    disk = make_disk(64 * PAGE, workers=3)
+    assert disk.meta.workers == 3 and threads() == before + 3
+    disk.write(0, os.urandom(64 * PAGE))
+    assert threads() == before + 3
+    destroy(disk)
+    assert threads() == before
+    meta = Meta(64 * PAGE, "lz4", name="test", workers=2)
+    assert threads() == before + 2
+    del meta
+    assert threads() == before
+    with pytest.raises(ValueError):
+        Meta(64 * PAGE, "lz4", name="test", workers=-1)

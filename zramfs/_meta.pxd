@@ -8,7 +8,16 @@ from libc.stdint cimport uint32_t, uint64_t, int64_t
 from posix.types cimport off_t
 
 from zramfs._alloc cimport zpool_driver
-from zramfs._zcomp cimport zcomp
+from zramfs._zcomp cimport zcomp, zstream
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_cond_t:
+        pass
+    ctypedef unsigned long pthread_t
+
+cdef struct zworkers
 
 ctypedef struct zslot:
     uint64_t handle        # the object; for a same-filled page, the repeated word
@@ -23,6 +32,7 @@ ctypedef struct zmeta:
     size_t huge_size       # compressed sizes from here up are stored raw
     zcomp* comp
     size_t limit_pages     # mem_limit, 0 = none
+    zworkers* workers      # NULL: every request is served inline
     # mm_stat, io_stat: atomic counters
     size_t compr_data_size
     size_t pages_stored
@@ -34,6 +44,38 @@ ctypedef struct zmeta:
     size_t failed_writes
     size_t invalid_io
     size_t notify_free
+
+# A large request's pages, shared between the thread that serves it and the compression
+# workers: each takes chunks of pages by an atomic counter until none are left.
+cdef struct zjob:
+    zmeta* meta
+    int write
+    char* buf
+    size_t off                 # the request's byte range
+    size_t size
+    size_t first_page
+    size_t nr_chunks
+    size_t next_chunk          # atomic: the next chunk to take
+    size_t first_bad           # atomic: the lowest failed page, SIZE_MAX if none
+    int helpers                # workers inside the job (workers' lock)
+    zjob* next                 # the workers' queue (workers' lock)
+
+cdef struct zworker:
+    zworkers* pool
+    zstream* stream            # the worker's own (a private stream of the compressor)
+    pthread_t thread
+    int started
+
+# Threads made with the meta (hazard 4: none are started on the request path); they run no
+# Python and never take the GIL.
+cdef struct zworkers:
+    pthread_mutex_t lock
+    pthread_cond_t wake        # workers wait here for a job
+    pthread_cond_t left        # a request waits here for the workers to leave its job
+    zjob* queue
+    int stop
+    int nr
+    zworker* workers
 
 ctypedef struct zdisk:
     int64_t state          # ZD_LIVE | number of requests in flight
@@ -53,6 +95,7 @@ cdef class Meta:
     cdef readonly object pool
     cdef readonly object compressor
     cdef readonly size_t disksize
+    cdef readonly int workers
 
 
 cdef class Disk:

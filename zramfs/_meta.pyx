@@ -14,6 +14,8 @@ and reset destroys: table, pool, compressor streams, and mm_stat's counters.
 """
 from __future__ import annotations
 
+import os
+
 from libc.errno cimport EIO, ENOSPC, ENOMEM, EOPNOTSUPP, EINVAL
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, free
@@ -26,7 +28,7 @@ from zramfs.data_ops cimport zramfs_data_ops, ZRAMFS_DATA_OPS_CAPSULE
 
 from zramfs._alloc cimport Pool, zpool_driver
 from zramfs._zcomp cimport (Compressor, zcomp, zstream, zcomp_stream_get, zcomp_stream_put,
-                            ZCOMP_PAGE)
+                            zcomp_private_stream, ZCOMP_PAGE)
 
 from zramfs._alloc import Pool as _Pool
 from zramfs._zcomp import Compressor as _Compressor
@@ -83,6 +85,28 @@ cdef extern from *:
         clock_gettime(CLOCK_MONOTONIC, &t);
         return (uint64_t)t.tv_sec * 1000000000u + t.tv_nsec;
     }
+    static inline void zm_min(size_t* p, size_t v) {
+        size_t old = __atomic_load_n(p, __ATOMIC_RELAXED);
+        while (v < old && !__atomic_compare_exchange_n(p, &old, v, 1, __ATOMIC_RELAXED,
+                                                       __ATOMIC_RELAXED)) {}
+    }
+    #include <pthread.h>
+    #include <signal.h>
+    /* A compression worker: all signals blocked (they are the main thread's business), a
+       small stack (nothing deep runs there; under mlockall a big one would be locked). */
+    static int zm_thread_start(pthread_t* t, void* (*fn)(void*), void* arg) {
+        pthread_attr_t attr;
+        sigset_t all, old;
+        int rc;
+        pthread_attr_init(&attr);
+        pthread_attr_setstacksize(&attr, 512 * 1024);
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
+        rc = pthread_create(t, &attr, fn, arg);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        pthread_attr_destroy(&attr);
+        return rc;
+    }
     """
     uint32_t ZS_LOCK
     int64_t ZD_LIVE
@@ -101,7 +125,19 @@ cdef extern from *:
     int64_t ZM_OR64 "__atomic_fetch_or"(int64_t*, int64_t, int) nogil
     int __ATOMIC_SEQ_CST
     void zm_max(size_t* p, size_t v) nogil
+    void zm_min(size_t* p, size_t v) nogil
     uint64_t zm_now_ns() nogil
+    size_t SIZE_MAX
+    int zm_thread_start(pthread_t* t, void* (*fn)(void*) noexcept nogil, void* arg) nogil
+    int pthread_join(pthread_t, void**) nogil
+    int pthread_mutex_init(pthread_mutex_t*, void*) nogil
+    int pthread_mutex_destroy(pthread_mutex_t*) nogil
+    int pthread_mutex_lock(pthread_mutex_t*) nogil
+    int pthread_mutex_unlock(pthread_mutex_t*) nogil
+    int pthread_cond_init(pthread_cond_t*, void*) nogil
+    int pthread_cond_destroy(pthread_cond_t*) nogil
+    int pthread_cond_wait(pthread_cond_t*, pthread_mutex_t*) nogil
+    int pthread_cond_broadcast(pthread_cond_t*) nogil
 
 cdef enum:
     PAGE_SHIFT = 12
@@ -213,7 +249,7 @@ cdef int _store_locked(zmeta* m, zslot* s, const char* page, zstream* st) noexce
     return 0
 
 
-# --- byte ranges -----------------------------------------------------------------------------
+# --- byte ranges: a request's pages ---------------------------------------------------------
 
 cdef inline size_t _disk_bytes(zmeta* m) noexcept nogil:
     return m.nr_pages << PAGE_SHIFT
@@ -225,14 +261,179 @@ cdef inline void _account(zdisk* d, int kind, size_t nbytes, uint64_t started) n
     ZM_ADD(&d.ticks_ns[kind], zm_now_ns() - started)
 
 
+cdef int _page_io(zmeta* m, bint write, char* buf, size_t off, size_t size, size_t page,
+                  zstream* st) noexcept nogil:
+    """Page `page` of the request [off, off + size) between the slot and `buf` (the request's
+    buffer); takes and drops the slot's lock. A partial page is read-modify-write in st.page.
+    0 or -errno."""
+    cdef size_t start = max(page << PAGE_SHIFT, off)
+    cdef size_t end = min((page + 1) << PAGE_SHIFT, off + size)
+    cdef size_t pofs = start & (PAGE_SIZE - 1)
+    cdef size_t n = end - start
+    cdef char* b = buf + (start - off)
+    cdef zslot* s = &m.table[page]
+    cdef int rc
+    zslot_lock(&s.flags)
+    if n == PAGE_SIZE:
+        rc = _store_locked(m, s, b, st) if write else _load_locked(m, s, b, st)
+    else:
+        rc = _load_locked(m, s, st.page, st)
+        if rc == 0:
+            if write:
+                memcpy(st.page + pofs, b, n)
+                rc = _store_locked(m, s, st.page, st)
+            else:
+                memcpy(b, st.page + pofs, n)
+    zslot_unlock(&s.flags)
+    return rc
+
+
+# --- large requests: the pages shared out to the compression workers ---------------------------
+
+cdef enum:
+    JOB_CHUNK = 4              # pages a worker takes at a time
+    JOB_MIN_PAGES = 16         # smaller requests are served inline: waking a worker costs more
+
+
+cdef void _job_work(zjob* j, zstream* st) noexcept nogil:
+    """Takes chunks of the job until none are left. Any thread, no lock held."""
+    cdef size_t c, page, last
+    cdef size_t end_page = (j.off + j.size - 1) >> PAGE_SHIFT
+    while True:
+        c = ZM_ADD(&j.next_chunk, 1)
+        if c >= j.nr_chunks:
+            return
+        page = j.first_page + c * JOB_CHUNK
+        last = min(page + JOB_CHUNK - 1, end_page)
+        while page <= last:
+            if _page_io(j.meta, j.write, j.buf, j.off, j.size, page, st):
+                zm_min(&j.first_bad, page)
+            page += 1
+
+
+cdef void _job_unqueue(zworkers* w, zjob* j) noexcept nogil:
+    """Workers' lock held; j may already be out of the queue."""
+    cdef zjob** p = &w.queue
+    while p[0] != NULL:
+        if p[0] == j:
+            p[0] = j.next
+            return
+        p = &p[0].next
+
+
+cdef void* _worker_main(void* arg) noexcept nogil:
+    cdef zworker* me = <zworker*>arg
+    cdef zworkers* w = me.pool
+    cdef zjob* j
+    pthread_mutex_lock(&w.lock)
+    while True:
+        while not w.stop and w.queue == NULL:
+            pthread_cond_wait(&w.wake, &w.lock)
+        if w.stop:
+            break
+        j = w.queue
+        if ZM_LOAD(&j.next_chunk) >= j.nr_chunks:
+            _job_unqueue(w, j)        # all taken: nothing for a worker to join
+            continue
+        j.helpers += 1
+        pthread_mutex_unlock(&w.lock)
+        _job_work(j, me.stream)
+        pthread_mutex_lock(&w.lock)
+        _job_unqueue(w, j)
+        j.helpers -= 1
+        if j.helpers == 0:
+            pthread_cond_broadcast(&w.left)
+    pthread_mutex_unlock(&w.lock)
+    return NULL
+
+
+cdef size_t _range_io(zmeta* m, bint write, char* buf, size_t off, size_t size,
+                      zstream* st) noexcept nogil:
+    """The request's pages, inline or shared with the workers. Returns the index of the lowest
+    page that failed, SIZE_MAX if none. The caller holds a reference on the meta (so the
+    workers outlive this) and its own stream `st`."""
+    cdef size_t first = off >> PAGE_SHIFT
+    cdef size_t last = (off + size - 1) >> PAGE_SHIFT
+    cdef size_t page
+    cdef zworkers* w = m.workers
+    cdef zjob j
+    if w == NULL or last - first + 1 < JOB_MIN_PAGES:
+        for page in range(first, last + 1):
+            if _page_io(m, write, buf, off, size, page, st):
+                return page
+        return SIZE_MAX
+    j.meta = m
+    j.write = write
+    j.buf = buf
+    j.off = off
+    j.size = size
+    j.first_page = first
+    j.nr_chunks = (last - first + JOB_CHUNK) // JOB_CHUNK
+    j.next_chunk = 0
+    j.first_bad = SIZE_MAX
+    j.helpers = 0
+    j.next = NULL
+    pthread_mutex_lock(&w.lock)
+    j.next = w.queue              # newest first: the workers help the latest request
+    w.queue = &j
+    pthread_cond_broadcast(&w.wake)
+    pthread_mutex_unlock(&w.lock)
+    _job_work(&j, st)             # this thread works too, so a job never waits for a worker
+    pthread_mutex_lock(&w.lock)
+    _job_unqueue(w, &j)
+    while j.helpers:              # j lives on this stack: wait until no worker touches it
+        pthread_cond_wait(&w.left, &w.lock)
+    pthread_mutex_unlock(&w.lock)
+    return ZM_LOAD(&j.first_bad)
+
+
+cdef zworkers* _workers_start(zcomp* comp, int nr) noexcept nogil:
+    """nr threads, each with the compressor's private stream i; NULL on failure."""
+    cdef zworkers* w = <zworkers*>calloc(1, sizeof(zworkers))
+    cdef int i
+    if w == NULL:
+        return NULL
+    pthread_mutex_init(&w.lock, NULL)
+    pthread_cond_init(&w.wake, NULL)
+    pthread_cond_init(&w.left, NULL)
+    w.workers = <zworker*>calloc(nr, sizeof(zworker))
+    if w.workers == NULL:
+        _workers_stop(w)
+        return NULL
+    w.nr = nr
+    for i in range(nr):
+        w.workers[i].pool = w
+        w.workers[i].stream = zcomp_private_stream(comp, i)
+        if zm_thread_start(&w.workers[i].thread, _worker_main, &w.workers[i]) != 0:
+            _workers_stop(w)
+            return NULL
+        w.workers[i].started = 1
+    return w
+
+
+cdef void _workers_stop(zworkers* w) noexcept nogil:
+    """Stops and joins the threads and frees. No request may be in flight (after the drain)."""
+    cdef int i
+    pthread_mutex_lock(&w.lock)
+    w.stop = 1
+    pthread_cond_broadcast(&w.wake)
+    pthread_mutex_unlock(&w.lock)
+    for i in range(w.nr):
+        if w.workers[i].started:
+            pthread_join(w.workers[i].thread, NULL)
+    free(w.workers)
+    pthread_cond_destroy(&w.left)
+    pthread_cond_destroy(&w.wake)
+    pthread_mutex_destroy(&w.lock)
+    free(w)
+
+
 cdef ssize_t zdisk_read(zdisk* d, char* buf, size_t size, off_t off) noexcept nogil:
     """Reads up to `size` bytes at `off`; short at the end of the device."""
     cdef uint64_t started = zm_now_ns()
     cdef zmeta* m
     cdef zstream* st
-    cdef zslot* s
-    cdef size_t done = 0, n, pofs
-    cdef int rc = 0
+    cdef size_t bad = SIZE_MAX
     if not zdisk_get(&d.state):
         return -EIO
     m = d.meta
@@ -240,36 +441,24 @@ cdef ssize_t zdisk_read(zdisk* d, char* buf, size_t size, off_t off) noexcept no
         zdisk_put(&d.state)
         return 0
     size = min(size, _disk_bytes(m) - <size_t>off)
-    st = zcomp_stream_get(m.comp)
-    while done < size:
-        s = &m.table[(off + done) >> PAGE_SHIFT]
-        pofs = (off + done) & (PAGE_SIZE - 1)
-        n = min(PAGE_SIZE - pofs, size - done)
-        zslot_lock(&s.flags)
-        if n == PAGE_SIZE:
-            rc = _load_locked(m, s, buf + done, st)
-        else:
-            rc = _load_locked(m, s, st.page, st)
-            memcpy(buf + done, st.page + pofs, n)
-        zslot_unlock(&s.flags)
-        if rc:
-            ZM_ADD(&m.failed_reads, 1)
-            break
-        done += n
-    zcomp_stream_put(st)
+    if size:
+        st = zcomp_stream_get(m.comp)
+        bad = _range_io(m, False, buf, <size_t>off, size, st)
+        zcomp_stream_put(st)
+    if bad != SIZE_MAX:
+        ZM_ADD(&m.failed_reads, 1)
     zdisk_put(&d.state)
-    _account(d, IO_READ, done, started)
-    return -EIO if rc else <ssize_t>done
+    _account(d, IO_READ, size if bad == SIZE_MAX else 0, started)
+    return -EIO if bad != SIZE_MAX else <ssize_t>size
 
 
 cdef ssize_t zdisk_write(zdisk* d, const char* buf, size_t size, off_t off) noexcept nogil:
-    """Writes `size` bytes at `off`; ENOSPC at or past the end, short up to it."""
+    """Writes `size` bytes at `off`; ENOSPC at or past the end, short up to it, and short up
+    to the first page that failed (EIO if that is the first)."""
     cdef uint64_t started = zm_now_ns()
     cdef zmeta* m
     cdef zstream* st
-    cdef zslot* s
-    cdef size_t done = 0, n, pofs
-    cdef int rc = 0
+    cdef size_t bad = SIZE_MAX, done
     if not zdisk_get(&d.state):
         return -EIO
     m = d.meta
@@ -278,28 +467,18 @@ cdef ssize_t zdisk_write(zdisk* d, const char* buf, size_t size, off_t off) noex
         zdisk_put(&d.state)
         return -ENOSPC
     size = min(size, _disk_bytes(m) - <size_t>off)
-    st = zcomp_stream_get(m.comp)
-    while done < size:
-        s = &m.table[(off + done) >> PAGE_SHIFT]
-        pofs = (off + done) & (PAGE_SIZE - 1)
-        n = min(PAGE_SIZE - pofs, size - done)
-        zslot_lock(&s.flags)
-        if n == PAGE_SIZE:
-            rc = _store_locked(m, s, buf + done, st)
-        else:
-            rc = _load_locked(m, s, st.page, st)
-            if rc == 0:
-                memcpy(st.page + pofs, buf + done, n)
-                rc = _store_locked(m, s, st.page, st)
-        zslot_unlock(&s.flags)
-        if rc:
-            ZM_ADD(&m.failed_writes, 1)
-            break
-        done += n
-    zcomp_stream_put(st)
+    if size:
+        st = zcomp_stream_get(m.comp)
+        # The buffer is only read from: the shared page walk takes it as char*.
+        bad = _range_io(m, True, <char*>buf, <size_t>off, size, st)
+        zcomp_stream_put(st)
+    done = size
+    if bad != SIZE_MAX:
+        ZM_ADD(&m.failed_writes, 1)
+        done = (bad << PAGE_SHIFT) - <size_t>off if (bad << PAGE_SHIFT) > <size_t>off else 0
     zdisk_put(&d.state)
     _account(d, IO_WRITE, done, started)
-    if rc and done == 0:
+    if bad != SIZE_MAX and done == 0:
         return -EIO
     return <ssize_t>done
 
@@ -379,6 +558,11 @@ def data_ops_capsule() -> object:
 
 # --- Python faces ----------------------------------------------------------------------------
 
+def default_workers() -> int:
+    """Compression workers per device: with the request's own thread, one per core."""
+    return (os.cpu_count() or 1) - 1
+
+
 MmStat = tuple  # orig_data_size compr_data_size mem_used_total mem_limit mem_used_max
                 # same_pages pages_compacted huge_pages huge_pages_since
 
@@ -386,12 +570,14 @@ MmStat = tuple  # orig_data_size compr_data_size mem_used_total mem_limit mem_us
 cdef class Meta:
     """What writing disksize creates: `Meta(disksize, "lz4", name="zram0")`.
 
-    Everything the data path needs is made here, none of it later (hazard 4).
+    Everything the data path needs is made here, none of it later (hazard 4): the table, the
+    pool, the compressor's streams, and `workers` compression threads (default: one per core
+    but one) that take a share of the pages of large requests.
     """
 
     def __init__(self, size_t disksize, str algorithm="lz4", level=None, *,
                  str backend="zsmalloc", str name="zram", streams=None,
-                 int max_pages_per_zspage=8):
+                 int max_pages_per_zspage=8, workers=None):
         cdef Pool pool
         cdef Compressor comp
         if disksize == 0 or disksize % PAGE_SIZE:
@@ -406,9 +592,13 @@ cdef class Meta:
             self.destroy()
             raise MemoryError(f"no memory for a slot table of {disksize >> PAGE_SHIFT} pages")
         self.m.nr_pages = disksize >> PAGE_SHIFT
+        cdef int nr_workers = default_workers() if workers is None else workers
+        if nr_workers < 0:
+            self.destroy()
+            raise ValueError("workers must be 0 or more")
         try:
             self.pool = _Pool(backend, name, max_pages_per_zspage)
-            self.compressor = _Compressor(algorithm, level, streams)
+            self.compressor = _Compressor(algorithm, level, streams, private_streams=nr_workers)
         except BaseException:
             self.destroy()
             raise
@@ -418,11 +608,22 @@ cdef class Meta:
         self.m.pool = pool.impl
         self.m.huge_size = pool.driver.huge_class_size(pool.impl)
         self.m.comp = comp.comp
+        if nr_workers:
+            with nogil:
+                self.m.workers = _workers_start(self.m.comp, nr_workers)
+            if self.m.workers == NULL:
+                self.destroy()
+                raise MemoryError(f"cannot start {nr_workers} compression workers")
+        self.workers = nr_workers
 
     def destroy(self) -> None:
         """Frees everything. Only once no request can reach the meta (Disk.release)."""
         if self.m == NULL:
             return
+        if self.m.workers != NULL:
+            with nogil:
+                _workers_stop(self.m.workers)
+            self.m.workers = NULL
         if self.pool is not None:
             self.pool.destroy()       # frees every object at once: no need to walk the table
         if self.compressor is not None:
@@ -433,6 +634,8 @@ cdef class Meta:
 
     def __dealloc__(self):
         if self.m != NULL:
+            if self.m.workers != NULL:
+                _workers_stop(self.m.workers)
             free(self.m.table)
             free(self.m)
 

@@ -40,12 +40,14 @@ ctypedef struct zstream:
 ctypedef struct zcomp:
     const zcomp_ops* ops
     int level
-    int nr_streams
+    int nr_streams             # shared: borrowed with zcomp_stream_get/put
+    int nr_private             # after them: one per owner thread, zcomp_private_stream
     zstream* streams
     unsigned int hint
 
 cdef zstream* zcomp_stream_get(zcomp* comp) noexcept nogil
 cdef void zcomp_stream_put(zstream* s) noexcept nogil
+cdef zstream* zcomp_private_stream(zcomp* comp, int i) noexcept nogil
 
 
 cdef class Compressor:

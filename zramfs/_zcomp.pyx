@@ -31,8 +31,12 @@ cdef extern from *:
     unsigned int ZC_HINT(unsigned int*) nogil
 
 cdef extern from "lz4.h" nogil:
-    int LZ4_sizeofState()
-    int LZ4_compress_fast_extState(void* state, const char* src, char* dst, int src_size,
+    ctypedef struct LZ4_stream_t:
+        pass
+    LZ4_stream_t* LZ4_createStream()
+    int LZ4_freeStream(LZ4_stream_t*)
+    void LZ4_resetStream_fast(LZ4_stream_t*)
+    int LZ4_compress_fast_continue(LZ4_stream_t*, const char* src, char* dst, int src_size,
                                    int dst_capacity, int acceleration)
     int LZ4_decompress_safe(const char* src, char* dst, int compressed_size, int dst_capacity)
 
@@ -62,9 +66,16 @@ class CompressorError(ValueError):
 
 
 # --- lz4 and lz4hc: one state buffer, decompression needs none ------------------------------
+# lz4 keeps an LZ4_stream_t per stream and starts each page with LZ4_resetStream_fast (lz4
+# >= 1.9.0): every page is an independent block, as with LZ4_compress_fast_extState, but
+# without the 16 KiB memset of the hash table that extState does for every page.
 
 cdef void* lz4_create() noexcept nogil:
-    return malloc(LZ4_sizeofState())
+    return LZ4_createStream()
+
+
+cdef void lz4_stream_destroy(void* ctx) noexcept nogil:
+    LZ4_freeStream(<LZ4_stream_t*>ctx)
 
 
 cdef void* lz4hc_create() noexcept nogil:
@@ -76,7 +87,8 @@ cdef void lz4_destroy(void* ctx) noexcept nogil:
 
 
 cdef int lz4_compress(void* ctx, int level, const char* src, char* dst, int cap) noexcept nogil:
-    return LZ4_compress_fast_extState(ctx, src, dst, ZCOMP_PAGE, cap, level)
+    LZ4_resetStream_fast(<LZ4_stream_t*>ctx)
+    return LZ4_compress_fast_continue(<LZ4_stream_t*>ctx, src, dst, ZCOMP_PAGE, cap, level)
 
 
 cdef int lz4hc_compress(void* ctx, int level, const char* src, char* dst, int cap) noexcept nogil:
@@ -127,7 +139,7 @@ cdef int zstd_decompress(void* ctx, const char* src, int n, char* dst) noexcept 
 
 cdef zcomp_ops LZ4 = zcomp_ops(
     name=b"lz4", level_default=1, level_min=1, level_max=65537,   # lz4: the acceleration
-    ctx_create=lz4_create, ctx_destroy=lz4_destroy,
+    ctx_create=lz4_create, ctx_destroy=lz4_stream_destroy,
     compress=lz4_compress, decompress=lz4_decompress)
 cdef zcomp_ops LZ4HC = zcomp_ops(
     name=b"lz4hc", level_default=9, level_min=1, level_max=12,
@@ -180,11 +192,16 @@ cdef void zcomp_stream_put(zstream* s) noexcept nogil:
     pthread_mutex_unlock(&s.lock)
 
 
+cdef zstream* zcomp_private_stream(zcomp* comp, int i) noexcept nogil:
+    """Private stream i (0 <= i < nr_private): one owner thread, never shared, never locked."""
+    return &comp.streams[comp.nr_streams + i]
+
+
 cdef void _zcomp_free(zcomp* comp) noexcept nogil:
     cdef int i
     cdef zstream* s
     if comp.streams != NULL:
-        for i in range(comp.nr_streams):
+        for i in range(comp.nr_streams + comp.nr_private):
             s = &comp.streams[i]
             if s.ctx != NULL:
                 comp.ops.ctx_destroy(s.ctx)
@@ -195,7 +212,7 @@ cdef void _zcomp_free(zcomp* comp) noexcept nogil:
     free(comp)
 
 
-cdef zcomp* _zcomp_create(const zcomp_ops* ops, int level, int nr) noexcept nogil:
+cdef zcomp* _zcomp_create(const zcomp_ops* ops, int level, int nr, int nr_private) noexcept nogil:
     cdef zcomp* comp = <zcomp*>calloc(1, sizeof(zcomp))
     cdef int i
     cdef zstream* s
@@ -203,12 +220,13 @@ cdef zcomp* _zcomp_create(const zcomp_ops* ops, int level, int nr) noexcept nogi
         return NULL
     comp.ops = ops
     comp.level = level
-    comp.streams = <zstream*>calloc(nr, sizeof(zstream))
+    comp.streams = <zstream*>calloc(nr + nr_private, sizeof(zstream))
     if comp.streams == NULL:
         _zcomp_free(comp)
         return NULL
     comp.nr_streams = nr
-    for i in range(nr):
+    comp.nr_private = nr_private
+    for i in range(nr + nr_private):
         s = &comp.streams[i]
         pthread_mutex_init(&s.lock, NULL)
         s.ctx = ops.ctx_create()
@@ -241,18 +259,22 @@ def parse_level(name: str, params: dict[str, str]) -> int | None:
 cdef class Compressor:
     """One device's compressor: `Compressor("zstd", level=5, streams=4)`.
 
+    `private_streams` more streams are set aside for threads that own one each (the device's
+    compression workers), outside the shared set that requests borrow from.
+
     `compress`/`decompress` are for tests and tools; the device uses `comp` without the GIL.
     """
 
-    def __init__(self, name: str, level: int | None = None, streams: int | None = None):
+    def __init__(self, name: str, level: int | None = None, streams: int | None = None,
+                 int private_streams=0):
         cdef _Algorithm a = ALGORITHMS.pin(name)
         cdef int lvl = a.ops.level_default if level is None else level
         cdef int nr = default_streams() if streams is None else streams
-        if not a.ops.level_min <= lvl <= a.ops.level_max or nr < 1:
+        if not a.ops.level_min <= lvl <= a.ops.level_max or nr < 1 or private_streams < 0:
             ALGORITHMS.unpin(name)
             raise CompressorError(f"bad level {lvl} or streams {nr} for {name}")
         with nogil:
-            self.comp = _zcomp_create(a.ops, lvl, nr)
+            self.comp = _zcomp_create(a.ops, lvl, nr, private_streams)
         if self.comp == NULL:
             ALGORITHMS.unpin(name)
             raise MemoryError(f"cannot set up {nr} {name} streams")
