@@ -27,6 +27,7 @@ def extension(name: str, *libraries: str, macros: tuple = ()) -> Extension:
 extensions = [
     extension("_alloc"),
     extension("_zcomp", "liblz4", "libzstd"),
+    extension("_backing"),
     extension("_meta"),
     # The header picks its API by version: 3.14 is Debian 12's libfuse.
     extension("_fuse", "fuse3", macros=(("FUSE_USE_VERSION", "314"),)),

@@ -1,0 +1,35 @@
+# The backing device of writeback, for the device's data path (cimport zramfs._backing).
+#
+# Space is managed in 4 KiB blocks with a free bitmap. All of these run without the GIL;
+# read and write do their own I/O (pread/pwrite, with O_DIRECT where the file allows it).
+
+cdef extern from *:
+    """
+    #include <pthread.h>
+    """
+    ctypedef struct pthread_mutex_t:
+        pass
+
+ctypedef struct zbacking:
+    int fd
+    bint direct            # opened with O_DIRECT: buffers must be 4 KiB aligned
+    size_t nr_blocks
+    unsigned long long* bitmap
+    size_t hint            # where the next free-block search starts
+    pthread_mutex_t lock   # guards bitmap and hint only
+    char* bounce           # one aligned page per caller is the caller's; this one is for tests
+    # bd_stat, in 4 KiB units (atomic)
+    size_t bd_count
+    size_t bd_reads
+    size_t bd_writes
+
+cdef long backing_alloc(zbacking* b) noexcept nogil          # a free block, or -1 when full
+cdef void backing_free(zbacking* b, size_t block) noexcept nogil
+# Whole pages only; `page` must be 4 KiB aligned when b.direct. 0 or -errno.
+cdef int backing_read(zbacking* b, size_t block, char* page) noexcept nogil
+cdef int backing_write(zbacking* b, size_t block, const char* page) noexcept nogil
+
+
+cdef class Backing:
+    cdef zbacking* b
+    cdef readonly str path
