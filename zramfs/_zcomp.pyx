@@ -31,12 +31,8 @@ cdef extern from *:
     unsigned int ZC_HINT(unsigned int*) nogil
 
 cdef extern from "lz4.h" nogil:
-    ctypedef struct LZ4_stream_t:
-        pass
-    LZ4_stream_t* LZ4_createStream()
-    int LZ4_freeStream(LZ4_stream_t*)
-    void LZ4_resetStream_fast(LZ4_stream_t*)
-    int LZ4_compress_fast_continue(LZ4_stream_t*, const char* src, char* dst, int src_size,
+    int LZ4_sizeofState()
+    int LZ4_compress_fast_extState(void* state, const char* src, char* dst, int src_size,
                                    int dst_capacity, int acceleration)
     int LZ4_decompress_safe(const char* src, char* dst, int compressed_size, int dst_capacity)
 
@@ -66,16 +62,14 @@ class CompressorError(ValueError):
 
 
 # --- lz4 and lz4hc: one state buffer, decompression needs none ------------------------------
-# lz4 keeps an LZ4_stream_t per stream and starts each page with LZ4_resetStream_fast (lz4
-# >= 1.9.0): every page is an independent block, as with LZ4_compress_fast_extState, but
-# without the 16 KiB memset of the hash table that extState does for every page.
+# LZ4_compress_fast_extState clears its 16 KiB state every page, but picks lz4's 16-bit hash
+# table for inputs under 64 KiB. LZ4_resetStream_fast + LZ4_compress_fast_continue skips the
+# clear but always uses the 32-bit table and prefix checks: measured here on 4 KiB pages of
+# fio's 50 %-compressible data it is 40 % slower (1.1 vs 1.6-1.8 GB/s). The variant that has
+# both, LZ4_compress_fast_extState_fastReset, is not exported by Debian's liblz4.
 
 cdef void* lz4_create() noexcept nogil:
-    return LZ4_createStream()
-
-
-cdef void lz4_stream_destroy(void* ctx) noexcept nogil:
-    LZ4_freeStream(<LZ4_stream_t*>ctx)
+    return malloc(LZ4_sizeofState())
 
 
 cdef void* lz4hc_create() noexcept nogil:
@@ -87,8 +81,7 @@ cdef void lz4_destroy(void* ctx) noexcept nogil:
 
 
 cdef int lz4_compress(void* ctx, int level, const char* src, char* dst, int cap) noexcept nogil:
-    LZ4_resetStream_fast(<LZ4_stream_t*>ctx)
-    return LZ4_compress_fast_continue(<LZ4_stream_t*>ctx, src, dst, ZCOMP_PAGE, cap, level)
+    return LZ4_compress_fast_extState(ctx, src, dst, ZCOMP_PAGE, cap, level)
 
 
 cdef int lz4hc_compress(void* ctx, int level, const char* src, char* dst, int cap) noexcept nogil:
@@ -139,7 +132,7 @@ cdef int zstd_decompress(void* ctx, const char* src, int n, char* dst) noexcept 
 
 cdef zcomp_ops LZ4 = zcomp_ops(
     name=b"lz4", level_default=1, level_min=1, level_max=65537,   # lz4: the acceleration
-    ctx_create=lz4_create, ctx_destroy=lz4_stream_destroy,
+    ctx_create=lz4_create, ctx_destroy=lz4_destroy,
     compress=lz4_compress, decompress=lz4_decompress)
 cdef zcomp_ops LZ4HC = zcomp_ops(
     name=b"lz4hc", level_default=9, level_min=1, level_max=12,
