@@ -40,6 +40,9 @@ cdef extern from *:
     #define ZR_LOAD(p) __atomic_load_n((p), __ATOMIC_RELAXED)
     #define ZR_ADD(p, v) __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)
     #define ZR_SUB(p, v) __atomic_fetch_sub((p), (v), __ATOMIC_RELAXED)
+    #ifndef MADV_POPULATE_WRITE
+    #define MADV_POPULATE_WRITE 23
+    #endif
     """
     ctypedef struct pthread_mutex_t:
         pass
@@ -52,6 +55,7 @@ cdef extern from *:
     int madvise(void* addr, size_t length, int advice) nogil
     void* MAP_FAILED
     int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE, MAP_FIXED, MADV_DONTNEED
+    int MADV_POPULATE_WRITE
     size_t ZR_LOAD(size_t*) nogil
     size_t ZR_ADD(size_t*, size_t) nogil
     size_t ZR_SUB(size_t*, size_t) nogil
@@ -63,6 +67,7 @@ cdef enum:
     NR_SIZES = 255          # (PAGE_SIZE - MIN_SIZE) / CLASS_DELTA + 1: 32, 48, ..., 4096
     MAX_CHAIN = 16          # upper bound on pages per zspage
     ARENA_PAGES = 16384     # 64 MiB of address space a time
+    PREFAULT_PAGES = 64     # fresh arena pages made resident ahead, in one madvise
     # Fullness groups: 0 empty (only while pinned), 1..10 partly used by tenths, 11 full.
     GROUP_EMPTY = 0
     GROUP_FULL = 11
@@ -95,6 +100,7 @@ ctypedef struct page_source:
     arena* arenas
     char* bump
     char* bump_end
+    char* populated               # the arena is resident up to here (MADV_POPULATE_WRITE)
     extent* runs[MAX_CHAIN + 1]
     size_t pages_held             # pages handed out and not yet given back: mem_used_total
 
@@ -152,6 +158,8 @@ cdef char* _new_arena(page_source* ps) noexcept nogil:
 cdef char* pages_alloc(page_source* ps, int npages) noexcept nogil:
     """A run of npages contiguous pages, or NULL. Takes the page-source lock."""
     cdef char* addr = NULL
+    cdef char* fault_from = NULL
+    cdef char* fault_to = NULL
     cdef extent* e
     cdef int n
     pthread_mutex_lock(&ps.lock)
@@ -178,10 +186,20 @@ cdef char* pages_alloc(page_source* ps, int npages) noexcept nogil:
                 return NULL
             ps.bump = addr
             ps.bump_end = addr + <size_t>ARENA_PAGES * PAGE_SIZE
+            ps.populated = addr
         addr = ps.bump
         ps.bump += <size_t>npages * PAGE_SIZE
+        if ps.bump > ps.populated:
+            # Fresh pages fault one by one as objects are copied in, and a fault costs more
+            # than the zeroing it does (most in a VM); one madvise makes the next
+            # PREFAULT_PAGES resident at once. At most that much is resident ahead of use.
+            fault_from = ps.populated if ps.populated > addr else addr
+            fault_to = min(ps.bump + <size_t>PREFAULT_PAGES * PAGE_SIZE, ps.bump_end)
+            ps.populated = fault_to
     ps.pages_held += npages
     pthread_mutex_unlock(&ps.lock)
+    if fault_from != NULL:
+        madvise(fault_from, fault_to - fault_from, MADV_POPULATE_WRITE)  # a hint: errors ignored
     return addr
 
 
