@@ -74,6 +74,7 @@ cdef struct zworkers:
     pthread_cond_t left        # a request waits here for the workers to leave its job
     zjob* queue
     int stop
+    int sleepers               # workers in pthread_cond_wait (workers' lock)
     int nr
     zworker* workers
 

@@ -85,6 +85,8 @@ cdef extern from *:
         clock_gettime(CLOCK_MONOTONIC, &t);
         return (uint64_t)t.tv_sec * 1000000000u + t.tv_nsec;
     }
+    /* The workers' queue head, read without the lock while a worker spins. */
+    #define ZM_QUEUE(w) __atomic_load_n(&(w)->queue, __ATOMIC_ACQUIRE)
     static inline void zm_min(size_t* p, size_t v) {
         size_t old = __atomic_load_n(p, __ATOMIC_RELAXED);
         while (v < old && !__atomic_compare_exchange_n(p, &old, v, 1, __ATOMIC_RELAXED,
@@ -127,6 +129,10 @@ cdef extern from *:
     void zm_max(size_t* p, size_t v) nogil
     void zm_min(size_t* p, size_t v) nogil
     uint64_t zm_now_ns() nogil
+    void* ZM_QUEUE(zworkers*) nogil
+    void __atomic_store_n(...) nogil
+    int __ATOMIC_RELEASE
+    int sched_yield() nogil
     size_t SIZE_MAX
     int zm_thread_start(pthread_t* t, void* (*fn)(void*) noexcept nogil, void* arg) nogil
     int pthread_join(pthread_t, void**) nogil
@@ -293,6 +299,7 @@ cdef int _page_io(zmeta* m, bint write, char* buf, size_t off, size_t size, size
 cdef enum:
     JOB_CHUNK = 4              # pages a worker takes at a time
     JOB_MIN_PAGES = 16         # smaller requests are served inline: waking a worker costs more
+    SPIN_NS = 300000          # a worker looks for the next job this long before it sleeps
 
 
 cdef void _job_work(zjob* j, zstream* st) noexcept nogil:
@@ -321,14 +328,32 @@ cdef void _job_unqueue(zworkers* w, zjob* j) noexcept nogil:
         p = &p[0].next
 
 
+cdef void _worker_wait(zworkers* w) noexcept nogil:
+    """Until there is a job or the workers stop; workers' lock held on entry and exit.
+    A large request usually follows another (a sequential stream), and waking a sleeping
+    thread costs tens of microseconds here (an idle vCPU halts): so first spin a while,
+    yielding the CPU to anyone runnable, then sleep."""
+    cdef uint64_t until
+    if w.queue != NULL or w.stop:
+        return
+    pthread_mutex_unlock(&w.lock)
+    until = zm_now_ns() + SPIN_NS
+    while ZM_QUEUE(w) == NULL and not w.stop and zm_now_ns() < until:
+        sched_yield()
+    pthread_mutex_lock(&w.lock)
+    while not w.stop and w.queue == NULL:
+        w.sleepers += 1
+        pthread_cond_wait(&w.wake, &w.lock)
+        w.sleepers -= 1
+
+
 cdef void* _worker_main(void* arg) noexcept nogil:
     cdef zworker* me = <zworker*>arg
     cdef zworkers* w = me.pool
     cdef zjob* j
     pthread_mutex_lock(&w.lock)
     while True:
-        while not w.stop and w.queue == NULL:
-            pthread_cond_wait(&w.wake, &w.lock)
+        _worker_wait(w)
         if w.stop:
             break
         j = w.queue
@@ -375,8 +400,9 @@ cdef size_t _range_io(zmeta* m, bint write, char* buf, size_t off, size_t size,
     j.next = NULL
     pthread_mutex_lock(&w.lock)
     j.next = w.queue              # newest first: the workers help the latest request
-    w.queue = &j
-    pthread_cond_broadcast(&w.wake)
+    __atomic_store_n(&w.queue, &j, __ATOMIC_RELEASE)
+    if w.sleepers:
+        pthread_cond_broadcast(&w.wake)
     pthread_mutex_unlock(&w.lock)
     _job_work(&j, st)             # this thread works too, so a job never waits for a worker
     pthread_mutex_lock(&w.lock)
