@@ -143,6 +143,18 @@ def test_size_classes_merge_and_huge_threshold() -> None:
         assert row.size == PAGE and row.pages_per_zspage == 1
 
 
+def test_class_size() -> None:
+    with _alloc.Pool("zsmalloc") as pool:
+        assert pool.class_size(1) == 32 and pool.class_size(33) == 48
+        assert pool.class_size(pool.huge_class_size) == PAGE
+        assert pool.class_size(pool.huge_class_size - 1) < PAGE
+        sizes = [pool.class_size(n) for n in range(1, PAGE + 1)]
+        assert all(a <= b for a, b in zip(sizes, sizes[1:]))
+        assert all(n <= c for n, c in zip(range(1, PAGE + 1), sizes))
+    with _alloc.Pool("zbud") as pool:
+        assert (pool.class_size(1), pool.class_size(65), pool.class_size(PAGE)) == (64, 128, PAGE)
+
+
 def test_fullest_zspage_first() -> None:
     with _alloc.Pool("zsmalloc", max_pages_per_zspage=1) as pool:
         hs = [pool.malloc(1024) for _ in range(12)]          # three zspages of four objects

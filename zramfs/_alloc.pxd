@@ -30,6 +30,9 @@ ctypedef struct zpool_driver:
     size_t (*total_pages)(void* pool) noexcept nogil
     size_t (*compact)(void* pool) noexcept nogil
     size_t (*huge_class_size)(void* pool) noexcept nogil
+    # The room an object of `size` really takes (its class's size): recompression keeps a
+    # result only if it lands in a smaller class.
+    size_t (*class_size)(void* pool, size_t size) noexcept nogil
 
 
 cdef class Pool:

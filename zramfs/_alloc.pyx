@@ -541,6 +541,14 @@ cdef size_t zs_huge_class_size(void* p) noexcept nogil:
     return (<zs_pool*>p).huge_class_size
 
 
+cdef size_t zs_class_size(void* p, size_t size) noexcept nogil:
+    if size == 0 or size > PAGE_SIZE:
+        return 0
+    if size < MIN_SIZE:
+        size = MIN_SIZE
+    return (<zs_pool*>p).by_size[(size - MIN_SIZE + CLASS_DELTA - 1) // CLASS_DELTA].size
+
+
 cdef inline size_t _wasted_objs(size_class* c) noexcept nogil:
     return c.zspages * c.objs_per_zspage - c.obj_used
 
@@ -627,7 +635,7 @@ cdef size_t zs_compact(void* p) noexcept nogil:
 cdef zpool_driver ZSMALLOC = zpool_driver(
     name=b"zsmalloc", create=zs_create, destroy=zs_destroy, malloc=zs_malloc, free=zs_free,
     map=zs_map, unmap=zs_unmap, obj_size=zs_obj_size, total_pages=zs_total_pages,
-    compact=zs_compact, huge_class_size=zs_huge_class_size,
+    compact=zs_compact, huge_class_size=zs_huge_class_size, class_size=zs_class_size,
 )
 
 
@@ -792,10 +800,14 @@ cdef size_t zbud_huge_class_size(void* p) noexcept nogil:
     return PAGE_SIZE - (1 << CHUNK_SHIFT) + 1    # no buddy fits beside anything larger
 
 
+cdef size_t zbud_class_size(void* p, size_t size) noexcept nogil:
+    return _chunks(<uint32_t>size) << CHUNK_SHIFT if 0 < size <= PAGE_SIZE else 0
+
+
 cdef zpool_driver ZBUD = zpool_driver(
     name=b"zbud", create=zbud_create, destroy=zbud_destroy, malloc=zbud_malloc, free=zbud_free,
     map=zbud_map, unmap=zbud_unmap, obj_size=zbud_obj_size, total_pages=zbud_total_pages,
-    compact=zbud_compact, huge_class_size=zbud_huge_class_size,
+    compact=zbud_compact, huge_class_size=zbud_huge_class_size, class_size=zbud_class_size,
 )
 
 
@@ -965,6 +977,11 @@ cdef class Pool:
         """Pages held from the OS (page-granular): mem_used_total / 4096."""
         self._check_open()
         return self.driver.total_pages(self.impl)
+
+    def class_size(self, size_t size) -> int:
+        """The room an object of `size` bytes takes."""
+        self._check_open()
+        return self.driver.class_size(self.impl, size)
 
     @property
     def huge_class_size(self) -> int:

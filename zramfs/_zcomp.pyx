@@ -30,6 +30,9 @@ cdef extern from *:
     int pthread_mutex_unlock(pthread_mutex_t*) nogil
     unsigned int ZC_HINT(unsigned int*) nogil
 
+cdef extern from "<stdlib.h>" nogil:
+    int posix_memalign(void** p, size_t align, size_t size)
+
 cdef extern from "lz4.h" nogil:
     int LZ4_sizeofState()
     int LZ4_compress_fast_extState(void* state, const char* src, char* dst, int src_size,
@@ -224,7 +227,9 @@ cdef zcomp* _zcomp_create(const zcomp_ops* ops, int level, int nr, int nr_privat
         pthread_mutex_init(&s.lock, NULL)
         s.ctx = ops.ctx_create()
         s.buffer = <char*>malloc(ZCOMP_BUFFER)
-        s.page = <char*>malloc(ZCOMP_PAGE)
+        # Page-aligned: it is also the bounce buffer of O_DIRECT reads from a backing device.
+        if posix_memalign(<void**>&s.page, ZCOMP_PAGE, ZCOMP_PAGE) != 0:
+            s.page = NULL
         if s.ctx == NULL or s.buffer == NULL or s.page == NULL:
             _zcomp_free(comp)
             return NULL
