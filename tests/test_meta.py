@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 import threading
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from zramfs._backing import Backing
 from zramfs._meta import Disk, Meta
 
 PAGE = 4096
@@ -35,7 +37,7 @@ def page_data(kind: str, seed: int, size: int) -> bytes:
     if kind == "text":
         words = [b"zram", b"page", b"swap", b"slot", b"\n", b"compressed "]
         out = b" ".join(rng.choice(words) for _ in range(size // 3 + 1))
-        return out[:size]
+        return out[:size].ljust(size, b".")
     return bytes([rng.randrange(256)]) * size          # same-filled
 
 
@@ -94,6 +96,64 @@ class DiskModel(RuleBasedStateMachine):
 
 TestDiskModel = DiskModel.TestCase
 TestDiskModel.settings = settings(max_examples=50, stateful_step_count=40, deadline=None)
+
+
+class TieredDiskModel(DiskModel):
+    """The same, with writeback, idle marking, recompression and eviction in between: where a
+    page lives (memory, backing file, another algorithm) never changes what it reads."""
+
+    def __init__(self) -> None:
+        RuleBasedStateMachine.__init__(self)
+        self.algorithm = "lz4"
+        self.file = tempfile.NamedTemporaryFile(prefix="zramfs-backing-")
+        # Room for every page, so eviction can always make room and no write may fail;
+        # a full backing device is tested on a mount (test_tiering.py).
+        self.file.truncate(self.SIZE)
+        self.backing = Backing(self.file.name)
+        self.disk = make_disk(self.SIZE, "lz4", backing=self.backing,
+                              secondary={1: ("zstd", 19), 2: ("lz4hc", 12)})
+        self.model = bytearray(self.SIZE)
+        self.evicting = False
+
+    @rule(age=st.sampled_from([None, 1]))
+    def mark_idle(self, age: int | None) -> None:
+        self.disk.meta.mark_idle(age)
+
+    @rule(mode=st.sampled_from(["idle", "huge", "huge_idle", "incompressible", None]),
+          lo=st.integers(0, DiskModel.SIZE // PAGE - 1), n=st.integers(1, 8))
+    def writeback(self, mode: str | None, lo: int, n: int) -> None:
+        self.disk.meta.writeback(mode, [] if mode else [(lo, lo + n - 1)])
+
+    @rule(mode=st.sampled_from(["idle", "huge", "huge_idle", None]),
+          threshold=st.sampled_from([0, 1, 100, 2000]), priority=st.sampled_from([0, 1, 2]))
+    def recompress(self, mode: str | None, threshold: int, priority: int) -> None:
+        if mode is None and not threshold:
+            threshold = 1
+        self.disk.meta.recompress(mode, threshold, 0, priority)
+
+    @rule(on=st.booleans())
+    def evict_over_a_tiny_limit(self, on: bool) -> None:
+        # Two 8-page zspages: the page being written and its old object, which cannot be
+        # evicted while it is written; everything else can be.
+        self.disk.meta.mem_limit = 16 * PAGE if on else 0
+        self.disk.meta.evict_enable = on
+        self.evicting = on
+
+    @invariant()
+    def backing_blocks_add_up(self) -> None:
+        assert self.backing.bd_stat()[0] <= self.SIZE // PAGE
+        if self.evicting:            # the point of eviction: writes stay within the limit
+            assert self.disk.meta.mm_stat()[2] <= 16 * PAGE
+        assert self.disk.meta.mm_stat()[0] // PAGE >= self.backing.bd_stat()[0]
+
+    def teardown(self) -> None:
+        destroy(self.disk)
+        self.backing.close()
+        self.file.close()
+
+
+TestTieredDiskModel = TieredDiskModel.TestCase
+TestTieredDiskModel.settings = settings(max_examples=40, stateful_step_count=40, deadline=None)
 
 
 def test_same_and_huge_pages_are_counted() -> None:

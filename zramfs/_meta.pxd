@@ -8,6 +8,7 @@ from libc.stdint cimport uint32_t, uint64_t, int64_t
 from posix.types cimport off_t
 
 from zramfs._alloc cimport zpool_driver
+from zramfs._backing cimport zbacking
 from zramfs._zcomp cimport zcomp, zstream
 
 cdef extern from "<pthread.h>" nogil:
@@ -33,6 +34,18 @@ ctypedef struct zmeta:
     zcomp* comp
     size_t limit_pages     # mem_limit, 0 = none
     zworkers* workers      # NULL: every request is served inline
+    # tiering (zram's writeback, idle, recompression; and zswap-style eviction)
+    uint32_t* ac_time      # per slot: last access, CLOCK_MONOTONIC_COARSE seconds
+    zbacking* backing      # NULL: no backing device
+    zcomp* secondary[4]    # recompression algorithms by priority 1..3; [0] unused
+    int wb_limit_enable
+    size_t wb_limit        # pages still allowed to be written back, while enabled (atomic)
+    int evict_enable       # a write over mem_limit writes LRU pages back instead of failing
+    size_t evicted         # pages evicted that way (atomic)
+    size_t clock_hand      # eviction's CLOCK position (evict_lock)
+    pthread_mutex_t evict_lock
+    zstream* evict_stream  # a private stream: eviction must not wait for a shared one
+    char* evict_page       # a page-aligned page, for eviction (evict_lock)
     # mm_stat, io_stat: atomic counters
     size_t compr_data_size
     size_t pages_stored
@@ -97,6 +110,8 @@ cdef class Meta:
     cdef readonly object compressor
     cdef readonly size_t disksize
     cdef readonly int workers
+    cdef readonly object backing
+    cdef readonly dict secondary
 
 
 cdef class Disk:

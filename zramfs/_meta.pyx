@@ -18,7 +18,7 @@ import os
 
 from libc.errno cimport EIO, ENOSPC, ENOMEM, EOPNOTSUPP, EINVAL
 from libc.stdint cimport uint32_t, uint64_t, int64_t
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, free, realloc, qsort
 from libc.string cimport memcpy, memset
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
@@ -27,6 +27,7 @@ from cpython.pycapsule cimport PyCapsule_New
 from zramfs.data_ops cimport zramfs_data_ops, ZRAMFS_DATA_OPS_CAPSULE
 
 from zramfs._alloc cimport Pool, zpool_driver
+from zramfs._backing cimport Backing, backing_alloc, backing_free, backing_read, backing_write
 from zramfs._zcomp cimport (Compressor, zcomp, zstream, zcomp_stream_get, zcomp_stream_put,
                             zcomp_private_stream, ZCOMP_PAGE)
 
@@ -50,6 +51,19 @@ cdef extern from *:
     }
     static inline void zslot_unlock(uint32_t* flags) {
         __atomic_fetch_and(flags, ~ZS_LOCK, __ATOMIC_RELEASE);
+    }
+    static inline int zslot_trylock(uint32_t* flags) {
+        return !(__atomic_fetch_or(flags, ZS_LOCK, __ATOMIC_ACQUIRE) & ZS_LOCK);
+    }
+    /* Clears hint bits (the eviction clock's "accessed") without the lock: losing the race
+       to the lock holder only means a page keeps its second chance. */
+    static inline void zslot_clear(uint32_t* flags, uint32_t bits) {
+        __atomic_fetch_and(flags, ~bits, __ATOMIC_RELAXED);
+    }
+    static inline uint32_t zm_now_s(void) {
+        struct timespec t;
+        clock_gettime(CLOCK_MONOTONIC_COARSE, &t);
+        return (uint32_t)t.tv_sec;
     }
     /* Flags other than the lock bit change only under the lock, but atomically, since
        waiters set the lock bit on the same word. */
@@ -115,6 +129,9 @@ cdef extern from *:
     int FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
     void zslot_lock(uint32_t* flags) nogil
     void zslot_unlock(uint32_t* flags) nogil
+    int zslot_trylock(uint32_t* flags) nogil
+    void zslot_clear(uint32_t* flags, uint32_t bits) nogil
+    uint32_t zm_now_s() nogil
     uint32_t zslot_flags(uint32_t* flags) nogil
     void zslot_set_flags(uint32_t* flags, uint32_t value) nogil
     int zdisk_get(int64_t* state) nogil
@@ -137,6 +154,7 @@ cdef extern from *:
     int zm_thread_start(pthread_t* t, void* (*fn)(void*) noexcept nogil, void* arg) nogil
     int pthread_join(pthread_t, void**) nogil
     int pthread_mutex_init(pthread_mutex_t*, void*) nogil
+    int posix_memalign(void** p, size_t align, size_t size) nogil
     int pthread_mutex_destroy(pthread_mutex_t*) nogil
     int pthread_mutex_lock(pthread_mutex_t*) nogil
     int pthread_mutex_unlock(pthread_mutex_t*) nogil
@@ -150,6 +168,13 @@ cdef enum:
     PAGE_SIZE = 4096
     ZS_SAME = 1 << 0         # handle holds the repeated word; no object
     ZS_HUGE = 1 << 1         # the object is the raw page
+    ZS_WB = 1 << 2           # written back: handle is the backing device's block
+    ZS_IDLE = 1 << 3         # not accessed since marked idle
+    ZS_INCOMPRESSIBLE = 1 << 4   # no secondary algorithm could shrink it
+    ZS_ACCESSED = 1 << 5     # accessed since the eviction clock last passed
+    ZS_PRIO_SHIFT = 6        # 2 bits: the priority of the algorithm that compressed it
+    ZS_PRIO_MASK = 3 << 6
+    EVICT_SLACK = 256        # pages evicted beyond the excess, so not every write evicts
     SECTOR_SHIFT = 9
     IO_READ = 0
     IO_WRITE = 1
@@ -183,6 +208,9 @@ cdef void _free_locked(zmeta* m, zslot* s) noexcept nogil:
     if flags & ZS_SAME:
         ZM_SUB(&m.same_pages, 1)
         ZM_SUB(&m.pages_stored, 1)
+    elif flags & ZS_WB:
+        backing_free(m.backing, s.handle)
+        ZM_SUB(&m.pages_stored, 1)
     elif s.size:
         m.driver.free(m.pool, s.handle)
         ZM_SUB(&m.compr_data_size, s.size)
@@ -195,21 +223,42 @@ cdef void _free_locked(zmeta* m, zslot* s) noexcept nogil:
 
 
 cdef int _load_locked(zmeta* m, zslot* s, char* dst, zstream* st) noexcept nogil:
+    """The page into dst; st.page may serve as bounce buffer, so dst is st.page or apart."""
     cdef uint32_t flags = zslot_flags(&s.flags)
     cdef const char* src
+    cdef char* bounce
     cdef int rc = 0
+    cdef int prio
+    cdef zstream* st2
     if flags & ZS_SAME:
         _fill(dst, s.handle)
+    elif flags & ZS_WB:
+        # O_DIRECT wants an aligned buffer; the stream's scratch page is one.
+        bounce = dst if (<size_t>dst & (PAGE_SIZE - 1)) == 0 else st.page
+        rc = backing_read(m.backing, s.handle, bounce)
+        if rc == 0 and bounce != dst:
+            memcpy(dst, bounce, PAGE_SIZE)
     elif s.size == 0:
         memset(dst, 0, PAGE_SIZE)
     else:
         src = m.driver.map(m.pool, s.handle)
+        prio = (flags & ZS_PRIO_MASK) >> ZS_PRIO_SHIFT
         if flags & ZS_HUGE:
             memcpy(dst, src, PAGE_SIZE)
-        else:
+        elif prio == 0:
             rc = m.comp.ops.decompress(st.ctx, src, s.size, dst)
+        else:                     # recompressed: the secondary algorithm's own context
+            st2 = zcomp_stream_get(m.secondary[prio])
+            rc = m.secondary[prio].ops.decompress(st2.ctx, src, s.size, dst)
+            zcomp_stream_put(st2)
         m.driver.unmap(m.pool, s.handle)
     return rc
+
+
+cdef inline void _touch(zmeta* m, zslot* s) noexcept nogil:
+    """An access: the page is no longer idle, and gets a second chance from eviction."""
+    m.ac_time[s - m.table] = zm_now_s()
+    zslot_set_flags(&s.flags, (zslot_flags(&s.flags) & ~ZS_IDLE) | ZS_ACCESSED)
 
 
 cdef int _store_locked(zmeta* m, zslot* s, const char* page, zstream* st) noexcept nogil:
@@ -238,8 +287,12 @@ cdef int _store_locked(zmeta* m, zslot* s, const char* page, zstream* st) noexce
     used = m.driver.total_pages(m.pool)
     zm_max(&m.max_used_pages, used)
     if m.limit_pages and used > ZM_LOAD(&m.limit_pages):
-        m.driver.free(m.pool, handle)
-        return -ENOMEM
+        if m.evict_enable and m.backing != NULL:
+            _evict(m, used - ZM_LOAD(&m.limit_pages))
+            used = m.driver.total_pages(m.pool)
+        if used > ZM_LOAD(&m.limit_pages):
+            m.driver.free(m.pool, handle)
+            return -ENOMEM
     dst = m.driver.map(m.pool, handle)
     memcpy(dst, data, n)
     m.driver.unmap(m.pool, handle)
@@ -253,6 +306,259 @@ cdef int _store_locked(zmeta* m, zslot* s, const char* page, zstream* st) noexce
         ZM_ADD(&m.huge_pages, 1)
         ZM_ADD(&m.huge_pages_since, 1)
     return 0
+
+
+# --- tiering: writeback, idle, recompression, eviction (zram.rst's semantics) -----------------
+
+cdef enum:
+    WB_IDLE = 1
+    WB_HUGE = 2
+    WB_HUGE_IDLE = 3
+    WB_INCOMPRESSIBLE = 4
+    WB_PAGES = 5              # the page index ranges given
+
+
+cdef inline bint _has_object(zslot* s, uint32_t flags) noexcept nogil:
+    return s.size != 0 and not flags & (ZS_SAME | ZS_WB)
+
+
+cdef bint _wb_wanted(zslot* s, int mode) noexcept nogil:
+    cdef uint32_t f = zslot_flags(&s.flags)
+    if not _has_object(s, f):
+        return False
+    if mode == WB_IDLE:
+        return f & ZS_IDLE != 0
+    if mode == WB_HUGE:
+        return f & ZS_HUGE != 0
+    if mode == WB_HUGE_IDLE:
+        return f & ZS_HUGE != 0 and f & ZS_IDLE != 0
+    if mode == WB_INCOMPRESSIBLE:
+        return f & ZS_INCOMPRESSIBLE != 0
+    return True
+
+
+cdef int _writeback_locked(zmeta* m, zslot* s, char* page, zstream* st) noexcept nogil:
+    """The slot's page, decompressed, to a new block of the backing device; its memory freed.
+    `page` is page-aligned. 0, -ENOSPC when the device is full, or -EIO."""
+    cdef long block = backing_alloc(m.backing)
+    cdef uint32_t idle
+    if block < 0:
+        return -ENOSPC
+    if _load_locked(m, s, page, st) != 0 or backing_write(m.backing, block, page) != 0:
+        backing_free(m.backing, block)
+        return -EIO
+    idle = zslot_flags(&s.flags) & ZS_IDLE
+    _free_locked(m, s)
+    s.handle = <uint64_t>block
+    zslot_set_flags(&s.flags, ZS_WB | idle)
+    ZM_ADD(&m.pages_stored, 1)          # still stored, on the backing device
+    return 0
+
+
+ctypedef struct zcandidate:
+    size_t index
+    size_t size
+
+
+cdef int _larger_first(const void* a, const void* b) noexcept nogil:
+    cdef size_t x = (<const zcandidate*>a).size
+    cdef size_t y = (<const zcandidate*>b).size
+    return (x < y) - (x > y)
+
+
+cdef long _writeback(zmeta* m, int mode, const size_t* ranges, size_t nranges, char* page,
+                     int* err) noexcept nogil:
+    """Writes back the pages `mode` selects, largest objects first. Returns the pages written;
+    `err` gets ENOSPC (backing device full), EIO (limit spent, or I/O) or stays 0."""
+    cdef size_t i, r, lo, hi, n = 0, cap = 0
+    cdef zcandidate* cand = NULL
+    cdef zcandidate* grown
+    cdef zslot* s
+    cdef zstream* st
+    cdef long done = 0
+    cdef int rc
+    err[0] = 0
+    for r in range(nranges if mode == WB_PAGES else 1):
+        lo, hi = 0, m.nr_pages - 1
+        if mode == WB_PAGES:
+            lo = ranges[2 * r]
+            hi = min(ranges[2 * r + 1], m.nr_pages - 1)
+        i = lo
+        while i <= hi and i < m.nr_pages:
+            s = &m.table[i]
+            if _wb_wanted(s, mode):
+                if n == cap:
+                    cap = cap * 2 if cap else 1024
+                    grown = <zcandidate*>realloc(cand, cap * sizeof(zcandidate))
+                    if grown == NULL:
+                        free(cand)
+                        err[0] = ENOMEM
+                        return 0
+                    cand = grown
+                cand[n].index = i
+                cand[n].size = s.size
+                n += 1
+            i += 1
+    qsort(cand, n, sizeof(zcandidate), _larger_first)
+    st = zcomp_stream_get(m.comp)
+    for i in range(n):
+        if m.wb_limit_enable and ZM_LOAD(&m.wb_limit) == 0:
+            err[0] = EIO
+            break
+        s = &m.table[cand[i].index]
+        zslot_lock(&s.flags)
+        rc = _writeback_locked(m, s, page, st) if _wb_wanted(s, mode) else 1
+        zslot_unlock(&s.flags)
+        if rc < 0:
+            err[0] = -rc
+            break
+        if rc == 0:
+            done += 1
+            if m.wb_limit_enable:
+                ZM_SUB(&m.wb_limit, 1)
+    zcomp_stream_put(st)
+    free(cand)
+    return done
+
+
+cdef size_t _mark_idle(zmeta* m, uint32_t age) noexcept nogil:
+    """Marks idle every stored page, or (age > 0) those not accessed for `age` seconds."""
+    cdef size_t i, marked = 0
+    cdef uint32_t now = zm_now_s()
+    cdef zslot* s
+    for i in range(m.nr_pages):
+        s = &m.table[i]
+        if not _has_object(s, zslot_flags(&s.flags)):
+            continue
+        zslot_lock(&s.flags)
+        if _has_object(s, zslot_flags(&s.flags)) and (age == 0 or now - m.ac_time[i] >= age):
+            zslot_set_flags(&s.flags, zslot_flags(&s.flags) | ZS_IDLE)
+            marked += 1
+        zslot_unlock(&s.flags)
+    return marked
+
+
+cdef int _recompress_locked(zmeta* m, zslot* s, int only, char* page, zstream* st) noexcept nogil:
+    """Tries the secondary algorithms above the page's own, by priority; keeps a result only if
+    it lands in a smaller size class. 1 recompressed, 0 not (now marked incompressible)."""
+    cdef uint32_t flags = zslot_flags(&s.flags)
+    cdef int prio, n
+    cdef size_t old_class
+    cdef zcomp* c
+    cdef zstream* st2
+    cdef uint64_t handle
+    cdef size_t used
+    cdef char* dst
+    if _load_locked(m, s, page, st) != 0:
+        return 0
+    old_class = m.driver.class_size(m.pool, s.size)
+    for prio in range(((flags & ZS_PRIO_MASK) >> ZS_PRIO_SHIFT) + 1, 4):
+        c = m.secondary[prio]
+        if c == NULL or (only and prio != only):
+            continue
+        st2 = zcomp_stream_get(c)
+        n = c.ops.compress(st2.ctx, c.level, page, st2.buffer, <int>m.huge_size - 1)
+        if n > 0 and m.driver.class_size(m.pool, n) < old_class:
+            handle = m.driver.malloc(m.pool, n)
+            used = m.driver.total_pages(m.pool)
+            if handle != 0 and m.limit_pages and used > ZM_LOAD(&m.limit_pages):
+                # Recompression must not take memory over mem_limit any more than a write
+                # may: leave the page as it is, for a later try.
+                m.driver.free(m.pool, handle)
+                zcomp_stream_put(st2)
+                return 0
+            if handle != 0:
+                zm_max(&m.max_used_pages, used)
+                dst = m.driver.map(m.pool, handle)
+                memcpy(dst, st2.buffer, n)
+                m.driver.unmap(m.pool, handle)
+                zcomp_stream_put(st2)
+                _free_locked(m, s)
+                s.handle = handle
+                s.size = n
+                zslot_set_flags(&s.flags, (flags & ZS_IDLE) | (prio << ZS_PRIO_SHIFT))
+                ZM_ADD(&m.compr_data_size, n)
+                ZM_ADD(&m.pages_stored, 1)
+                return 1
+        zcomp_stream_put(st2)
+    zslot_set_flags(&s.flags, flags | ZS_INCOMPRESSIBLE)
+    return 0
+
+
+cdef bint _recompress_wanted(zslot* s, int mode, size_t threshold) noexcept nogil:
+    cdef uint32_t f = zslot_flags(&s.flags)
+    if not _has_object(s, f) or f & ZS_INCOMPRESSIBLE or s.size < threshold:
+        return False
+    if mode == WB_IDLE:
+        return f & ZS_IDLE != 0
+    if mode == WB_HUGE:
+        return f & ZS_HUGE != 0
+    if mode == WB_HUGE_IDLE:
+        return f & ZS_HUGE != 0 and f & ZS_IDLE != 0
+    return True                   # no type: every page, by threshold alone
+
+
+cdef long _recompress(zmeta* m, int mode, size_t threshold, size_t max_pages, int only,
+                      char* page) noexcept nogil:
+    """Recompresses the pages `mode` (0: any) and `threshold` select, trying at most
+    `max_pages` (0: no limit). Returns the pages recompressed."""
+    cdef size_t i, tried = 0
+    cdef zslot* s
+    cdef zstream* st = zcomp_stream_get(m.comp)
+    cdef long done = 0
+    for i in range(m.nr_pages):
+        if max_pages and tried >= max_pages:
+            break
+        s = &m.table[i]
+        if not _recompress_wanted(s, mode, threshold):
+            continue
+        zslot_lock(&s.flags)
+        if _recompress_wanted(s, mode, threshold):
+            tried += 1
+            done += _recompress_locked(m, s, only, page, st)
+        zslot_unlock(&s.flags)
+    zcomp_stream_put(st)
+    return done
+
+
+cdef void _evict(zmeta* m, size_t excess) noexcept nogil:
+    """zswap-style: writes least recently used pages (CLOCK: an accessed page gets a second
+    chance) back until `excess` pages and some slack are freed. Called by a writer over
+    mem_limit, holding its own slot lock: so victims are only tried, never waited for."""
+    cdef size_t goal = (excess + EVICT_SLACK) << PAGE_SHIFT
+    cdef size_t freed = 0, scanned = 0, idx
+    cdef uint32_t f
+    cdef zslot* s
+    cdef int rc
+    pthread_mutex_lock(&m.evict_lock)
+    if m.driver.total_pages(m.pool) <= ZM_LOAD(&m.limit_pages):
+        pthread_mutex_unlock(&m.evict_lock)       # another writer made room meanwhile
+        return
+    while freed < goal and scanned < 2 * m.nr_pages:
+        idx = m.clock_hand
+        m.clock_hand = (idx + 1) % m.nr_pages
+        scanned += 1
+        s = &m.table[idx]
+        f = zslot_flags(&s.flags)
+        if not _has_object(s, f):
+            continue
+        if f & ZS_ACCESSED:
+            zslot_clear(&s.flags, ZS_ACCESSED)
+            continue
+        if not zslot_trylock(&s.flags):
+            continue
+        rc = 1
+        if _has_object(s, zslot_flags(&s.flags)):
+            freed += s.size
+            rc = _writeback_locked(m, s, m.evict_page, m.evict_stream)
+        zslot_unlock(&s.flags)
+        if rc == 0:
+            ZM_ADD(&m.evicted, 1)
+        elif rc == -ENOSPC:
+            break
+    # Objects freed here and there empty few zspages by themselves: compaction does the rest.
+    m.driver.compact(m.pool)
+    pthread_mutex_unlock(&m.evict_lock)
 
 
 # --- byte ranges: a request's pages ---------------------------------------------------------
@@ -290,6 +596,8 @@ cdef int _page_io(zmeta* m, bint write, char* buf, size_t off, size_t size, size
                 rc = _store_locked(m, s, st.page, st)
             else:
                 memcpy(b, st.page + pofs, n)
+    if rc == 0:
+        _touch(m, s)
     zslot_unlock(&s.flags)
     return rc
 
@@ -544,6 +852,8 @@ cdef int zdisk_fallocate(zdisk* d, int mode, off_t off, off_t length) noexcept n
             if rc == 0:
                 memset(st.page + pofs, 0, n)
                 rc = _store_locked(m, s, st.page, st)
+            if rc == 0:
+                _touch(m, s)
         zslot_unlock(&s.flags)
         if rc:
             ZM_ADD(&m.failed_writes, 1)
@@ -582,6 +892,10 @@ def data_ops_capsule() -> object:
     return PyCapsule_New(&DATA_OPS, ZRAMFS_DATA_OPS_CAPSULE, NULL)
 
 
+WRITEBACK_MODES = {"idle": WB_IDLE, "huge": WB_HUGE, "huge_idle": WB_HUGE_IDLE,
+                   "incompressible": WB_INCOMPRESSIBLE}
+
+
 # --- Python faces ----------------------------------------------------------------------------
 
 def default_workers() -> int:
@@ -603,7 +917,10 @@ cdef class Meta:
 
     def __init__(self, size_t disksize, str algorithm="lz4", level=None, *,
                  str backend="zsmalloc", str name="zram", streams=None,
-                 int max_pages_per_zspage=8, workers=None):
+                 int max_pages_per_zspage=8, workers=None, Backing backing=None,
+                 dict secondary=None):
+        """`backing`: the writeback device (the caller's to close, after destroy).
+        `secondary`: recompression algorithms, {priority: (name, level or None)}."""
         cdef Pool pool
         cdef Compressor comp
         if disksize == 0 or disksize % PAGE_SIZE:
@@ -622,18 +939,38 @@ cdef class Meta:
         if nr_workers < 0:
             self.destroy()
             raise ValueError("workers must be 0 or more")
+        self.secondary = {}
+        self.m.ac_time = <uint32_t*>calloc(self.m.nr_pages, sizeof(uint32_t))
+        if self.m.ac_time == NULL or \
+                posix_memalign(<void**>&self.m.evict_page, PAGE_SIZE, PAGE_SIZE) != 0:
+            self.m.evict_page = NULL
+            self.destroy()
+            raise MemoryError("no memory for the access times")
+        pthread_mutex_init(&self.m.evict_lock, NULL)
         try:
             self.pool = _Pool(backend, name, max_pages_per_zspage)
-            self.compressor = _Compressor(algorithm, level, streams, private_streams=nr_workers)
+            # One private stream a worker, and one for eviction.
+            self.compressor = _Compressor(algorithm, level, streams,
+                                          private_streams=nr_workers + 1)
+            for prio, (sname, slevel) in sorted((secondary or {}).items()):
+                if not 1 <= prio <= 3:
+                    raise ValueError(f"recompression priority {prio} is not 1..3")
+                self.secondary[prio] = _Compressor(sname, slevel, 2)
         except BaseException:
             self.destroy()
             raise
+        for prio, c in self.secondary.items():
+            self.m.secondary[prio] = (<Compressor>c).comp
+        if backing is not None:
+            self.backing = backing
+            self.m.backing = backing.b
         pool = self.pool
         comp = self.compressor
         self.m.driver = pool.driver
         self.m.pool = pool.impl
         self.m.huge_size = pool.driver.huge_class_size(pool.impl)
         self.m.comp = comp.comp
+        self.m.evict_stream = zcomp_private_stream(comp.comp, nr_workers)
         if nr_workers:
             with nogil:
                 self.m.workers = _workers_start(self.m.comp, nr_workers)
@@ -654,14 +991,25 @@ cdef class Meta:
             self.pool.destroy()       # frees every object at once: no need to walk the table
         if self.compressor is not None:
             self.compressor.destroy()
+        for c in (self.secondary or {}).values():
+            c.destroy()
+        if self.m.ac_time != NULL:
+            pthread_mutex_destroy(&self.m.evict_lock)
+        free(self.m.ac_time)
+        free(self.m.evict_page)
         free(self.m.table)
         free(self.m)
         self.m = NULL
 
     def __dealloc__(self):
+        # Dropped without destroy: the pool and compressors free themselves as objects.
         if self.m != NULL:
             if self.m.workers != NULL:
                 _workers_stop(self.m.workers)
+            if self.m.ac_time != NULL:
+                pthread_mutex_destroy(&self.m.evict_lock)
+            free(self.m.ac_time)
+            free(self.m.evict_page)
             free(self.m.table)
             free(self.m)
 
@@ -671,8 +1019,19 @@ cdef class Meta:
 
     @mem_limit.setter
     def mem_limit(self, size_t nbytes) -> None:
-        """Bytes, rounded up to pages; 0 for none."""
+        """Bytes, rounded up to pages; 0 for none. With eviction on, a limit below the memory
+        used now evicts down to it at once."""
         self.m.limit_pages = (nbytes + PAGE_SIZE - 1) >> PAGE_SHIFT
+        self._evict_to_limit()
+
+    def _evict_to_limit(self) -> None:
+        cdef size_t used, limit = self.m.limit_pages
+        if not (self.m.evict_enable and self.m.backing != NULL and limit):
+            return
+        with nogil:
+            used = self.m.driver.total_pages(self.m.pool)
+            if used > limit:
+                _evict(self.m, used - limit)
 
     def reset_mem_used_max(self) -> None:
         """mem_used_max starts again from the memory used now."""
@@ -701,6 +1060,87 @@ cdef class Meta:
         cdef zmeta* m = self.m
         return (ZM_LOAD(&m.failed_reads), ZM_LOAD(&m.failed_writes),
                 ZM_LOAD(&m.invalid_io), ZM_LOAD(&m.notify_free))
+
+    # Tiering. These walk the table without the GIL; call them from a worker thread.
+
+    def mark_idle(self, age: int | None = None) -> int:
+        """Marks idle every stored page, or those not accessed for `age` seconds."""
+        cdef uint32_t a = age or 0
+        cdef size_t marked
+        with nogil:
+            marked = _mark_idle(self.m, a)
+        return marked
+
+    def writeback(self, mode: str | None, ranges=()) -> int:
+        """Writes back the pages of a `mode` (idle, huge, huge_idle, incompressible), or of
+        the page index `ranges`; returns how many. OSError: ENODEV without a backing device,
+        ENOSPC when it is full, EIO when writeback_limit is spent or I/O fails."""
+        cdef int cmode = WB_PAGES if mode is None else WRITEBACK_MODES[mode]
+        cdef size_t n = len(ranges)
+        cdef size_t* cranges = <size_t*>calloc(2 * n + 2, sizeof(size_t))
+        cdef char* page = NULL
+        cdef long done
+        cdef int err = 0
+        if self.m.backing == NULL:
+            free(cranges)
+            raise OSError(19, "no backing device")
+        if cranges == NULL or posix_memalign(<void**>&page, PAGE_SIZE, PAGE_SIZE) != 0:
+            free(cranges)
+            raise MemoryError()
+        for i, (lo, hi) in enumerate(ranges):
+            cranges[2 * i], cranges[2 * i + 1] = lo, hi
+        with nogil:
+            done = _writeback(self.m, cmode, cranges, n, page, &err)
+        free(cranges)
+        free(page)
+        if err:
+            raise OSError(err, f"writeback stopped after {done} pages")
+        return done
+
+    def recompress(self, mode: str | None, size_t threshold=0, size_t max_pages=0,
+                   int priority=0) -> int:
+        """Recompresses the pages a `mode` (idle, huge, huge_idle; None: all) and `threshold`
+        select with the secondary algorithms (or only the one of `priority`)."""
+        cdef int cmode = 0 if mode is None else WRITEBACK_MODES[mode]
+        cdef char* page = NULL
+        cdef long done
+        if not self.secondary:
+            raise OSError(22, "no recompression algorithm")
+        if posix_memalign(<void**>&page, PAGE_SIZE, PAGE_SIZE) != 0:
+            raise MemoryError()
+        with nogil:
+            done = _recompress(self.m, cmode, threshold, max_pages, priority, page)
+        free(page)
+        return done
+
+    @property
+    def wb_limit(self) -> int:
+        return ZM_LOAD(&self.m.wb_limit)
+
+    @wb_limit.setter
+    def wb_limit(self, size_t pages) -> None:
+        self.m.wb_limit = pages
+
+    @property
+    def wb_limit_enable(self) -> bool:
+        return bool(self.m.wb_limit_enable)
+
+    @wb_limit_enable.setter
+    def wb_limit_enable(self, bint on) -> None:
+        self.m.wb_limit_enable = on
+
+    @property
+    def evict_enable(self) -> bool:
+        return bool(self.m.evict_enable)
+
+    @evict_enable.setter
+    def evict_enable(self, bint on) -> None:
+        self.m.evict_enable = on
+        self._evict_to_limit()
+
+    @property
+    def evicted(self) -> int:
+        return ZM_LOAD(&self.m.evicted)
 
 
 cdef class Disk:
