@@ -10,10 +10,13 @@ import pytest
 
 from conftest import PAGE, PUNCH_HOLE, Daemon, fallocate
 
-ATTRS = ["algorithm_params", "comp_algorithm", "compact", "debug_stat", "disksize",
-         "initstate", "io_stat", "max_comp_streams", "mem_limit", "mem_used_max", "mm_stat",
-         "reset", "stat"]
-WRITE_ONLY = {"algorithm_params", "compact", "mem_limit", "mem_used_max", "reset"}
+ATTRS = sorted(["algorithm_params", "comp_algorithm", "compact", "debug_stat", "disksize",
+                "initstate", "io_stat", "max_comp_streams", "mem_limit", "mem_used_max",
+                "mm_stat", "reset", "stat", "backing_dev", "idle", "writeback",
+                "writeback_limit", "writeback_limit_enable", "bd_stat", "recomp_algorithm",
+                "recompress", "writeback_evict", "evict_stat"])
+WRITE_ONLY = {"algorithm_params", "compact", "mem_limit", "mem_used_max", "reset", "idle",
+              "writeback", "recompress"}
 
 
 def errno_of(fn) -> int:
@@ -189,7 +192,7 @@ def test_write_only_and_read_only_attributes(daemon: Daemon) -> None:
     name = daemon.hot_add()
     for attr in WRITE_ONLY:
         assert errno_of(lambda: daemon.read(name, attr)) == errno.EACCES, attr
-    for attr in ("initstate", "mm_stat", "io_stat", "debug_stat", "stat"):
+    for attr in ("initstate", "mm_stat", "io_stat", "debug_stat", "stat", "bd_stat", "evict_stat"):
         assert errno_of(lambda: daemon.write(name, attr, "1")) == errno.EACCES, attr
     assert errno_of(lambda: (daemon.mnt / "sys/class/zram-control/hot_remove").read_text()) \
         == errno.EACCES

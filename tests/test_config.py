@@ -34,9 +34,12 @@ def test_bad_expressions(expr: str) -> None:
 
 
 def test_algorithms() -> None:
-    assert parse_algorithm("lz4") == ("lz4", {})
-    assert parse_algorithm(" zstd(level=7) ") == ("zstd", {"level": "7"})
-    for bad in ("lzo-rle", "zstd(dict=/x)", "zstd(level=x)", "lz4 zstd", ""):
+    assert parse_algorithm("lz4") == [("lz4", {})]
+    assert parse_algorithm(" zstd(level=7) ") == [("zstd", {"level": "7"})]
+    assert parse_algorithm("lz4 zstd(level=19) lz4hc") == \
+        [("lz4", {}), ("zstd", {"level": "19"}), ("lz4hc", {})]
+    for bad in ("lzo-rle", "zstd(dict=/x)", "zstd(level=x)", "lz4 zstd (type=idle)", "",
+                "lz4 zstd zstd lz4hc lz4"):
         with pytest.raises(ValueError):
             parse_algorithm(bad)
 
@@ -91,13 +94,15 @@ options = discard,noatime
     ("zram-size = 1\n", ":1", "outside a [zramN] section"),
     ("[zram0]\njust words\n", ":2", "expected key = value"),
     ("[zram0]\ncompression-algorithm = lzo\n", ":2", "unknown algorithm"),
-    ("[zram0]\ncompression-algorithm = zstd lz4\n", ":2", "recompression"),
+    ("[zram0]\ncompression-algorithm = lz4 zstd (type=idle)\n", ":2", "recompression parameters"),
     ("[zram0]\nswap-priority = high\n", ":2", "swap-priority"),
     ("[zram0]\nfs-type = btrfs\nmount-point = /x\n", ":2", "fs-type"),
     ("[zram0]\nfs-type = ext4\n", ":2", "needs a mount-point"),
     ("[zram0]\nfs-type = swap\nmount-point = /x\n", ":3", "no mount point"),
     ("[zram0]\nmount-point = relative\n", ":2", "absolute"),
-    ("[zram0]\nwriteback-device = /dev/sdb\n", ":2", "writeback"),
+    ("[zram0]\nwriteback-device = sdb\n", ":2", "absolute"),
+    ("[zram0]\nwriteback-interval = soon\n", ":2", "not a duration"),
+    ("[zram0]\nwriteback-interval = 1h\n", ":2", "needs a writeback-device"),
     ("[zram0]\nzram-size = -5\n", ":2", "negative"),
     ("[zram0]\nmount-point = /x\n[zram1]\nmount-point = /x\n", "", "same mount-point"),
 ])
@@ -108,6 +113,16 @@ def test_errors_name_file_line_and_key(tmp_path: Path, text: str, where: str, wo
     message = str(e.value)
     assert message.startswith(f"{path}{where}"), message
     assert words in message, message
+
+
+def test_tiering_keys(tmp_path: Path) -> None:
+    [dev] = load(write(tmp_path, "[zram0]\ncompression-algorithm = lz4 zstd(level=9) lz4hc\n"
+                       "writeback-device = /var/zram-backing\nwriteback-interval = 2h\n"
+                       "writeback-idle-age = 30m\n"), ram_mib=1000)
+    assert dev.algorithm == "lz4"
+    assert dev.recompression == [("zstd", {"level": "9"}), ("lz4hc", {})]
+    assert dev.writeback_device == Path("/var/zram-backing")
+    assert (dev.writeback_interval, dev.writeback_idle_age) == (7200, 1800)
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -55,3 +55,298 @@ def test_recompress_syntax() -> None:
     for bad in ("", "type=all", "threshold=0", "max_pages=-1", "type=idle colour=red"):
         with pytest.raises(ValueError):
             parse_recompress(bad)
+
+
+# --- on a real mount -----------------------------------------------------------------------
+
+import errno  # noqa: E402
+import mmap  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from conftest import (PAGE, PUNCH_HOLE, Daemon, is_mounted, requires_fuse, run,  # noqa: E402
+                      zramfs_daemon)
+
+
+def errno_of(fn) -> int:
+    with pytest.raises(OSError) as e:
+        fn()
+    return e.value.errno
+
+
+def backing_file(tmp_path: Path, size: int) -> Path:
+    path = tmp_path / "backing"
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def text_pages(n: int, seed: int = 0) -> bytes:
+    """Compressible, distinct pages: words with a page number."""
+    rng = random.Random(seed)
+    words = [b"zram", b"swap", b"page", b"slot", b"idle", b"writeback", b"compressed"]
+    out = bytearray()
+    for i in range(n):
+        page = b"%08d " % i + b" ".join(rng.choice(words) for _ in range(700))
+        out += page[:PAGE].ljust(PAGE, b".")
+    return bytes(out)
+
+
+def bd_stat(d: Daemon, name: str) -> list[int]:
+    return [int(x) for x in d.read(name, "bd_stat").split()]
+
+
+def tiered_device(d: Daemon, backing: Path | str, size: str = "64M", **extra: str) -> str:
+    name = d.hot_add()
+    d.write(name, "backing_dev", str(backing))
+    for attr, value in extra.items():
+        d.write(name, attr, value)
+    d.write(name, "disksize", size)
+    return name
+
+
+@requires_fuse
+def test_tiering_attributes_and_errors(daemon: Daemon, tmp_path: Path) -> None:
+    name = daemon.hot_add()
+    assert daemon.read(name, "backing_dev") == "none\n"
+    assert daemon.read(name, "bd_stat") == "       0        0        0\n"
+    assert daemon.read(name, "writeback_limit") == "0\n"
+    assert daemon.read(name, "writeback_limit_enable") == "0\n"
+    assert daemon.read(name, "recomp_algorithm") == ""
+    assert errno_of(lambda: daemon.write(name, "backing_dev", str(tmp_path / "no"))) == errno.ENOENT
+    assert errno_of(lambda: daemon.write(name, "backing_dev", str(tmp_path))) == errno.EINVAL
+    assert errno_of(lambda: daemon.write(name, "idle", "all")) == errno.EINVAL     # not init
+    assert errno_of(lambda: daemon.write(name, "recomp_algorithm", "algo=lzo")) == errno.EINVAL
+    daemon.write(name, "recomp_algorithm", "algo=zstd priority=1")
+    daemon.write(name, "recomp_algorithm", "algo=lz4hc priority=2 level=12")
+    assert daemon.read(name, "recomp_algorithm") == \
+        "#1: lz4 lz4hc [zstd] \n#2: lz4 [lz4hc] zstd \n"
+    daemon.write(name, "algorithm_params", "algo=zstd level=19")
+    path = backing_file(tmp_path, 8 << 20)
+    daemon.write(name, "backing_dev", str(path))
+    assert daemon.read(name, "backing_dev") == f"{path}\n"
+    daemon.write(name, "disksize", "16M")
+    assert errno_of(lambda: daemon.write(name, "backing_dev", str(path))) == errno.EBUSY
+    assert errno_of(lambda: daemon.write(name, "recomp_algorithm", "algo=zstd")) == errno.EBUSY
+    for attr, bad in (("writeback", "cold"), ("writeback", "page_indexes=9-1"),
+                      ("idle", "0"), ("recompress", "type=all"), ("writeback_limit", "x")):
+        assert errno_of(lambda: daemon.write(name, attr, bad)) == errno.EINVAL, (attr, bad)
+    other = daemon.device("8M")
+    assert errno_of(lambda: daemon.write(other, "writeback", "huge")) == errno.ENODEV
+    assert errno_of(lambda: daemon.write(other, "recompress", "type=huge")) == errno.EINVAL
+    daemon.write(name, "reset", "1")                     # reset: no backing device, no recomp
+    assert daemon.read(name, "backing_dev") == "none\n"
+    assert daemon.read(name, "recomp_algorithm") == ""
+
+
+@requires_fuse
+@pytest.mark.parametrize("kind", ["file", "loop"])
+def test_writeback_frees_memory_and_reads_back(daemon: Daemon, tmp_path: Path, kind: str) -> None:
+    path = backing_file(tmp_path, 64 << 20)
+    backing: str = str(path)
+    if kind == "loop":
+        backing = run("losetup", "--find", "--show", str(path)).stdout.strip()
+        daemon.cleanup.push(f"losetup -d {backing}", lambda: run("losetup", "-d", backing))
+    name = tiered_device(daemon, backing)
+    data = text_pages(2048) + os.urandom(64 * PAGE) + b"\x01" * (4 * PAGE)
+    with open(daemon.dev(name), "r+b") as f:
+        f.write(data)
+    orig, compr, used, *_ = daemon.mm_stat(name)
+    huge = daemon.mm_stat(name)[7]
+    assert huge == 64
+    daemon.write(name, "writeback", "huge")
+    assert bd_stat(daemon, name) == [64, 0, 64]
+    assert daemon.mm_stat(name)[7] == 0
+    daemon.write(name, "idle", "all")
+    daemon.write(name, "writeback", "idle")
+    daemon.write(name, "compact", "1")
+    orig2, compr2, used2, *_ = daemon.mm_stat(name)
+    assert bd_stat(daemon, name)[0] == 2048 + 64            # same-filled pages stay
+    assert orig2 == orig and compr2 == 0 and used2 <= 4 * PAGE < used
+    # An aligned buffer: FUSE splits direct I/O at the user buffer's page boundaries, and an
+    # unaligned one would read the device pages astride them twice.
+    buf = mmap.mmap(-1, len(data))
+    fd = os.open(daemon.dev(name), os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.preadv(fd, [buf], 0) == len(data)
+    finally:
+        os.close(fd)
+    assert buf[:] == data
+    assert bd_stat(daemon, name)[1] == 2048 + 64            # every page read back once
+    with open(daemon.dev(name), "r+b") as f:                # overwrite: the block is freed
+        f.write(b"y" * PAGE)
+    assert bd_stat(daemon, name)[0] == 2048 + 63
+
+
+@requires_fuse
+def test_idle_by_age_page_indexes_limit_and_full(daemon: Daemon, tmp_path: Path) -> None:
+    name = tiered_device(daemon, backing_file(tmp_path, 100 * PAGE))
+    with open(daemon.dev(name), "r+b") as f:
+        f.write(text_pages(50))                         # pages 0..49: old
+        f.flush()
+        time.sleep(2.5)
+        f.seek(100 * PAGE)
+        f.write(text_pages(50, seed=1))                 # pages 100..149: new
+    daemon.write(name, "idle", "2")                     # not accessed for 2 s: the old ones
+    daemon.write(name, "writeback", "type=idle")
+    assert bd_stat(daemon, name)[0] == 50
+    daemon.write(name, "writeback", "page_indexes=100-109 page_index=120")
+    assert bd_stat(daemon, name)[0] == 61
+    daemon.write(name, "writeback_limit", "5")
+    daemon.write(name, "writeback_limit_enable", "1")
+    assert errno_of(lambda: daemon.write(name, "writeback", "page_indexes=110-119")) == errno.EIO
+    assert bd_stat(daemon, name)[0] == 66 and daemon.read(name, "writeback_limit") == "0\n"
+    daemon.write(name, "writeback_limit_enable", "0")
+    daemon.write(name, "writeback_limit", "0")
+    with open(daemon.dev(name), "r+b") as f:
+        f.seek(200 * PAGE)
+        f.write(text_pages(60, seed=2))
+    assert errno_of(lambda: daemon.write(name, "writeback", "page_indexes=200-259")) == errno.ENOSPC
+    assert bd_stat(daemon, name)[0] == 100              # the device is full
+    with open(daemon.dev(name), "rb") as f:
+        assert f.read(50 * PAGE) == text_pages(50)
+        f.seek(100 * PAGE)
+        assert f.read(50 * PAGE) == text_pages(50, seed=1)
+        f.seek(200 * PAGE)
+        assert f.read(60 * PAGE) == text_pages(60, seed=2)
+
+
+@requires_fuse
+def test_recompress_while_writeback_runs_is_eagain(daemon: Daemon, tmp_path: Path) -> None:
+    """One tiering job a time. (A second write to the same attribute file does not get here:
+    the kernel holds the file's inode lock across a FUSE direct write, so it waits its turn.)"""
+    name = tiered_device(daemon, backing_file(tmp_path, 512 << 20), "512M",
+                         recomp_algorithm="algo=zstd priority=1")
+    with open(daemon.dev(name), "r+b") as f:
+        f.write(os.urandom(256 << 20))                  # huge pages: a long writeback
+    outcome: list[object] = []
+    first = threading.Thread(target=lambda: outcome.append(daemon.write(name, "writeback", "huge")))
+    first.start()
+    while bd_stat(daemon, name)[2] == 0 and first.is_alive():
+        time.sleep(0.001)                               # until the first is under way
+    assert first.is_alive(), "the first writeback ended before it could be raced"
+    assert errno_of(lambda: daemon.write(name, "recompress", "type=huge")) == errno.EAGAIN
+    first.join()
+    assert outcome == [None]
+    assert bd_stat(daemon, name)[0] == 65536           # the first one finished its job
+
+
+@requires_fuse
+def test_recompression_shrinks_and_reads_back(daemon: Daemon, tmp_path: Path) -> None:
+    name = daemon.hot_add()
+    daemon.write(name, "recomp_algorithm", "algo=zstd priority=1 level=19")
+    daemon.write(name, "disksize", "64M")
+    data = text_pages(4096) + os.urandom(16 * PAGE)
+    with open(daemon.dev(name), "r+b") as f:
+        f.write(data)
+    _, compr, *_ = daemon.mm_stat(name)
+    daemon.write(name, "idle", "all")
+    daemon.write(name, "recompress", "type=idle")
+    _, compr2, *_, huge, _ = daemon.mm_stat(name)
+    assert compr2 < compr * 0.8, (compr, compr2)        # zstd-19 packs text far tighter
+    assert huge == 16                                    # random pages stay as they were
+    daemon.write(name, "recompress", "type=huge max_pages=4")
+    with open(daemon.dev(name), "rb") as f:
+        assert f.read(len(data)) == data
+
+
+@requires_fuse
+def test_read_back_under_same_page_overwrite_during_writeback(daemon: Daemon,
+                                                             tmp_path: Path) -> None:
+    """Hazard 2 with a backing device: readers see one whole version of a page while it is
+    written back, overwritten and discarded at once."""
+    name = tiered_device(daemon, backing_file(tmp_path, 64 << 20), "8M")
+    patterns = [bytes([i]) * 1000 + random.Random(i).randbytes(96) + bytes([i]) * 3000
+                for i in range(1, 9)]
+    allowed = set(patterns) | {bytes(PAGE)}
+    stop = threading.Event()
+    bad: list[bytes] = []
+    errors: list[str] = []
+
+    def writer() -> None:
+        with open(daemon.dev(name), "r+b", buffering=0) as f:
+            i = 0
+            while not stop.is_set():
+                f.seek(PAGE)
+                f.write(patterns[i % len(patterns)])
+                if i % 97 == 0:
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                i += 1
+
+    def tierer() -> None:
+        while not stop.is_set():
+            try:
+                daemon.write(name, "writeback", "page_index=1")
+                daemon.write(name, "idle", "all")
+                daemon.write(name, "writeback", "idle")
+            except OSError as e:
+                if e.errno != errno.EAGAIN:
+                    errors.append(repr(e))
+                    return
+
+    def reader() -> None:
+        with open(daemon.dev(name), "rb", buffering=0) as f:
+            for _ in range(3000):
+                f.seek(PAGE)
+                got = f.read(PAGE)
+                if got not in allowed:
+                    bad.append(got)
+                    return
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=tierer)]
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads + readers:
+        t.start()
+    for t in readers:
+        t.join()
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors and not bad
+    assert bd_stat(daemon, name)[2] > 10                 # writebacks really happened
+
+
+@requires_fuse
+@pytest.mark.slow
+def test_eviction_keeps_memory_within_the_limit(daemon: Daemon, tmp_path: Path) -> None:
+    """zswap-style: with a 16 MiB mem_limit and a backing file, 256 MiB of compressible data
+    goes in, reads back identical, and mem_used_total stays within the limit."""
+    name = tiered_device(daemon, backing_file(tmp_path, 320 << 20), "320M",
+                         mem_limit="16M", writeback_evict="1")
+    chunk = text_pages(4096)                             # 16 MiB, about a third once compressed
+    with open(daemon.dev(name), "r+b") as f:
+        for i in range(16):
+            f.write(chunk[:64] + bytes([i]) * 64 + chunk[128:])
+            assert daemon.mm_stat(name)[2] <= 16 << 20
+    orig, compr, used, limit, *_ = daemon.mm_stat(name)
+    evicted = int(daemon.read(name, "evict_stat"))
+    assert orig == 256 << 20 and used <= limit == 16 << 20
+    assert evicted > 0 and bd_stat(daemon, name)[0] == evicted
+    assert int(daemon.read(name, "io_stat").split()[1]) == 0         # no failed writes
+    with open(daemon.dev(name), "rb") as f:
+        for i in range(16):
+            assert f.read(len(chunk)) == chunk[:64] + bytes([i]) * 64 + chunk[128:], i
+
+
+@requires_fuse
+def test_config_sets_up_writeback_and_recompression(tmp_path: Path) -> None:
+    backing = backing_file(tmp_path, 16 << 20)
+    conf = tmp_path / "zramfs.conf"
+    conf.write_text(f"[zram0]\nzram-size = 64\ncompression-algorithm = lz4 zstd(level=9)\n"
+                    f"writeback-device = {backing}\nwriteback-interval = 1s\n"
+                    f"fs-type = ext4\nmount-point = {tmp_path / 'fs'}\n")
+    with zramfs_daemon("--config", str(conf), tmp=tmp_path) as d:
+        assert d.read("zram0", "backing_dev") == f"{backing}\n"
+        assert d.read("zram0", "recomp_algorithm") == "#1: lz4 lz4hc [zstd] \n"
+        (tmp_path / "fs" / "cold").write_bytes(text_pages(256))
+        run("sync")
+        deadline = time.monotonic() + 20                 # idle after one round, written next
+        while bd_stat(d, "zram0")[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert bd_stat(d, "zram0")[0] > 0
+        run("sh", "-c", "echo 3 > /proc/sys/vm/drop_caches")
+        assert (tmp_path / "fs" / "cold").read_bytes() == text_pages(256)
+    assert not is_mounted(tmp_path / "fs")

@@ -2,7 +2,9 @@
 
     [zram0]
     zram-size = min(ram / 2, 4096)       # MiB, an expression over `ram` (MiB of RAM)
-    compression-algorithm = zstd(level=3)
+    compression-algorithm = lz4 zstd(level=9)   # then recompression algorithms, by priority
+    writeback-device = /dev/sdb2         # a block device, or a file (zramfs)
+    writeback-interval = 1h              # write back pages idle that long, every hour
     swap-priority = 100
 
     [zram1]
@@ -39,6 +41,10 @@ class DeviceConfig:
     disksize: int                          # bytes; 0 means the section makes no device
     algorithm: str = "lz4"
     algorithm_params: dict[str, str] = field(default_factory=dict)
+    recompression: list[tuple[str, dict[str, str]]] = field(default_factory=list)  # priority 1..
+    writeback_device: Path | None = None
+    writeback_interval: float = 0.0        # seconds; 0: no periodic idle writeback
+    writeback_idle_age: float = 0.0        # seconds; 0: pages idle for a whole interval
     mem_limit: int = 0                     # bytes, from zram-resident-limit
     swap_priority: int = 100
     fs_type: str | None = "swap"           # None: the device only (the embedded default)
@@ -137,17 +143,10 @@ def evaluate(expr: str, ram_mib: float) -> float:
     return value
 
 
-def parse_algorithm(text: str) -> tuple[str, dict[str, str]]:
-    """`zstd(level=3)` -> ("zstd", {"level": "3"}). Further names (recompression) are not
-    supported yet and are refused rather than ignored."""
-    words = re.findall(r"[^\s(]+(?:\([^)]*\))?|\([^)]*\)", text.strip())
-    if not words:
-        raise ValueError("no algorithm named")
-    if len(words) > 1:
-        raise ValueError(f"recompression algorithms ({' '.join(words[1:])}) are not supported")
-    m = re.fullmatch(r"([a-z0-9-]+)(?:\(([^)]*)\))?", words[0])
+def _one_algorithm(word: str) -> tuple[str, dict[str, str]]:
+    m = re.fullmatch(r"([a-z0-9-]+)(?:\(([^)]*)\))?", word)
     if m is None or m.group(1) not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {words[0]!r} (known: {', '.join(ALGORITHMS)})")
+        raise ValueError(f"unknown algorithm {word!r} (known: {', '.join(ALGORITHMS)})")
     params: dict[str, str] = {}
     for item in filter(None, (p.strip() for p in (m.group(2) or "").split(","))):
         key, sep, value = item.partition("=")
@@ -155,6 +154,28 @@ def parse_algorithm(text: str) -> tuple[str, dict[str, str]]:
             raise ValueError(f"bad parameter {item!r} (known: level=N)")
         params["level"] = value.strip()
     return m.group(1), params
+
+
+def parse_algorithm(text: str) -> list[tuple[str, dict[str, str]]]:
+    """`lz4 zstd(level=9)` -> [("lz4", {}), ("zstd", {"level": "9"})]: the primary algorithm,
+    then up to three recompression algorithms in priority order."""
+    words = re.findall(r"[^\s(]+(?:\([^)]*\))?|\([^)]*\)", text.strip())
+    if not words:
+        raise ValueError("no algorithm named")
+    if words[-1].startswith("("):
+        raise ValueError(f"recompression parameters {words[-1]} are not supported: "
+                         "write them to the device's recompress attribute")
+    if len(words) > 4:
+        raise ValueError("at most three recompression algorithms")
+    return [_one_algorithm(w) for w in words]
+
+
+def duration(text: str) -> float:
+    """Seconds from `90`, `90s`, `30m`, `2h`, `1d`."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if m is None:
+        raise ValueError(f"{text!r} is not a duration (e.g. 90s, 30m, 2h, 1d)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
 # --- files -------------------------------------------------------------------------------------
@@ -216,7 +237,7 @@ def _device(section: _Section, ram_mib: float) -> DeviceConfig:
     dev.mem_limit = size_of("zram-resident-limit", "0")
     text, where = take("compression-algorithm", "lz4")
     try:
-        dev.algorithm, dev.algorithm_params = parse_algorithm(text)
+        (dev.algorithm, dev.algorithm_params), *dev.recompression = parse_algorithm(text)
     except ValueError as e:
         raise fail(where, "compression-algorithm", str(e)) from None
     text, where = take("swap-priority", "100")
@@ -236,8 +257,20 @@ def _device(section: _Section, ram_mib: float) -> DeviceConfig:
     dev.fs_type = fs_type
     dev.mount_point = Path(mount_point) if mount_point else None
     dev.options = take("options", "discard")[0]
-    if "writeback-device" in keys:
-        raise fail(keys["writeback-device"][1], "writeback-device", "writeback is not supported yet")
+    wb, where = take("writeback-device")
+    if wb is not None:
+        if not wb.startswith("/"):
+            raise fail(where, "writeback-device", f"{wb!r} is not an absolute path")
+        dev.writeback_device = Path(wb)
+    wheres = {}
+    for key in ("writeback-interval", "writeback-idle-age"):
+        text, wheres[key] = take(key, "0")
+        try:
+            setattr(dev, key.replace("-", "_"), duration(text))
+        except ValueError as e:
+            raise fail(wheres[key], key, str(e)) from None
+    if dev.writeback_interval and dev.writeback_device is None:
+        raise fail(wheres["writeback-interval"], "writeback-interval", "needs a writeback-device")
     for key, (_, where) in keys.items():
         raise fail(where, key, "unknown key")
     return dev

@@ -214,7 +214,12 @@ async def serve(opts: Options,
                         log.info("serving %s (%s)", mountpoint, names)
                         notify_systemd(f"READY=1\nSTATUS=serving {mountpoint}: {names}")
                         task_status.started(tree)
-                        await _until_stopped(signals, loop_done)
+                        async with trio.open_nursery() as background:
+                            for cfg in opts.devices:
+                                if cfg.writeback_interval:
+                                    background.start_soon(_periodic_writeback, devices, cfg)
+                            await _until_stopped(signals, loop_done)
+                            background.cancel_scope.cancel()
             finally:
                 # Whatever ended us (a signal, an unmount, a failed set-up, a bug), undo it
                 # all: the FUSE loop thread cannot be abandoned, so we must make it return.
@@ -244,6 +249,25 @@ async def _until_stopped(signals, loop_done: trio.Event) -> None:
         waiters.start_soon(until_unmounted)
 
 
+async def _periodic_writeback(devices: Devices, cfg: DeviceConfig) -> None:
+    """Every writeback-interval: write back the pages idle for writeback-idle-age, or, with
+    no age, those not accessed since the previous round marked everything idle."""
+    while True:
+        await trio.sleep(cfg.writeback_interval)
+        dev = devices.by_id.get(cfg.id)
+        if dev is None or dev.meta is None:
+            continue
+        try:
+            if cfg.writeback_idle_age:
+                await dev.store("idle", str(max(1, int(cfg.writeback_idle_age))))
+                await dev.store("writeback", "idle")
+            else:
+                await dev.store("writeback", "idle")
+                await dev.store("idle", "all")
+        except OSError as e:
+            log.warning("%s: periodic writeback: %s", cfg.name, e.strerror)
+
+
 async def _set_up(opts: Options, devices: Devices, tree: Tree,
                   undo: list[tuple[str, Callable[[], None]]]) -> None:
     """Each device, then its use; every step that worked pushes its undo first."""
@@ -254,6 +278,11 @@ async def _set_up(opts: Options, devices: Devices, tree: Tree,
             await dev.store("comp_algorithm", cfg.algorithm)
             if "level" in cfg.algorithm_params:
                 await dev.store("algorithm_params", f"level={cfg.algorithm_params['level']}")
+            for prio, (name, params) in enumerate(cfg.recompression, 1):
+                level = f" level={params['level']}" if "level" in params else ""
+                await dev.store("recomp_algorithm", f"algo={name} priority={prio}{level}")
+            if cfg.writeback_device is not None:
+                await dev.store("backing_dev", str(cfg.writeback_device))
             if cfg.mem_limit:
                 await dev.store("mem_limit", str(cfg.mem_limit))
             await dev.store("disksize", str(cfg.disksize))

@@ -20,7 +20,8 @@ from collections.abc import Callable
 
 import trio
 
-from zramfs import _zcomp
+from zramfs import _zcomp, tiering
+from zramfs._backing import Backing, BackingError
 from zramfs._meta import Disk, Meta
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,16 @@ class Device:
         self.openers = 0               # open file handles on dev/zramN
         self.busy = False              # a reset or removal is draining
         self.removed = False
+        self._tiering_defaults()
+
+    def _tiering_defaults(self) -> None:
+        """Writeback and recompression settings, as after the kernel's reset."""
+        self.backing: Backing | None = None
+        self.secondary: dict[int, tuple[str, int | None]] = {}   # priority -> (name, level)
+        self.wb_limit = 0              # pages, while wb_limit_enable
+        self.wb_limit_enable = False
+        self.evict = False             # zswap-style eviction over mem_limit (an extension)
+        self.tiering_busy = False      # a writeback or recompression is running
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -92,10 +103,12 @@ class Device:
         disksize = -(-disksize // PAGE) * PAGE
         try:
             meta = Meta(disksize, self.algorithm, self.level, backend=DEFAULT_BACKEND,
-                        name=self.name)
+                        name=self.name, backing=self.backing, secondary=self.secondary)
         except MemoryError as e:
             raise fail(errno.ENOMEM, str(e)) from None
         meta.mem_limit = self.mem_limit
+        meta.wb_limit, meta.wb_limit_enable = self.wb_limit, self.wb_limit_enable
+        meta.evict_enable = self.evict
         self.disk.attach(meta)
         log.info("%s: disksize %d, %s", self.name, disksize, self.algorithm)
 
@@ -112,7 +125,10 @@ class Device:
                     await trio.sleep(DRAIN_POLL)
                 meta = self.disk.release()
                 await trio.to_thread.run_sync(meta.destroy)
+            if self.backing is not None:
+                self.backing.close()
             self.algorithm, self.level, self.mem_limit = DEFAULT_ALGORITHM, None, 0
+            self._tiering_defaults()
         finally:
             self.busy = False
         log.info("%s: reset", self.name)
@@ -146,11 +162,11 @@ class Device:
             self.algorithm, self.level = name, None
 
     def _show_comp_algorithm(self) -> str:
-        names = (f"[{n}]" if n == self.algorithm else n for n in _zcomp.ALGORITHMS.names())
-        return " ".join(names) + " \n"
+        return _algorithms_line(self.algorithm)
 
     def _store_algorithm_params(self, text: str) -> None:
-        """`[priority=0] [algo=NAME] level=N`, for the primary algorithm."""
+        """`[priority=N | algo=NAME] level=N`: the primary algorithm's (priority 0) or a
+        recompression algorithm's."""
         if self.initialised:
             raise fail(errno.EBUSY, f"{self.name} is initialised; reset it first")
         params: dict[str, str] = {}
@@ -159,16 +175,136 @@ class Device:
             if not sep or key not in ("priority", "algo", "level"):
                 raise fail(errno.EINVAL, f"unknown parameter {token!r}")
             params[key] = value
-        if params.get("priority", "0") != "0":
-            raise fail(errno.EINVAL, "only priority=0 (the primary algorithm) is supported")
-        if params.get("algo", self.algorithm) != self.algorithm:
-            raise fail(errno.EINVAL, f"algo={params['algo']} is not the device's algorithm")
+        names = {0: self.algorithm} | {p: n for p, (n, _) in self.secondary.items()}
+        if "priority" in params:
+            prio = int(params["priority"]) if params["priority"].isdigit() else -1
+        else:
+            prio = next((p for p, n in names.items() if n == params.get("algo", self.algorithm)),
+                        -1)
+        if prio not in names or params.get("algo", names.get(prio)) != names.get(prio):
+            raise fail(errno.EINVAL, f"no algorithm matches {text.strip()!r}")
         try:
-            level = _zcomp.parse_level(self.algorithm, params)
+            level = _zcomp.parse_level(names[prio], params)
         except _zcomp.CompressorError as e:
             raise fail(errno.EINVAL, str(e)) from None
-        if level is not None:
+        if level is None:
+            return
+        if prio == 0:
             self.level = level
+        else:
+            self.secondary[prio] = (names[prio], level)
+
+    # --- tiering (zram.rst's writeback and recompression) --------------------------------------
+
+    def _store_backing_dev(self, text: str) -> None:
+        path = text.strip()
+        if self.initialised:
+            raise fail(errno.EBUSY, f"{self.name} is initialised; set backing_dev before disksize")
+        try:
+            backing = Backing(path)
+        except BackingError as e:
+            raise fail(e.errno or errno.EINVAL, str(e)) from None
+        if self.backing is not None:
+            self.backing.close()
+        self.backing = backing
+        log.info("%s: backing device %s, %d blocks", self.name, path, backing.nr_blocks)
+
+    def _show_backing_dev(self) -> str:
+        return f"{self.backing.path if self.backing is not None else 'none'}\n"
+
+    def _meta_or_einval(self) -> Meta:
+        if self.meta is None:
+            raise fail(errno.EINVAL, f"{self.name} is not initialised")
+        return self.meta
+
+    async def _tiering_job(self, what: str, fn, *args) -> int:
+        """One writeback or recompression a time (EAGAIN otherwise), in a worker thread so
+        requests, served by their own threads, go on meanwhile."""
+        if self.tiering_busy:
+            raise fail(errno.EAGAIN, f"{self.name}: a writeback or recompression is running")
+        self.tiering_busy = True
+        try:
+            done = await trio.to_thread.run_sync(fn, *args)
+        finally:
+            self.tiering_busy = False
+        log.info("%s: %s: %d pages", self.name, what, done)
+        return done
+
+    async def _store_idle(self, text: str) -> None:
+        meta = self._meta_or_einval()
+        try:
+            age = tiering.parse_idle(text)
+        except ValueError as e:
+            raise fail(errno.EINVAL, str(e)) from None
+        await trio.to_thread.run_sync(meta.mark_idle, age)
+
+    async def _store_writeback(self, text: str) -> None:
+        meta = self._meta_or_einval()
+        if self.backing is None:
+            raise fail(errno.ENODEV, f"{self.name} has no backing device")
+        try:
+            wb = tiering.parse_writeback(text)
+        except ValueError as e:
+            raise fail(errno.EINVAL, str(e)) from None
+        await self._tiering_job(f"writeback {text.strip()}", meta.writeback, wb.mode, wb.ranges)
+
+    def _store_writeback_limit(self, text: str) -> None:
+        self.wb_limit = kstrtoul(text)
+        if self.meta is not None:
+            self.meta.wb_limit = self.wb_limit
+
+    def _show_writeback_limit(self) -> str:
+        return f"{self.meta.wb_limit if self.meta is not None else self.wb_limit}\n"
+
+    def _store_writeback_limit_enable(self, text: str) -> None:
+        self.wb_limit_enable = kstrtoul(text) != 0
+        if self.meta is not None:
+            self.meta.wb_limit_enable = self.wb_limit_enable
+
+    def _store_writeback_evict(self, text: str) -> None:
+        self.evict = kstrtoul(text) != 0
+        if self.meta is not None:
+            self.meta.evict_enable = self.evict
+
+    def _show_evict_stat(self) -> str:
+        return "{:8}\n".format(self.meta.evicted if self.meta is not None else 0)
+
+    def _show_bd_stat(self) -> str:
+        fields = self.backing.bd_stat() if self.backing is not None else (0, 0, 0)
+        return "{:8} {:8} {:8}\n".format(*fields)
+
+    def _store_recomp_algorithm(self, text: str) -> None:
+        if self.initialised:
+            raise fail(errno.EBUSY, f"{self.name} is initialised; reset it first")
+        try:
+            prio, name, level = tiering.parse_recomp_algorithm(text)
+            if name not in _zcomp.ALGORITHMS.names():
+                raise ValueError(f"unknown compression algorithm {name!r}")
+            if level is not None:
+                _zcomp.parse_level(name, {"level": str(level)})
+        except (ValueError, _zcomp.CompressorError) as e:
+            raise fail(errno.EINVAL, str(e)) from None
+        self.secondary[prio] = (name, level)
+
+    def _show_recomp_algorithm(self) -> str:
+        return "".join(f"#{prio}: {_algorithms_line(current)}"
+                       for prio, (current, _) in sorted(self.secondary.items()))
+
+    async def _store_recompress(self, text: str) -> None:
+        meta = self._meta_or_einval()
+        try:
+            r = tiering.parse_recompress(text)
+        except ValueError as e:
+            raise fail(errno.EINVAL, str(e)) from None
+        if not self.secondary:
+            raise fail(errno.EINVAL, f"{self.name} has no recomp_algorithm")
+        prio = r.priority or 0
+        if r.algo is not None:
+            prio = next((p for p, (n, _) in self.secondary.items() if n == r.algo), -1)
+        if prio and prio not in self.secondary:
+            raise fail(errno.EINVAL, f"no recompression algorithm {r.algo or r.priority}")
+        await self._tiering_job(f"recompress {text.strip()}", meta.recompress, r.mode,
+                                r.threshold, r.max_pages, prio)
 
     def _store_mem_limit(self, text: str) -> None:
         limit = memparse(text)
@@ -221,6 +357,11 @@ class Device:
         return " ".join(f"{v:8}" for v in self.disk.stat()) + "\n"
 
 
+def _algorithms_line(current: str) -> str:
+    """The kernel's list of algorithms, the one in use in brackets: `lz4 [zstd] \\n`."""
+    return "".join(f"[{n}] " if n == current else f"{n} " for n in _zcomp.ALGORITHMS.names()) + "\n"
+
+
 class Attribute:
     def __init__(self, show: Callable[[Device], str] | None,
                  store: Callable[[Device, str], object] | None) -> None:
@@ -251,6 +392,18 @@ ATTRIBUTES: dict[str, Attribute] = {
     "io_stat": Attribute(Device._show_io_stat, None),
     "debug_stat": Attribute(Device._show_debug_stat, None),
     "stat": Attribute(Device._show_stat, None),
+    "backing_dev": Attribute(Device._show_backing_dev, Device._store_backing_dev),
+    "idle": Attribute(None, Device._store_idle),
+    "writeback": Attribute(None, Device._store_writeback),
+    "writeback_limit": Attribute(Device._show_writeback_limit, Device._store_writeback_limit),
+    "writeback_limit_enable": Attribute(lambda d: f"{int(d.wb_limit_enable)}\n",
+                                        Device._store_writeback_limit_enable),
+    "bd_stat": Attribute(Device._show_bd_stat, None),
+    "recomp_algorithm": Attribute(Device._show_recomp_algorithm, Device._store_recomp_algorithm),
+    "recompress": Attribute(None, Device._store_recompress),
+    # zramfs's own: zswap-style eviction of LRU pages to the backing device over mem_limit.
+    "writeback_evict": Attribute(lambda d: f"{int(d.evict)}\n", Device._store_writeback_evict),
+    "evict_stat": Attribute(Device._show_evict_stat, None),
 }
 
 
