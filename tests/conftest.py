@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -141,6 +142,21 @@ def fallocate(path: Path, mode: int, off: int, length: int) -> None:
             raise OSError(err, f"fallocate mode {mode:#x}: {os.strerror(err)}")
     finally:
         os.close(fd)
+
+
+def race(stop: threading.Event, loops: list[Callable[[], object]],
+         readers: list[Callable[[], object]]) -> None:
+    """Runs `loops` (they run until `stop` is set) beside `readers` until every reader is
+    done, then stops the loops and waits for them."""
+    looping = [threading.Thread(target=fn) for fn in loops]
+    reading = [threading.Thread(target=fn) for fn in readers]
+    for t in looping + reading:
+        t.start()
+    for t in reading:
+        t.join()
+    stop.set()
+    for t in looping:
+        t.join()
 
 
 def backing_file(loop: str) -> str | None:

@@ -11,12 +11,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from conftest import PAGE, PUNCH_HOLE, ZERO_RANGE, race
 from zramfs._backing import Backing
 from zramfs._meta import Disk, Meta
 
-PAGE = 4096
-PUNCH_HOLE = 0x02 | 0x01     # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-ZERO_RANGE = 0x10 | 0x01     # FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
 
 
 def make_disk(size: int = 64 * PAGE, algorithm: str = "lz4", **kw) -> Disk:
@@ -267,15 +265,7 @@ def test_readers_never_see_a_torn_page() -> None:
         while not stop.is_set():
             disk.meta.compact()
 
-    threads = [threading.Thread(target=writer), threading.Thread(target=compactor)]
-    readers = [threading.Thread(target=reader) for _ in range(3)]
-    for t in threads + readers:
-        t.start()
-    for t in readers:
-        t.join()
-    stop.set()
-    for t in threads:
-        t.join()
+    race(stop, [writer, compactor], [reader] * 3)
     destroy(disk)
     assert not bad
 
@@ -380,16 +370,7 @@ def test_large_readers_never_see_a_torn_page_under_large_writers() -> None:
         while not stop.is_set():
             disk.meta.compact()
 
-    threads = [threading.Thread(target=writer, args=(s,)) for s in range(2)]
-    threads.append(threading.Thread(target=compactor))
-    readers = [threading.Thread(target=reader) for _ in range(2)]
-    for t in threads + readers:
-        t.start()
-    for t in readers:
-        t.join()
-    stop.set()
-    for t in threads:
-        t.join()
+    race(stop, [lambda: writer(0), lambda: writer(1), compactor], [reader] * 2)
     destroy(disk)
     assert not bad
 

@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 
-from conftest import PAGE, Daemon, requires_fuse, zramfs_daemon
+from conftest import PAGE, Daemon, race, requires_fuse, zramfs_daemon
 
 ALLOWED_ERRNOS = {errno.EIO, errno.EBUSY, errno.ENOENT, errno.ENODEV, errno.EINVAL,
                   errno.ENOSPC}
@@ -51,15 +51,7 @@ def test_readers_never_see_a_mixed_page(daemon: Daemon) -> None:
         finally:
             os.close(fd)
 
-    w = threading.Thread(target=writer)
-    readers = [threading.Thread(target=reader) for _ in range(3)]
-    w.start()
-    for t in readers:
-        t.start()
-    for t in readers:
-        t.join()
-    stop.set()
-    w.join()
+    race(stop, [writer], [reader] * 3)
     assert not bad, f"a reader saw a page that was never written ({len(bad)} times)"
     assert reads[0] == 9000
 

@@ -67,7 +67,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from conftest import (PAGE, PUNCH_HOLE, Daemon, is_mounted, requires_fuse, run,  # noqa: E402
+from conftest import (PAGE, Daemon, is_mounted, race, requires_fuse, run,  # noqa: E402
                       zramfs_daemon)
 
 
@@ -296,15 +296,7 @@ def test_read_back_under_same_page_overwrite_during_writeback(daemon: Daemon,
                     bad.append(got)
                     return
 
-    threads = [threading.Thread(target=writer), threading.Thread(target=tierer)]
-    readers = [threading.Thread(target=reader) for _ in range(2)]
-    for t in threads + readers:
-        t.start()
-    for t in readers:
-        t.join()
-    stop.set()
-    for t in threads:
-        t.join()
+    race(stop, [writer, tierer], [reader] * 2)
     assert not errors and not bad
     assert bd_stat(daemon, name)[2] > 10                 # writebacks really happened
 
