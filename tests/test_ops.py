@@ -272,3 +272,21 @@ def test_swap_through_a_daemon_under_its_own_tight_limit(tmp_path: Path) -> None
             (root / "cgroup.procs").write_text(str(d.proc.pid))
     finally:
         cleanup.run_all()
+
+
+def test_shutdown_names_who_holds_a_device_and_waits_a_bounded_time(tmp_path: Path) -> None:
+    with zramfs_daemon("--shutdown-timeout", "2", tmp=tmp_path) as d:
+        d.device("16M")
+        loop = d.losetup("zram0")
+        fd = os.open(d.dev("zram0"), os.O_RDONLY)
+        try:
+            started = time.monotonic()
+            d.proc.terminate()
+            assert d.proc.wait(30) == 0, d.log.read_text()
+            took = time.monotonic() - started
+        finally:
+            os.close(fd)
+        log = d.log.read_text()
+        assert f"zram0 is held open by {loop} (bound), pid {os.getpid()}" in log, log
+        assert "waiting up to 2 s" in log and "zram0: still open" in log
+        assert 2 <= took < 20
