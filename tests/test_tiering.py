@@ -235,6 +235,29 @@ def test_recompress_while_writeback_runs_is_eagain(daemon: Daemon, tmp_path: Pat
 
 
 @requires_fuse
+def test_reset_and_hot_remove_wait_for_a_running_writeback(daemon: Daemon,
+                                                           tmp_path: Path) -> None:
+    """Hazard 1 for maintenance: a writeback running in a worker thread holds the meta, so
+    reset (and hot_remove) wait for it instead of freeing the meta under it."""
+    for removal in ("reset", "hot_remove"):
+        name = tiered_device(daemon, backing_file(tmp_path, 300 << 20), "300M")
+        with open(daemon.dev(name), "r+b") as f:
+            f.write(os.urandom(256 << 20))
+        job = threading.Thread(target=lambda: daemon.write(name, "writeback", "huge"))
+        job.start()
+        while bd_stat(daemon, name)[2] == 0:
+            time.sleep(0.001)
+        if removal == "reset":
+            daemon.write(name, "reset", "1")
+            assert daemon.read(name, "initstate") == "0\n"
+        else:
+            daemon.hot_remove(name)
+            assert not daemon.dev(name).exists()
+        job.join()
+        assert daemon.alive()
+
+
+@requires_fuse
 def test_recompression_shrinks_and_reads_back(daemon: Daemon, tmp_path: Path) -> None:
     name = daemon.hot_add()
     daemon.write(name, "recomp_algorithm", "algo=zstd priority=1 level=19")

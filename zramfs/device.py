@@ -71,6 +71,7 @@ class Device:
         self.openers = 0               # open file handles on dev/zramN
         self.busy = False              # a reset or removal is draining
         self.removed = False
+        self.jobs = 0                  # maintenance on the meta in worker threads
         self._tiering_defaults()
 
     def _tiering_defaults(self) -> None:
@@ -121,7 +122,7 @@ class Device:
         try:
             if self.initialised:
                 self.disk.detach()
-                while self.disk.in_flight:
+                while self.disk.in_flight or self.jobs:
                     await trio.sleep(DRAIN_POLL)
                 meta = self.disk.release()
                 await trio.to_thread.run_sync(meta.destroy)
@@ -217,6 +218,17 @@ class Device:
             raise fail(errno.EINVAL, f"{self.name} is not initialised")
         return self.meta
 
+    async def _job(self, fn, *args):
+        """Maintenance on the meta (compact, idle, writeback, recompress) in a worker thread.
+        It holds the meta as a request does, so reset waits for it too (hazard 1)."""
+        if self.busy:
+            raise fail(errno.EBUSY, f"{self.name} is being reset")
+        self.jobs += 1
+        try:
+            return await trio.to_thread.run_sync(fn, *args)
+        finally:
+            self.jobs -= 1
+
     async def _tiering_job(self, what: str, fn, *args) -> int:
         """One writeback or recompression a time (EAGAIN otherwise), in a worker thread so
         requests, served by their own threads, go on meanwhile."""
@@ -224,7 +236,7 @@ class Device:
             raise fail(errno.EAGAIN, f"{self.name}: a writeback or recompression is running")
         self.tiering_busy = True
         try:
-            done = await trio.to_thread.run_sync(fn, *args)
+            done = await self._job(fn, *args)
         finally:
             self.tiering_busy = False
         log.info("%s: %s: %d pages", self.name, what, done)
@@ -236,7 +248,7 @@ class Device:
             age = tiering.parse_idle(text)
         except ValueError as e:
             raise fail(errno.EINVAL, str(e)) from None
-        await trio.to_thread.run_sync(meta.mark_idle, age)
+        await self._job(meta.mark_idle, age)
 
     async def _store_writeback(self, text: str) -> None:
         meta = self._meta_or_einval()
@@ -323,7 +335,7 @@ class Device:
     async def _store_compact(self, text: str) -> None:
         if self.meta is None:
             raise fail(errno.EINVAL, f"{self.name} is not initialised")
-        await trio.to_thread.run_sync(self.meta.compact)
+        await self._job(self.meta.compact)
 
     async def _store_reset(self, text: str) -> None:
         if kstrtoul(text) == 0:
