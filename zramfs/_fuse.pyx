@@ -126,6 +126,7 @@ cdef struct session_ctx:
     void* owner                     # borrowed Session*, valid while mounted
     const zramfs_data_ops* dops     # NULL if no data engine
     unsigned max_io                 # max_write == max_read requested in init
+    unsigned max_background         # async (libaio) requests the kernel may queue to us
     double attr_timeout
     double entry_timeout
     stats_t st
@@ -241,6 +242,13 @@ cdef void _ll_init(void* userdata, ll.fuse_conn_info* conn) noexcept nogil:
     # Must equal the max_read= mount option or libfuse fails INIT (EPROTO).
     conn.max_read = c.max_io
     conn.max_readahead = 0       # data files are direct_io; no page cache
+    # O_DIRECT libaio requests are FUSE background requests: beyond max_background (default
+    # 12) the kernel parks them in its own queue and sends the next only when one completes,
+    # from our reply's writev. So QD64 reached us as QD12, and most requests cost a sleep and
+    # a wakeup. 128 lets two QD32 streams queue all at once (fio 4K QD32x2: context switches
+    # per op 1.3-1.4 -> 0.7, random write IOPS +25 %, random read +20 %).
+    conn.max_background = c.max_background
+    conn.congestion_threshold = c.max_background * 3 // 4
     # We consume WRITE payloads from libfuse's buffer; splice buys nothing.
     conn.want &= ~(ll.FUSE_CAP_SPLICE_READ | ll.FUSE_CAP_SPLICE_WRITE |
                    ll.FUSE_CAP_SPLICE_MOVE | ll.FUSE_CAP_WRITEBACK_CACHE)
@@ -582,7 +590,8 @@ cdef class Session:
     def __init__(self, mountpoint: str, ops: object, *, data: object = None,
                  fsname: str = "zramfs", options: tuple = (),
                  allow_other: bool = False, max_io: int = 1 << 20,
-                 max_threads: int = 16, max_idle_threads: int | None = None,
+                 max_threads: int = 4, max_idle_threads: int | None = None,
+                 max_background: int = 128,
                  attr_timeout: float = 1.0, entry_timeout: float = 1.0,
                  debug: bool = False) -> None:
         self.ops = ops
@@ -596,6 +605,7 @@ cdef class Session:
         self._lock = threading.Lock()
         self.c.owner = <void*> self
         self.c.max_io = max_io
+        self.c.max_background = max_background
         self.c.attr_timeout = attr_timeout
         self.c.entry_timeout = entry_timeout
         if data is not None:
@@ -642,6 +652,10 @@ cdef class Session:
         cdef int rc
         if cfg == NULL:
             raise MemoryError()
+        # max_threads: on 2 cores, 16 workers mostly woke to find the request taken or waited
+        # for a CPU; with 4 (and max_background 128) fio 4K QD32x2 costs 0.5 context switches
+        # per op instead of 0.7, and all stay busy. A Python request (an attribute) still
+        # leaves three workers for data.
         # clone_fd: each worker reads its own /dev/fuse fd (no thundering
         # herd, and the session fd may be closed by unmount while running).
         ll.fuse_loop_cfg_set_clone_fd(cfg, 1)
