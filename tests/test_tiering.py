@@ -340,6 +340,7 @@ def test_eviction_keeps_memory_within_the_limit(daemon: Daemon, tmp_path: Path) 
     evicted = int(daemon.read(name, "evict_stat"))
     assert orig == 256 << 20 and used <= limit == 16 << 20
     assert evicted > 0 and bd_stat(daemon, name)[0] == evicted
+    assert daemon.mm_stat(name)[6] > 0                  # eviction compacted, and says so
     assert int(daemon.read(name, "io_stat").split()[1]) == 0         # no failed writes
     with open(daemon.dev(name), "rb") as f:
         for i in range(16):

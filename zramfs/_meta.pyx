@@ -557,7 +557,7 @@ cdef void _evict(zmeta* m, size_t excess) noexcept nogil:
         elif rc == -ENOSPC:
             break
     # Objects freed here and there empty few zspages by themselves: compaction does the rest.
-    m.driver.compact(m.pool)
+    ZM_ADD(&m.evict_compacted, m.driver.compact(m.pool))
     pthread_mutex_unlock(&m.evict_lock)
 
 
@@ -1054,7 +1054,7 @@ cdef class Meta:
             m.limit_pages << PAGE_SHIFT,
             ZM_LOAD(&m.max_used_pages) << PAGE_SHIFT,
             ZM_LOAD(&m.same_pages),
-            self.pool.pages_compacted,
+            self.pool.pages_compacted + ZM_LOAD(&m.evict_compacted),
             ZM_LOAD(&m.huge_pages),
             ZM_LOAD(&m.huge_pages_since),
         )
