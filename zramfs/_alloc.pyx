@@ -33,13 +33,12 @@ from libc.string cimport memcpy, memset
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 
+from zramfs.atomics cimport za_load
+
 cdef extern from *:
     """
     #include <pthread.h>
     #include <sys/mman.h>
-    #define ZR_LOAD(p) __atomic_load_n((p), __ATOMIC_RELAXED)
-    #define ZR_ADD(p, v) __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)
-    #define ZR_SUB(p, v) __atomic_fetch_sub((p), (v), __ATOMIC_RELAXED)
     #ifndef MADV_POPULATE_WRITE
     #define MADV_POPULATE_WRITE 23
     #endif
@@ -56,9 +55,6 @@ cdef extern from *:
     void* MAP_FAILED
     int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE, MAP_FIXED, MADV_DONTNEED
     int MADV_POPULATE_WRITE
-    size_t ZR_LOAD(size_t*) nogil
-    size_t ZR_ADD(size_t*, size_t) nogil
-    size_t ZR_SUB(size_t*, size_t) nogil
 
 cdef enum:
     PAGE_SIZE = 4096
@@ -218,7 +214,7 @@ cdef void pages_free(page_source* ps, char* addr, int npages) noexcept nogil:
 
 
 cdef size_t pages_held(page_source* ps) noexcept nogil:
-    return ZR_LOAD(&ps.pages_held)
+    return za_load(&ps.pages_held)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,13 +17,12 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 
+from zramfs.atomics cimport za_add, za_load, za_sub
+
 cdef extern from *:
     """
     #include <unistd.h>
     #include <stdlib.h>
-    #define ZB_LOAD(p) __atomic_load_n((p), __ATOMIC_RELAXED)
-    #define ZB_ADD(p, v) __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)
-    #define ZB_SUB(p, v) __atomic_fetch_sub((p), (v), __ATOMIC_RELAXED)
     """
     int pthread_mutex_init(pthread_mutex_t*, void*) nogil
     int pthread_mutex_destroy(pthread_mutex_t*) nogil
@@ -34,9 +33,6 @@ cdef extern from *:
     int posix_memalign(void** p, size_t align, size_t size) nogil
     int close(int fd) nogil
     int __builtin_ctzll(unsigned long long) nogil
-    size_t ZB_LOAD(size_t*) nogil
-    size_t ZB_ADD(size_t*, size_t) nogil
-    size_t ZB_SUB(size_t*, size_t) nogil
 
 cdef enum:
     PAGE_SIZE = 4096
@@ -62,7 +58,7 @@ cdef long backing_alloc(zbacking* b) noexcept nogil:
                 b.bitmap[w] |= 1ULL << bit
                 b.hint = w
                 pthread_mutex_unlock(&b.lock)
-                ZB_ADD(&b.bd_count, 1)
+                za_add(&b.bd_count, 1)
                 return <long>block
     pthread_mutex_unlock(&b.lock)
     return -1
@@ -72,14 +68,14 @@ cdef void backing_free(zbacking* b, size_t block) noexcept nogil:
     pthread_mutex_lock(&b.lock)
     b.bitmap[block // BITS] &= ~(1ULL << (block % BITS))
     pthread_mutex_unlock(&b.lock)
-    ZB_SUB(&b.bd_count, 1)
+    za_sub(&b.bd_count, 1)
 
 
 cdef int backing_read(zbacking* b, size_t block, char* page) noexcept nogil:
     cdef ssize_t n = pread(b.fd, page, PAGE_SIZE, <long>(block * PAGE_SIZE))
     if n != PAGE_SIZE:
         return -(errno if n < 0 else EIO)
-    ZB_ADD(&b.bd_reads, 1)
+    za_add(&b.bd_reads, 1)
     return 0
 
 
@@ -87,7 +83,7 @@ cdef int backing_write(zbacking* b, size_t block, const char* page) noexcept nog
     cdef ssize_t n = pwrite(b.fd, page, PAGE_SIZE, <long>(block * PAGE_SIZE))
     if n != PAGE_SIZE:
         return -(errno if n < 0 else EIO)
-    ZB_ADD(&b.bd_writes, 1)
+    za_add(&b.bd_writes, 1)
     return 0
 
 
@@ -151,8 +147,8 @@ cdef class Backing:
         return self.b.nr_blocks
 
     def bd_stat(self) -> tuple[int, int, int]:
-        return (ZB_LOAD(&self.b.bd_count), ZB_LOAD(&self.b.bd_reads),
-                ZB_LOAD(&self.b.bd_writes))
+        return (za_load(&self.b.bd_count), za_load(&self.b.bd_reads),
+                za_load(&self.b.bd_writes))
 
     # For tests: the same C calls the data path makes.
 

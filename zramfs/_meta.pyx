@@ -24,6 +24,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.pycapsule cimport PyCapsule_New
 
+from zramfs.atomics cimport za_add, za_load, za_load64, za_sub
 from zramfs.data_ops cimport zramfs_data_ops, ZRAMFS_DATA_OPS_CAPSULE
 
 from zramfs._alloc cimport Pool, zpool_driver
@@ -86,9 +87,6 @@ cdef extern from *:
     static inline void zdisk_put(int64_t* state) {
         __atomic_fetch_sub(state, 1, __ATOMIC_RELEASE);
     }
-    #define ZM_LOAD(p) __atomic_load_n((p), __ATOMIC_RELAXED)
-    #define ZM_ADD(p, v) __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)
-    #define ZM_SUB(p, v) __atomic_fetch_sub((p), (v), __ATOMIC_RELAXED)
     static inline void zm_max(size_t* p, size_t v) {
         size_t old = __atomic_load_n(p, __ATOMIC_RELAXED);
         while (v > old && !__atomic_compare_exchange_n(p, &old, v, 1, __ATOMIC_RELAXED,
@@ -136,10 +134,6 @@ cdef extern from *:
     void zslot_set_flags(uint32_t* flags, uint32_t value) nogil
     int zdisk_get(int64_t* state) nogil
     void zdisk_put(int64_t* state) nogil
-    size_t ZM_LOAD(size_t*) nogil
-    int64_t ZM_LOAD64 "ZM_LOAD"(int64_t*) nogil
-    size_t ZM_ADD(size_t*, size_t) nogil
-    size_t ZM_SUB(size_t*, size_t) nogil
     int64_t ZM_AND64 "__atomic_fetch_and"(int64_t*, int64_t, int) nogil
     int64_t ZM_OR64 "__atomic_fetch_or"(int64_t*, int64_t, int) nogil
     int __ATOMIC_SEQ_CST
@@ -206,17 +200,17 @@ cdef inline void _fill(char* page, uint64_t word) noexcept nogil:
 cdef void _free_locked(zmeta* m, zslot* s) noexcept nogil:
     cdef uint32_t flags = zslot_flags(&s.flags)
     if flags & ZS_SAME:
-        ZM_SUB(&m.same_pages, 1)
-        ZM_SUB(&m.pages_stored, 1)
+        za_sub(&m.same_pages, 1)
+        za_sub(&m.pages_stored, 1)
     elif flags & ZS_WB:
         backing_free(m.backing, s.handle)
-        ZM_SUB(&m.pages_stored, 1)
+        za_sub(&m.pages_stored, 1)
     elif s.size:
         m.driver.free(m.pool, s.handle)
-        ZM_SUB(&m.compr_data_size, s.size)
-        ZM_SUB(&m.pages_stored, 1)
+        za_sub(&m.compr_data_size, s.size)
+        za_sub(&m.pages_stored, 1)
         if flags & ZS_HUGE:
-            ZM_SUB(&m.huge_pages, 1)
+            za_sub(&m.huge_pages, 1)
     s.handle = 0
     s.size = 0
     zslot_set_flags(&s.flags, 0)
@@ -274,8 +268,8 @@ cdef int _store_locked(zmeta* m, zslot* s, const char* page, zstream* st) noexce
         _free_locked(m, s)
         s.handle = word
         zslot_set_flags(&s.flags, ZS_SAME)
-        ZM_ADD(&m.same_pages, 1)
-        ZM_ADD(&m.pages_stored, 1)
+        za_add(&m.same_pages, 1)
+        za_add(&m.pages_stored, 1)
         return 0
     # A result that would land in a huge class is no better than the page itself.
     n = m.comp.ops.compress(st.ctx, m.comp.level, page, st.buffer, <int>m.huge_size - 1)
@@ -286,11 +280,11 @@ cdef int _store_locked(zmeta* m, zslot* s, const char* page, zstream* st) noexce
         return -ENOMEM
     used = m.driver.total_pages(m.pool)
     zm_max(&m.max_used_pages, used)
-    if m.limit_pages and used > ZM_LOAD(&m.limit_pages):
+    if m.limit_pages and used > za_load(&m.limit_pages):
         if m.evict_enable and m.backing != NULL:
-            _evict(m, used - ZM_LOAD(&m.limit_pages))
+            _evict(m, used - za_load(&m.limit_pages))
             used = m.driver.total_pages(m.pool)
-        if used > ZM_LOAD(&m.limit_pages):
+        if used > za_load(&m.limit_pages):
             m.driver.free(m.pool, handle)
             return -ENOMEM
     dst = m.driver.map(m.pool, handle)
@@ -300,11 +294,11 @@ cdef int _store_locked(zmeta* m, zslot* s, const char* page, zstream* st) noexce
     s.handle = handle
     s.size = n
     zslot_set_flags(&s.flags, flags)
-    ZM_ADD(&m.compr_data_size, n)
-    ZM_ADD(&m.pages_stored, 1)
+    za_add(&m.compr_data_size, n)
+    za_add(&m.pages_stored, 1)
     if flags & ZS_HUGE:
-        ZM_ADD(&m.huge_pages, 1)
-        ZM_ADD(&m.huge_pages_since, 1)
+        za_add(&m.huge_pages, 1)
+        za_add(&m.huge_pages_since, 1)
     return 0
 
 
@@ -351,7 +345,7 @@ cdef int _writeback_locked(zmeta* m, zslot* s, char* page, zstream* st) noexcept
     _free_locked(m, s)
     s.handle = <uint64_t>block
     zslot_set_flags(&s.flags, ZS_WB | idle)
-    ZM_ADD(&m.pages_stored, 1)          # still stored, on the backing device
+    za_add(&m.pages_stored, 1)          # still stored, on the backing device
     return 0
 
 
@@ -402,7 +396,7 @@ cdef long _writeback(zmeta* m, int mode, const size_t* ranges, size_t nranges, c
     qsort(cand, n, sizeof(zcandidate), _larger_first)
     st = zcomp_stream_get(m.comp)
     for i in range(n):
-        if m.wb_limit_enable and ZM_LOAD(&m.wb_limit) == 0:
+        if m.wb_limit_enable and za_load(&m.wb_limit) == 0:
             err[0] = EIO
             break
         s = &m.table[cand[i].index]
@@ -415,7 +409,7 @@ cdef long _writeback(zmeta* m, int mode, const size_t* ranges, size_t nranges, c
         if rc == 0:
             done += 1
             if m.wb_limit_enable:
-                ZM_SUB(&m.wb_limit, 1)
+                za_sub(&m.wb_limit, 1)
     zcomp_stream_put(st)
     free(cand)
     return done
@@ -461,7 +455,7 @@ cdef int _recompress_locked(zmeta* m, zslot* s, int only, char* page, zstream* s
         if n > 0 and m.driver.class_size(m.pool, n) < old_class:
             handle = m.driver.malloc(m.pool, n)
             used = m.driver.total_pages(m.pool)
-            if handle != 0 and m.limit_pages and used > ZM_LOAD(&m.limit_pages):
+            if handle != 0 and m.limit_pages and used > za_load(&m.limit_pages):
                 # Recompression must not take memory over mem_limit any more than a write
                 # may: leave the page as it is, for a later try.
                 m.driver.free(m.pool, handle)
@@ -477,8 +471,8 @@ cdef int _recompress_locked(zmeta* m, zslot* s, int only, char* page, zstream* s
                 s.handle = handle
                 s.size = n
                 zslot_set_flags(&s.flags, (flags & ZS_IDLE) | (prio << ZS_PRIO_SHIFT))
-                ZM_ADD(&m.compr_data_size, n)
-                ZM_ADD(&m.pages_stored, 1)
+                za_add(&m.compr_data_size, n)
+                za_add(&m.pages_stored, 1)
                 return 1
         zcomp_stream_put(st2)
     zslot_set_flags(&s.flags, flags | ZS_INCOMPRESSIBLE)
@@ -531,7 +525,7 @@ cdef void _evict(zmeta* m, size_t excess) noexcept nogil:
     cdef zslot* s
     cdef int rc
     pthread_mutex_lock(&m.evict_lock)
-    if m.driver.total_pages(m.pool) <= ZM_LOAD(&m.limit_pages):
+    if m.driver.total_pages(m.pool) <= za_load(&m.limit_pages):
         pthread_mutex_unlock(&m.evict_lock)       # another writer made room meanwhile
         return
     while freed < goal and scanned < 2 * m.nr_pages:
@@ -553,11 +547,11 @@ cdef void _evict(zmeta* m, size_t excess) noexcept nogil:
             rc = _writeback_locked(m, s, m.evict_page, m.evict_stream)
         zslot_unlock(&s.flags)
         if rc == 0:
-            ZM_ADD(&m.evicted, 1)
+            za_add(&m.evicted, 1)
         elif rc == -ENOSPC:
             break
     # Objects freed here and there empty few zspages by themselves: compaction does the rest.
-    ZM_ADD(&m.evict_compacted, m.driver.compact(m.pool))
+    za_add(&m.evict_compacted, m.driver.compact(m.pool))
     pthread_mutex_unlock(&m.evict_lock)
 
 
@@ -568,9 +562,9 @@ cdef inline size_t _disk_bytes(zmeta* m) noexcept nogil:
 
 
 cdef inline void _account(zdisk* d, int kind, size_t nbytes, uint64_t started) noexcept nogil:
-    ZM_ADD(&d.ios[kind], 1)
-    ZM_ADD(&d.sectors[kind], nbytes >> SECTOR_SHIFT)
-    ZM_ADD(&d.ticks_ns[kind], zm_now_ns() - started)
+    za_add(&d.ios[kind], 1)
+    za_add(&d.sectors[kind], nbytes >> SECTOR_SHIFT)
+    za_add(&d.ticks_ns[kind], zm_now_ns() - started)
 
 
 cdef int _page_io(zmeta* m, bint write, char* buf, size_t off, size_t size, size_t page,
@@ -619,7 +613,7 @@ cdef void _job_work(zjob* j, zstream* st) noexcept nogil:
     cdef size_t c, page, last
     cdef size_t end_page = (j.off + j.size - 1) >> PAGE_SHIFT
     while True:
-        c = ZM_ADD(&j.next_chunk, 1)
+        c = za_add(&j.next_chunk, 1)
         if c >= j.nr_chunks:
             return
         page = j.first_page + c * JOB_CHUNK
@@ -669,7 +663,7 @@ cdef void* _worker_main(void* arg) noexcept nogil:
         if w.stop:
             break
         j = w.queue
-        if ZM_LOAD(&j.next_chunk) >= j.nr_chunks:
+        if za_load(&j.next_chunk) >= j.nr_chunks:
             _job_unqueue(w, j)        # all taken: nothing for a worker to join
             continue
         j.helpers += 1
@@ -722,7 +716,7 @@ cdef size_t _range_io(zmeta* m, bint write, char* buf, size_t off, size_t size,
     while j.helpers:              # j lives on this stack: wait until no worker touches it
         pthread_cond_wait(&w.left, &w.lock)
     pthread_mutex_unlock(&w.lock)
-    return ZM_LOAD(&j.first_bad)
+    return za_load(&j.first_bad)
 
 
 cdef zworkers* _workers_start(zcomp* comp, int nr) noexcept nogil:
@@ -784,7 +778,7 @@ cdef ssize_t zdisk_read(zdisk* d, char* buf, size_t size, off_t off) noexcept no
         bad = _range_io(m, False, buf, <size_t>off, size, st)
         zcomp_stream_put(st)
     if bad != SIZE_MAX:
-        ZM_ADD(&m.failed_reads, 1)
+        za_add(&m.failed_reads, 1)
     zdisk_put(&d.state)
     _account(d, IO_READ, size if bad == SIZE_MAX else 0, started)
     return -EIO if bad != SIZE_MAX else <ssize_t>size
@@ -801,7 +795,7 @@ cdef ssize_t zdisk_write(zdisk* d, const char* buf, size_t size, off_t off) noex
         return -EIO
     m = d.meta
     if off < 0 or <size_t>off >= _disk_bytes(m):
-        ZM_ADD(&m.invalid_io, 1)
+        za_add(&m.invalid_io, 1)
         zdisk_put(&d.state)
         return -ENOSPC
     size = min(size, _disk_bytes(m) - <size_t>off)
@@ -812,7 +806,7 @@ cdef ssize_t zdisk_write(zdisk* d, const char* buf, size_t size, off_t off) noex
         zcomp_stream_put(st)
     done = size
     if bad != SIZE_MAX:
-        ZM_ADD(&m.failed_writes, 1)
+        za_add(&m.failed_writes, 1)
         done = (bad << PAGE_SHIFT) - <size_t>off if (bad << PAGE_SHIFT) > <size_t>off else 0
     zdisk_put(&d.state)
     _account(d, IO_WRITE, done, started)
@@ -847,7 +841,7 @@ cdef int zdisk_fallocate(zdisk* d, int mode, off_t off, off_t length) noexcept n
         zslot_lock(&s.flags)
         if n == PAGE_SIZE:
             if zslot_flags(&s.flags) & ZS_SAME or s.size:
-                ZM_ADD(&m.notify_free, 1)
+                za_add(&m.notify_free, 1)
             _free_locked(m, s)
         else:
             if st == NULL:
@@ -860,7 +854,7 @@ cdef int zdisk_fallocate(zdisk* d, int mode, off_t off, off_t length) noexcept n
                 _touch(m, s)
         zslot_unlock(&s.flags)
         if rc:
-            ZM_ADD(&m.failed_writes, 1)
+            za_add(&m.failed_writes, 1)
             break
         pos += n
     if st != NULL:
@@ -1048,22 +1042,22 @@ cdef class Meta:
         """The nine fields of mm_stat, in the kernel's order."""
         cdef zmeta* m = self.m
         return (
-            ZM_LOAD(&m.pages_stored) << PAGE_SHIFT,
-            ZM_LOAD(&m.compr_data_size),
+            za_load(&m.pages_stored) << PAGE_SHIFT,
+            za_load(&m.compr_data_size),
             self.pool.total_pages << PAGE_SHIFT,
             m.limit_pages << PAGE_SHIFT,
-            ZM_LOAD(&m.max_used_pages) << PAGE_SHIFT,
-            ZM_LOAD(&m.same_pages),
-            self.pool.pages_compacted + ZM_LOAD(&m.evict_compacted),
-            ZM_LOAD(&m.huge_pages),
-            ZM_LOAD(&m.huge_pages_since),
+            za_load(&m.max_used_pages) << PAGE_SHIFT,
+            za_load(&m.same_pages),
+            self.pool.pages_compacted + za_load(&m.evict_compacted),
+            za_load(&m.huge_pages),
+            za_load(&m.huge_pages_since),
         )
 
     def io_stat(self) -> tuple[int, int, int, int]:
         """failed_reads failed_writes invalid_io notify_free."""
         cdef zmeta* m = self.m
-        return (ZM_LOAD(&m.failed_reads), ZM_LOAD(&m.failed_writes),
-                ZM_LOAD(&m.invalid_io), ZM_LOAD(&m.notify_free))
+        return (za_load(&m.failed_reads), za_load(&m.failed_writes),
+                za_load(&m.invalid_io), za_load(&m.notify_free))
 
     # Tiering. These walk the table without the GIL; call them from a worker thread.
 
@@ -1119,7 +1113,7 @@ cdef class Meta:
 
     @property
     def wb_limit(self) -> int:
-        return ZM_LOAD(&self.m.wb_limit)
+        return za_load(&self.m.wb_limit)
 
     @wb_limit.setter
     def wb_limit(self, size_t pages) -> None:
@@ -1144,7 +1138,7 @@ cdef class Meta:
 
     @property
     def evicted(self) -> int:
-        return ZM_LOAD(&self.m.evicted)
+        return za_load(&self.m.evicted)
 
 
 cdef class Disk:
@@ -1180,11 +1174,11 @@ cdef class Disk:
 
     @property
     def live(self) -> bool:
-        return bool(ZM_LOAD64(&self.disk.state) & ZD_LIVE)
+        return bool(za_load64(&self.disk.state) & ZD_LIVE)
 
     @property
     def in_flight(self) -> int:
-        return ZM_LOAD64(&self.disk.state) & ~ZD_LIVE
+        return za_load64(&self.disk.state) & ~ZD_LIVE
 
     def release(self) -> Meta:
         """Takes the meta away once detached and drained."""
@@ -1197,9 +1191,9 @@ cdef class Disk:
     def stat(self) -> tuple[int, ...]:
         """The block layer's 17 stat fields (read, write, discard; no merges, no flushes)."""
         cdef zdisk* d = self.disk
-        ios = [ZM_LOAD(&d.ios[i]) for i in range(3)]
-        sectors = [ZM_LOAD(&d.sectors[i]) for i in range(3)]
-        ms = [ZM_LOAD(&d.ticks_ns[i]) // 1000000 for i in range(3)]
+        ios = [za_load(&d.ios[i]) for i in range(3)]
+        sectors = [za_load(&d.sectors[i]) for i in range(3)]
+        ms = [za_load(&d.ticks_ns[i]) // 1000000 for i in range(3)]
         busy = ms[0] + ms[1] + ms[2]
         return (ios[0], 0, sectors[0], ms[0], ios[1], 0, sectors[1], ms[1],
                 self.in_flight, busy, busy, ios[2], 0, sectors[2], ms[2], 0, 0)
