@@ -34,21 +34,16 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 
 from zramfs.atomics cimport za_load
+from zramfs.pthread cimport (pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
+                            pthread_mutex_t, pthread_mutex_unlock)
 
 cdef extern from *:
     """
-    #include <pthread.h>
     #include <sys/mman.h>
     #ifndef MADV_POPULATE_WRITE
     #define MADV_POPULATE_WRITE 23
     #endif
     """
-    ctypedef struct pthread_mutex_t:
-        pass
-    int pthread_mutex_init(pthread_mutex_t*, void*) nogil
-    int pthread_mutex_destroy(pthread_mutex_t*) nogil
-    int pthread_mutex_lock(pthread_mutex_t*) nogil
-    int pthread_mutex_unlock(pthread_mutex_t*) nogil
     void* mmap(void* addr, size_t length, int prot, int flags, int fd, long offset) nogil
     int munmap(void* addr, size_t length) nogil
     int madvise(void* addr, size_t length, int advice) nogil

@@ -3,12 +3,7 @@
 # Space is managed in 4 KiB blocks with a free bitmap. All of these run without the GIL;
 # read and write do their own I/O (pread/pwrite, with O_DIRECT where the file allows it).
 
-cdef extern from *:
-    """
-    #include <pthread.h>
-    """
-    ctypedef struct pthread_mutex_t:
-        pass
+from zramfs.pthread cimport pthread_mutex_t
 
 ctypedef struct zbacking:
     int fd

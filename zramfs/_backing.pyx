@@ -18,16 +18,14 @@ from libc.string cimport memcpy
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 
 from zramfs.atomics cimport za_add, za_load, za_sub
+from zramfs.pthread cimport (pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
+                            pthread_mutex_unlock)
 
 cdef extern from *:
     """
     #include <unistd.h>
     #include <stdlib.h>
     """
-    int pthread_mutex_init(pthread_mutex_t*, void*) nogil
-    int pthread_mutex_destroy(pthread_mutex_t*) nogil
-    int pthread_mutex_lock(pthread_mutex_t*) nogil
-    int pthread_mutex_unlock(pthread_mutex_t*) nogil
     ssize_t pread(int fd, void* buf, size_t n, long off) nogil
     ssize_t pwrite(int fd, const void* buf, size_t n, long off) nogil
     int posix_memalign(void** p, size_t align, size_t size) nogil

@@ -11,12 +11,7 @@ from zramfs._alloc cimport zpool_driver
 from zramfs._backing cimport zbacking
 from zramfs._zcomp cimport zcomp, zstream
 
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
-    ctypedef struct pthread_cond_t:
-        pass
-    ctypedef unsigned long pthread_t
+from zramfs.pthread cimport pthread_cond_t, pthread_mutex_t, pthread_t
 
 cdef struct zworkers
 

@@ -25,6 +25,9 @@ from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.pycapsule cimport PyCapsule_New
 
 from zramfs.atomics cimport za_add, za_load, za_load64, za_sub
+from zramfs.pthread cimport (pthread_cond_broadcast, pthread_cond_destroy, pthread_cond_init,
+                            pthread_cond_wait, pthread_join, pthread_mutex_destroy,
+                            pthread_mutex_init, pthread_mutex_lock, pthread_mutex_unlock)
 from zramfs.data_ops cimport zramfs_data_ops, ZRAMFS_DATA_OPS_CAPSULE
 
 from zramfs._alloc cimport Pool, zpool_driver
@@ -146,16 +149,7 @@ cdef extern from *:
     int sched_yield() nogil
     size_t SIZE_MAX
     int zm_thread_start(pthread_t* t, void* (*fn)(void*) noexcept nogil, void* arg) nogil
-    int pthread_join(pthread_t, void**) nogil
-    int pthread_mutex_init(pthread_mutex_t*, void*) nogil
     int posix_memalign(void** p, size_t align, size_t size) nogil
-    int pthread_mutex_destroy(pthread_mutex_t*) nogil
-    int pthread_mutex_lock(pthread_mutex_t*) nogil
-    int pthread_mutex_unlock(pthread_mutex_t*) nogil
-    int pthread_cond_init(pthread_cond_t*, void*) nogil
-    int pthread_cond_destroy(pthread_cond_t*) nogil
-    int pthread_cond_wait(pthread_cond_t*, pthread_mutex_t*) nogil
-    int pthread_cond_broadcast(pthread_cond_t*) nogil
 
 cdef enum:
     PAGE_SHIFT = 12

@@ -8,12 +8,7 @@
 #     n = comp.ops.compress(s.ctx, comp.level, page, s.buffer, ZCOMP_BUFFER)
 #     zcomp_stream_put(s)
 
-cdef extern from *:
-    """
-    #include <pthread.h>
-    """
-    ctypedef struct pthread_mutex_t:
-        pass
+from zramfs.pthread cimport pthread_mutex_t
 
 cdef enum:
     ZCOMP_PAGE = 4096

@@ -17,17 +17,14 @@ from libc.stdlib cimport calloc, free, malloc
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 
+from zramfs.pthread cimport (pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
+                            pthread_mutex_trylock, pthread_mutex_unlock)
 from zramfs.registry import Registry
 
 cdef extern from *:
     """
     #define ZC_HINT(p) __atomic_fetch_add((p), 1, __ATOMIC_RELAXED)
     """
-    int pthread_mutex_init(pthread_mutex_t*, void*) nogil
-    int pthread_mutex_destroy(pthread_mutex_t*) nogil
-    int pthread_mutex_lock(pthread_mutex_t*) nogil
-    int pthread_mutex_trylock(pthread_mutex_t*) nogil
-    int pthread_mutex_unlock(pthread_mutex_t*) nogil
     unsigned int ZC_HINT(unsigned int*) nogil
 
 cdef extern from "<stdlib.h>" nogil:
