@@ -378,20 +378,21 @@ def test_large_readers_never_see_a_torn_page_under_large_writers() -> None:
 
 def test_workers_start_with_the_meta_and_stop_with_it() -> None:
     """The threads exist from disksize on (none are made per request) and are gone after
-    destroy, also when a meta is dropped without destroy."""
+    destroy, also when a meta is dropped without destroy. Each has its compression workers
+    and its pool's page populator."""
     def threads() -> int:
         return len(os.listdir("/proc/self/task"))
 
     gc.collect()            # an earlier test's dropped meta joins its workers now, not midway
     before = threads()
     disk = make_disk(64 * PAGE, workers=3)
-    assert disk.meta.workers == 3 and threads() == before + 3
+    assert disk.meta.workers == 3 and threads() == before + 3 + 1
     disk.write(0, os.urandom(64 * PAGE))
-    assert threads() == before + 3
+    assert threads() == before + 3 + 1
     destroy(disk)
     assert threads() == before
     meta = Meta(64 * PAGE, "lz4", name="test", workers=2)
-    assert threads() == before + 2
+    assert threads() == before + 2 + 1
     del meta
     assert threads() == before
     with pytest.raises(ValueError):

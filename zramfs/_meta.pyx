@@ -27,7 +27,8 @@ from cpython.pycapsule cimport PyCapsule_New
 from zramfs.atomics cimport za_add, za_load, za_load64, za_sub
 from zramfs.pthread cimport (pthread_cond_broadcast, pthread_cond_destroy, pthread_cond_init,
                             pthread_cond_wait, pthread_join, pthread_mutex_destroy,
-                            pthread_mutex_init, pthread_mutex_lock, pthread_mutex_unlock)
+                            pthread_mutex_init, pthread_mutex_lock, pthread_mutex_unlock,
+                            zfs_thread_start)
 from zramfs.data_ops cimport zramfs_data_ops, ZRAMFS_DATA_OPS_CAPSULE
 
 from zramfs._alloc cimport Pool, zpool_driver
@@ -107,23 +108,6 @@ cdef extern from *:
         while (v < old && !__atomic_compare_exchange_n(p, &old, v, 1, __ATOMIC_RELAXED,
                                                        __ATOMIC_RELAXED)) {}
     }
-    #include <pthread.h>
-    #include <signal.h>
-    /* A compression worker: all signals blocked (they are the main thread's business), a
-       small stack (nothing deep runs there; under mlockall a big one would be locked). */
-    static int zm_thread_start(pthread_t* t, void* (*fn)(void*), void* arg) {
-        pthread_attr_t attr;
-        sigset_t all, old;
-        int rc;
-        pthread_attr_init(&attr);
-        pthread_attr_setstacksize(&attr, 512 * 1024);
-        sigfillset(&all);
-        pthread_sigmask(SIG_SETMASK, &all, &old);
-        rc = pthread_create(t, &attr, fn, arg);
-        pthread_sigmask(SIG_SETMASK, &old, NULL);
-        pthread_attr_destroy(&attr);
-        return rc;
-    }
     """
     uint32_t ZS_LOCK
     int64_t ZD_LIVE
@@ -148,7 +132,6 @@ cdef extern from *:
     int __ATOMIC_RELEASE
     int sched_yield() nogil
     size_t SIZE_MAX
-    int zm_thread_start(pthread_t* t, void* (*fn)(void*) noexcept nogil, void* arg) nogil
     int posix_memalign(void** p, size_t align, size_t size) nogil
 
 cdef enum:
@@ -730,7 +713,7 @@ cdef zworkers* _workers_start(zcomp* comp, int nr) noexcept nogil:
     for i in range(nr):
         w.workers[i].pool = w
         w.workers[i].stream = zcomp_private_stream(comp, i)
-        if zm_thread_start(&w.workers[i].thread, _worker_main, &w.workers[i]) != 0:
+        if zfs_thread_start(&w.workers[i].thread, _worker_main, &w.workers[i]) != 0:
             _workers_stop(w)
             return NULL
         w.workers[i].started = 1

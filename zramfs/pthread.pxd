@@ -17,3 +17,8 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_wait(pthread_cond_t*, pthread_mutex_t*)
     int pthread_cond_broadcast(pthread_cond_t*)
     int pthread_join(pthread_t, void**)
+    int pthread_cond_signal(pthread_cond_t*)
+
+cdef extern from "threads.h" nogil:
+    # A data-path thread: signals blocked, small stack. 0 or an errno.
+    int zfs_thread_start(pthread_t* t, void* (*fn)(void*) noexcept nogil, void* arg)
