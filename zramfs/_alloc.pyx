@@ -125,9 +125,11 @@ cdef void* _populator_main(void* arg) noexcept nogil:
     zs_sched_idle()
     pthread_mutex_lock(&ps.lock)
     while not ps.stop:
-        start = max(ps.populated, ps.bump)
-        end = min(ps.bump + <size_t>RESERVE_PAGES * PAGE_SIZE, ps.bump_end)
-        if ps.bump == NULL or start >= end:
+        start = end = NULL
+        if ps.bump != NULL:         # no arena before the first allocation
+            start = max(ps.populated, ps.bump)
+            end = min(ps.bump + <size_t>RESERVE_PAGES * PAGE_SIZE, ps.bump_end)
+        if start >= end:
             ps.populator_asleep = True
             pthread_cond_wait(&ps.want, &ps.lock)
             ps.populator_asleep = False
