@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+import time
 
 import lz4.block
 import pytest
@@ -296,6 +297,22 @@ def test_memory_really_returns() -> None:
         assert given_back > 0.8 * held_full          # 90 % freed, compacted
         assert rss_full - rss_after >= 0.95 * given_back, (rss_full, rss_after, given_back)
         assert all(len(pool.read(h)) >= 1000 for h in keep)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fresh_pages_are_made_resident_ahead_and_no_further(backend: str) -> None:
+    """The populator thread makes the arena resident ahead of the first object, about 2 MiB
+    of it: more than the one zspage in use, far less than the 64 MiB arena."""
+    with _alloc.Pool(backend, "ahead") as pool:
+        before = rss_bytes()
+        pool.write(pool.malloc(100), b"x" * 100)
+        assert pool.total_pages <= 8                  # one zspage
+        deadline = time.monotonic() + 5
+        while rss_bytes() - before < 1 << 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rss_bytes() - before >= 1 << 20
+        time.sleep(0.2)                               # it would go on, were it not bounded
+        assert rss_bytes() - before <= 4 << 20
 
 
 @pytest.fixture(scope="module")
