@@ -33,11 +33,11 @@ from libc.string cimport memcpy, memset
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 
-from zramfs.atomics cimport za_load
+from zramfs.zram cimport PAGE_SIZE, za_load
 from zramfs.pthread cimport (pthread_cond_destroy, pthread_cond_init, pthread_cond_signal,
                             pthread_cond_t, pthread_cond_wait, pthread_join, pthread_mutex_destroy,
                             pthread_mutex_init, pthread_mutex_lock, pthread_mutex_t,
-                            pthread_mutex_unlock, pthread_t, zfs_thread_start)
+                            pthread_mutex_unlock, pthread_t, zram_thread_start)
 
 cdef extern from *:
     """
@@ -61,7 +61,6 @@ cdef extern from *:
     int MADV_POPULATE_WRITE
 
 cdef enum:
-    PAGE_SIZE = 4096
     MIN_SIZE = 32
     CLASS_DELTA = 16
     NR_SIZES = 255          # (PAGE_SIZE - MIN_SIZE) / CLASS_DELTA + 1: 32, 48, ..., 4096
@@ -148,7 +147,7 @@ cdef int pages_init(page_source* ps) noexcept nogil:
     if pthread_mutex_init(&ps.lock, NULL) != 0:
         return -1
     pthread_cond_init(&ps.want, NULL)
-    if zfs_thread_start(&ps.populator, _populator_main, ps) != 0:
+    if zram_thread_start(&ps.populator, _populator_main, ps) != 0:
         pthread_cond_destroy(&ps.want)
         pthread_mutex_destroy(&ps.lock)
         return -1

@@ -17,7 +17,7 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 
-from zramfs.atomics cimport za_add, za_load, za_sub
+from zramfs.zram cimport PAGE_SIZE, posix_memalign, za_add, za_load, za_sub
 from zramfs.pthread cimport (pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
                             pthread_mutex_unlock)
 
@@ -28,12 +28,10 @@ cdef extern from *:
     """
     ssize_t pread(int fd, void* buf, size_t n, long off) nogil
     ssize_t pwrite(int fd, const void* buf, size_t n, long off) nogil
-    int posix_memalign(void** p, size_t align, size_t size) nogil
     int close(int fd) nogil
     int __builtin_ctzll(unsigned long long) nogil
 
 cdef enum:
-    PAGE_SIZE = 4096
     BITS = 64
 
 

@@ -42,85 +42,63 @@ cdef extern from "Python.h":
     # Safe without the GIL: only inspects the thread state.
     int PyGILState_Check() nogil
 from zramfs.data_ops cimport zramfs_data_ops, ZRAMFS_DATA_OPS_CAPSULE
+from zramfs.zram cimport za_add, za_load, za_max, za_or
 
 log = logging.getLogger("zramfs.fuse")
 
-# --------------------------------------------------------------------------
-# Lock-free statistics helpers (GCC atomics; used from nogil worker threads)
-# --------------------------------------------------------------------------
 cdef extern from *:
     """
-    #include <stdint.h>
-    #include <time.h>
-    static inline void zfs_atomic_max(uint64_t *p, uint64_t v) {
-        uint64_t cur = __atomic_load_n(p, __ATOMIC_RELAXED);
-        while (v > cur && !__atomic_compare_exchange_n(
-                   p, &cur, v, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
-    }
-    static inline void zfs_atomic_or(uint64_t *p, uint64_t v) {
-        __atomic_fetch_or(p, v, __ATOMIC_RELAXED);
-    }
-    static inline void zfs_atomic_add(uint64_t *p, uint64_t v) {
-        __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
-    }
-    static inline uint64_t zfs_atomic_load(uint64_t *p) {
-        return __atomic_load_n(p, __ATOMIC_RELAXED);
-    }
     /* A READ reply buffer per worker thread, kept for the thread's life and grown to the
        largest read it served (max_read at most). A malloc per request costs more than the
        data path itself: glibc serves 1 MiB by mmap, so every read faulted in 256 fresh
        pages and unmapped them again. Freed when the worker thread exits. */
     #include <pthread.h>
     #include <stdlib.h>
-    static pthread_key_t zfs_buf_key;
-    static pthread_once_t zfs_buf_once = PTHREAD_ONCE_INIT;
-    static __thread char *zfs_buf;
-    static __thread size_t zfs_buf_cap;
-    static void zfs_buf_key_init(void) { pthread_key_create(&zfs_buf_key, free); }
-    static char *zfs_reply_buffer(size_t size) {
+    static pthread_key_t reply_buf_key;
+    static pthread_once_t reply_buf_once = PTHREAD_ONCE_INIT;
+    static __thread char *reply_buf;
+    static __thread size_t reply_buf_cap;
+    static void reply_buf_key_init(void) { pthread_key_create(&reply_buf_key, free); }
+    static char *reply_buffer(size_t size) {
         char *p;
-        if (size <= zfs_buf_cap)
-            return zfs_buf;
+        if (size <= reply_buf_cap)
+            return reply_buf;
         if (size < 4096)
             size = 4096;
-        pthread_once(&zfs_buf_once, zfs_buf_key_init);
+        pthread_once(&reply_buf_once, reply_buf_key_init);
         p = malloc(size);
         if (p == NULL)
             return NULL;
-        free(zfs_buf);
-        zfs_buf = p;
-        zfs_buf_cap = size;
-        pthread_setspecific(zfs_buf_key, p);
+        free(reply_buf);
+        reply_buf = p;
+        reply_buf_cap = size;
+        pthread_setspecific(reply_buf_key, p);
         return p;
     }
     """
-    void zfs_atomic_max(uint64_t* p, uint64_t v) nogil
-    char* zfs_reply_buffer(size_t size) nogil
-    void zfs_atomic_or(uint64_t* p, uint64_t v) nogil
-    void zfs_atomic_add(uint64_t* p, uint64_t v) nogil
-    uint64_t zfs_atomic_load(uint64_t* p) nogil
+    char* reply_buffer(size_t size) nogil
 
 # Handle encoding: top bit marks a data handle; the low 63 bits are the
 # engine's own handle, passed verbatim to the data ops.
 cdef extern from *:
     """
-    #define ZFS_DATA_FH_FLAG ((uint64_t)1 << 63)
-    #define ZFS_DATA_FH_MASK (ZFS_DATA_FH_FLAG - 1)
+    #define DATA_FH_FLAG ((uint64_t)1 << 63)
+    #define DATA_FH_MASK (DATA_FH_FLAG - 1)
     """
-    const uint64_t DATA_FH_FLAG "ZFS_DATA_FH_FLAG"
-    const uint64_t DATA_FH_MASK "ZFS_DATA_FH_MASK"
+    const uint64_t DATA_FH_FLAG "DATA_FH_FLAG"
+    const uint64_t DATA_FH_MASK "DATA_FH_MASK"
 
 cdef struct stats_t:
-    uint64_t data_reads
-    uint64_t data_writes
-    uint64_t data_fallocates
-    uint64_t bytes_read
-    uint64_t bytes_written
-    uint64_t max_read_size
-    uint64_t max_write_size
-    uint64_t falloc_mode_mask      # bit m set <=> fallocate mode m (<64) seen
-    uint64_t data_ops_with_gil     # must stay 0: proof the data path is GIL-free
-    uint64_t py_calls
+    size_t data_reads
+    size_t data_writes
+    size_t data_fallocates
+    size_t bytes_read
+    size_t bytes_written
+    size_t max_read_size
+    size_t max_write_size
+    size_t falloc_mode_mask      # bit m set <=> fallocate mode m (<64) seen
+    size_t data_ops_with_gil     # must stay 0: proof the data path is GIL-free
+    size_t py_calls
 
 cdef struct session_ctx:
     void* owner                     # borrowed Session*, valid while mounted
@@ -279,7 +257,6 @@ cdef void _py_init(session_ctx* c, ll.fuse_conn_info* offered,
         "congestion_threshold": conn.congestion_threshold,
         "time_gran": conn.time_gran,
     }
-    (<Session> c.owner).conn_info = info
     log.debug("FUSE init: %s", info)
     try:
         fn = _handler(c, "init")
@@ -449,7 +426,7 @@ cdef void _ll_release(ll.fuse_req_t req, ll.fuse_ino_t ino,
 # --------------------------------------------------------------------------
 cdef inline void _note_gil(session_ctx* c) noexcept nogil:
     if PyGILState_Check():
-        zfs_atomic_add(&c.st.data_ops_with_gil, 1)
+        za_add(&c.st.data_ops_with_gil, 1)
 
 
 cdef void _ll_read(ll.fuse_req_t req, ll.fuse_ino_t ino, size_t size, off_t off,
@@ -464,10 +441,10 @@ cdef void _ll_read(ll.fuse_req_t req, ll.fuse_ino_t ino, size_t size, off_t off,
 cdef void _data_read(ll.fuse_req_t req, session_ctx* c, uint64_t fh, size_t size,
                      off_t off) noexcept nogil:
     _note_gil(c)
-    zfs_atomic_add(&c.st.data_reads, 1)
-    zfs_atomic_max(&c.st.max_read_size, size)
+    za_add(&c.st.data_reads, 1)
+    za_max(&c.st.max_read_size, size)
     # The engine decompresses into this buffer and libfuse copies it to /dev/fuse: one copy.
-    cdef char* buf = zfs_reply_buffer(size)
+    cdef char* buf = reply_buffer(size)
     if buf == NULL:
         ll.fuse_reply_err(req, ENOMEM)
         return
@@ -475,7 +452,7 @@ cdef void _data_read(ll.fuse_req_t req, session_ctx* c, uint64_t fh, size_t size
     if n < 0:
         ll.fuse_reply_err(req, -n)
     else:
-        zfs_atomic_add(&c.st.bytes_read, n)
+        za_add(&c.st.bytes_read, n)
         ll.fuse_reply_buf(req, buf, n)
 
 
@@ -505,13 +482,13 @@ cdef void _ll_write(ll.fuse_req_t req, ll.fuse_ino_t ino, const char* buf,
     cdef ssize_t n
     if fi.fh & DATA_FH_FLAG:
         _note_gil(c)
-        zfs_atomic_add(&c.st.data_writes, 1)
-        zfs_atomic_max(&c.st.max_write_size, size)
+        za_add(&c.st.data_writes, 1)
+        za_max(&c.st.max_write_size, size)
         n = c.dops.write(c.dops.ctx, fi.fh & DATA_FH_MASK, buf, size, off)
         if n < 0:
             ll.fuse_reply_err(req, -n)
         else:
-            zfs_atomic_add(&c.st.bytes_written, n)
+            za_add(&c.st.bytes_written, n)
             ll.fuse_reply_write(req, n)
     else:
         _py_write(req, c, ino, fi.fh, buf, size, off)
@@ -540,9 +517,9 @@ cdef void _ll_fallocate(ll.fuse_req_t req, ll.fuse_ino_t ino, int mode,
         ll.fuse_reply_err(req, EOPNOTSUPP)
         return
     _note_gil(c)
-    zfs_atomic_add(&c.st.data_fallocates, 1)
+    za_add(&c.st.data_fallocates, 1)
     if 0 <= mode < 64:
-        zfs_atomic_or(&c.st.falloc_mode_mask, (<uint64_t> 1) << mode)
+        za_or(&c.st.falloc_mode_mask, (<size_t> 1) << mode)
     # The engine decides which modes it supports (EOPNOTSUPP otherwise).
     ll.fuse_reply_err(req, -c.dops.fallocate(c.dops.ctx, fi.fh & DATA_FH_MASK,
                                              mode, offset, length))
@@ -583,7 +560,6 @@ cdef class Session:
     cdef readonly object ops
     cdef readonly object data            # keeps the data engine alive
     cdef readonly str mountpoint
-    cdef public object conn_info         # filled by init
     cdef unsigned max_threads
     cdef int max_idle_threads            # -1: libfuse default (never reap)
     cdef object _lock                    # serialises unmount/destroy
@@ -602,7 +578,6 @@ cdef class Session:
         self.ops = ops
         self.data = data
         self.mountpoint = mountpoint
-        self.conn_info = None
         self.max_threads = max_threads
         # Reaping idle workers is discouraged by libfuse, and costs us more:
         # every new thread needs a fresh PyThreadState on its first `with gil`.
@@ -713,16 +688,16 @@ cdef class Session:
         """Snapshot of data-path counters (relaxed atomics)."""
         cdef stats_t* s = &self.c.st
         return {
-            "data_reads": zfs_atomic_load(&s.data_reads),
-            "data_writes": zfs_atomic_load(&s.data_writes),
-            "data_fallocates": zfs_atomic_load(&s.data_fallocates),
-            "bytes_read": zfs_atomic_load(&s.bytes_read),
-            "bytes_written": zfs_atomic_load(&s.bytes_written),
-            "max_read_size": zfs_atomic_load(&s.max_read_size),
-            "max_write_size": zfs_atomic_load(&s.max_write_size),
+            "data_reads": za_load(&s.data_reads),
+            "data_writes": za_load(&s.data_writes),
+            "data_fallocates": za_load(&s.data_fallocates),
+            "bytes_read": za_load(&s.bytes_read),
+            "bytes_written": za_load(&s.bytes_written),
+            "max_read_size": za_load(&s.max_read_size),
+            "max_write_size": za_load(&s.max_write_size),
             "falloc_modes": [m for m in range(64)
-                             if zfs_atomic_load(&s.falloc_mode_mask) >> m & 1],
-            "data_ops_with_gil": zfs_atomic_load(&s.data_ops_with_gil),
+                             if za_load(&s.falloc_mode_mask) >> m & 1],
+            "data_ops_with_gil": za_load(&s.data_ops_with_gil),
             "py_calls": s.py_calls,
         }
 

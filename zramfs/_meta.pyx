@@ -24,17 +24,17 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.pycapsule cimport PyCapsule_New
 
-from zramfs.atomics cimport za_add, za_load, za_load64, za_sub
+from zramfs.zram cimport za_add, za_load, za_load64, za_sub
 from zramfs.pthread cimport (pthread_cond_broadcast, pthread_cond_destroy, pthread_cond_init,
                             pthread_cond_wait, pthread_join, pthread_mutex_destroy,
                             pthread_mutex_init, pthread_mutex_lock, pthread_mutex_unlock,
-                            zfs_thread_start)
+                            zram_thread_start)
 from zramfs.data_ops cimport zramfs_data_ops, ZRAMFS_DATA_OPS_CAPSULE
 
 from zramfs._alloc cimport Pool, zpool_driver
 from zramfs._backing cimport Backing, backing_alloc, backing_free, backing_read, backing_write
 from zramfs._zcomp cimport (Compressor, zcomp, zstream, zcomp_stream_get, zcomp_stream_put,
-                            zcomp_private_stream, ZCOMP_PAGE)
+                            zcomp_private_stream)
 
 from zramfs._alloc import Pool as _Pool
 from zramfs._zcomp import Compressor as _Compressor
@@ -713,7 +713,7 @@ cdef zworkers* _workers_start(zcomp* comp, int nr) noexcept nogil:
     for i in range(nr):
         w.workers[i].pool = w
         w.workers[i].stream = zcomp_private_stream(comp, i)
-        if zfs_thread_start(&w.workers[i].thread, _worker_main, &w.workers[i]) != 0:
+        if zram_thread_start(&w.workers[i].thread, _worker_main, &w.workers[i]) != 0:
             _workers_stop(w)
             return NULL
         w.workers[i].started = 1

@@ -11,7 +11,6 @@
 from zramfs.pthread cimport pthread_mutex_t
 
 cdef enum:
-    ZCOMP_PAGE = 4096
     ZCOMP_BUFFER = 8192        # more than any algorithm's bound for one page
 
 ctypedef struct zcomp_ops:

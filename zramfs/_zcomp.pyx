@@ -20,15 +20,13 @@ from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from zramfs.pthread cimport (pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
                             pthread_mutex_trylock, pthread_mutex_unlock)
 from zramfs.registry import Registry
+from zramfs.zram cimport PAGE_SIZE, posix_memalign
 
 cdef extern from *:
     """
     #define ZC_HINT(p) __atomic_fetch_add((p), 1, __ATOMIC_RELAXED)
     """
     unsigned int ZC_HINT(unsigned int*) nogil
-
-cdef extern from "<stdlib.h>" nogil:
-    int posix_memalign(void** p, size_t align, size_t size)
 
 cdef extern from "lz4.h" nogil:
     int LZ4_sizeofState()
@@ -81,15 +79,15 @@ cdef void lz4_destroy(void* ctx) noexcept nogil:
 
 
 cdef int lz4_compress(void* ctx, int level, const char* src, char* dst, int cap) noexcept nogil:
-    return LZ4_compress_fast_extState(ctx, src, dst, ZCOMP_PAGE, cap, level)
+    return LZ4_compress_fast_extState(ctx, src, dst, PAGE_SIZE, cap, level)
 
 
 cdef int lz4hc_compress(void* ctx, int level, const char* src, char* dst, int cap) noexcept nogil:
-    return LZ4_compress_HC_extStateHC(ctx, src, dst, ZCOMP_PAGE, cap, level)
+    return LZ4_compress_HC_extStateHC(ctx, src, dst, PAGE_SIZE, cap, level)
 
 
 cdef int lz4_decompress(void* ctx, const char* src, int n, char* dst) noexcept nogil:
-    return 0 if LZ4_decompress_safe(src, dst, n, ZCOMP_PAGE) == ZCOMP_PAGE else -1
+    return 0 if LZ4_decompress_safe(src, dst, n, PAGE_SIZE) == PAGE_SIZE else -1
 
 
 # --- zstd: a compression and a decompression context ----------------------------------------
@@ -121,13 +119,13 @@ cdef void zstd_destroy(void* ctx) noexcept nogil:
 
 
 cdef int zstd_compress(void* ctx, int level, const char* src, char* dst, int cap) noexcept nogil:
-    cdef size_t n = ZSTD_compressCCtx((<zstd_ctx*>ctx).cctx, dst, cap, src, ZCOMP_PAGE, level)
+    cdef size_t n = ZSTD_compressCCtx((<zstd_ctx*>ctx).cctx, dst, cap, src, PAGE_SIZE, level)
     return 0 if ZSTD_isError(n) else <int>n
 
 
 cdef int zstd_decompress(void* ctx, const char* src, int n, char* dst) noexcept nogil:
-    cdef size_t out = ZSTD_decompressDCtx((<zstd_ctx*>ctx).dctx, dst, ZCOMP_PAGE, src, n)
-    return 0 if not ZSTD_isError(out) and out == ZCOMP_PAGE else -1
+    cdef size_t out = ZSTD_decompressDCtx((<zstd_ctx*>ctx).dctx, dst, PAGE_SIZE, src, n)
+    return 0 if not ZSTD_isError(out) and out == PAGE_SIZE else -1
 
 
 cdef zcomp_ops LZ4 = zcomp_ops(
@@ -225,7 +223,7 @@ cdef zcomp* _zcomp_create(const zcomp_ops* ops, int level, int nr, int nr_privat
         s.ctx = ops.ctx_create()
         s.buffer = <char*>malloc(ZCOMP_BUFFER)
         # Page-aligned: it is also the bounce buffer of O_DIRECT reads from a backing device.
-        if posix_memalign(<void**>&s.page, ZCOMP_PAGE, ZCOMP_PAGE) != 0:
+        if posix_memalign(<void**>&s.page, PAGE_SIZE, PAGE_SIZE) != 0:
             s.page = NULL
         if s.ctx == NULL or s.buffer == NULL or s.page == NULL:
             _zcomp_free(comp)
@@ -297,12 +295,12 @@ cdef class Compressor:
             raise CompressorError("compressor is destroyed")
         PyObject_GetBuffer(page, &view, PyBUF_SIMPLE)
         try:
-            if view.len != ZCOMP_PAGE:
-                raise CompressorError(f"a page is {ZCOMP_PAGE} bytes, not {view.len}")
+            if view.len != PAGE_SIZE:
+                raise CompressorError(f"a page is {PAGE_SIZE} bytes, not {view.len}")
             with nogil:
                 s = zcomp_stream_get(self.comp)
                 n = self.comp.ops.compress(s.ctx, self.comp.level, <const char*>view.buf,
-                                           s.buffer, ZCOMP_PAGE)
+                                           s.buffer, PAGE_SIZE)
             try:
                 return PyBytes_FromStringAndSize(s.buffer, n) if n > 0 else None
             finally:
@@ -316,7 +314,7 @@ cdef class Compressor:
         cdef int rc
         if self.comp == NULL:
             raise CompressorError("compressor is destroyed")
-        out = PyBytes_FromStringAndSize(NULL, ZCOMP_PAGE)
+        out = PyBytes_FromStringAndSize(NULL, PAGE_SIZE)
         cdef char* dst = PyBytes_AS_STRING(out)
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:

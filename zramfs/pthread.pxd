@@ -21,4 +21,4 @@ cdef extern from "<pthread.h>" nogil:
 
 cdef extern from "threads.h" nogil:
     # A data-path thread: signals blocked, small stack. 0 or an errno.
-    int zfs_thread_start(pthread_t* t, void* (*fn)(void*) noexcept nogil, void* arg)
+    int zram_thread_start(pthread_t* t, void* (*fn)(void*) noexcept nogil, void* arg)

@@ -6,7 +6,7 @@
 #include <pthread.h>
 #include <signal.h>
 
-static int zfs_thread_start(pthread_t* t, void* (*fn)(void*), void* arg) {
+static int zram_thread_start(pthread_t* t, void* (*fn)(void*), void* arg) {
     pthread_attr_t attr;
     sigset_t all, old;
     int rc;
