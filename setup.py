@@ -28,7 +28,9 @@ extensions = [
     extension("_alloc"),
     extension("_zcomp", "liblz4", "libzstd"),
     extension("_backing"),
-    extension("_meta"),
+    extension("_workers"),
+    extension("_zram"),
+    extension("_tiering"),
     # The header picks its API by version: 3.14 is Debian 12's libfuse.
     extension("_fuse", "fuse3", macros=(("FUSE_USE_VERSION", "314"),)),
 ]

@@ -2,7 +2,7 @@
 
     python tests/fuse_server.py MOUNTPOINT
 
-    disk    a 64 MiB device file on the real data path (zramfs._meta), no trio
+    disk    a 64 MiB device file on the real data path (zramfs._zram), no trio
     fail    reading it raises ValueError in the handler
     hog     reading it holds the GIL for 2 s (a Python busy loop, switch interval raised)
     stats   the session's counters, JSON
@@ -20,14 +20,14 @@ import sys
 import threading
 import time
 
-from zramfs import _fuse, _meta
+from zramfs import _fuse, _zram
 
 ROOT, DISK, FAIL, HOG, STATS = range(1, 6)
 FILES = {"disk": DISK, "fail": FAIL, "hog": HOG, "stats": STATS}
 
 
 class Ops:
-    def __init__(self, disk: _meta.Disk) -> None:
+    def __init__(self, disk: _zram.Disk) -> None:
         self.disk = disk
         self.session: _fuse.Session | None = None
 
@@ -69,10 +69,10 @@ class Ops:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO)
-    disk = _meta.Disk()
-    disk.attach(_meta.Meta(64 << 20, "lz4", name="fuse-test"))
+    disk = _zram.Disk()
+    disk.attach(_zram.Meta(64 << 20, "lz4", name="fuse-test"))
     ops = Ops(disk)
-    session = _fuse.Session(sys.argv[1], ops, data=_meta, attr_timeout=0, entry_timeout=0)
+    session = _fuse.Session(sys.argv[1], ops, data=_zram, attr_timeout=0, entry_timeout=0)
     ops.session = session
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=session.exit).start())
     loop = threading.Thread(target=session.run)

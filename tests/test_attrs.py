@@ -14,7 +14,7 @@ ATTRS = sorted(["algorithm_params", "comp_algorithm", "compact", "debug_stat", "
                 "initstate", "io_stat", "max_comp_streams", "mem_limit", "mem_used_max",
                 "mm_stat", "reset", "stat", "backing_dev", "idle", "writeback",
                 "writeback_limit", "writeback_limit_enable", "bd_stat", "recomp_algorithm",
-                "recompress", "writeback_evict", "evict_stat"])
+                "recompress", "writeback_evict", "evict_stat", "zpool"])
 WRITE_ONLY = {"algorithm_params", "compact", "mem_limit", "mem_used_max", "reset", "idle",
               "writeback", "recompress"}
 
@@ -197,3 +197,26 @@ def test_write_only_and_read_only_attributes(daemon: Daemon) -> None:
     assert errno_of(lambda: (daemon.mnt / "sys/class/zram-control/hot_remove").read_text()) \
         == errno.EACCES
     assert errno_of(lambda: os.open(daemon.mnt / "nope", os.O_RDONLY)) == errno.ENOENT
+
+
+def test_zpool_selects_the_allocator_before_disksize(daemon: Daemon) -> None:
+    """zsmalloc by default; zbud when written before disksize, and then the device really runs
+    on it (no size classes in its debugfs table); EBUSY after init, EINVAL for a name no
+    backend has, and reset brings the default back."""
+    name = daemon.hot_add()
+    assert daemon.read(name, "zpool") == "[zsmalloc] zbud \n"
+    assert errno_of(lambda: daemon.write(name, "zpool", "z3fold")) == errno.EINVAL
+    daemon.write(name, "zpool", "zbud")
+    assert daemon.read(name, "zpool") == "zsmalloc [zbud] \n"
+    daemon.write(name, "disksize", "16M")
+    assert errno_of(lambda: daemon.write(name, "zpool", "zsmalloc")) == errno.EBUSY
+    data = os.urandom(PAGE // 2) * 2 * 64
+    with open(daemon.dev(name), "r+b", buffering=0) as f:
+        f.write(data)
+        f.seek(0)
+        assert f.read(len(data)) == data
+    classes = (daemon.mnt / "sys/kernel/debug/zsmalloc" / name / "classes").read_text()
+    assert classes.splitlines()[1].startswith(" Total")       # zbud has no size classes
+    assert daemon.mm_stat(name)[2] > 0
+    daemon.write(name, "reset", "1")
+    assert daemon.read(name, "zpool") == "[zsmalloc] zbud \n"

@@ -128,3 +128,23 @@ def test_tiering_keys(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="No such file"):
         load(tmp_path / "nope.conf", ram_mib=1000)
+
+
+@pytest.mark.parametrize("value, words", [
+    ("zstd(level=99)", "zstd level must be -22..22, not 99"),
+    ("lz4 lz4hc(level=13)", "lz4hc level must be 1..12, not 13"),
+    ("zstd(level=x)", "level must be an integer"),
+])
+def test_levels_are_checked_by_the_compressors(tmp_path: Path, value: str, words: str) -> None:
+    """A level the algorithm does not take stops loading, naming file, line and key, before
+    anything is set up (not half-way through set-up)."""
+    with pytest.raises(ConfigError) as e:
+        load(write(tmp_path, f"[zram0]\ncompression-algorithm = {value}\n"), ram_mib=1024)
+    assert ":2: [zram0] compression-algorithm:" in str(e.value) and words in str(e.value)
+
+
+def test_zpool_key(tmp_path: Path) -> None:
+    assert load(write(tmp_path, "[zram0]\n"), ram_mib=1024)[0].zpool == "zsmalloc"
+    assert load(write(tmp_path, "[zram0]\nzpool = zbud\n"), ram_mib=1024)[0].zpool == "zbud"
+    with pytest.raises(ConfigError, match=r":2: \[zram0\] zpool: 'z3fold' is not one of"):
+        load(write(tmp_path, "[zram0]\nzpool = z3fold\n"), ram_mib=1024)

@@ -21,8 +21,9 @@ pytestmark = requires_fuse
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Path]:
-    """The test server mounted on a fresh directory; its log is `tmp_path / "server.log"`."""
+def served(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen]]:
+    """The test server mounted on a fresh directory, and its process; its log is
+    `tmp_path / "server.log"`."""
     mnt = Path(tempfile.mkdtemp(prefix="zramfs-fuse-"))
     log = tmp_path / "server.log"
     with open(log, "w") as err:
@@ -31,12 +32,19 @@ def server(tmp_path: Path) -> Iterator[Path]:
     try:
         with proc.stdout:
             assert proc.stdout.readline().strip() == "READY", log.read_text()
-        yield mnt
-        assert proc.poll() is None, log.read_text()
+        yield mnt, proc
     finally:
         stop_daemon(proc, mnt)
         if not is_mounted(mnt):
             mnt.rmdir()
+
+
+@pytest.fixture
+def server(served: tuple[Path, subprocess.Popen], tmp_path: Path) -> Iterator[Path]:
+    """The mounted test server's directory; the server must outlive the test."""
+    mnt, proc = served
+    yield mnt
+    assert proc.poll() is None, (tmp_path / "server.log").read_text()
 
 
 def stats(mnt: Path) -> dict:
@@ -96,6 +104,11 @@ def test_device_io_does_not_need_the_gil(server: Path) -> None:
     assert done >= 20, done
 
 
-def test_fusermount_u_ends_the_server(server: Path) -> None:
-    run("fusermount3", "-u", str(server))
-    assert not is_mounted(server)
+def test_fusermount_u_ends_the_server(served: tuple[Path, subprocess.Popen],
+                                      tmp_path: Path) -> None:
+    """An unmount from outside ends the server's loop: the process exits by itself, cleanly,
+    without a signal (fusermount alone only guarantees the mount is gone)."""
+    mnt, proc = served
+    run("fusermount3", "-u", str(mnt))
+    assert not is_mounted(mnt)
+    assert proc.wait(timeout=10) == 0, (tmp_path / "server.log").read_text()

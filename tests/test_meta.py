@@ -1,4 +1,5 @@
-"""The device's data path without FUSE (zramfs._meta): a model, stats, limits, lifetime, races."""
+"""The device's data path without FUSE (zramfs._zram, _workers, _tiering): a model, stats,
+limits, lifetime, races."""
 from __future__ import annotations
 
 import gc
@@ -14,7 +15,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from conftest import PAGE, PUNCH_HOLE, ZERO_RANGE, race
 from zramfs._backing import Backing
-from zramfs._meta import Disk, Meta
+from zramfs import _tiering
+from zramfs._zram import Disk, Meta
 
 
 
@@ -116,26 +118,27 @@ class TieredDiskModel(DiskModel):
 
     @rule(age=st.sampled_from([None, 1]))
     def mark_idle(self, age: int | None) -> None:
-        self.disk.meta.mark_idle(age)
+        _tiering.mark_idle(self.disk.meta, age)
 
     @rule(mode=st.sampled_from(["idle", "huge", "huge_idle", "incompressible", None]),
           lo=st.integers(0, DiskModel.SIZE // PAGE - 1), n=st.integers(1, 8))
     def writeback(self, mode: str | None, lo: int, n: int) -> None:
-        self.disk.meta.writeback(mode, [] if mode else [(lo, lo + n - 1)])
+        _tiering.writeback(self.disk.meta, mode, [] if mode else [(lo, lo + n - 1)])
 
     @rule(mode=st.sampled_from(["idle", "huge", "huge_idle", None]),
           threshold=st.sampled_from([0, 1, 100, 2000]), priority=st.sampled_from([0, 1, 2]))
     def recompress(self, mode: str | None, threshold: int, priority: int) -> None:
         if mode is None and not threshold:
             threshold = 1
-        self.disk.meta.recompress(mode, threshold, 0, priority)
+        _tiering.recompress(self.disk.meta, mode, threshold, 0, priority)
 
     @rule(on=st.booleans())
     def evict_over_a_tiny_limit(self, on: bool) -> None:
         # Two 8-page zspages: the page being written and its old object, which cannot be
         # evicted while it is written; everything else can be.
         self.disk.meta.mem_limit = 16 * PAGE if on else 0
-        self.disk.meta.evict_enable = on
+        _tiering.set_eviction(self.disk.meta, on)
+        _tiering.evict_to_limit(self.disk.meta)
         self.evicting = on
 
     @invariant()

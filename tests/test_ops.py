@@ -192,6 +192,7 @@ def test_swapon_swapoff_and_stats(daemon: Daemon) -> None:
     assert out.returncode == 1 and "already bound" in out.stderr
     stats = zramfs("stats", "zram0", "--mountpoint", str(daemon.mnt)).stdout
     assert "zram0 (pool zram0):" in stats and "obj_allocated" in stats and "Total" in stats
+    assert "allocator zsmalloc," in stats
     zramfs("swapoff", "zram0", "--mountpoint", str(daemon.mnt))
     assert swap_priority(loop) is None and not loops_under(daemon.mnt)
     out = zramfs("swapoff", "zram0", "--mountpoint", str(daemon.mnt), check=False)

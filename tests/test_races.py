@@ -1,5 +1,5 @@
 """Races through a real mount: torn reads, reset/hot_add/hot_remove/compact against I/O, and
-shutdown with I/O in flight (hazards 1 and 2)."""
+shutdown with I/O in flight (docs/design.md, hazards 1 and 2)."""
 from __future__ import annotations
 
 import errno

@@ -864,7 +864,7 @@ cdef zpool_driver ZBUD = zpool_driver(
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends are pinned while a pool uses them (hazard 5); pool names stay unique while an old
+# Backends are pinned while a pool uses them (docs/design.md, hazard 5); pool names stay unique while an old
 # pool is still being torn down (hazard 3).
 
 cdef class _Backend:

@@ -1,12 +1,15 @@
 # Compressors and their streams, for the device's data path (cimport zramfs._zcomp).
 #
 # A zcomp is one device's compressor: an algorithm, a level, and a fixed set of streams set up
-# when disksize is written (hazard 4: nothing big is allocated on the request path). A request
-# takes a stream, uses its context and buffers, and puts it back:
+# when disksize is written (docs/design.md, hazard 4: nothing big is allocated on the request path). A request
+# takes a stream, compresses or decompresses with it, and puts it back:
 #
 #     s = zcomp_stream_get(comp)
-#     n = comp.ops.compress(s.ctx, comp.level, page, s.buffer, ZCOMP_BUFFER)
+#     n = zcomp_compress(comp, s, page, cap)       # the result is in s.buffer
 #     zcomp_stream_put(s)
+#
+# zcomp_compress() and zcomp_decompress() are the only doors to an algorithm, as in the
+# kernel's zcomp.c: no caller touches a backend's ops or context.
 
 from zramfs.pthread cimport pthread_mutex_t
 
@@ -49,3 +52,16 @@ cdef class Compressor:
     cdef readonly str name
     cdef readonly int level
     cdef readonly int streams
+
+
+cdef inline int zcomp_compress(zcomp* comp, zstream* st, const char* page,
+                               int cap) noexcept nogil:
+    """One page into st.buffer: its compressed length, or 0 if that exceeds `cap` (store the
+    page raw). The caller holds `st`, a stream of `comp`."""
+    return comp.ops.compress(st.ctx, comp.level, page, st.buffer, cap)
+
+
+cdef inline int zcomp_decompress(zcomp* comp, zstream* st, const char* src, int n,
+                                 char* page) noexcept nogil:
+    """`n` bytes of `src` back into one page: 0, or -1 if they are not one page's worth."""
+    return comp.ops.decompress(st.ctx, src, n, page)

@@ -6,7 +6,7 @@ FUSE worker threads. Each device gets `streams` contexts with their buffers, mad
 disksize is written; a request borrows one (try each without waiting, then wait on one), as
 the kernel's zram borrows a per-CPU stream.
 
-Algorithms are looked up and pinned through a registry (hazard 5): `Compressor("zstd", 5)`
+Algorithms are looked up and pinned through a registry (docs/design.md, hazard 5): `Compressor("zstd", 5)`
 pins zstd until `destroy()`.
 """
 from __future__ import annotations
@@ -299,8 +299,7 @@ cdef class Compressor:
                 raise CompressorError(f"a page is {PAGE_SIZE} bytes, not {view.len}")
             with nogil:
                 s = zcomp_stream_get(self.comp)
-                n = self.comp.ops.compress(s.ctx, self.comp.level, <const char*>view.buf,
-                                           s.buffer, PAGE_SIZE)
+                n = zcomp_compress(self.comp, s, <const char*>view.buf, PAGE_SIZE)
             try:
                 return PyBytes_FromStringAndSize(s.buffer, n) if n > 0 else None
             finally:
@@ -320,7 +319,7 @@ cdef class Compressor:
         try:
             with nogil:
                 s = zcomp_stream_get(self.comp)
-                rc = self.comp.ops.decompress(s.ctx, <const char*>view.buf, <int>view.len, dst)
+                rc = zcomp_decompress(self.comp, s, <const char*>view.buf, <int>view.len, dst)
                 zcomp_stream_put(s)
         finally:
             PyBuffer_Release(&view)

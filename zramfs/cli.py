@@ -42,40 +42,40 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tree(args: argparse.Namespace) -> ctl.Tree:
-    tree = ctl.Tree(Path(args.mountpoint))
-    tree.check()
-    return tree
+def _mount(args: argparse.Namespace) -> ctl.Mount:
+    mount = ctl.Mount(Path(args.mountpoint))
+    mount.check()
+    return mount
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    tree = _tree(args)
+    mount = _mount(args)
     size = ctl.parse_size(args.size) if args.size else None
     if args.find:
         if args.device:
             raise ctl.CtlError("--find and a device name exclude each other")
         if size is None:
             raise ctl.CtlError("--find needs --size")
-        print(ctl.find(tree, size, args.algorithm, args.algorithm_params))
+        print(ctl.find(mount, size, args.algorithm, args.algorithm_params))
         return 0
     if args.reset:
         if not args.device:
             raise ctl.CtlError("--reset needs a device name")
         for text in args.device:
-            ctl.reset(tree, tree.name_of(text))
+            ctl.reset(mount, mount.name_of(text))
         return 0
-    names = [tree.name_of(d) for d in args.device] or None
+    names = [mount.name_of(d) for d in args.device] or None
     if size or args.algorithm or args.algorithm_params:
         if not names or len(names) != 1:
             raise ctl.CtlError("setting up a device needs exactly one device name")
-        ctl.configure(tree, names[0], size, args.algorithm, args.algorithm_params)
+        ctl.configure(mount, names[0], size, args.algorithm, args.algorithm_params)
         return 0
     columns = [c.strip().upper() for c in args.output.split(",")] if args.output \
         else ctl.DEFAULT_COLUMNS
     unknown = [c for c in columns if c not in ctl.COLUMNS]
     if unknown:
         raise ctl.CtlError(f"unknown column {unknown[0]!r} (known: {', '.join(ctl.COLUMNS)})")
-    rows = ctl.status(tree, names)
+    rows = ctl.status(mount, names)
     if rows or args.json:
         print(ctl.format_status(rows, columns, as_bytes=args.bytes, raw=args.raw,
                                 as_json=args.json, headings=not args.noheadings))
@@ -83,21 +83,21 @@ def cmd_ctl(args: argparse.Namespace) -> int:
 
 
 def cmd_swapon(args: argparse.Namespace) -> int:
-    tree = _tree(args)
-    print(ctl.swapon(tree, tree.name_of(args.device), args.priority))
+    mount = _mount(args)
+    print(ctl.swapon(mount, mount.name_of(args.device), args.priority))
     return 0
 
 
 def cmd_swapoff(args: argparse.Namespace) -> int:
-    tree = _tree(args)
-    ctl.swapoff(tree, tree.name_of(args.device))
+    mount = _mount(args)
+    ctl.swapoff(mount, mount.name_of(args.device))
     return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    tree = _tree(args)
-    names = [tree.name_of(args.device)] if args.device else tree.names()
-    print(ctl.stats(tree, names), end="")
+    mount = _mount(args)
+    names = [mount.name_of(args.device)] if args.device else mount.names()
+    print(ctl.stats(mount, names), end="")
     return 0
 
 

@@ -23,9 +23,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zramfs import _alloc, _zcomp
+
 DEFAULT_PATH = Path("/etc/zramfs.conf")
 DEFAULT_SIZE = "min(ram / 2, 4096)"
-ALGORITHMS = ("lz4", "lz4hc", "zstd")
 FS_TYPES = ("swap", "ext4", "ext2", "xfs")
 MIB = 1 << 20
 
@@ -41,6 +42,7 @@ class DeviceConfig:
     disksize: int                          # bytes; 0 means the section makes no device
     algorithm: str = "lz4"
     algorithm_params: dict[str, str] = field(default_factory=dict)
+    zpool: str = "zsmalloc"                # the allocator backend
     recompression: list[tuple[str, dict[str, str]]] = field(default_factory=list)  # priority 1..
     writeback_device: Path | None = None
     writeback_interval: float = 0.0        # seconds; 0: no periodic idle writeback
@@ -144,15 +146,22 @@ def evaluate(expr: str, ram_mib: float) -> float:
 
 
 def _one_algorithm(word: str) -> tuple[str, dict[str, str]]:
+    """`zstd(level=9)` -> ("zstd", {"level": "9"}), the name and level checked by the
+    compressors themselves (zramfs._zcomp), so a config that loads also sets up."""
+    known = _zcomp.ALGORITHMS.names()
     m = re.fullmatch(r"([a-z0-9-]+)(?:\(([^)]*)\))?", word)
-    if m is None or m.group(1) not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {word!r} (known: {', '.join(ALGORITHMS)})")
+    if m is None or m.group(1) not in known:
+        raise ValueError(f"unknown algorithm {word!r} (known: {', '.join(known)})")
     params: dict[str, str] = {}
     for item in filter(None, (p.strip() for p in (m.group(2) or "").split(","))):
         key, sep, value = item.partition("=")
-        if not sep or key.strip() != "level" or not re.fullmatch(r"-?\d+", value.strip()):
+        if not sep or key.strip() != "level":
             raise ValueError(f"bad parameter {item!r} (known: level=N)")
         params["level"] = value.strip()
+    try:
+        _zcomp.parse_level(m.group(1), params)
+    except _zcomp.CompressorError as e:
+        raise ValueError(str(e)) from None
     return m.group(1), params
 
 
@@ -240,6 +249,10 @@ def _device(section: _Section, ram_mib: float) -> DeviceConfig:
         (dev.algorithm, dev.algorithm_params), *dev.recompression = parse_algorithm(text)
     except ValueError as e:
         raise fail(where, "compression-algorithm", str(e)) from None
+    text, where = take("zpool", "zsmalloc")
+    if text not in _alloc.BACKENDS.names():
+        raise fail(where, "zpool", f"{text!r} is not one of {', '.join(_alloc.BACKENDS.names())}")
+    dev.zpool = text
     text, where = take("swap-priority", "100")
     if not re.fullmatch(r"-?\d+", text) or not -1 <= int(text) <= 32767:
         raise fail(where, "swap-priority", f"{text!r} is not a priority in -1..32767")

@@ -101,8 +101,8 @@ class Tree:
                 self._drop(node)
 
     def _sync_pools(self) -> None:
-        """One directory a live pool, named as the pool (unique, hazard 3)."""
-        live = {d.meta.pool.name: d for d in self.devices.by_id.values() if d.meta is not None}
+        """One directory a live pool, named as the pool (unique: docs/design.md, hazard 3)."""
+        live = {d.meta.stats().pool: d for d in self.devices.by_id.values() if d.meta is not None}
         for name, node in list(self.pools_dir.children.items()):
             if live.get(name) is not node.device:
                 self._drop(node)
@@ -213,7 +213,7 @@ class Tree:
             meta = node.device.meta
             if meta is None:
                 raise fail(errno.ENOENT, "the pool is gone")
-            return classes_text(meta.pool.class_stats())
+            return classes_text(meta.classes())
         return node.device.show(node.attr)
 
 

@@ -60,8 +60,8 @@ def parse_size(text: str) -> int:
 
 
 @dataclass
-class Tree:
-    """The files of a daemon's tree."""
+class Mount:
+    """A mounted zramfs tree seen from outside: its files, as zramctl sees /sys."""
     mountpoint: Path
 
     def check(self) -> None:
@@ -115,23 +115,23 @@ class Tree:
             raise CtlError(f"cannot add a device: {e.strerror}") from None
 
 
-def status(tree: Tree, names: list[str] | None = None) -> list[dict[str, object]]:
+def status(mount: Mount, names: list[str] | None = None) -> list[dict[str, object]]:
     """One row a device, every column, values raw (bytes, counts)."""
     rows = []
-    for name in names or tree.names():
-        if names is None and tree.read(name, "initstate").strip() != "1":
+    for name in names or mount.names():
+        if names is None and mount.read(name, "initstate").strip() != "1":
             continue                       # zramctl lists the devices in use
-        mm = [int(x) for x in tree.read(name, "mm_stat").split()]
-        algorithm = re.search(r"\[([^\]]+)\]", tree.read(name, "comp_algorithm"))
+        mm = [int(x) for x in mount.read(name, "mm_stat").split()]
+        algorithm = re.search(r"\[([^\]]+)\]", mount.read(name, "comp_algorithm"))
         rows.append({
-            "NAME": str(tree.dev(name)),
-            "DISKSIZE": int(tree.read(name, "disksize")),
+            "NAME": str(mount.dev(name)),
+            "DISKSIZE": int(mount.read(name, "disksize")),
             "DATA": mm[0], "COMPR": mm[1], "TOTAL": mm[2], "MEM-LIMIT": mm[3],
             "MEM-USED": mm[4], "ZERO-PAGES": mm[5], "MIGRATED": mm[6],
             "ALGORITHM": algorithm.group(1) if algorithm else "",
-            "STREAMS": int(tree.read(name, "max_comp_streams")),
+            "STREAMS": int(mount.read(name, "max_comp_streams")),
             "COMP-RATIO": round(mm[0] / mm[1], 2) if mm[1] else 0.0,
-            "MOUNTPOINT": loop.use_of(tree.dev(name)),
+            "MOUNTPOINT": loop.use_of(mount.dev(name)),
         })
     return rows
 
@@ -163,37 +163,37 @@ def format_status(rows: list[dict[str, object]], columns: list[str], *, as_bytes
     return "\n".join(out)
 
 
-def configure(tree: Tree, name: str, size: int | None, algorithm: str | None,
+def configure(mount: Mount, name: str, size: int | None, algorithm: str | None,
               params: str | None) -> None:
     """zramctl's set-up of one device: algorithm and params first, disksize last."""
-    if tree.read(name, "initstate").strip() == "1" and (size or algorithm or params):
+    if mount.read(name, "initstate").strip() == "1" and (size or algorithm or params):
         raise CtlError(f"{name}: device is in use (reset it first)")
     if algorithm:
-        available = tree.read(name, "comp_algorithm").replace("[", "").replace("]", "").split()
+        available = mount.read(name, "comp_algorithm").replace("[", "").replace("]", "").split()
         if algorithm not in available:
             raise CtlError(f"{algorithm}: unknown algorithm (available: {' '.join(available)})")
-        tree.write(name, "comp_algorithm", algorithm)
+        mount.write(name, "comp_algorithm", algorithm)
     if params:
-        tree.write(name, "algorithm_params", params)
+        mount.write(name, "algorithm_params", params)
     if size:
-        tree.write(name, "disksize", str(size))
+        mount.write(name, "disksize", str(size))
 
 
-def find(tree: Tree, size: int, algorithm: str | None, params: str | None) -> str:
+def find(mount: Mount, size: int, algorithm: str | None, params: str | None) -> str:
     """The first free device, or a new one, set up; its path."""
-    free = [n for n in tree.names() if tree.read(n, "initstate").strip() == "0"]
-    name = free[0] if free else tree.hot_add()
-    configure(tree, name, size, algorithm, params)
-    return str(tree.dev(name))
+    free = [n for n in mount.names() if mount.read(n, "initstate").strip() == "0"]
+    name = free[0] if free else mount.hot_add()
+    configure(mount, name, size, algorithm, params)
+    return str(mount.dev(name))
 
 
-def reset(tree: Tree, name: str) -> None:
-    tree.write(name, "reset", "1")
+def reset(mount: Mount, name: str) -> None:
+    mount.write(name, "reset", "1")
 
 
-def swapon(tree: Tree, name: str, priority: int) -> str:
-    path = tree.dev(name)
-    if tree.read(name, "initstate").strip() != "1":
+def swapon(mount: Mount, name: str, priority: int) -> str:
+    path = mount.dev(name)
+    if mount.read(name, "initstate").strip() != "1":
         raise CtlError(f"{name}: not initialised (set a size first: zramfs ctl {name} --size 1G)")
     if loop.loops_of(path):
         raise CtlError(f"{name}: already bound to {', '.join(loop.loops_of(path))}")
@@ -209,9 +209,9 @@ def swapon(tree: Tree, name: str, priority: int) -> str:
     return lo
 
 
-def swapoff(tree: Tree, name: str) -> None:
+def swapoff(mount: Mount, name: str) -> None:
     active = loop.swaps()
-    loops = [lo for lo in loop.loops_of(tree.dev(name)) if lo in active]
+    loops = [lo for lo in loop.loops_of(mount.dev(name)) if lo in active]
     if not loops:
         raise CtlError(f"{name}: not in use as swap")
     try:
@@ -222,26 +222,28 @@ def swapoff(tree: Tree, name: str) -> None:
         raise CtlError(str(e)) from None
 
 
-def pools_of(tree: Tree, name: str) -> list[Path]:
+def pools_of(mount: Mount, name: str) -> list[Path]:
     """The allocator pools of a device in the tree's debugfs mirror: `zram0`, or `zram0-N`
     while an older pool of the same name is still being torn down."""
-    base = tree.mountpoint / "sys/kernel/debug/zsmalloc"
+    base = mount.mountpoint / "sys/kernel/debug/zsmalloc"
     return [p for p in sorted(base.iterdir()) if re.fullmatch(rf"{name}(-\d+)?", p.name)]
 
 
-def stats(tree: Tree, names: list[str]) -> str:
+def stats(mount: Mount, names: list[str]) -> str:
     """Per device: the allocator's classes table and a summary."""
     out = []
     for name in names:
-        if tree.read(name, "initstate").strip() != "1":
+        if mount.read(name, "initstate").strip() != "1":
             out.append(f"{name}: not initialised\n")
             continue
-        mm = [int(x) for x in tree.read(name, "mm_stat").split()]
-        for pool in pools_of(tree, name):
+        mm = [int(x) for x in mount.read(name, "mm_stat").split()]
+        for pool in pools_of(mount, name):
             out.append(f"{name} (pool {pool.name}):")
             out.append((pool / "classes").read_text())
         data, compr, total = mm[0], mm[1], mm[2]
-        out.append(f"  data {human(data)}, compressed {human(compr)}, memory {human(total)}")
+        backend = re.search(r"\[([^\]]+)\]", mount.read(name, "zpool"))
+        out.append(f"  allocator {backend.group(1) if backend else '?'}, data {human(data)},"
+                   f" compressed {human(compr)}, memory {human(total)}")
         ratio = f"{data / total:.2f}" if total else "-"
         out.append(f"  ratio {ratio} (data / memory), memory saved {human(max(data - total, 0))},"
                    f" same-filled pages {mm[5]}, huge pages {mm[7]}\n")

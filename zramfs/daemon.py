@@ -13,7 +13,7 @@ else still holding a device open (logged by name and pid); the devices detached 
 (requests in flight finish, new ones get EIO) and freed; the bridge refuses new control
 requests; the tree is unmounted lazily; libfuse's loop is woken and the session closed.
 
-Swap safety (hazard 6): the kernel swaps out through this process, so it must never wait on
+Swap safety (docs/design.md, hazard 6): the kernel swaps out through this process, so it must never wait on
 reclaim of its own memory: mlockall, PR_SET_IO_FLUSHER and oom_score_adj -1000.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 
 import trio
 
-from zramfs import _fuse, _meta, loop
+from zramfs import _fuse, _zram, loop
 from zramfs.config import DeviceConfig
 from zramfs.control import Tree
 from zramfs.device import Devices
@@ -187,7 +187,7 @@ async def serve(opts: Options,
     tree = Tree(devices)
     bridge = TrioBridge(tree, trio.lowlevel.current_trio_token())
     try:
-        session = _fuse.Session(str(mountpoint), bridge, data=_meta, fsname="zramfs",
+        session = _fuse.Session(str(mountpoint), bridge, data=_zram, fsname="zramfs",
                                 attr_timeout=0.0, entry_timeout=0.0)
     except OSError as e:
         raise DaemonError(f"cannot mount {mountpoint}: {e.strerror}") from None
@@ -275,6 +275,7 @@ async def _set_up(opts: Options, devices: Devices, tree: Tree,
         try:
             dev = devices.add(cfg.id)
             tree.add_device(dev)
+            await dev.store("zpool", cfg.zpool)
             await dev.store("comp_algorithm", cfg.algorithm)
             if "level" in cfg.algorithm_params:
                 await dev.store("algorithm_params", f"level={cfg.algorithm_params['level']}")

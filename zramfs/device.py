@@ -1,10 +1,12 @@
 """zram devices: their attributes, with the kernel's formats and errnos, and their lifetime.
 
-A `Device` is what /sys/block/zramN describes. Its data path is a `Disk` (zramfs._meta) that
+A `Device` is what /sys/block/zramN describes. Its data path is a `Disk` (zramfs._zram) that
 lives as long as the device; writing disksize creates a `Meta` (slot table, pool, compressor
-streams) and attaches it, reset detaches it, waits for requests in flight to drain and only
-then destroys it (hazard 1). Everything here runs on the trio thread: code between two awaits
-is atomic, which is the one rule that makes the bookkeeping safe.
+streams) and attaches it, reset detaches it, waits until no request or maintenance job holds
+it any more and only then destroys it (docs/design.md, hazard 1). Maintenance (compaction,
+idle, writeback, recompression, eviction) runs in worker threads through `Disk.call`, which
+holds the same reference a request holds. Everything else here runs on the trio thread: code
+between two awaits is atomic, which is the one rule that makes the bookkeeping safe.
 
     devices = Devices()
     dev = devices.add()
@@ -20,9 +22,9 @@ from collections.abc import Callable
 
 import trio
 
-from zramfs import _zcomp, tiering
+from zramfs import _alloc, _tiering, _zcomp, tiering
 from zramfs._backing import Backing, BackingError
-from zramfs._meta import Disk, Meta
+from zramfs._zram import Disk, Meta
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +69,11 @@ class Device:
         self.disk = Disk()
         self.algorithm = DEFAULT_ALGORITHM
         self.level: int | None = None
+        self.backend = DEFAULT_BACKEND   # the allocator: zsmalloc or zbud (zswap's zpool)
         self.mem_limit = 0
         self.openers = 0               # open file handles on dev/zramN
         self.busy = False              # a reset or removal is draining
         self.removed = False
-        self.jobs = 0                  # maintenance on the meta in worker threads
         self._tiering_defaults()
 
     def _tiering_defaults(self) -> None:
@@ -98,18 +100,18 @@ class Device:
         return self.disk.meta.disksize if self.disk.meta is not None else 0
 
     def init(self, disksize: int) -> None:
-        """Creates the table, pool and streams now, never on the request path (hazard 4)."""
+        """Creates the table, pool and streams now, never on the request path (docs/design.md, hazard 4)."""
         if self.initialised or self.busy:
             raise fail(errno.EBUSY, f"{self.name} is already initialised")
         disksize = -(-disksize // PAGE) * PAGE
         try:
-            meta = Meta(disksize, self.algorithm, self.level, backend=DEFAULT_BACKEND,
+            meta = Meta(disksize, self.algorithm, self.level, backend=self.backend,
                         name=self.name, backing=self.backing, secondary=self.secondary)
         except MemoryError as e:
             raise fail(errno.ENOMEM, str(e)) from None
         meta.mem_limit = self.mem_limit
-        meta.wb_limit, meta.wb_limit_enable = self.wb_limit, self.wb_limit_enable
-        meta.evict_enable = self.evict
+        _tiering.set_wb_limit(meta, self.wb_limit, self.wb_limit_enable)
+        _tiering.set_eviction(meta, self.evict)
         self.disk.attach(meta)
         log.info("%s: disksize %d, %s", self.name, disksize, self.algorithm)
 
@@ -122,13 +124,14 @@ class Device:
         try:
             if self.initialised:
                 self.disk.detach()
-                while self.disk.in_flight or self.jobs:
+                while self.disk.in_flight:
                     await trio.sleep(DRAIN_POLL)
                 meta = self.disk.release()
                 await trio.to_thread.run_sync(meta.destroy)
             if self.backing is not None:
                 self.backing.close()
             self.algorithm, self.level, self.mem_limit = DEFAULT_ALGORITHM, None, 0
+            self.backend = DEFAULT_BACKEND
             self._tiering_defaults()
         finally:
             self.busy = False
@@ -163,7 +166,19 @@ class Device:
             self.algorithm, self.level = name, None
 
     def _show_comp_algorithm(self) -> str:
-        return _algorithms_line(self.algorithm)
+        return _choices_line(_zcomp.ALGORITHMS.names(), self.algorithm)
+
+    def _store_zpool(self, text: str) -> None:
+        """The allocator backend, before disksize, as zswap's `zpool` parameter chose one."""
+        name = text.strip()
+        if self.initialised:
+            raise fail(errno.EBUSY, f"{self.name} is initialised; reset it first")
+        if name not in _alloc.BACKENDS.names():
+            raise fail(errno.EINVAL, f"unknown allocator {name!r}")
+        self.backend = name
+
+    def _show_zpool(self) -> str:
+        return _choices_line(_alloc.BACKENDS.names(), self.backend)
 
     def _store_algorithm_params(self, text: str) -> None:
         """`[priority=N | algo=NAME] level=N`: the primary algorithm's (priority 0) or a
@@ -219,15 +234,10 @@ class Device:
         return self.meta
 
     async def _job(self, fn, *args):
-        """Maintenance on the meta (compact, idle, writeback, recompress) in a worker thread.
-        It holds the meta as a request does, so reset waits for it too (hazard 1)."""
-        if self.busy:
-            raise fail(errno.EBUSY, f"{self.name} is being reset")
-        self.jobs += 1
-        try:
-            return await trio.to_thread.run_sync(fn, *args)
-        finally:
-            self.jobs -= 1
+        """`fn(meta, *args)`: maintenance (compact, idle, writeback, recompress, evict) in a
+        worker thread, holding a reference on the meta as a request does, so reset waits for
+        it too (hazard 1); EBUSY once a reset has begun."""
+        return await trio.to_thread.run_sync(self.disk.call, fn, *args)
 
     async def _tiering_job(self, what: str, fn, *args) -> int:
         """One writeback or recompression a time (EAGAIN otherwise), in a worker thread so
@@ -243,43 +253,46 @@ class Device:
         return done
 
     async def _store_idle(self, text: str) -> None:
-        meta = self._meta_or_einval()
+        self._meta_or_einval()
         try:
             age = tiering.parse_idle(text)
         except ValueError as e:
             raise fail(errno.EINVAL, str(e)) from None
-        await self._job(meta.mark_idle, age)
+        await self._job(_tiering.mark_idle, age)
 
     async def _store_writeback(self, text: str) -> None:
-        meta = self._meta_or_einval()
+        self._meta_or_einval()
         if self.backing is None:
             raise fail(errno.ENODEV, f"{self.name} has no backing device")
         try:
             wb = tiering.parse_writeback(text)
         except ValueError as e:
             raise fail(errno.EINVAL, str(e)) from None
-        await self._tiering_job(f"writeback {text.strip()}", meta.writeback, wb.mode, wb.ranges)
+        await self._tiering_job(f"writeback {text.strip()}", _tiering.writeback, wb.mode,
+                                wb.ranges)
 
     def _store_writeback_limit(self, text: str) -> None:
         self.wb_limit = kstrtoul(text)
         if self.meta is not None:
-            self.meta.wb_limit = self.wb_limit
+            _tiering.set_wb_limit(self.meta, self.wb_limit, self.wb_limit_enable)
 
     def _show_writeback_limit(self) -> str:
-        return f"{self.meta.wb_limit if self.meta is not None else self.wb_limit}\n"
+        return f"{_tiering.wb_limit(self.meta) if self.meta is not None else self.wb_limit}\n"
 
     def _store_writeback_limit_enable(self, text: str) -> None:
         self.wb_limit_enable = kstrtoul(text) != 0
         if self.meta is not None:
-            self.meta.wb_limit_enable = self.wb_limit_enable
+            pages = _tiering.wb_limit(self.meta)
+            _tiering.set_wb_limit(self.meta, pages, self.wb_limit_enable)
 
-    def _store_writeback_evict(self, text: str) -> None:
+    async def _store_writeback_evict(self, text: str) -> None:
         self.evict = kstrtoul(text) != 0
         if self.meta is not None:
-            self.meta.evict_enable = self.evict
+            _tiering.set_eviction(self.meta, self.evict)
+            await self._job(_tiering.evict_to_limit)
 
     def _show_evict_stat(self) -> str:
-        return "{:8}\n".format(self.meta.evicted if self.meta is not None else 0)
+        return "{:8}\n".format(self.meta.stats().evicted if self.meta is not None else 0)
 
     def _show_bd_stat(self) -> str:
         fields = self.backing.bd_stat() if self.backing is not None else (0, 0, 0)
@@ -299,11 +312,11 @@ class Device:
         self.secondary[prio] = (name, level)
 
     def _show_recomp_algorithm(self) -> str:
-        return "".join(f"#{prio}: {_algorithms_line(current)}"
+        return "".join(f"#{prio}: {_choices_line(_zcomp.ALGORITHMS.names(), current)}"
                        for prio, (current, _) in sorted(self.secondary.items()))
 
     async def _store_recompress(self, text: str) -> None:
-        meta = self._meta_or_einval()
+        self._meta_or_einval()
         try:
             r = tiering.parse_recompress(text)
         except ValueError as e:
@@ -315,16 +328,17 @@ class Device:
             prio = next((p for p, (n, _) in self.secondary.items() if n == r.algo), -1)
         if prio and prio not in self.secondary:
             raise fail(errno.EINVAL, f"no recompression algorithm {r.algo or r.priority}")
-        await self._tiering_job(f"recompress {text.strip()}", meta.recompress, r.mode,
+        await self._tiering_job(f"recompress {text.strip()}", _tiering.recompress, r.mode,
                                 r.threshold, r.max_pages, prio)
 
-    def _store_mem_limit(self, text: str) -> None:
+    async def _store_mem_limit(self, text: str) -> None:
         limit = memparse(text)
         if limit is None:
             raise fail(errno.EINVAL, f"mem_limit must be a size, not {text!r}")
         self.mem_limit = -(-limit // PAGE) * PAGE
         if self.meta is not None:
             self.meta.mem_limit = self.mem_limit
+            await self._job(_tiering.evict_to_limit)     # with eviction on, down to it now
 
     def _store_mem_used_max(self, text: str) -> None:
         if kstrtoul(text) != 0:
@@ -335,7 +349,7 @@ class Device:
     async def _store_compact(self, text: str) -> None:
         if self.meta is None:
             raise fail(errno.EINVAL, f"{self.name} is not initialised")
-        await self._job(self.meta.compact)
+        await self._job(Meta.compact)
 
     async def _store_reset(self, text: str) -> None:
         if kstrtoul(text) == 0:
@@ -362,16 +376,16 @@ class Device:
 
     def _show_max_comp_streams(self) -> str:
         # The kernel's old attribute, still read by zramctl's STREAMS column.
-        streams = self.meta.compressor.streams if self.meta is not None else _zcomp.default_streams()
+        streams = self.meta.stats().streams if self.meta is not None else _zcomp.default_streams()
         return f"{streams}\n"
 
     def _show_stat(self) -> str:
         return " ".join(f"{v:8}" for v in self.disk.stat()) + "\n"
 
 
-def _algorithms_line(current: str) -> str:
-    """The kernel's list of algorithms, the one in use in brackets: `lz4 [zstd] \\n`."""
-    return "".join(f"[{n}] " if n == current else f"{n} " for n in _zcomp.ALGORITHMS.names()) + "\n"
+def _choices_line(names: list[str], current: str) -> str:
+    """The kernel's list of choices, the one in use in brackets: `lz4 [zstd] \\n`."""
+    return "".join(f"[{n}] " if n == current else f"{n} " for n in names) + "\n"
 
 
 class Attribute:
@@ -416,6 +430,8 @@ ATTRIBUTES: dict[str, Attribute] = {
     # zramfs's own: zswap-style eviction of LRU pages to the backing device over mem_limit.
     "writeback_evict": Attribute(lambda d: f"{int(d.evict)}\n", Device._store_writeback_evict),
     "evict_stat": Attribute(Device._show_evict_stat, None),
+    # zramfs's own: the allocator backend, as zswap's zpool parameter.
+    "zpool": Attribute(Device._show_zpool, Device._store_zpool),
 }
 
 

@@ -1,4 +1,5 @@
-"""Named backends (allocators, compressors), looked up and pinned in one step (hazard 5).
+"""Named backends (allocators, compressors), looked up and pinned in one step
+(docs/design.md, hazard 5).
 
 A backend in use cannot be unregistered: `pin` and `unregister` take the same lock, so no
 caller can be handed a backend that is going away.

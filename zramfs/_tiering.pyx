@@ -1,0 +1,374 @@
+# cython: language_level=3
+"""Tiering, over the slot table's API (zramfs._zram): idle marking, writeback to a backing
+device, recompression with secondary algorithms (zram.rst's semantics), and zswap-style
+eviction of least recently used pages over mem_limit (a zramfs extension).
+
+Each walks the table without the GIL and takes one slot lock at a time; the caller holds a
+reference on the meta (Disk.call). Lock order as in _zram.pyx: a stream, then a slot lock,
+then (eviction) the eviction lock, then the allocator's and backing device's own locks.
+
+    from zramfs import _tiering
+    disk.call(_tiering.mark_idle, None)             # every stored page
+    disk.call(_tiering.writeback, "idle", ())       # pages written back
+    disk.call(_tiering.recompress, "idle", 0, 0, 0)
+"""
+from __future__ import annotations
+
+from libc.errno cimport EINVAL, EIO, ENODEV, ENOMEM, ENOSPC
+from libc.stdint cimport uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, qsort, realloc
+
+from zramfs._backing cimport backing_alloc, backing_free, backing_write
+from zramfs._zcomp cimport zcomp, zcomp_compress, zcomp_stream_get, zcomp_stream_put, zstream
+from zramfs._zram cimport (Meta, zram, zram_now, zram_slot_free, zram_slot_has_object,
+                           zram_slot_load, zram_slot_replace, zslot)
+from zramfs.pthread cimport pthread_mutex_lock, pthread_mutex_unlock
+from zramfs.zram cimport (PAGE_SHIFT, PAGE_SIZE, ZRAM_ACCESSED, ZRAM_HUGE, ZRAM_IDLE,
+                          ZRAM_INCOMPRESSIBLE, ZRAM_PRIO_MASK, ZRAM_PRIO_SHIFT, ZRAM_WB,
+                          posix_memalign, za_add, za_load, za_sub, zram_slot_clear,
+                          zram_slot_flags, zram_slot_lock, zram_slot_set_flags,
+                          zram_slot_trylock, zram_slot_unlock)
+
+cdef enum:
+    # Which pages a writeback or recompression takes, by zram.rst's page types.
+    PICK_ALL = 0              # every page with an object (recompression: by threshold alone)
+    PICK_IDLE = 1
+    PICK_HUGE = 2
+    PICK_HUGE_IDLE = 3
+    PICK_INCOMPRESSIBLE = 4   # writeback only
+    PICK_INDEXES = 5          # writeback only: the page index ranges given
+    EVICT_SLACK = 256         # pages evicted beyond the excess, so not every write evicts
+
+# The page types the attributes name, for both writeback and recompression.
+PAGE_TYPES = {"idle": PICK_IDLE, "huge": PICK_HUGE, "huge_idle": PICK_HUGE_IDLE,
+              "incompressible": PICK_INCOMPRESSIBLE}
+
+
+cdef bint _picked(zslot* s, int pick) noexcept nogil:
+    """A page with an object in the pool, of the page type `pick`."""
+    cdef uint32_t f = zram_slot_flags(&s.flags)
+    if not zram_slot_has_object(s, f):
+        return False
+    if pick == PICK_IDLE:
+        return f & ZRAM_IDLE != 0
+    if pick == PICK_HUGE:
+        return f & ZRAM_HUGE != 0
+    if pick == PICK_HUGE_IDLE:
+        return f & ZRAM_HUGE != 0 and f & ZRAM_IDLE != 0
+    if pick == PICK_INCOMPRESSIBLE:
+        return f & ZRAM_INCOMPRESSIBLE != 0
+    return True
+
+
+# --- idle ------------------------------------------------------------------------------------
+
+cdef size_t _mark_idle(zram* m, uint32_t age) noexcept nogil:
+    """Marks idle every stored page, or (age > 0) those not accessed for `age` seconds."""
+    cdef size_t i, marked = 0
+    cdef uint32_t now = zram_now()
+    cdef zslot* s
+    for i in range(m.nr_pages):
+        s = &m.table[i]
+        if not _picked(s, PICK_ALL):
+            continue
+        zram_slot_lock(&s.flags)
+        if _picked(s, PICK_ALL) and (age == 0 or now - m.ac_time[i] >= age):
+            zram_slot_set_flags(&s.flags, zram_slot_flags(&s.flags) | ZRAM_IDLE)
+            marked += 1
+        zram_slot_unlock(&s.flags)
+    return marked
+
+
+# --- writeback -------------------------------------------------------------------------------
+
+cdef int _writeback_locked(zram* m, zslot* s, char* page, zstream* st) noexcept nogil:
+    """The slot's page, decompressed, to a new block of the backing device; its memory freed.
+    `page` is page-aligned. 0, -ENOSPC when the device is full, or -EIO."""
+    cdef long block = backing_alloc(m.backing)
+    cdef uint32_t idle
+    if block < 0:
+        return -ENOSPC
+    if zram_slot_load(m, s, page, st) != 0 or backing_write(m.backing, block, page) != 0:
+        backing_free(m.backing, block)
+        return -EIO
+    idle = zram_slot_flags(&s.flags) & ZRAM_IDLE
+    zram_slot_free(m, s)
+    s.handle = <uint64_t>block
+    zram_slot_set_flags(&s.flags, ZRAM_WB | idle)
+    za_add(&m.pages_stored, 1)          # still stored, on the backing device
+    return 0
+
+
+ctypedef struct zcandidate:
+    size_t index
+    size_t size
+
+
+cdef int _larger_first(const void* a, const void* b) noexcept nogil:
+    cdef size_t x = (<const zcandidate*>a).size
+    cdef size_t y = (<const zcandidate*>b).size
+    return (x < y) - (x > y)
+
+
+cdef long _writeback(zram* m, int pick, const size_t* ranges, size_t nranges, char* page,
+                     int* err) noexcept nogil:
+    """Writes back the pages `pick` selects, largest objects first. The pages written; `err`
+    gets ENOSPC (backing device full), EIO (limit spent, or I/O), ENOMEM or stays 0."""
+    cdef size_t i, r, lo, hi, n = 0, cap = 0
+    cdef zcandidate* cand = NULL
+    cdef zcandidate* grown
+    cdef zslot* s
+    cdef zstream* st
+    cdef long done = 0
+    cdef int rc
+    cdef int want = PICK_ALL if pick == PICK_INDEXES else pick
+    err[0] = 0
+    for r in range(nranges if pick == PICK_INDEXES else 1):
+        lo, hi = 0, m.nr_pages - 1
+        if pick == PICK_INDEXES:
+            lo = ranges[2 * r]
+            hi = min(ranges[2 * r + 1], m.nr_pages - 1)
+        i = lo
+        while i <= hi and i < m.nr_pages:
+            s = &m.table[i]
+            if _picked(s, want):
+                if n == cap:
+                    cap = cap * 2 if cap else 1024
+                    grown = <zcandidate*>realloc(cand, cap * sizeof(zcandidate))
+                    if grown == NULL:
+                        free(cand)
+                        err[0] = ENOMEM
+                        return 0
+                    cand = grown
+                cand[n].index = i
+                cand[n].size = s.size
+                n += 1
+            i += 1
+    qsort(cand, n, sizeof(zcandidate), _larger_first)
+    st = zcomp_stream_get(m.comp)
+    for i in range(n):
+        if m.wb_limit_enable and za_load(&m.wb_limit) == 0:
+            err[0] = EIO
+            break
+        s = &m.table[cand[i].index]
+        zram_slot_lock(&s.flags)
+        rc = _writeback_locked(m, s, page, st) if _picked(s, want) else 1
+        zram_slot_unlock(&s.flags)
+        if rc < 0:
+            err[0] = -rc
+            break
+        if rc == 0:
+            done += 1
+            if m.wb_limit_enable:
+                za_sub(&m.wb_limit, 1)
+    zcomp_stream_put(st)
+    free(cand)
+    return done
+
+
+# --- recompression ---------------------------------------------------------------------------
+
+cdef bint _recompress_wanted(zslot* s, int pick, size_t threshold) noexcept nogil:
+    return (_picked(s, pick) and s.size >= threshold
+            and not zram_slot_flags(&s.flags) & ZRAM_INCOMPRESSIBLE)
+
+
+cdef int _recompress_locked(zram* m, zslot* s, int only, char* page, zstream* st) noexcept nogil:
+    """Tries the secondary algorithms above the page's own, by priority; keeps a result only if
+    it lands in a smaller size class, and only within mem_limit (no eviction for it). 1
+    recompressed, 0 not (then marked incompressible, unless memory was what failed)."""
+    cdef uint32_t flags = zram_slot_flags(&s.flags)
+    cdef int prio, n, rc
+    cdef size_t old_class
+    cdef zcomp* c
+    cdef zstream* st2
+    if zram_slot_load(m, s, page, st) != 0:
+        return 0
+    old_class = m.driver.class_size(m.pool, s.size)
+    for prio in range(((flags & ZRAM_PRIO_MASK) >> ZRAM_PRIO_SHIFT) + 1, 4):
+        c = m.secondary[prio]
+        if c == NULL or (only and prio != only):
+            continue
+        st2 = zcomp_stream_get(c)
+        n = zcomp_compress(c, st2, page, <int>m.huge_size - 1)
+        rc = 1
+        if n > 0 and m.driver.class_size(m.pool, n) < old_class:
+            rc = zram_slot_replace(m, s, st2.buffer, n,
+                                   (flags & ZRAM_IDLE) | (<uint32_t>prio << ZRAM_PRIO_SHIFT),
+                                   False)
+        zcomp_stream_put(st2)
+        if rc == 0:
+            return 1
+        if rc == -ENOMEM:
+            return 0              # no room now: leave the page as it is, for a later try
+    zram_slot_set_flags(&s.flags, flags | ZRAM_INCOMPRESSIBLE)
+    return 0
+
+
+cdef long _recompress(zram* m, int pick, size_t threshold, size_t max_pages, int only,
+                      char* page) noexcept nogil:
+    """Recompresses the pages `pick` and `threshold` select, trying at most `max_pages`
+    (0: no limit). The pages recompressed."""
+    cdef size_t i, tried = 0
+    cdef zslot* s
+    cdef zstream* st = zcomp_stream_get(m.comp)
+    cdef long done = 0
+    for i in range(m.nr_pages):
+        if max_pages and tried >= max_pages:
+            break
+        s = &m.table[i]
+        if not _recompress_wanted(s, pick, threshold):
+            continue
+        zram_slot_lock(&s.flags)
+        if _recompress_wanted(s, pick, threshold):
+            tried += 1
+            done += _recompress_locked(m, s, only, page, st)
+        zram_slot_unlock(&s.flags)
+    zcomp_stream_put(st)
+    return done
+
+
+# --- eviction (zswap-style, over mem_limit) --------------------------------------------------
+
+cdef void _evict(zram* m, size_t excess) noexcept nogil:
+    """Writes least recently used pages (CLOCK: an accessed page gets a second chance) back
+    until `excess` pages and some slack are freed. Called by a writer over mem_limit holding
+    its own slot lock, or by evict_to_limit: so victims are only tried, never waited for."""
+    cdef size_t goal = (excess + EVICT_SLACK) << PAGE_SHIFT
+    cdef size_t freed = 0, scanned = 0, idx
+    cdef uint32_t f
+    cdef zslot* s
+    cdef int rc
+    pthread_mutex_lock(&m.evict_lock)
+    if m.driver.total_pages(m.pool) <= za_load(&m.limit_pages):
+        pthread_mutex_unlock(&m.evict_lock)       # another writer made room meanwhile
+        return
+    while freed < goal and scanned < 2 * m.nr_pages:
+        idx = m.clock_hand
+        m.clock_hand = (idx + 1) % m.nr_pages
+        scanned += 1
+        s = &m.table[idx]
+        f = zram_slot_flags(&s.flags)
+        if not zram_slot_has_object(s, f):
+            continue
+        if f & ZRAM_ACCESSED:
+            zram_slot_clear(&s.flags, ZRAM_ACCESSED)
+            continue
+        if not zram_slot_trylock(&s.flags):
+            continue
+        rc = 1
+        if zram_slot_has_object(s, zram_slot_flags(&s.flags)):
+            freed += s.size
+            rc = _writeback_locked(m, s, m.evict_page, m.evict_stream)
+        zram_slot_unlock(&s.flags)
+        if rc == 0:
+            za_add(&m.evicted, 1)
+        elif rc == -ENOSPC:
+            break
+    # Objects freed here and there empty few zspages by themselves: compaction does the rest.
+    m.driver.compact(m.pool)
+    pthread_mutex_unlock(&m.evict_lock)
+
+
+# --- Python entry points: each takes the meta, under a reference held by Disk.call ----------
+
+cdef char* _page() except NULL:
+    cdef char* page = NULL
+    if posix_memalign(<void**>&page, PAGE_SIZE, PAGE_SIZE) != 0:
+        raise MemoryError()
+    return page
+
+
+def mark_idle(Meta meta, age: int | None = None) -> int:
+    """Marks idle every stored page, or those not accessed for `age` seconds."""
+    cdef uint32_t a = age or 0
+    cdef size_t marked
+    with nogil:
+        marked = _mark_idle(meta.m, a)
+    return marked
+
+
+def writeback(Meta meta, mode: str | None, ranges=()) -> int:
+    """Writes back the pages of a page type `mode` (idle, huge, huge_idle, incompressible),
+    or with None those of the page index `ranges` (inclusive pairs); returns how many.
+    OSError: ENODEV without a backing device, ENOSPC when it is full, EIO when
+    writeback_limit is spent or I/O fails."""
+    cdef zram* m = meta.m
+    cdef int pick = PICK_INDEXES if mode is None else PAGE_TYPES[mode]
+    cdef size_t n = len(ranges)
+    cdef size_t* cranges
+    cdef char* page
+    cdef long done
+    cdef int err = 0
+    if m.backing == NULL:
+        raise OSError(ENODEV, "no backing device")
+    cranges = <size_t*>calloc(2 * n + 2, sizeof(size_t))
+    if cranges == NULL:
+        raise MemoryError()
+    for i, (lo, hi) in enumerate(ranges):
+        cranges[2 * i], cranges[2 * i + 1] = lo, hi
+    try:
+        page = _page()
+    except MemoryError:
+        free(cranges)
+        raise
+    with nogil:
+        done = _writeback(m, pick, cranges, n, page, &err)
+    free(cranges)
+    free(page)
+    if err:
+        raise OSError(err, f"writeback stopped after {done} pages")
+    return done
+
+
+def recompress(Meta meta, mode: str | None, size_t threshold=0, size_t max_pages=0,
+               int priority=0) -> int:
+    """Recompresses the pages a page type `mode` (idle, huge, huge_idle; None: all) and
+    `threshold` select with the secondary algorithms (or only the one of `priority`)."""
+    cdef int pick = PICK_ALL if mode is None else PAGE_TYPES[mode]
+    cdef char* page
+    cdef long done
+    if not meta.secondary:
+        raise OSError(EINVAL, "no recompression algorithm")
+    if pick == PICK_INCOMPRESSIBLE:
+        raise OSError(EINVAL, "incompressible pages are not recompressed")
+    page = _page()
+    with nogil:
+        done = _recompress(meta.m, pick, threshold, max_pages, priority, page)
+    free(page)
+    return done
+
+
+def set_eviction(Meta meta, bint on) -> None:
+    """A write over mem_limit evicts least recently used pages to the backing device instead
+    of failing (zswap-style). Needs a backing device to take effect."""
+    if on and meta.m.backing != NULL:
+        meta.m.evict = _evict
+    else:
+        meta.m.evict = NULL
+
+
+def eviction(Meta meta) -> bool:
+    return meta.m.evict != NULL
+
+
+def evict_to_limit(Meta meta) -> None:
+    """With eviction on, evicts down to mem_limit now (after the limit was lowered)."""
+    cdef zram* m = meta.m
+    cdef size_t used, limit = za_load(&m.limit_pages)
+    if m.evict == NULL or not limit:
+        return
+    with nogil:
+        used = m.driver.total_pages(m.pool)
+        if used > limit:
+            m.evict(m, used - limit)
+
+
+def wb_limit(Meta meta) -> int:
+    """Pages still allowed to be written back (while writeback_limit_enable)."""
+    return za_load(&meta.m.wb_limit)
+
+
+def set_wb_limit(Meta meta, size_t pages, bint enable) -> None:
+    meta.m.wb_limit = pages
+    meta.m.wb_limit_enable = enable

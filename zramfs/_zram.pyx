@@ -1,0 +1,678 @@
+# cython: language_level=3
+"""A device's slot table, its lifetime, and the byte-range I/O over it, all without the GIL.
+
+Owns: the slot table (one `zslot` per 4 KiB page, as zram's table: the object's handle, size
+and flags), the page store and load, the request entry points (zdisk_read/write/fallocate)
+and mm_stat's and io_stat's counters; and `Meta` and `Disk`, their Python faces.
+
+Every page operation holds the slot's lock from first look to last touch, so a page being
+read is never freed, moved or half-written under the reader (docs/design.md, hazard 2), and
+a partial write's read-modify-write is one step. A new object is complete before the slot
+points to it and the old one is freed after (hazard 8). Nothing is allocated on the request
+path but the compressed objects themselves (hazard 4).
+
+Lock order, outermost first: a compression stream (a request's shared one or a worker's
+private one, then a recompression algorithm's); a slot lock; the eviction lock (a writer over
+mem_limit evicts holding its own slot lock, and only try-locks other slots); the allocator's
+class locks (taken inside malloc/free/map and by the compaction eviction ends with); the
+page source's lock; the backing device's bitmap lock.
+
+`Disk` is the device as the FUSE layer sees it: it holds the current `Meta` while the device
+is initialised and counts the references held on it (hazard 1). `Meta` is what disksize
+creates and reset destroys: table, pool, compressor streams, workers, counters.
+"""
+from __future__ import annotations
+
+from collections import namedtuple
+
+from libc.errno cimport EBUSY, EINVAL, EIO, ENOMEM, ENOSPC, EOPNOTSUPP
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy, memset
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.pycapsule cimport PyCapsule_New
+
+from zramfs._alloc cimport Pool
+from zramfs._backing cimport Backing, backing_free, backing_read
+from zramfs._workers cimport zjob, zworkers_run, zworkers_start, zworkers_stop
+from zramfs._zcomp cimport (Compressor, zcomp_compress, zcomp_decompress, zcomp_private_stream,
+                            zcomp_stream_get, zcomp_stream_put)
+from zramfs.data_ops cimport ZRAMFS_DATA_OPS_CAPSULE, zramfs_data_ops
+from zramfs.pthread cimport pthread_mutex_destroy, pthread_mutex_init
+from zramfs.zram cimport (PAGE_SHIFT, PAGE_SIZE, ZRAM_ACCESSED, ZRAM_HUGE, ZRAM_IDLE, ZRAM_LIVE,
+                          ZRAM_PRIO_MASK, ZRAM_PRIO_SHIFT, ZRAM_SAME, ZRAM_WB, posix_memalign,
+                          za_add, za_load, za_load64, za_max, za_sub, zram_get, zram_put,
+                          zram_set_live, zram_slot_flags, zram_slot_lock, zram_slot_set_flags,
+                          zram_slot_unlock)
+
+from zramfs._alloc import Pool as _Pool
+from zramfs._workers import default_workers
+from zramfs._zcomp import Compressor as _Compressor
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <time.h>
+    #include <linux/falloc.h>
+    static inline uint32_t zram_now_s(void) {
+        struct timespec t;
+        clock_gettime(CLOCK_MONOTONIC_COARSE, &t);
+        return (uint32_t)t.tv_sec;
+    }
+    static inline uint64_t zram_now_ns(void) {
+        struct timespec t;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        return (uint64_t)t.tv_sec * 1000000000u + t.tv_nsec;
+    }
+    """
+    uint32_t zram_now_s() nogil
+    uint64_t zram_now_ns() nogil
+    int FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+    size_t SIZE_MAX
+
+cdef enum:
+    SECTOR_SHIFT = 9
+    IO_READ = 0
+    IO_WRITE = 1
+    IO_DISCARD = 2
+
+
+# --- one page, slot lock held ----------------------------------------------------------------
+
+cdef inline bint _same_filled(const char* page, uint64_t* word) noexcept nogil:
+    cdef const uint64_t* w = <const uint64_t*>page
+    cdef size_t i
+    for i in range(1, PAGE_SIZE // 8):
+        if w[i] != w[0]:
+            return False
+    word[0] = w[0]
+    return True
+
+
+cdef inline void _fill(char* page, uint64_t word) noexcept nogil:
+    cdef uint64_t* w = <uint64_t*>page
+    cdef size_t i
+    if word == 0:
+        memset(page, 0, PAGE_SIZE)
+        return
+    for i in range(PAGE_SIZE // 8):
+        w[i] = word
+
+
+cdef uint32_t zram_now() noexcept nogil:
+    """Seconds on a coarse monotonic clock: the unit of access times and idle ages."""
+    return zram_now_s()
+
+
+cdef bint zram_slot_has_object(zslot* s, uint32_t flags) noexcept nogil:
+    """The slot holds a compressed object in the pool (not same-filled, not written back)."""
+    return s.size != 0 and not flags & (ZRAM_SAME | ZRAM_WB)
+
+
+cdef void zram_slot_free(zram* m, zslot* s) noexcept nogil:
+    """Frees what the slot holds and empties it."""
+    cdef uint32_t flags = zram_slot_flags(&s.flags)
+    if flags & ZRAM_SAME:
+        za_sub(&m.same_pages, 1)
+        za_sub(&m.pages_stored, 1)
+    elif flags & ZRAM_WB:
+        backing_free(m.backing, s.handle)
+        za_sub(&m.pages_stored, 1)
+    elif s.size:
+        m.driver.free(m.pool, s.handle)
+        za_sub(&m.compr_data_size, s.size)
+        za_sub(&m.pages_stored, 1)
+        if flags & ZRAM_HUGE:
+            za_sub(&m.huge_pages, 1)
+    s.handle = 0
+    s.size = 0
+    zram_slot_set_flags(&s.flags, 0)
+
+
+cdef int zram_slot_load(zram* m, zslot* s, char* page, zstream* st) noexcept nogil:
+    """The slot's page into `page`; st.page may serve as bounce buffer, so `page` is st.page
+    or apart from it. 0 or -errno."""
+    cdef uint32_t flags = zram_slot_flags(&s.flags)
+    cdef const char* src
+    cdef char* bounce
+    cdef int rc = 0
+    cdef int prio
+    cdef zstream* st2
+    if flags & ZRAM_SAME:
+        _fill(page, s.handle)
+    elif flags & ZRAM_WB:
+        # O_DIRECT wants an aligned buffer; the stream's scratch page is one.
+        bounce = page if (<size_t>page & (PAGE_SIZE - 1)) == 0 else st.page
+        rc = backing_read(m.backing, s.handle, bounce)
+        if rc == 0 and bounce != page:
+            memcpy(page, bounce, PAGE_SIZE)
+    elif s.size == 0:
+        memset(page, 0, PAGE_SIZE)
+    else:
+        src = m.driver.map(m.pool, s.handle)
+        prio = (flags & ZRAM_PRIO_MASK) >> ZRAM_PRIO_SHIFT
+        if flags & ZRAM_HUGE:
+            memcpy(page, src, PAGE_SIZE)
+        elif prio == 0:
+            rc = zcomp_decompress(m.comp, st, src, s.size, page)
+        else:                     # recompressed: the secondary algorithm's own stream
+            st2 = zcomp_stream_get(m.secondary[prio])
+            rc = zcomp_decompress(m.secondary[prio], st2, src, s.size, page)
+            zcomp_stream_put(st2)
+        m.driver.unmap(m.pool, s.handle)
+        if rc != 0:
+            rc = -EIO
+    return rc
+
+
+cdef int zram_slot_replace(zram* m, zslot* s, const char* data, size_t n, uint32_t flags,
+                           bint may_evict) noexcept nogil:
+    """Stores `n` bytes of `data` as the slot's new object with `flags`, then frees the old
+    content: the write path's and recompression's one way into the pool. -ENOMEM when the
+    pool has no memory or the object would take it over mem_limit; a writer (`may_evict`)
+    first has eviction, where on, make room."""
+    cdef uint64_t handle = m.driver.malloc(m.pool, n)
+    cdef size_t used, limit
+    cdef char* dst
+    if handle == 0:
+        return -ENOMEM
+    used = m.driver.total_pages(m.pool)
+    za_max(&m.max_used_pages, used)
+    limit = za_load(&m.limit_pages)
+    if limit and used > limit:
+        if may_evict and m.evict != NULL:
+            m.evict(m, used - limit)
+            used = m.driver.total_pages(m.pool)
+        if used > limit:
+            m.driver.free(m.pool, handle)
+            return -ENOMEM
+    dst = m.driver.map(m.pool, handle)
+    memcpy(dst, data, n)
+    m.driver.unmap(m.pool, handle)
+    zram_slot_free(m, s)
+    s.handle = handle
+    s.size = <uint32_t>n
+    zram_slot_set_flags(&s.flags, flags)
+    za_add(&m.compr_data_size, n)
+    za_add(&m.pages_stored, 1)
+    if flags & ZRAM_HUGE:
+        za_add(&m.huge_pages, 1)
+        za_add(&m.huge_pages_since, 1)
+    return 0
+
+
+cdef int _slot_store(zram* m, zslot* s, const char* page, zstream* st) noexcept nogil:
+    """Compresses and stores one page in place of the slot's old content; -errno on failure.
+    A same-filled page takes no object; one that compresses no better than a huge class is
+    stored raw."""
+    cdef uint64_t word
+    cdef int n
+    if _same_filled(page, &word):
+        zram_slot_free(m, s)
+        s.handle = word
+        zram_slot_set_flags(&s.flags, ZRAM_SAME)
+        za_add(&m.same_pages, 1)
+        za_add(&m.pages_stored, 1)
+        return 0
+    n = zcomp_compress(m.comp, st, page, <int>m.huge_size - 1)
+    if n <= 0:
+        return zram_slot_replace(m, s, page, PAGE_SIZE, ZRAM_HUGE, True)
+    return zram_slot_replace(m, s, st.buffer, n, 0, True)
+
+
+cdef inline void _touch(zram* m, zslot* s) noexcept nogil:
+    """An access: the page is no longer idle, and gets a second chance from eviction."""
+    m.ac_time[s - m.table] = zram_now_s()
+    zram_slot_set_flags(&s.flags, (zram_slot_flags(&s.flags) & ~ZRAM_IDLE) | ZRAM_ACCESSED)
+
+
+# --- byte ranges: a request's pages ---------------------------------------------------------
+
+ctypedef struct zrange:
+    zram* m
+    bint write
+    char* buf                  # the request's buffer (only read from for a write)
+    size_t off                 # the request's byte range on the device
+    size_t size
+
+
+cdef int _page_io(void* arg, size_t page, zstream* st) noexcept nogil:
+    """Page `page` of the request between its slot and the request's buffer; takes and drops
+    the slot's lock. A partial page is read-modify-write in st.page. 0 or -errno."""
+    cdef zrange* r = <zrange*>arg
+    cdef zram* m = r.m
+    cdef size_t start = max(page << PAGE_SHIFT, r.off)
+    cdef size_t end = min((page + 1) << PAGE_SHIFT, r.off + r.size)
+    cdef size_t pofs = start & (PAGE_SIZE - 1)
+    cdef size_t n = end - start
+    cdef char* b = r.buf + (start - r.off)
+    cdef zslot* s = &m.table[page]
+    cdef int rc
+    zram_slot_lock(&s.flags)
+    if n == PAGE_SIZE:
+        rc = _slot_store(m, s, b, st) if r.write else zram_slot_load(m, s, b, st)
+    else:
+        rc = zram_slot_load(m, s, st.page, st)
+        if rc == 0:
+            if r.write:
+                memcpy(st.page + pofs, b, n)
+                rc = _slot_store(m, s, st.page, st)
+            else:
+                memcpy(b, st.page + pofs, n)
+    if rc == 0:
+        _touch(m, s)
+    zram_slot_unlock(&s.flags)
+    return rc
+
+
+cdef size_t _range_io(zram* m, bint write, char* buf, size_t off, size_t size,
+                      zstream* st) noexcept nogil:
+    """The request's pages, inline or shared with the workers. The lowest page that failed,
+    SIZE_MAX if none. The caller holds a reference on the meta (so the workers outlive this)
+    and its own stream `st`."""
+    cdef zrange r
+    cdef zjob j
+    r.m, r.write, r.buf, r.off, r.size = m, write, buf, off, size
+    j.fn = _page_io
+    j.arg = &r
+    j.first = off >> PAGE_SHIFT
+    j.count = ((off + size - 1) >> PAGE_SHIFT) - j.first + 1
+    return zworkers_run(m.workers, &j, st)
+
+
+cdef inline size_t _disk_bytes(zram* m) noexcept nogil:
+    return m.nr_pages << PAGE_SHIFT
+
+
+cdef inline void _account(zdisk* d, int kind, size_t nbytes, uint64_t started) noexcept nogil:
+    za_add(&d.ios[kind], 1)
+    za_add(&d.sectors[kind], nbytes >> SECTOR_SHIFT)
+    za_add(&d.ticks_ns[kind], zram_now_ns() - started)
+
+
+cdef ssize_t zdisk_read(zdisk* d, char* buf, size_t size, off_t off) noexcept nogil:
+    """Reads up to `size` bytes at `off`; short at the end of the device."""
+    cdef uint64_t started = zram_now_ns()
+    cdef zram* m
+    cdef zstream* st
+    cdef size_t bad = SIZE_MAX
+    if not zram_get(&d.state):
+        return -EIO
+    m = d.meta
+    if off < 0 or <size_t>off >= _disk_bytes(m):
+        zram_put(&d.state)
+        return 0
+    size = min(size, _disk_bytes(m) - <size_t>off)
+    if size:
+        st = zcomp_stream_get(m.comp)
+        bad = _range_io(m, False, buf, <size_t>off, size, st)
+        zcomp_stream_put(st)
+    if bad != SIZE_MAX:
+        za_add(&m.failed_reads, 1)
+    zram_put(&d.state)
+    _account(d, IO_READ, size if bad == SIZE_MAX else 0, started)
+    return -EIO if bad != SIZE_MAX else <ssize_t>size
+
+
+cdef ssize_t zdisk_write(zdisk* d, const char* buf, size_t size, off_t off) noexcept nogil:
+    """Writes `size` bytes at `off`; ENOSPC at or past the end, short up to it, and short up
+    to the first page that failed (EIO if that is the first)."""
+    cdef uint64_t started = zram_now_ns()
+    cdef zram* m
+    cdef zstream* st
+    cdef size_t bad = SIZE_MAX, done
+    if not zram_get(&d.state):
+        return -EIO
+    m = d.meta
+    if off < 0 or <size_t>off >= _disk_bytes(m):
+        za_add(&m.invalid_io, 1)
+        zram_put(&d.state)
+        return -ENOSPC
+    size = min(size, _disk_bytes(m) - <size_t>off)
+    if size:
+        st = zcomp_stream_get(m.comp)
+        bad = _range_io(m, True, <char*>buf, <size_t>off, size, st)
+        zcomp_stream_put(st)
+    done = size
+    if bad != SIZE_MAX:
+        za_add(&m.failed_writes, 1)
+        done = (bad << PAGE_SHIFT) - <size_t>off if (bad << PAGE_SHIFT) > <size_t>off else 0
+    zram_put(&d.state)
+    _account(d, IO_WRITE, done, started)
+    if bad != SIZE_MAX and done == 0:
+        return -EIO
+    return <ssize_t>done
+
+
+cdef int zdisk_fallocate(zdisk* d, int mode, off_t off, off_t length) noexcept nogil:
+    """Discard (PUNCH_HOLE) and write-zeroes (ZERO_RANGE), both with KEEP_SIZE: whole pages
+    are freed, the partial pages at either end zeroed."""
+    cdef uint64_t started = zram_now_ns()
+    cdef zram* m
+    cdef zstream* st = NULL
+    cdef zslot* s
+    cdef size_t pos, end, n, pofs
+    cdef int rc = 0
+    if mode != (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) and \
+            mode != (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE):
+        return -EOPNOTSUPP
+    if off < 0 or length <= 0:
+        return -EINVAL
+    if not zram_get(&d.state):
+        return -EIO
+    m = d.meta
+    pos = <size_t>off
+    end = min(<size_t>off + <size_t>length, _disk_bytes(m))
+    while pos < end:
+        s = &m.table[pos >> PAGE_SHIFT]
+        pofs = pos & (PAGE_SIZE - 1)
+        n = min(PAGE_SIZE - pofs, end - pos)
+        zram_slot_lock(&s.flags)
+        if n == PAGE_SIZE:
+            if zram_slot_flags(&s.flags) & ZRAM_SAME or s.size:
+                za_add(&m.notify_free, 1)
+            zram_slot_free(m, s)
+        else:
+            if st == NULL:
+                st = zcomp_stream_get(m.comp)
+            rc = zram_slot_load(m, s, st.page, st)
+            if rc == 0:
+                memset(st.page + pofs, 0, n)
+                rc = _slot_store(m, s, st.page, st)
+            if rc == 0:
+                _touch(m, s)
+        zram_slot_unlock(&s.flags)
+        if rc:
+            za_add(&m.failed_writes, 1)
+            break
+        pos += n
+    if st != NULL:
+        zcomp_stream_put(st)
+    zram_put(&d.state)
+    _account(d, IO_DISCARD, pos - <size_t>off if pos > <size_t>off else 0, started)
+    return -EIO if rc else 0
+
+
+# --- the FUSE layer's data ops: a device file's handle is its zdisk* ----------------------------
+
+cdef ssize_t _dops_read(void* ctx, uint64_t fh, char* buf, size_t size,
+                        uint64_t off) noexcept nogil:
+    return zdisk_read(<zdisk*>fh, buf, size, <off_t>off)
+
+
+cdef ssize_t _dops_write(void* ctx, uint64_t fh, const char* buf, size_t size,
+                         uint64_t off) noexcept nogil:
+    return zdisk_write(<zdisk*>fh, buf, size, <off_t>off)
+
+
+cdef int _dops_fallocate(void* ctx, uint64_t fh, int mode, uint64_t off,
+                         uint64_t length) noexcept nogil:
+    return zdisk_fallocate(<zdisk*>fh, mode, <off_t>off, <off_t>length)
+
+
+cdef zramfs_data_ops DATA_OPS = zramfs_data_ops(
+    ctx=NULL, read=_dops_read, write=_dops_write, fallocate=_dops_fallocate)
+
+
+def data_ops_capsule() -> object:
+    """The data ops for _fuse.Session(data=zramfs._zram): file handles are `Disk.address`."""
+    return PyCapsule_New(&DATA_OPS, ZRAMFS_DATA_OPS_CAPSULE, NULL)
+
+
+# --- Python faces ----------------------------------------------------------------------------
+
+Stats = namedtuple("Stats", "mm_stat io_stat streams backend pool evicted")
+Stats.__doc__ = """A snapshot of a meta's statistics: mm_stat's nine fields and io_stat's four
+in the kernel's order, the compression streams, the allocator backend, the pool's unique name,
+and the pages evicted."""
+
+
+cdef class Meta:
+    """What writing disksize creates: `Meta(disksize, "lz4", name="zram0")`.
+
+    Everything the data path needs is made here, none of it later (hazard 4): the table, the
+    pool (`backend`: zsmalloc or zbud), the compressor's streams, and `workers` compression
+    threads (default: one per core but one) that take a share of the pages of large requests.
+    """
+
+    def __init__(self, size_t disksize, str algorithm="lz4", level=None, *,
+                 str backend="zsmalloc", str name="zram", streams=None,
+                 int max_pages_per_zspage=8, workers=None, Backing backing=None,
+                 dict secondary=None):
+        """`backing`: the writeback device (the caller's to close, after destroy).
+        `secondary`: recompression algorithms, {priority: (name, level or None)}."""
+        cdef Compressor comp
+        cdef int nr_workers = default_workers() if workers is None else workers
+        if disksize == 0 or disksize % PAGE_SIZE:
+            raise ValueError(f"disksize must be a positive multiple of {PAGE_SIZE}")
+        if nr_workers < 0:
+            raise ValueError("workers must be 0 or more")
+        self.m = <zram*>calloc(1, sizeof(zram))
+        if self.m == NULL:
+            raise MemoryError("no memory for the device's meta")
+        self.disksize = disksize
+        self.secondary = {}
+        # calloc of a large table maps zero pages lazily: untouched slots cost nothing.
+        self.m.nr_pages = disksize >> PAGE_SHIFT
+        self.m.table = <zslot*>calloc(self.m.nr_pages, sizeof(zslot))
+        self.m.ac_time = <uint32_t*>calloc(self.m.nr_pages, sizeof(uint32_t))
+        if self.m.table == NULL or self.m.ac_time == NULL or \
+                posix_memalign(<void**>&self.m.evict_page, PAGE_SIZE, PAGE_SIZE) != 0:
+            self.m.evict_page = NULL
+            self.destroy()
+            raise MemoryError(f"no memory for a slot table of {self.m.nr_pages} pages")
+        pthread_mutex_init(&self.m.evict_lock, NULL)
+        try:
+            self.pool = _Pool(backend, name, max_pages_per_zspage)
+            # One private stream a worker, and one for eviction.
+            self.compressor = _Compressor(algorithm, level, streams,
+                                          private_streams=nr_workers + 1)
+            for prio, (sname, slevel) in sorted((secondary or {}).items()):
+                if not 1 <= prio <= 3:
+                    raise ValueError(f"recompression priority {prio} is not 1..3")
+                self.secondary[prio] = _Compressor(sname, slevel, 2)
+        except BaseException:
+            self.destroy()
+            raise
+        for prio, c in self.secondary.items():
+            self.m.secondary[prio] = (<Compressor>c).comp
+        if backing is not None:
+            self.backing = backing
+            self.m.backing = backing.b
+        comp = self.compressor
+        self.m.driver = self.pool.driver
+        self.m.pool = self.pool.impl
+        self.m.huge_size = self.pool.driver.huge_class_size(self.pool.impl)
+        self.m.comp = comp.comp
+        self.m.evict_stream = zcomp_private_stream(comp.comp, nr_workers)
+        if nr_workers:
+            with nogil:
+                self.m.workers = zworkers_start(self.m.comp, nr_workers)
+            if self.m.workers == NULL:
+                self.destroy()
+                raise MemoryError(f"cannot start {nr_workers} compression workers")
+        self.workers = nr_workers
+
+    def _free_table(self) -> None:
+        if self.m.workers != NULL:
+            with nogil:
+                zworkers_stop(self.m.workers)
+            self.m.workers = NULL
+        if self.m.ac_time != NULL:
+            pthread_mutex_destroy(&self.m.evict_lock)
+        free(self.m.ac_time)
+        free(self.m.evict_page)
+        free(self.m.table)
+        free(self.m)
+        self.m = NULL
+
+    def destroy(self) -> None:
+        """Frees everything. Only once no reference is held on the meta (Disk.release)."""
+        if self.m == NULL:
+            return
+        if self.m.workers != NULL:
+            with nogil:
+                zworkers_stop(self.m.workers)
+            self.m.workers = NULL
+        if self.pool is not None:
+            self.pool.destroy()       # frees every object at once: no need to walk the table
+        if self.compressor is not None:
+            self.compressor.destroy()
+        for c in (self.secondary or {}).values():
+            c.destroy()
+        self._free_table()
+
+    def __dealloc__(self):
+        # Dropped without destroy: the pool and compressors free themselves as objects.
+        if self.m != NULL:
+            self._free_table()
+
+    @property
+    def mem_limit(self) -> int:
+        return za_load(&self.m.limit_pages) << PAGE_SHIFT
+
+    @mem_limit.setter
+    def mem_limit(self, size_t nbytes) -> None:
+        """Bytes, rounded up to pages; 0 for none. Eviction down to a lowered limit is the
+        caller's to run (zramfs._tiering.evict_to_limit), as maintenance."""
+        self.m.limit_pages = (nbytes + PAGE_SIZE - 1) >> PAGE_SHIFT
+
+    def reset_mem_used_max(self) -> None:
+        """mem_used_max starts again from the memory used now."""
+        self.m.max_used_pages = self.m.driver.total_pages(self.m.pool)
+
+    def compact(self) -> int:
+        return self.pool.compact()
+
+    def mm_stat(self) -> tuple[int, ...]:
+        """The nine fields of mm_stat, in the kernel's order."""
+        cdef zram* m = self.m
+        return (
+            za_load(&m.pages_stored) << PAGE_SHIFT,
+            za_load(&m.compr_data_size),
+            m.driver.total_pages(m.pool) << PAGE_SHIFT,
+            za_load(&m.limit_pages) << PAGE_SHIFT,
+            za_load(&m.max_used_pages) << PAGE_SHIFT,
+            za_load(&m.same_pages),
+            self.pool.pages_compacted,
+            za_load(&m.huge_pages),
+            za_load(&m.huge_pages_since),
+        )
+
+    def io_stat(self) -> tuple[int, int, int, int]:
+        """failed_reads failed_writes invalid_io notify_free."""
+        cdef zram* m = self.m
+        return (za_load(&m.failed_reads), za_load(&m.failed_writes),
+                za_load(&m.invalid_io), za_load(&m.notify_free))
+
+    def stats(self) -> Stats:
+        return Stats(self.mm_stat(), self.io_stat(), self.compressor.streams,
+                     self.pool.backend, self.pool.name, za_load(&self.m.evicted))
+
+    def classes(self) -> list:
+        """The allocator's size classes, as zsmalloc's debugfs `classes` (none for zbud)."""
+        return self.pool.class_stats()
+
+
+cdef class Disk:
+    """A device as the FUSE layer reaches it; lives as long as the device (across resets).
+
+    `attach(meta)` makes it live; `detach()` stops new references; once `in_flight` is 0,
+    `release()` hands the meta back to be destroyed outside any request. Maintenance runs
+    through `call`, holding a reference as a request does, so reset waits for it too.
+    """
+
+    def __cinit__(self):
+        self.disk = <zdisk*>calloc(1, sizeof(zdisk))
+        if self.disk == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.disk)
+
+    @property
+    def address(self) -> int:
+        """The zdisk*, for the FUSE layer's file handles."""
+        return <size_t>self.disk
+
+    def attach(self, Meta meta) -> None:
+        if self.meta is not None:
+            raise RuntimeError("disk already has a meta")
+        self.meta = meta
+        self.disk.meta = meta.m
+        zram_set_live(&self.disk.state, 1)
+
+    def detach(self) -> None:
+        """New requests fail with EIO, new maintenance with EBUSY, from now on."""
+        zram_set_live(&self.disk.state, 0)
+
+    @property
+    def live(self) -> bool:
+        return bool(za_load64(&self.disk.state) & ZRAM_LIVE)
+
+    @property
+    def in_flight(self) -> int:
+        """References held on the meta: requests and maintenance."""
+        return za_load64(&self.disk.state) & ~ZRAM_LIVE
+
+    def release(self) -> Meta:
+        """Takes the meta away once detached and drained."""
+        if self.live or self.in_flight:
+            raise RuntimeError("disk is live or has references held")
+        meta, self.meta = self.meta, None
+        self.disk.meta = NULL
+        return meta
+
+    def call(self, fn, *args):
+        """`fn(meta, *args)` holding a reference on the meta, from any thread: so maintenance
+        (writeback, recompression, compaction, eviction) and reset never overlap.
+        OSError(EBUSY) once the disk is detached or has no meta."""
+        if not zram_get(&self.disk.state):
+            raise OSError(EBUSY, "the device is not initialised or is being reset")
+        try:
+            return fn(self.meta, *args)
+        finally:
+            zram_put(&self.disk.state)
+
+    def stat(self) -> tuple[int, ...]:
+        """The block layer's 17 stat fields (read, write, discard; no merges, no flushes)."""
+        cdef zdisk* d = self.disk
+        ios = [za_load(&d.ios[i]) for i in range(3)]
+        sectors = [za_load(&d.sectors[i]) for i in range(3)]
+        ms = [za_load(&d.ticks_ns[i]) // 1000000 for i in range(3)]
+        busy = ms[0] + ms[1] + ms[2]
+        return (ios[0], 0, sectors[0], ms[0], ios[1], 0, sectors[1], ms[1],
+                self.in_flight, busy, busy, ios[2], 0, sectors[2], ms[2], 0, 0)
+
+    # Python entry points over the same C path, for tests and tools.
+
+    def read(self, off_t off, size_t size) -> bytes:
+        cdef ssize_t n
+        out = PyBytes_FromStringAndSize(NULL, size)
+        cdef char* buf = PyBytes_AS_STRING(out)
+        with nogil:
+            n = zdisk_read(self.disk, buf, size, off)
+        if n < 0:
+            raise OSError(-n, f"read of {size} bytes at {off}")
+        return out[:n]
+
+    def write(self, off_t off, data) -> int:
+        cdef Py_buffer view
+        cdef ssize_t n
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            with nogil:
+                n = zdisk_write(self.disk, <const char*>view.buf, view.len, off)
+        finally:
+            PyBuffer_Release(&view)
+        if n < 0:
+            raise OSError(-n, f"write of {len(data)} bytes at {off}")
+        return n
+
+    def fallocate(self, int mode, off_t off, off_t length) -> None:
+        cdef int rc
+        with nogil:
+            rc = zdisk_fallocate(self.disk, mode, off, length)
+        if rc < 0:
+            raise OSError(-rc, f"fallocate mode {mode:#x} of {length} bytes at {off}")
