@@ -7,7 +7,7 @@
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 from posix.types cimport off_t
 
-from zramfs._alloc cimport zpool_driver
+from zramfs.zpool cimport zpool_driver
 from zramfs._backing cimport zbacking
 from zramfs._zcomp cimport zcomp, zstream
 

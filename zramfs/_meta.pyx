@@ -31,7 +31,8 @@ from zramfs.pthread cimport (pthread_cond_broadcast, pthread_cond_destroy, pthre
                             zram_thread_start)
 from zramfs.data_ops cimport zramfs_data_ops, ZRAMFS_DATA_OPS_CAPSULE
 
-from zramfs._alloc cimport Pool, zpool_driver
+from zramfs._alloc cimport Pool
+from zramfs.zpool cimport zpool_driver
 from zramfs._backing cimport Backing, backing_alloc, backing_free, backing_read, backing_write
 from zramfs._zcomp cimport (Compressor, zcomp, zstream, zcomp_stream_get, zcomp_stream_put,
                             zcomp_private_stream)
