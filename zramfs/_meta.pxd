@@ -37,7 +37,6 @@ ctypedef struct zmeta:
     size_t wb_limit        # pages still allowed to be written back, while enabled (atomic)
     int evict_enable       # a write over mem_limit writes LRU pages back instead of failing
     size_t evicted         # pages evicted that way (atomic)
-    size_t evict_compacted # pages freed by eviction's compaction, for mm_stat (atomic)
     size_t clock_hand      # eviction's CLOCK position (evict_lock)
     pthread_mutex_t evict_lock
     zstream* evict_stream  # a private stream: eviction must not wait for a shared one

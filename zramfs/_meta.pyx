@@ -529,7 +529,8 @@ cdef void _evict(zmeta* m, size_t excess) noexcept nogil:
         elif rc == -ENOSPC:
             break
     # Objects freed here and there empty few zspages by themselves: compaction does the rest.
-    za_add(&m.evict_compacted, m.driver.compact(m.pool))
+    # The pool counts what it frees (mm_stat's pages_compacted), whoever compacts.
+    m.driver.compact(m.pool)
     pthread_mutex_unlock(&m.evict_lock)
 
 
@@ -1026,7 +1027,7 @@ cdef class Meta:
             m.limit_pages << PAGE_SHIFT,
             za_load(&m.max_used_pages) << PAGE_SHIFT,
             za_load(&m.same_pages),
-            self.pool.pages_compacted + za_load(&m.evict_compacted),
+            self.pool.pages_compacted,
             za_load(&m.huge_pages),
             za_load(&m.huge_pages_since),
         )
