@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 import threading
 import time
 
@@ -12,7 +13,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
+from conftest import PUNCH_HOLE
 from zramfs import _alloc, corpus, registry
+from zramfs._backing import Backing
+from zramfs._meta import Disk, Meta
 
 BACKENDS = ["zsmalloc", "zbud"]
 PAGE = 4096
@@ -187,6 +191,37 @@ def test_compaction_moves_and_frees() -> None:
         assert sum(r.freeable for r in pool.class_stats()) < freeable
         for h, d in data.items():
             assert pool.read(h)[:500] == d
+
+
+def test_compaction_from_c_is_counted_by_the_pool() -> None:
+    """The device's eviction path calls the driver's compact from C, not Pool.compact: what
+    that frees still shows in Pool.pages_compacted, and once in mm_stat's pages_compacted."""
+    npages = 8192            # eviction takes ~1 MiB of objects (its slack): far from all
+    with tempfile.NamedTemporaryFile(prefix="zramfs-backing-") as f:
+        f.truncate(npages * PAGE)
+        backing = Backing(f.name)
+        disk = Disk()
+        disk.attach(Meta(npages * PAGE, "lz4", name="c-compact", workers=0, backing=backing))
+        try:
+            meta = disk.meta
+            rng = random.Random(3)
+            for i in range(npages):                 # ~600 bytes compressed: 6 to a page
+                disk.write(i * PAGE, rng.randbytes(600) + bytes(PAGE - 600))
+            for i in range(1, npages, 2):           # every zspage left half used
+                disk.fallocate(PUNCH_HOLE, i * PAGE, PAGE)
+            pool = meta.pool
+            assert pool.pages_compacted == 0
+            used = pool.total_pages
+            meta.evict_enable = True
+            meta.mem_limit = (used - 4) * PAGE      # evicts a few pages, then compacts
+            assert meta.evicted > 0
+            assert pool.pages_compacted > 0
+            assert pool.total_pages <= used - pool.pages_compacted
+            assert meta.mm_stat()[6] == pool.pages_compacted
+        finally:
+            disk.detach()
+            disk.release().destroy()
+            backing.close()
 
 
 def test_pool_names_unique_while_torn_down() -> None:
