@@ -3,9 +3,11 @@
 
 Two buddies a page, "first" from the start and "last" from the end, sized in 64-byte chunks;
 pages come one at a time from the page source (_pages). No compaction; objects never move, so
-map needs no pin. One lock for the pool, as in the kernel's zbud, taken by malloc and free;
-the page source's lock nests inside it. Handles point straight at the page's descriptor, low
-bit = buddy. Every function here runs without the GIL.
+map needs no pin, and map, unmap and obj_size take no lock: the caller's hold on its handle
+keeps the page. One lock for the pool, as in the kernel's zbud, taken by malloc and free; the
+list helpers (_zbud_link, _zbud_unlink) expect it held, and the page source's lock nests
+inside it. Handles point straight at the page's descriptor, low bit = buddy. Every function
+here runs without the GIL.
 """
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport calloc, free

@@ -12,8 +12,9 @@ zsmalloc's ideas, in userspace:
 - one lock per class (no pool-wide lock on malloc/free/map); a pinned zspage is never a
   compaction source, so a reader's object cannot move under it.
 
-Every function here runs without the GIL. The driver's functions take the class lock they
-need; helpers say which lock they expect held. Lock order: class lock, then the page source's.
+Every function here runs without the GIL. The driver's functions (zs_*) take the class locks
+they need; a helper given a size_class expects that class's lock held, unless it says it takes
+the lock itself. Lock order: one class lock, then the page source's; never two class locks.
 """
 from libc.stdint cimport uint32_t, int32_t, uint64_t
 from libc.stdlib cimport calloc, realloc, free
@@ -187,6 +188,11 @@ cdef inline size_class* _class_of(zs_pool* pool, uint64_t handle) noexcept nogil
     return pool.classes[handle >> 32]
 
 
+cdef inline size_class* _class_for(zs_pool* pool, size_t size) noexcept nogil:
+    """The class that serves objects of `size` bytes, MIN_SIZE..PAGE_SIZE."""
+    return pool.by_size[(size - MIN_SIZE + CLASS_DELTA - 1) // CLASS_DELTA]
+
+
 cdef void* zs_create(int max_pages) noexcept nogil:
     cdef zs_pool* pool
     cdef int i, p, best_p
@@ -267,7 +273,7 @@ cdef uint64_t zs_malloc(void* p, size_t size) noexcept nogil:
         return 0
     if size < MIN_SIZE:
         size = MIN_SIZE
-    c = pool.by_size[(size - MIN_SIZE + CLASS_DELTA - 1) // CLASS_DELTA]
+    c = _class_for(pool, size)
     pthread_mutex_lock(&c.lock)
     idx = _handle_take(c)
     if idx == 0:
@@ -362,7 +368,7 @@ cdef size_t zs_class_size(void* p, size_t size) noexcept nogil:
         return 0
     if size < MIN_SIZE:
         size = MIN_SIZE
-    return (<zs_pool*>p).by_size[(size - MIN_SIZE + CLASS_DELTA - 1) // CLASS_DELTA].size
+    return _class_for(<zs_pool*>p, size).size
 
 
 cdef inline size_t _wasted_objs(size_class* c) noexcept nogil:
@@ -406,7 +412,8 @@ cdef void _move_object(size_class* c, zspage* src, uint32_t sslot, zspage* dst) 
 
 
 cdef size_t _compact_class(zs_pool* pool, size_class* c) noexcept nogil:
-    """Empties sparse zspages into dense ones while a whole zspage's worth is wasted."""
+    """Empties sparse zspages into dense ones while a whole zspage's worth is wasted. Takes the
+    class lock itself, one zspage a time, so allocations get in between."""
     cdef size_t freed = 0
     cdef zspage* src
     cdef zspage* dst
