@@ -25,6 +25,10 @@ def extension(name: str, *libraries: str, macros: tuple = ()) -> Extension:
 
 
 extensions = [
+    # The allocator: the page source, the two backends over it, and the Python face.
+    extension("_pages"),
+    extension("_zsmalloc"),
+    extension("_zbud"),
     extension("_alloc"),
     extension("_zcomp", "liblz4", "libzstd"),
     extension("_backing"),

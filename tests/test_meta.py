@@ -400,3 +400,31 @@ def test_workers_start_with_the_meta_and_stop_with_it() -> None:
     assert threads() == before
     with pytest.raises(ValueError):
         Meta(64 * PAGE, "lz4", name="test", workers=-1)
+
+
+def test_eviction_compaction_is_counted_once_by_the_pool() -> None:
+    """Eviction calls the allocator's compaction from C, not through Pool.compact: what that
+    frees still shows in mm_stat's pages_compacted, once."""
+    npages = 8192            # eviction takes ~1 MiB of objects (its slack): far from all
+    with tempfile.NamedTemporaryFile(prefix="zramfs-backing-") as f:
+        f.truncate(npages * PAGE)
+        backing = Backing(f.name)
+        disk = make_disk(npages * PAGE, workers=0, backing=backing)
+        try:
+            meta = disk.meta
+            rng = random.Random(3)
+            for i in range(npages):                 # ~600 bytes compressed: 6 to a page
+                disk.write(i * PAGE, rng.randbytes(600) + bytes(PAGE - 600))
+            for i in range(1, npages, 2):           # every zspage left half used
+                disk.fallocate(PUNCH_HOLE, i * PAGE, PAGE)
+            assert meta.mm_stat()[6] == 0
+            used = meta.mm_stat()[2] // PAGE
+            _tiering.set_eviction(meta, True)
+            meta.mem_limit = (used - 4) * PAGE      # evicts a few pages, then compacts
+            _tiering.evict_to_limit(meta)
+            compacted = meta.mm_stat()[6]
+            assert meta.stats().evicted > 0 and compacted > 0
+            assert meta.mm_stat()[2] // PAGE <= used - compacted
+        finally:
+            destroy(disk)
+            backing.close()

@@ -10,7 +10,8 @@
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from posix.types cimport off_t
 
-from zramfs._alloc cimport Pool, zpool_driver
+from zramfs._alloc cimport Pool
+from zramfs.zpool cimport zpool_driver
 from zramfs._backing cimport zbacking
 from zramfs._workers cimport zworkers
 from zramfs._zcomp cimport zcomp, zstream

@@ -1,0 +1,216 @@
+# cython: language_level=3
+"""The page source under both pool backends: runs of contiguous 4 KiB pages from mmap arenas.
+
+It owns the arenas, the freed runs and the populator thread; the backends (_zsmalloc, _zbud)
+own what they put in the pages. Each function runs without the GIL. pages_alloc and
+pages_free are called with a backend's class or pool lock held (never the other way round),
+so the page source's own lock is innermost.
+
+Freed runs go back to the OS at once and are kept, by length, for reuse; their bookkeeping
+lives outside them so that keeping them costs no resident memory. A populator thread keeps up
+to RESERVE_PAGES (2 MiB) of fresh arena resident ahead of use: in the process's RSS, not in
+mem_used_total.
+"""
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+
+from zramfs.zram cimport PAGE_SIZE
+from zramfs.pthread cimport (pthread_cond_destroy, pthread_cond_init, pthread_cond_signal,
+                            pthread_cond_wait, pthread_join, pthread_mutex_destroy,
+                            pthread_mutex_init, pthread_mutex_lock, pthread_mutex_unlock,
+                            zram_thread_start)
+
+cdef extern from *:
+    """
+    #include <sched.h>
+    #include <sys/mman.h>
+    #ifndef MADV_POPULATE_WRITE
+    #define MADV_POPULATE_WRITE 23
+    #endif
+    /* The calling thread only runs on a CPU that nothing else wants. */
+    static void ps_sched_idle(void) {
+        struct sched_param p = {0};
+        sched_setscheduler(0, SCHED_IDLE, &p);
+    }
+    """
+    void ps_sched_idle() nogil
+    void* mmap(void* addr, size_t length, int prot, int flags, int fd, long offset) nogil
+    int munmap(void* addr, size_t length) nogil
+    int madvise(void* addr, size_t length, int advice) nogil
+    void* MAP_FAILED
+    int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE, MAP_FIXED, MADV_DONTNEED
+    int MADV_POPULATE_WRITE
+
+cdef enum:
+    ARENA_PAGES = 16384     # 64 MiB of address space a time
+    PREFAULT_PAGES = 64     # fresh arena pages made resident ahead, in one madvise
+    RESERVE_PAGES = 512     # the populator keeps this much of the arena resident ahead
+    POPULATE_PAGES = 32     # ... this much at a time
+
+
+cdef struct extent:
+    char* addr
+    extent* next
+
+
+cdef struct arena:
+    char* base
+    arena* next
+
+
+cdef void* _populator_main(void* arg) noexcept nogil:
+    """Makes fresh arena pages resident ahead of their use, RESERVE_PAGES at most, and only on
+    a CPU that would otherwise idle: a fault costs more than the zeroing it does (most in a
+    VM), and done inline, under a class lock, it was a sixth of the daemon's time in fresh
+    writes. The page-source lock is dropped around each madvise; a run handed out meanwhile
+    just faults as it is written."""
+    cdef page_source* ps = <page_source*>arg
+    cdef char* start
+    cdef char* end
+    ps_sched_idle()
+    pthread_mutex_lock(&ps.lock)
+    while not ps.stop:
+        start = end = NULL
+        if ps.bump != NULL:         # no arena before the first allocation
+            start = max(ps.populated, ps.bump)
+            end = min(ps.bump + <size_t>RESERVE_PAGES * PAGE_SIZE, ps.bump_end)
+        if start >= end:
+            ps.populator_asleep = True
+            pthread_cond_wait(&ps.want, &ps.lock)
+            ps.populator_asleep = False
+            continue
+        end = min(end, start + <size_t>POPULATE_PAGES * PAGE_SIZE)
+        ps.populated = end
+        pthread_mutex_unlock(&ps.lock)
+        madvise(start, end - start, MADV_POPULATE_WRITE)     # a hint: errors ignored
+        pthread_mutex_lock(&ps.lock)
+    pthread_mutex_unlock(&ps.lock)
+    return NULL
+
+
+cdef int pages_init(page_source* ps) noexcept nogil:
+    memset(ps, 0, sizeof(page_source))
+    if pthread_mutex_init(&ps.lock, NULL) != 0:
+        return -1
+    pthread_cond_init(&ps.want, NULL)
+    if zram_thread_start(&ps.populator, _populator_main, ps) != 0:
+        pthread_cond_destroy(&ps.want)
+        pthread_mutex_destroy(&ps.lock)
+        return -1
+    return 0
+
+
+cdef void pages_destroy(page_source* ps) noexcept nogil:
+    cdef arena* a = ps.arenas
+    cdef arena* an
+    cdef extent* e
+    cdef extent* en
+    cdef int i
+    pthread_mutex_lock(&ps.lock)
+    ps.stop = True
+    pthread_cond_signal(&ps.want)
+    pthread_mutex_unlock(&ps.lock)
+    pthread_join(ps.populator, NULL)
+    while a != NULL:
+        an = a.next
+        munmap(a.base, <size_t>ARENA_PAGES * PAGE_SIZE)
+        free(a)
+        a = an
+    for i in range(PAGES_MAX_RUN + 1):
+        e = ps.runs[i]
+        while e != NULL:
+            en = e.next
+            free(e)
+            e = en
+    pthread_cond_destroy(&ps.want)
+    pthread_mutex_destroy(&ps.lock)
+
+
+cdef int _push_run(page_source* ps, char* addr, int npages) noexcept nogil:
+    cdef extent* e = <extent*>malloc(sizeof(extent))
+    if e == NULL:
+        return -1        # the run is leaked to the arena (still mapped, never resident)
+    e.addr = addr
+    e.next = ps.runs[npages]
+    ps.runs[npages] = e
+    return 0
+
+
+cdef char* _new_arena(page_source* ps) noexcept nogil:
+    cdef void* p = mmap(NULL, <size_t>ARENA_PAGES * PAGE_SIZE, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+    if p == MAP_FAILED:
+        return NULL
+    cdef arena* a = <arena*>malloc(sizeof(arena))
+    if a == NULL:
+        munmap(p, <size_t>ARENA_PAGES * PAGE_SIZE)
+        return NULL
+    a.base = <char*>p
+    a.next = ps.arenas
+    ps.arenas = a
+    return <char*>p
+
+
+cdef char* pages_alloc(page_source* ps, int npages) noexcept nogil:
+    """A run of npages contiguous pages, or NULL. Takes the page-source lock."""
+    cdef char* addr = NULL
+    cdef char* fault_from = NULL
+    cdef char* fault_to = NULL
+    cdef extent* e
+    cdef int n
+    pthread_mutex_lock(&ps.lock)
+    # Exact fit first, then split a longer freed run.
+    for n in range(npages, PAGES_MAX_RUN + 1):
+        e = ps.runs[n]
+        if e != NULL:
+            ps.runs[n] = e.next
+            addr = e.addr
+            free(e)
+            if n > npages:
+                _push_run(ps, addr + <size_t>npages * PAGE_SIZE, n - npages)
+            break
+    if addr == NULL:
+        if ps.bump + <size_t>npages * PAGE_SIZE > ps.bump_end:
+            # Keep the old arena's tail for later, then start a new arena.
+            while ps.bump != NULL and ps.bump < ps.bump_end:
+                n = min(<int>((ps.bump_end - ps.bump) // PAGE_SIZE), PAGES_MAX_RUN)
+                _push_run(ps, ps.bump, n)
+                ps.bump += <size_t>n * PAGE_SIZE
+            addr = _new_arena(ps)
+            if addr == NULL:
+                pthread_mutex_unlock(&ps.lock)
+                return NULL
+            ps.bump = addr
+            ps.bump_end = addr + <size_t>ARENA_PAGES * PAGE_SIZE
+            ps.populated = addr
+        addr = ps.bump
+        ps.bump += <size_t>npages * PAGE_SIZE
+        if ps.bump > ps.populated:
+            # The populator is behind (the CPUs are busy): rather than fault page by page
+            # as objects are copied in, one madvise makes the next PREFAULT_PAGES resident.
+            fault_from = ps.populated if ps.populated > addr else addr
+            fault_to = min(ps.bump + <size_t>PREFAULT_PAGES * PAGE_SIZE, ps.bump_end)
+            ps.populated = fault_to
+        if (ps.populator_asleep
+                and ps.populated - ps.bump < <size_t>RESERVE_PAGES * PAGE_SIZE // 2):
+            pthread_cond_signal(&ps.want)
+    ps.pages_held += npages
+    pthread_mutex_unlock(&ps.lock)
+    if fault_from != NULL:
+        madvise(fault_from, fault_to - fault_from, MADV_POPULATE_WRITE)  # a hint: errors ignored
+    return addr
+
+
+cdef void pages_free(page_source* ps, char* addr, int npages) noexcept nogil:
+    """Gives the run's memory back to the OS and keeps its address range for reuse."""
+    cdef size_t length = <size_t>npages * PAGE_SIZE
+    if madvise(addr, length, MADV_DONTNEED) != 0:
+        # Locked memory (the daemon's mlockall, for swap) refuses MADV_DONTNEED: map fresh
+        # zero pages over the run instead, which mlockall's MCL_ONFAULT locks as they fault.
+        mmap(addr, length, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0)
+    pthread_mutex_lock(&ps.lock)
+    _push_run(ps, addr, npages)
+    ps.pages_held -= npages
+    pthread_mutex_unlock(&ps.lock)
+

@@ -1,0 +1,52 @@
+# The zpool interface (cimport zramfs.zpool): the table of C functions through which the device
+# reaches a pool, whatever the backend (_zsmalloc, _zbud). Declarations only, no module: a user
+# cimports the table's type without importing anything at runtime, and gets a backend's table
+# from that backend's `*_driver()` function or from a `Pool` (zramfs._alloc).
+#
+# Every function runs without the GIL and takes the backend's own locks as it needs them:
+#
+#     h = driver.malloc(pool, n)        # 0 when out of memory
+#     dst = driver.map(pool, h)         # pins the object: compaction won't move it
+#     memcpy(dst, src, n)
+#     driver.unmap(pool, h)
+#
+# The caller owns its handles: it must not free or map a handle another thread is freeing
+# (the device's per-slot lock sees to that). Everything else is the pool's business.
+from libc.stdint cimport uint32_t, uint64_t
+
+# One size class, as a row of zsmalloc's debugfs `classes` file.
+ctypedef struct zpool_class_stat:
+    uint32_t index             # (size - 32) / 16, the kernel's class number
+    uint32_t size
+    uint32_t pages_per_zspage
+    size_t obj_allocated
+    size_t obj_used
+    size_t pages_used
+    size_t freeable            # pages compaction could give back now
+
+ctypedef struct zpool_driver:
+    const char* name
+    # Creation and destruction; destroy must not race with anything else on the pool.
+    void* (*create)(int max_pages_per_zspage) noexcept nogil
+    void (*destroy)(void* pool) noexcept nogil
+    # Object life: handle 0 means failure (size out of range or no memory).
+    uint64_t (*malloc)(void* pool, size_t size) noexcept nogil
+    void (*free)(void* pool, uint64_t handle) noexcept nogil
+    # map pins the object and returns its address; unmap unpins. Between the two the caller may
+    # read or write up to obj_size(handle) bytes.
+    char* (*map)(void* pool, uint64_t handle) noexcept nogil
+    void (*unmap)(void* pool, uint64_t handle) noexcept nogil
+    size_t (*obj_size)(void* pool, uint64_t handle) noexcept nogil
+    # Statistics and maintenance. compact returns the pages it freed; pages_compacted is the
+    # pool's running total of those, whoever called compact (mm_stat's pages_compacted).
+    size_t (*total_pages)(void* pool) noexcept nogil
+    size_t (*compact)(void* pool) noexcept nogil
+    size_t (*pages_compacted)(void* pool) noexcept nogil
+    size_t (*huge_class_size)(void* pool) noexcept nogil
+    # The room an object of `size` really takes (its class's size): recompression keeps a
+    # result only if it lands in a smaller class.
+    size_t (*class_size)(void* pool, size_t size) noexcept nogil
+    # Fills up to `max` rows, smallest class first, and returns how many classes there are
+    # (0 for a backend without classes): call with max 0 to size `out`. Takes each class's
+    # lock in turn, so a row is consistent but rows are not a snapshot of the whole pool.
+    int (*class_stats)(void* pool, zpool_class_stat* out, int max) noexcept nogil
