@@ -72,7 +72,8 @@ def main() -> None:
     disk = _zram.Disk()
     disk.attach(_zram.Meta(64 << 20, "lz4", name="fuse-test"))
     ops = Ops(disk)
-    session = _fuse.Session(sys.argv[1], ops, data=_zram, attr_timeout=0, entry_timeout=0)
+    session = _fuse.Session(sys.argv[1], ops, data_ops=_zram.data_ops_capsule(),
+                            attr_timeout=0, entry_timeout=0)
     ops.session = session
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=session.exit).start())
     loop = threading.Thread(target=session.run)

@@ -162,7 +162,7 @@ class OpenReply:
     def __init__(self, fh: int = 0, *, data: bool = False, direct_io: bool = True,
                  keep_cache: bool = False, nonseekable: bool = False) -> None:
         self.fh = fh
-        self.data = data
+        self.data_ops = data_ops
         self.direct_io = direct_io
         self.keep_cache = keep_cache
         self.nonseekable = nonseekable
@@ -551,14 +551,14 @@ cdef ll.fuse_lowlevel_ops LL_OPS = _make_ops()
 cdef class Session:
     """One mounted FUSE filesystem.
 
-    Session(mountpoint, ops, data=None, fsname=..., options=(), ...)
+    Session(mountpoint, ops, data_ops=capsule or None, fsname=..., options=(), ...)
     mounts immediately.  run() serves requests in the calling thread (GIL
     released) until unmounted; exit() makes run() return; close() frees.
     """
     cdef ll.fuse_session* se
     cdef session_ctx c
     cdef readonly object ops
-    cdef readonly object data            # keeps the data engine alive
+    cdef readonly object data_ops        # the data ops' capsule, kept while mounted
     cdef readonly str mountpoint
     cdef unsigned max_threads
     cdef int max_idle_threads            # -1: libfuse default (never reap)
@@ -568,7 +568,7 @@ cdef class Session:
         self.se = NULL
         memset(&self.c, 0, sizeof(self.c))
 
-    def __init__(self, mountpoint: str, ops: object, *, data: object = None,
+    def __init__(self, mountpoint: str, ops: object, *, data_ops: object = None,
                  fsname: str = "zramfs", options: tuple = (),
                  allow_other: bool = False, max_io: int = 256 << 10,
                  max_threads: int = 8, max_idle_threads: int | None = None,
@@ -576,7 +576,7 @@ cdef class Session:
                  attr_timeout: float = 1.0, entry_timeout: float = 1.0,
                  debug: bool = False) -> None:
         self.ops = ops
-        self.data = data
+        self.data_ops = data_ops
         self.mountpoint = mountpoint
         self.max_threads = max_threads
         # Reaping idle workers is discouraged by libfuse, and costs us more:
@@ -588,9 +588,9 @@ cdef class Session:
         self.c.max_background = max_background
         self.c.attr_timeout = attr_timeout
         self.c.entry_timeout = entry_timeout
-        if data is not None:
+        if data_ops is not None:
             self.c.dops = <const zramfs_data_ops*> PyCapsule_GetPointer(
-                data.data_ops_capsule(), ZRAMFS_DATA_OPS_CAPSULE)
+                data_ops, ZRAMFS_DATA_OPS_CAPSULE)
         opts = ["default_permissions", f"fsname={fsname}", "subtype=zramfs",
                 # must match conn->max_read set in init (libfuse checks)
                 f"max_read={max_io}"]

@@ -416,7 +416,7 @@ cdef zramfs_data_ops DATA_OPS = zramfs_data_ops(
 
 
 def data_ops_capsule() -> object:
-    """The data ops for _fuse.Session(data=zramfs._zram): file handles are `Disk.address`."""
+    """The data ops, for _fuse.Session(data_ops=...): file handles are `Disk.address`."""
     return PyCapsule_New(&DATA_OPS, ZRAMFS_DATA_OPS_CAPSULE, NULL)
 
 

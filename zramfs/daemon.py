@@ -187,7 +187,8 @@ async def serve(opts: Options,
     tree = Tree(devices)
     bridge = TrioBridge(tree, trio.lowlevel.current_trio_token())
     try:
-        session = _fuse.Session(str(mountpoint), bridge, data=_zram, fsname="zramfs",
+        session = _fuse.Session(str(mountpoint), bridge, data_ops=_zram.data_ops_capsule(),
+                                fsname="zramfs",
                                 attr_timeout=0.0, entry_timeout=0.0)
     except OSError as e:
         raise DaemonError(f"cannot mount {mountpoint}: {e.strerror}") from None
