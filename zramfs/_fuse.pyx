@@ -162,7 +162,7 @@ class OpenReply:
     def __init__(self, fh: int = 0, *, data: bool = False, direct_io: bool = True,
                  keep_cache: bool = False, nonseekable: bool = False) -> None:
         self.fh = fh
-        self.data_ops = data_ops
+        self.data = data
         self.direct_io = direct_io
         self.keep_cache = keep_cache
         self.nonseekable = nonseekable
