@@ -100,8 +100,9 @@ def test_discard_frees_memory_and_reads_zeros(daemon: Daemon, mode: int) -> None
         f.write(data)
     orig, _, used, *_ = daemon.mm_stat(name)
     assert orig == 32 << 20 and used >= 32 << 20
-    # A range with partial pages at both ends: whole pages freed, the edges zeroed.
-    start, end = 1000, (30 << 20) + 123
+    # A range with partial pages at both ends (whole 512-byte blocks, as a block device
+    # takes): whole pages freed, the edges zeroed.
+    start, end = 1024, (30 << 20) + 512
     fallocate(daemon.dev(name), mode, start, end - start)
     with open(daemon.dev(name), "rb") as f:
         back = f.read(32 << 20)

@@ -276,7 +276,7 @@ def test_swap_through_a_daemon_under_its_own_tight_limit(tmp_path: Path) -> None
 
 
 def test_shutdown_names_who_holds_a_device_and_waits_a_bounded_time(tmp_path: Path) -> None:
-    with zramfs_daemon("--shutdown-timeout", "2", tmp=tmp_path) as d:
+    with zramfs_daemon("--force-after", "2", tmp=tmp_path) as d:
         d.device("16M")
         loop = d.losetup("zram0")
         fd = os.open(d.dev("zram0"), os.O_RDONLY)

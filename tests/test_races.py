@@ -113,8 +113,8 @@ def test_control_ops_against_io_cycles(daemon: Daemon) -> None:
 @requires_fuse
 def test_sigterm_with_io_in_flight(tmp_path) -> None:
     """Shutdown drains the requests in flight and exits 0; the writer sees errors; nothing
-    hangs."""
-    with zramfs_daemon() as daemon:
+    hangs. (fio holds the device open: only --force-after makes the daemon go under it.)"""
+    with zramfs_daemon("--force-after", "0") as daemon:
         name = daemon.device("512M")
         fio = subprocess.Popen(
             ["fio", "--name=load", f"--filename={daemon.dev(name)}", "--rw=randwrite",

@@ -29,7 +29,9 @@ import logging
 import threading
 
 from cpython.pycapsule cimport PyCapsule_GetPointer
-from libc.errno cimport EIO, ENOSYS, EOPNOTSUPP, EINVAL, ENOMEM
+from libc.errno cimport EIO, ENOSYS, EOPNOTSUPP, EINVAL, ENOMEM, EPERM
+from posix.fcntl cimport O_DIRECT
+from posix.types cimport mode_t, dev_t
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
@@ -87,6 +89,12 @@ cdef extern from *:
     """
     const uint64_t DATA_FH_FLAG "DATA_FH_FLAG"
     const uint64_t DATA_FH_MASK "DATA_FH_MASK"
+
+cdef extern from "<linux/falloc.h>":
+    int FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE
+
+cdef enum:
+    LOGICAL_BLOCK = 512          # a device file's logical block size, as a block device's
 
 cdef struct stats_t:
     size_t data_reads
@@ -237,6 +245,11 @@ cdef void _ll_init(void* userdata, ll.fuse_conn_info* conn) noexcept nogil:
                    ll.FUSE_CAP_SPLICE_MOVE | ll.FUSE_CAP_WRITEBACK_CACHE)
     if conn.capable & ll.FUSE_CAP_ASYNC_DIO:
         conn.want |= ll.FUSE_CAP_ASYNC_DIO   # lets libaio keep QD>1 per file
+    # O_TRUNC comes with OPEN (and is ignored there, as a block device and sysfs ignore it)
+    # instead of as a SETATTR of size 0: so a SETATTR of a size is always a real truncate,
+    # which a device file refuses.
+    if conn.capable & ll.FUSE_CAP_ATOMIC_O_TRUNC:
+        conn.want |= ll.FUSE_CAP_ATOMIC_O_TRUNC
     _py_init(c, &offered, conn)
 
 
@@ -334,6 +347,8 @@ cdef void _ll_setattr(ll.fuse_req_t req, ll.fuse_ino_t ino, struct_stat* attr,
         changes["gid"] = attr.st_gid
     if to_set & (ll.FUSE_SET_ATTR_MTIME | ll.FUSE_SET_ATTR_MTIME_NOW):
         changes["mtime"] = None if to_set & ll.FUSE_SET_ATTR_MTIME_NOW else attr.st_mtime
+    if to_set & (ll.FUSE_SET_ATTR_ATIME | ll.FUSE_SET_ATTR_ATIME_NOW):
+        changes["atime"] = None if to_set & ll.FUSE_SET_ATTR_ATIME_NOW else attr.st_atime
     fh = None if fi == NULL else (fi.fh & DATA_FH_MASK)
     _reply_attr(req, c, "setattr", _handler(c, "setattr"), (ino, changes, fh))
 
@@ -429,10 +444,17 @@ cdef inline void _note_gil(session_ctx* c) noexcept nogil:
         za_add(&c.st.data_ops_with_gil, 1)
 
 
+cdef inline bint _misaligned(int flags, uint64_t off, uint64_t size) noexcept nogil:
+    """O_DIRECT I/O on a block device must be aligned to its logical block (512 bytes)."""
+    return flags & O_DIRECT and (off | size) & (LOGICAL_BLOCK - 1)
+
+
 cdef void _ll_read(ll.fuse_req_t req, ll.fuse_ino_t ino, size_t size, off_t off,
                    ll.fuse_file_info* fi) noexcept nogil:
     cdef session_ctx* c = _ctx(req)
-    if fi.fh & DATA_FH_FLAG:
+    if fi.fh & DATA_FH_FLAG and _misaligned(fi.flags, off, size):
+        ll.fuse_reply_err(req, EINVAL)
+    elif fi.fh & DATA_FH_FLAG:
         _data_read(req, c, fi.fh & DATA_FH_MASK, size, off)
     else:
         _py_read(req, c, ino, fi.fh, size, off)
@@ -480,7 +502,9 @@ cdef void _ll_write(ll.fuse_req_t req, ll.fuse_ino_t ino, const char* buf,
                     size_t size, off_t off, ll.fuse_file_info* fi) noexcept nogil:
     cdef session_ctx* c = _ctx(req)
     cdef ssize_t n
-    if fi.fh & DATA_FH_FLAG:
+    if fi.fh & DATA_FH_FLAG and _misaligned(fi.flags, off, size):
+        ll.fuse_reply_err(req, EINVAL)
+    elif fi.fh & DATA_FH_FLAG:
         _note_gil(c)
         za_add(&c.st.data_writes, 1)
         za_max(&c.st.max_write_size, size)
@@ -520,9 +544,52 @@ cdef void _ll_fallocate(ll.fuse_req_t req, ll.fuse_ino_t ino, int mode,
     za_add(&c.st.data_fallocates, 1)
     if 0 <= mode < 64:
         za_or(&c.st.falloc_mode_mask, (<size_t> 1) << mode)
+    # As blkdev_fallocate: whole logical blocks only, and write-zeroes with or without
+    # KEEP_SIZE (a device's size never changes anyway).
+    if (offset | length) & (LOGICAL_BLOCK - 1):
+        ll.fuse_reply_err(req, EINVAL)
+        return
+    if mode == FALLOC_FL_ZERO_RANGE:
+        mode |= FALLOC_FL_KEEP_SIZE
     # The engine decides which modes it supports (EOPNOTSUPP otherwise).
     ll.fuse_reply_err(req, -c.dops.fallocate(c.dops.ctx, fi.fh & DATA_FH_MASK,
                                              mode, offset, length))
+
+
+# The tree's shape never changes by a request: EPERM, as sysfs answers.
+cdef void _ll_mknod(ll.fuse_req_t req, ll.fuse_ino_t parent, const char* name, mode_t mode,
+                    dev_t rdev) noexcept nogil:
+    ll.fuse_reply_err(req, EPERM)
+
+
+cdef void _ll_mkdir(ll.fuse_req_t req, ll.fuse_ino_t parent, const char* name,
+                    mode_t mode) noexcept nogil:
+    ll.fuse_reply_err(req, EPERM)
+
+
+cdef void _ll_unlink(ll.fuse_req_t req, ll.fuse_ino_t parent, const char* name) noexcept nogil:
+    ll.fuse_reply_err(req, EPERM)
+
+
+cdef void _ll_symlink(ll.fuse_req_t req, const char* link, ll.fuse_ino_t parent,
+                      const char* name) noexcept nogil:
+    ll.fuse_reply_err(req, EPERM)
+
+
+cdef void _ll_rename(ll.fuse_req_t req, ll.fuse_ino_t parent, const char* name,
+                     ll.fuse_ino_t newparent, const char* newname,
+                     unsigned int flags) noexcept nogil:
+    ll.fuse_reply_err(req, EPERM)
+
+
+cdef void _ll_link(ll.fuse_req_t req, ll.fuse_ino_t ino, ll.fuse_ino_t newparent,
+                   const char* newname) noexcept nogil:
+    ll.fuse_reply_err(req, EPERM)
+
+
+cdef void _ll_create(ll.fuse_req_t req, ll.fuse_ino_t parent, const char* name, mode_t mode,
+                     ll.fuse_file_info* fi) noexcept nogil:
+    ll.fuse_reply_err(req, EPERM)
 
 
 cdef ll.fuse_lowlevel_ops _make_ops() noexcept:
@@ -538,6 +605,14 @@ cdef ll.fuse_lowlevel_ops _make_ops() noexcept:
     o.read = _ll_read
     o.write = _ll_write
     o.fallocate = _ll_fallocate
+    o.mknod = _ll_mknod
+    o.mkdir = _ll_mkdir
+    o.unlink = _ll_unlink
+    o.rmdir = _ll_unlink
+    o.symlink = _ll_symlink
+    o.rename = _ll_rename
+    o.link = _ll_link
+    o.create = _ll_create
     # forget/flush/fsync/opendir/statfs left NULL: libfuse's defaults
     # (no-op / ENOSYS which the kernel then remembers as "not needed").
     return o

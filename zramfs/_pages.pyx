@@ -10,11 +10,16 @@ Freed runs go back to the OS at once and are kept, by length, for reuse; their b
 lives outside them so that keeping them costs no resident memory. A populator thread keeps up
 to RESERVE_PAGES (2 MiB) of fresh arena resident ahead of use: in the process's RSS, not in
 mem_used_total.
+
+Above the page sources, one budget for the whole process: the pages every pool may hold
+together (the daemon sets it from its cgroup's limit and the machine's RAM, zramfs.budget). A
+run past it is refused, so a write fails as one over mem_limit does, instead of the OOM killer
+ending the daemon and every device with it.
 """
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 
-from zramfs.zram cimport PAGE_SIZE
+from zramfs.zram cimport PAGE_SIZE, za_add, za_load, za_store, za_sub
 from zramfs.pthread cimport (pthread_cond_destroy, pthread_cond_init, pthread_cond_signal,
                             pthread_cond_wait, pthread_join, pthread_mutex_destroy,
                             pthread_mutex_init, pthread_mutex_lock, pthread_mutex_unlock,
@@ -51,6 +56,23 @@ cdef enum:
 cdef struct extent:
     char* addr
     extent* next
+
+
+# The process's budget (atomics; no lock): pages all pools may hold, 0 for no budget; the pages
+# they hold; and how many runs the budget refused.
+cdef size_t _budget_pages = 0
+cdef size_t _pages_all = 0
+cdef size_t _refused = 0
+
+
+cdef bint _charge(int npages) noexcept nogil:
+    """Counts npages against the budget; False (and nothing counted) past it."""
+    cdef size_t budget = za_load(&_budget_pages)
+    if za_add(&_pages_all, npages) + npages > budget and budget:
+        za_sub(&_pages_all, npages)
+        za_add(&_refused, 1)
+        return False
+    return True
 
 
 cdef struct arena:
@@ -111,6 +133,7 @@ cdef void pages_destroy(page_source* ps) noexcept nogil:
     pthread_cond_signal(&ps.want)
     pthread_mutex_unlock(&ps.lock)
     pthread_join(ps.populator, NULL)
+    za_sub(&_pages_all, ps.pages_held)      # every run still handed out goes with the arenas
     while a != NULL:
         an = a.next
         munmap(a.base, <size_t>ARENA_PAGES * PAGE_SIZE)
@@ -158,6 +181,8 @@ cdef char* pages_alloc(page_source* ps, int npages) noexcept nogil:
     cdef char* fault_to = NULL
     cdef extent* e
     cdef int n
+    if not _charge(npages):
+        return NULL
     pthread_mutex_lock(&ps.lock)
     # Exact fit first, then split a longer freed run.
     for n in range(npages, PAGES_MAX_RUN + 1):
@@ -179,6 +204,7 @@ cdef char* pages_alloc(page_source* ps, int npages) noexcept nogil:
             addr = _new_arena(ps)
             if addr == NULL:
                 pthread_mutex_unlock(&ps.lock)
+                za_sub(&_pages_all, npages)
                 return NULL
             ps.bump = addr
             ps.bump_end = addr + <size_t>ARENA_PAGES * PAGE_SIZE
@@ -213,4 +239,15 @@ cdef void pages_free(page_source* ps, char* addr, int npages) noexcept nogil:
     _push_run(ps, addr, npages)
     ps.pages_held -= npages
     pthread_mutex_unlock(&ps.lock)
+    za_sub(&_pages_all, npages)
+
+
+def set_budget(size_t pages) -> None:
+    """The pages all pools of this process may hold together; 0 for no budget."""
+    za_store(&_budget_pages, pages)
+
+
+def budget_stat() -> tuple[int, int, int]:
+    """(budget, pages held by all pools, runs refused for the budget), in pages."""
+    return za_load(&_budget_pages), za_load(&_pages_all), za_load(&_refused)
 

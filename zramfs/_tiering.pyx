@@ -232,7 +232,8 @@ cdef long _recompress(zram* m, int pick, size_t threshold, size_t max_pages, int
 
 cdef void _evict(zram* m, size_t excess) noexcept nogil:
     """Writes least recently used pages (CLOCK: an accessed page gets a second chance) back
-    until `excess` pages and some slack are freed. Called by a writer over mem_limit holding
+    until `excess` pages and some slack are freed (excess 0: the process's memory budget is
+    spent, so the slack alone, whatever mem_limit says). Called by a writer over mem_limit holding
     its own slot lock, or by evict_to_limit: so victims are only tried, never waited for."""
     cdef size_t goal = (excess + EVICT_SLACK) << PAGE_SHIFT
     cdef size_t freed = 0, scanned = 0, idx
@@ -240,7 +241,7 @@ cdef void _evict(zram* m, size_t excess) noexcept nogil:
     cdef zslot* s
     cdef int rc
     pthread_mutex_lock(&m.evict_lock)
-    if m.driver.total_pages(m.pool) <= za_load(&m.limit_pages):
+    if excess and m.driver.total_pages(m.pool) <= za_load(&m.limit_pages):
         pthread_mutex_unlock(&m.evict_lock)       # another writer made room meanwhile
         return
     while freed < goal and scanned < 2 * m.nr_pages:

@@ -63,7 +63,8 @@ cdef struct zram:
 
 ctypedef struct zdisk:
     int64_t state          # ZRAM_LIVE | references held on the meta
-    zram* meta
+    zram* meta             # NULL while the device is not initialised
+    size_t gone            # 1: the device is removed, its file fails with EIO (atomic)
     # the block layer's stat file: lives as long as the disk, across resets
     size_t ios[3]          # read, write, discard requests
     size_t sectors[3]

@@ -42,7 +42,8 @@ from zramfs.data_ops cimport ZRAMFS_DATA_OPS_CAPSULE, zramfs_data_ops
 from zramfs.pthread cimport pthread_mutex_destroy, pthread_mutex_init
 from zramfs.zram cimport (PAGE_SHIFT, PAGE_SIZE, ZRAM_ACCESSED, ZRAM_HUGE, ZRAM_IDLE, ZRAM_LIVE,
                           ZRAM_PRIO_MASK, ZRAM_PRIO_SHIFT, ZRAM_SAME, ZRAM_WB, posix_memalign,
-                          za_add, za_load, za_load64, za_max, za_sub, zram_get, zram_put,
+                          za_add, za_load, za_load64, za_max, za_store, za_sub, zram_get,
+                          zram_put,
                           zram_set_live, zram_slot_flags, zram_slot_lock, zram_slot_set_flags,
                           zram_slot_unlock)
 
@@ -170,11 +171,14 @@ cdef int zram_slot_replace(zram* m, zslot* s, const char* data, size_t n, uint32
                            bint may_evict) noexcept nogil:
     """Stores `n` bytes of `data` as the slot's new object with `flags`, then frees the old
     content: the write path's and recompression's one way into the pool. -ENOMEM when the
-    pool has no memory or the object would take it over mem_limit; a writer (`may_evict`)
-    first has eviction, where on, make room."""
+    pool has no memory (the process's budget is spent) or the object would take it over
+    mem_limit; a writer (`may_evict`) first has eviction, where on, make room."""
     cdef uint64_t handle = m.driver.malloc(m.pool, n)
     cdef size_t used, limit
     cdef char* dst
+    if handle == 0 and may_evict and m.evict != NULL:
+        m.evict(m, 0)             # the process's memory budget is spent: make room, once
+        handle = m.driver.malloc(m.pool, n)
     if handle == 0:
         return -ENOMEM
     used = m.driver.total_pages(m.pool)
@@ -281,6 +285,12 @@ cdef size_t _range_io(zram* m, bint write, char* buf, size_t off, size_t size,
     return zworkers_run(m.workers, &j, st)
 
 
+cdef inline bint _uninitialised(zdisk* d) noexcept nogil:
+    """No meta (and not removed): a device of size 0, as the kernel's before disksize; one
+    being reset or removed fails with EIO instead."""
+    return za_load(<size_t*>&d.meta) == 0 and not za_load(&d.gone)
+
+
 cdef inline size_t _disk_bytes(zram* m) noexcept nogil:
     return m.nr_pages << PAGE_SHIFT
 
@@ -298,7 +308,7 @@ cdef ssize_t zdisk_read(zdisk* d, char* buf, size_t size, off_t off) noexcept no
     cdef zstream* st
     cdef size_t bad = SIZE_MAX
     if not zram_get(&d.state):
-        return -EIO
+        return 0 if _uninitialised(d) else -EIO         # size 0: end of file at once
     m = d.meta
     if off < 0 or <size_t>off >= _disk_bytes(m):
         zram_put(&d.state)
@@ -323,7 +333,7 @@ cdef ssize_t zdisk_write(zdisk* d, const char* buf, size_t size, off_t off) noex
     cdef zstream* st
     cdef size_t bad = SIZE_MAX, done
     if not zram_get(&d.state):
-        return -EIO
+        return -ENOSPC if _uninitialised(d) else -EIO   # size 0: no room at all
     m = d.meta
     if off < 0 or <size_t>off >= _disk_bytes(m):
         za_add(&m.invalid_io, 1)
@@ -360,7 +370,7 @@ cdef int zdisk_fallocate(zdisk* d, int mode, off_t off, off_t length) noexcept n
     if off < 0 or length <= 0:
         return -EINVAL
     if not zram_get(&d.state):
-        return -EIO
+        return -EINVAL if _uninitialised(d) else -EIO   # past the end of a size-0 device
     m = d.meta
     pos = <size_t>off
     end = min(<size_t>off + <size_t>length, _disk_bytes(m))
@@ -461,7 +471,7 @@ cdef class Meta:
                 posix_memalign(<void**>&self.m.evict_page, PAGE_SIZE, PAGE_SIZE) != 0:
             self.m.evict_page = NULL
             self.destroy()
-            raise MemoryError(f"no memory for a slot table of {self.m.nr_pages} pages")
+            raise MemoryError(f"no memory for a slot table of {disksize >> PAGE_SHIFT} pages")
         pthread_mutex_init(&self.m.evict_lock, NULL)
         try:
             self.pool = _Pool(backend, name, max_pages_per_zspage)
@@ -606,6 +616,11 @@ cdef class Disk:
     def detach(self) -> None:
         """New requests fail with EIO, new maintenance with EBUSY, from now on."""
         zram_set_live(&self.disk.state, 0)
+
+    def retire(self) -> None:
+        """The device is removed: its file fails with EIO from now on, even once the meta is
+        gone (an uninitialised device reads as empty instead)."""
+        za_store(&self.disk.gone, 1)
 
     @property
     def live(self) -> bool:

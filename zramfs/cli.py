@@ -37,7 +37,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     if args.default_device and not any(d.id == 0 for d in devices):
         devices.insert(0, default_device())
     opts = daemon.Options(Path(args.mountpoint), devices, mlock=args.mlock,
-                          shutdown_timeout=args.shutdown_timeout)
+                          force_after=args.force_after)
     trio.run(daemon.serve, opts)
     return 0
 
@@ -134,8 +134,9 @@ def parser() -> argparse.ArgumentParser:
                    help="set up zram0 (lz4, a quarter of RAM) unless the config has it")
     d.add_argument("--mlock", choices=("auto", "yes", "no"), default="auto",
                    help="lock the daemon's memory (auto: when a device is swap)")
-    d.add_argument("--shutdown-timeout", type=seconds, default=10.0, metavar="SECONDS",
-                   help="how long to wait at shutdown for others to close devices (10)")
+    d.add_argument("--force-after", type=seconds, default=None, metavar="SECONDS",
+                   help="at shutdown, free devices others still hold after this long "
+                        "(default: serve them until they are released)")
     d.set_defaults(func=cmd_daemon)
 
     c = sub.add_parser("ctl", parents=[where], help="zramctl: show, set up and reset devices")

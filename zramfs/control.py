@@ -14,7 +14,9 @@ holds a removed device's inode gets ENOENT, not another device.
 from __future__ import annotations
 
 import errno
+import grp
 import itertools
+import logging
 import os
 import stat
 from dataclasses import dataclass, field
@@ -22,8 +24,21 @@ from dataclasses import dataclass, field
 from zramfs._fuse import Attr, OpenReply
 from zramfs.device import ATTRIBUTES, Device, Devices, fail
 
+log = logging.getLogger(__name__)
+
 ROOT_INO = 1
 ATTR_FILE_SIZE = 4096          # what sysfs reports for every attribute
+
+
+def _disk_gid() -> int:
+    """Block devices belong to group `disk`, as udev makes them; root's group where none."""
+    try:
+        return grp.getgrnam("disk").gr_gid
+    except KeyError:
+        return 0
+
+
+DISK_GID = _disk_gid()
 
 
 @dataclass(eq=False)
@@ -62,7 +77,7 @@ class Tree:
         sys_dir = self._add(self.root, "sys", stat.S_IFDIR | 0o755)
         control = self._add(self._add(sys_dir, "class", stat.S_IFDIR | 0o755), "zram-control",
                             stat.S_IFDIR | 0o755)
-        self._add(control, "hot_add", stat.S_IFREG | 0o444, attr="hot_add")
+        self._add(control, "hot_add", stat.S_IFREG | 0o400, attr="hot_add")
         self._add(control, "hot_remove", stat.S_IFREG | 0o200, attr="hot_remove")
         self.block_dir = self._add(sys_dir, "block", stat.S_IFDIR | 0o755)
         debug = self._add(self._add(sys_dir, "kernel", stat.S_IFDIR | 0o755), "debug",
@@ -121,7 +136,7 @@ class Tree:
         if node.is_dir:
             return Attr(node.ino, node.mode, 0, st_nlink=2)
         if node.attr is None:                      # a device file: its size is disksize
-            return Attr(node.ino, node.mode, node.device.disksize)
+            return Attr(node.ino, node.mode, node.device.disksize, st_gid=DISK_GID)
         return Attr(node.ino, node.mode, ATTR_FILE_SIZE)
 
     # --- FUSE operations -----------------------------------------------------------------------
@@ -138,9 +153,16 @@ class Tree:
         return self._attr(self._node(ino))
 
     def setattr(self, ino: int, changes: dict, fh: int | None) -> Attr:
-        # O_TRUNC on an attribute (echo > attr) or on a device file (dd without notrunc) is
-        # a no-op, as on sysfs and block devices; the size of a device is its disksize.
-        return self._attr(self._node(ino))
+        """Nothing in the tree changes by setattr. A device's size is its disksize: truncate
+        is EINVAL, as on a block device (O_TRUNC at open never comes here: the FUSE layer asks
+        for atomic O_TRUNC, and ignores it, as a block device and sysfs do). Modes, owners and
+        times are fixed: EPERM, as sysfs answers anything it does not keep."""
+        node = self._node(ino)
+        if changes.keys() - {"size"}:
+            raise fail(errno.EPERM, f"{node.name}: modes, owners and times are fixed")
+        if "size" in changes and node.attr is None and not node.is_dir:
+            raise fail(errno.EINVAL, f"{node.name}: a device's size is its disksize")
+        return self._attr(node)
 
     def readdir(self, ino: int) -> list[tuple[str, Attr]]:
         node = self._node(ino)
@@ -199,7 +221,14 @@ class Tree:
         elif node.attr == "hot_add":
             raise fail(errno.EACCES, "hot_add is read-only")
         else:
-            await node.device.store(node.attr, text)
+            try:
+                await node.device.store(node.attr, text)
+            except (ValueError, OverflowError) as e:
+                # A parser that missed a case: still the kernel's answer to bad input, and a
+                # line in the log rather than a traceback.
+                log.warning("%s/%s: %r refused: %s", node.device.name, node.attr,
+                            text[:60], e)
+                raise fail(errno.EINVAL, str(e)) from None
         return len(data)
 
     def _show(self, node: Node) -> str:

@@ -8,23 +8,36 @@ Commands that open device files (losetup, mkswap, swapoff...) run in worker thre
 trio thread stays free to answer their OPENs.
 
 Shutdown, in order: file systems unmounted and swap turned off while the devices still serve
-(swapoff reads every swapped page back); loop devices detached; a bounded wait for anyone
-else still holding a device open (logged by name and pid); the devices detached and drained
+(swapoff reads every swapped page back); loop devices detached; then, while anyone else still
+holds a device open (swap, a mount, a process: logged by name and pid), the daemon goes on
+serving and waits for them to let go, as the kernel refuses to reset a device in use (EBUSY);
+only `--force-after SECONDS` stops that wait. Then the devices are detached and drained
 (requests in flight finish, new ones get EIO) and freed; the bridge refuses new control
 requests; the tree is unmounted lazily; libfuse's loop is woken and the session closed.
+
+Nothing on the trio thread may wait on something that may need the tree: a path a user gives
+could lie inside it, and this thread answers for it. Such work runs in worker threads; a guard
+(`guard_trio_thread`) makes an open() or a command started here fail loudly instead.
+
+Memory: the daemon gives its pools a budget, the tighter of its cgroup's limit and the RAM,
+less a margin for its own working set (zramfs.budget); a write past it fails as one past
+mem_limit does (EIO, failed_writes), so the OOM killer never has to end the daemon.
 
 Swap safety (docs/design.md, hazard 6): the kernel swaps out through this process, so it must never wait on
 reclaim of its own memory: mlockall, PR_SET_IO_FLUSHER and oom_score_adj -1000.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import inspect
 import logging
+import math
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +46,7 @@ from typing import Any
 
 import trio
 
-from zramfs import _fuse, _zram, loop
+from zramfs import _fuse, _pages, _zram, budget, loop
 from zramfs.config import DeviceConfig
 from zramfs.control import Tree
 from zramfs.device import Devices
@@ -41,6 +54,8 @@ from zramfs.device import Devices
 log = logging.getLogger(__name__)
 
 DEFAULT_MOUNTPOINT = Path("/run/zramfs")
+PAGE = 4096
+BUDGET_POLL = 2.0         # seconds between looks at the memory budget
 WAKE_AFTER = 0.5          # seconds to let libfuse's loop end by itself before waking it
 
 
@@ -53,7 +68,8 @@ class Options:
     mountpoint: Path = DEFAULT_MOUNTPOINT
     devices: list[DeviceConfig] = field(default_factory=list)
     mlock: str = "auto"                  # yes, no, or auto: yes when a device is swap
-    shutdown_timeout: float = 10.0       # seconds to wait for others to close devices
+    force_after: float | None = None     # seconds to wait for others to close devices;
+                                         # None: as long as they hold them
 
 
 class DaemonError(Exception):
@@ -131,6 +147,67 @@ def notify_systemd(state: str) -> None:
         log.warning("cannot notify systemd: %s", e)
 
 
+# What may not run on the trio thread: opening a file (other than the kernel's own /proc and
+# /sys, and Python loading its modules) or starting a program. os.stat has no audit event.
+_BLOCKING = {"open", "subprocess.Popen", "os.system", "os.posix_spawn", "os.exec", "os.fork"}
+_HARMLESS = ("/proc/", "/sys/", "/dev/null")
+_guarded_thread: int | None = None
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _guarded_thread is None or event not in _BLOCKING:
+        return
+    if threading.get_ident() != _guarded_thread:
+        return
+    if event == "open":
+        path = args[0]
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            return                         # an fd already open
+        path = os.fsdecode(path)
+        if path.startswith(_HARMLESS) or path.endswith((".py", ".pyc", ".so")):
+            return
+    raise RuntimeError(f"blocking call on the trio thread: {event} {args[0]!r}; "
+                       "run it in a worker thread (trio.to_thread)")
+
+
+@contextlib.contextmanager
+def guard_trio_thread():
+    """While inside, an open() or a program started on the calling (trio) thread raises."""
+    global _guarded_thread
+    if _guarded_thread is None and not getattr(sys, "_zramfs_audit", False):
+        sys.addaudithook(_audit)           # hooks stay for the process's life: add once
+        sys._zramfs_audit = True           # type: ignore[attr-defined]
+    _guarded_thread = threading.get_ident()
+    try:
+        yield
+    finally:
+        _guarded_thread = None
+
+
+def set_memory_budget() -> None:
+    """The pools' budget for this process: the tighter of its cgroup's limit and the RAM, less
+    a margin for the daemon's own working set. Looked at again before each device is
+    initialised and every few seconds, since the daemon may be moved to another cgroup."""
+    b = budget.memory_budget()
+    pages = max(1, b.size // PAGE)
+    if pages != _pages.budget_stat()[0]:
+        _pages.set_budget(pages)
+        log.info("%s", b)
+
+
+async def _watch_budget() -> None:
+    """Keeps the budget current; says once, in the log, that writes fail for it."""
+    said = False
+    while True:
+        set_memory_budget()
+        limit, held, refused = _pages.budget_stat()
+        if refused and not said:
+            log.warning("memory budget reached (%d of %d pages): writes fail with EIO and count"
+                        " in io_stat's failed_writes; stored data stays readable", held, limit)
+            said = True
+        await trio.sleep(BUDGET_POLL)
+
+
 def protect_from_reclaim(mlock: bool) -> None:
     """Hazard 6. Called before any thread starts: PR_SET_IO_FLUSHER is per thread and new
     threads inherit it."""
@@ -183,7 +260,8 @@ async def serve(opts: Options,
     _check_mountpoint(mountpoint)
     swap = any(d.fs_type == "swap" for d in opts.devices)
     protect_from_reclaim(opts.mlock == "yes" or (opts.mlock == "auto" and swap))
-    devices = Devices()
+    set_memory_budget()
+    devices = Devices(mountpoint, before_init=set_memory_budget)
     tree = Tree(devices)
     bridge = TrioBridge(tree, trio.lowlevel.current_trio_token())
     try:
@@ -205,7 +283,8 @@ async def serve(opts: Options,
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_loop)
             try:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals, \
+                        guard_trio_thread():
                     try:
                         await _set_up(opts, devices, tree, undo)
                     except DaemonError as e:
@@ -216,6 +295,7 @@ async def serve(opts: Options,
                         notify_systemd(f"READY=1\nSTATUS=serving {mountpoint}: {names}")
                         task_status.started(tree)
                         async with trio.open_nursery() as background:
+                            background.start_soon(_watch_budget)
                             for cfg in opts.devices:
                                 if cfg.writeback_interval:
                                     background.start_soon(_periodic_writeback, devices, cfg)
@@ -224,7 +304,7 @@ async def serve(opts: Options,
             finally:
                 # Whatever ended us (a signal, an unmount, a failed set-up, a bug), undo it
                 # all: the FUSE loop thread cannot be abandoned, so we must make it return.
-                with trio.CancelScope(shield=True):
+                with trio.CancelScope(shield=True), guard_trio_thread():
                     await _shutdown(opts, session, bridge, devices, undo, loop_done)
     finally:
         session.close()
@@ -336,18 +416,37 @@ async def _shutdown(opts: Options, session: _fuse.Session, bridge: TrioBridge,
 
 
 async def _wait_for_holders(opts: Options, devices: Devices) -> None:
-    """Devices others still hold open: say who, and give them a bounded time to let go."""
+    """Devices others still hold open (swap, a mount, a process) are not freed under them: say
+    who, and go on serving until they let go, as the kernel refuses to reset a device in use.
+    `--force-after` bounds the wait; then their I/O fails from that moment on."""
     held = [d for d in devices.by_id.values() if d.openers]
     if not held:
         return
-    for dev in held:
-        path = opts.mountpoint / "dev" / dev.name
-        who = await trio.to_thread.run_sync(loop.holders, path)
-        log.warning("%s is held open by %s; waiting up to %.0f s", dev.name,
-                    ", ".join(who) or "an unknown process", opts.shutdown_timeout)
-    with trio.move_on_after(opts.shutdown_timeout):
-        while any(d.openers for d in held):
-            await trio.sleep(0.1)
+
+    async def say_who() -> None:
+        for dev in held:
+            if dev.openers:
+                path = opts.mountpoint / "dev" / dev.name
+                who = await trio.to_thread.run_sync(loop.holders, path)
+                log.warning("%s is held open by %s; %s", dev.name,
+                            ", ".join(who) or "an unknown process",
+                            f"waiting up to {opts.force_after:.0f} s" if opts.force_after
+                            is not None else "serving it until it is released")
+
+    await say_who()
+    # A second SIGTERM or SIGINT must not end the process (the default action) while others
+    # still hold pages in it: it only says again who they are.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals, \
+            trio.move_on_after(math.inf if opts.force_after is None else opts.force_after):
+        async with trio.open_nursery() as waiting:
+            async def on_signal() -> None:
+                async for signum in signals:
+                    log.info("%s: still serving devices in use", signal.Signals(signum).name)
+                    await say_who()
+            waiting.start_soon(on_signal)
+            while any(d.openers for d in held):
+                await trio.sleep(0.1)
+            waiting.cancel_scope.cancel()
     for dev in held:
         if dev.openers:
-            log.warning("%s: still open; its I/O fails from now on", dev.name)
+            log.warning("%s: still open; its I/O fails from now on (--force-after)", dev.name)

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import re
+import stat
 from collections.abc import Callable
+from pathlib import Path
 
 import trio
 
-from zramfs import _alloc, _tiering, _zcomp, tiering
+from zramfs import _alloc, _tiering, _zcomp, kstrto, tiering
 from zramfs._backing import Backing, BackingError
 from zramfs._zram import Disk, Meta
 
@@ -32,6 +35,8 @@ PAGE = 4096
 DEFAULT_ALGORITHM = "lz4"
 DEFAULT_BACKEND = "zsmalloc"
 DRAIN_POLL = 0.001
+INT_MAX = 2**31 - 1
+AGE_MAX = 2**32 - 1           # idle ages are kept in 32 bits of seconds
 
 
 def fail(code: int, message: str) -> OSError:
@@ -39,33 +44,15 @@ def fail(code: int, message: str) -> OSError:
     return OSError(code, message)
 
 
-_MEMPARSE = re.compile(r"(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)([kKmMgGtTpPeE]?)")
-_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
-
-
-def memparse(text: str) -> int | None:
-    """The kernel's memparse: a number (0x hex, 0 octal) and a K/M/G/T/P/E suffix; trailing
-    text is ignored as the kernel ignores it. None where no number starts the text."""
-    m = _MEMPARSE.match(text)
-    if m is None:
-        return None
-    return int(m.group(1), 0) << _SHIFT[m.group(2).lower()]
-
-
-def kstrtoul(text: str) -> int:
-    """The kernel's kstrtoul for a sysfs store: digits and at most one trailing newline."""
-    body = text[:-1] if text.endswith("\n") else text
-    if not re.fullmatch(r"\+?[0-9]+", body):
-        raise fail(errno.EINVAL, f"not a number: {text!r}")
-    return int(body)
-
-
 class Device:
     """One zram device; `store`/`show` are its sysfs attributes."""
 
-    def __init__(self, dev_id: int) -> None:
+    def __init__(self, dev_id: int, tree: Path | None = None,
+                 before_init: Callable[[], object] | None = None) -> None:
         self.id = dev_id
         self.name = f"zram{dev_id}"
+        self.tree = tree               # the mounted tree, whose paths backing_dev refuses
+        self.before_init = before_init  # the daemon's: its memory budget, looked at again
         self.disk = Disk()
         self.algorithm = DEFAULT_ALGORITHM
         self.level: int | None = None
@@ -104,6 +91,8 @@ class Device:
         if self.initialised or self.busy:
             raise fail(errno.EBUSY, f"{self.name} is already initialised")
         disksize = -(-disksize // PAGE) * PAGE
+        if self.before_init is not None:
+            self.before_init()
         try:
             meta = Meta(disksize, self.algorithm, self.level, backend=self.backend,
                         name=self.name, backing=self.backing, secondary=self.secondary)
@@ -151,10 +140,7 @@ class Device:
             await result
 
     def _store_disksize(self, text: str) -> None:
-        size = memparse(text)
-        if not size:
-            raise fail(errno.EINVAL, f"disksize must be a positive size, not {text!r}")
-        self.init(size)
+        self.init(kstrto.parse_disksize(text))
 
     def _store_comp_algorithm(self, text: str) -> None:
         name = text.strip()
@@ -212,14 +198,21 @@ class Device:
 
     # --- tiering (zram.rst's writeback and recompression) --------------------------------------
 
-    def _store_backing_dev(self, text: str) -> None:
+    async def _store_backing_dev(self, text: str) -> None:
+        """The path is opened and checked in a worker thread, never here: a path inside the
+        tree is answered by this very thread, which would wait on itself. One inside the tree
+        (or a loop device over a file in it) is refused."""
         path = text.strip()
         if self.initialised:
             raise fail(errno.EBUSY, f"{self.name} is initialised; set backing_dev before disksize")
         try:
-            backing = Backing(path)
+            backing = await trio.to_thread.run_sync(open_backing, path, self.tree)
         except BackingError as e:
+            log.warning("%s: backing_dev %s refused: %s", self.name, path, e.strerror)
             raise fail(e.errno or errno.EINVAL, str(e)) from None
+        if self.initialised:                  # disksize was written meanwhile
+            backing.close()
+            raise fail(errno.EBUSY, f"{self.name} is initialised; set backing_dev before disksize")
         if self.backing is not None:
             self.backing.close()
         self.backing = backing
@@ -258,7 +251,8 @@ class Device:
             age = tiering.parse_idle(text)
         except ValueError as e:
             raise fail(errno.EINVAL, str(e)) from None
-        await self._job(_tiering.mark_idle, age)
+        # An age past what 32 bits of seconds hold marks what the largest age marks: nothing.
+        await self._job(_tiering.mark_idle, None if age is None else min(age, AGE_MAX))
 
     async def _store_writeback(self, text: str) -> None:
         self._meta_or_einval()
@@ -272,7 +266,7 @@ class Device:
                                 wb.ranges)
 
     def _store_writeback_limit(self, text: str) -> None:
-        self.wb_limit = kstrtoul(text)
+        self.wb_limit = kstrto.parse_writeback_limit(text)
         if self.meta is not None:
             _tiering.set_wb_limit(self.meta, self.wb_limit, self.wb_limit_enable)
 
@@ -280,13 +274,13 @@ class Device:
         return f"{_tiering.wb_limit(self.meta) if self.meta is not None else self.wb_limit}\n"
 
     def _store_writeback_limit_enable(self, text: str) -> None:
-        self.wb_limit_enable = kstrtoul(text) != 0
+        self.wb_limit_enable = kstrto.parse_writeback_limit_enable(text)
         if self.meta is not None:
             pages = _tiering.wb_limit(self.meta)
             _tiering.set_wb_limit(self.meta, pages, self.wb_limit_enable)
 
     async def _store_writeback_evict(self, text: str) -> None:
-        self.evict = kstrtoul(text) != 0
+        self.evict = kstrto.kstrtoul(text, 10) != 0
         if self.meta is not None:
             _tiering.set_eviction(self.meta, self.evict)
             await self._job(_tiering.evict_to_limit)
@@ -332,17 +326,13 @@ class Device:
                                 r.threshold, r.max_pages, prio)
 
     async def _store_mem_limit(self, text: str) -> None:
-        limit = memparse(text)
-        if limit is None:
-            raise fail(errno.EINVAL, f"mem_limit must be a size, not {text!r}")
-        self.mem_limit = -(-limit // PAGE) * PAGE
+        self.mem_limit = kstrto.parse_mem_limit(text)
         if self.meta is not None:
             self.meta.mem_limit = self.mem_limit
             await self._job(_tiering.evict_to_limit)     # with eviction on, down to it now
 
     def _store_mem_used_max(self, text: str) -> None:
-        if kstrtoul(text) != 0:
-            raise fail(errno.EINVAL, "mem_used_max takes only 0")
+        kstrto.parse_mem_used_max(text)
         if self.meta is not None:
             self.meta.reset_mem_used_max()
 
@@ -352,8 +342,7 @@ class Device:
         await self._job(Meta.compact)
 
     async def _store_reset(self, text: str) -> None:
-        if kstrtoul(text) == 0:
-            raise fail(errno.EINVAL, "reset takes a non-zero number")
+        kstrto.parse_reset(text)
         if self.openers:
             raise fail(errno.EBUSY, f"{self.name} is open")
         await self.reset()
@@ -381,6 +370,29 @@ class Device:
 
     def _show_stat(self) -> str:
         return " ".join(f"{v:8}" for v in self.disk.stat()) + "\n"
+
+
+def open_backing(path: str, tree: Path | None) -> Backing:
+    """A backing device, opened in a worker thread (a path in the tree needs the trio thread
+    to answer). BackingError(EINVAL) for a path inside the tree, or a loop device over a file
+    in it: writeback would go through this daemon's own devices."""
+    if tree is not None:
+        try:
+            st = os.stat(path)
+            inside = st.st_dev == os.stat(tree).st_dev
+        except OSError:
+            inside = False                 # Backing says what is wrong with the path
+        else:
+            if not inside and stat.S_ISBLK(st.st_mode):
+                back = Path(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+                            "/loop/backing_file")
+                try:
+                    inside = back.read_text().strip().startswith(f"{tree}/")
+                except OSError:
+                    inside = False         # not a loop device
+        if inside:
+            raise BackingError(errno.EINVAL, f"{path}: lies inside the zramfs tree at {tree}")
+    return Backing(path)
 
 
 def _choices_line(names: list[str], current: str) -> str:
@@ -438,8 +450,11 @@ ATTRIBUTES: dict[str, Attribute] = {
 class Devices:
     """The set of devices, with the kernel's id allocation (lowest free id first)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tree: Path | None = None,
+                 before_init: Callable[[], object] | None = None) -> None:
         self.by_id: dict[int, Device] = {}
+        self.tree = tree               # where the daemon mounts them
+        self.before_init = before_init  # called before a device is initialised
 
     def add(self, dev_id: int | None = None) -> Device:
         """A new device: `dev_id`, or the lowest free id as the kernel's hot_add gives."""
@@ -447,7 +462,7 @@ class Devices:
             dev_id = next(i for i in range(len(self.by_id) + 1) if i not in self.by_id)
         elif dev_id in self.by_id:
             raise fail(errno.EEXIST, f"zram{dev_id} exists")
-        dev = Device(dev_id)
+        dev = Device(dev_id, self.tree, self.before_init)
         self.by_id[dev_id] = dev
         log.info("%s: added", dev.name)
         return dev
@@ -457,17 +472,18 @@ class Devices:
         return self.by_id.get(int(m.group(1))) if m else None
 
     async def remove(self, text: str) -> None:
-        """hot_remove: ENODEV for an unknown id, EBUSY while open or draining."""
-        try:
-            dev_id = int(text.strip())
-        except ValueError:
-            raise fail(errno.EINVAL, f"not a device id: {text!r}") from None
+        """hot_remove: the kernel's kstrtoint (ERANGE past INT_MAX), ENODEV for an unknown
+        id, EBUSY while open or draining."""
+        dev_id = kstrto.kstrtoull(text, 10)
+        if dev_id > INT_MAX:
+            raise fail(errno.ERANGE, f"no device id is {dev_id}")
         dev = self.by_id.get(dev_id)
         if dev is None:
             raise fail(errno.ENODEV, f"no device zram{dev_id}")
         if dev.openers or dev.busy:
             raise fail(errno.EBUSY, f"{dev.name} is open")
         dev.removed = True
+        dev.disk.retire()
         del self.by_id[dev_id]          # no new opens from here on
         await dev.reset()
         log.info("%s: removed", dev.name)
@@ -477,4 +493,5 @@ class Devices:
         for dev in list(self.by_id.values()):
             del self.by_id[dev.id]
             dev.removed = True
+            dev.disk.retire()
             await dev.reset()

@@ -142,6 +142,22 @@ cdef extern from "fuse_lowlevel.h" nogil:
         void (*statfs)(fuse_req_t req, fuse_ino_t ino) noexcept nogil
         void (*fallocate)(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
                           off_t length, fuse_file_info* fi) noexcept nogil
+        # The tree's shape is fixed: these answer EPERM, as sysfs does.
+        void (*mknod)(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
+                      dev_t rdev) noexcept nogil
+        void (*mkdir)(fuse_req_t req, fuse_ino_t parent, const char* name,
+                      mode_t mode) noexcept nogil
+        void (*unlink)(fuse_req_t req, fuse_ino_t parent, const char* name) noexcept nogil
+        void (*rmdir)(fuse_req_t req, fuse_ino_t parent, const char* name) noexcept nogil
+        void (*symlink)(fuse_req_t req, const char* link, fuse_ino_t parent,
+                        const char* name) noexcept nogil
+        void (*rename)(fuse_req_t req, fuse_ino_t parent, const char* name,
+                       fuse_ino_t newparent, const char* newname,
+                       unsigned int flags) noexcept nogil
+        void (*link)(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent,
+                     const char* newname) noexcept nogil
+        void (*create)(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
+                       fuse_file_info* fi) noexcept nogil
 
     # Replies: exactly one per request (fuse_reply_none only for forget).
     int fuse_reply_err(fuse_req_t req, int err)

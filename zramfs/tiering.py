@@ -45,9 +45,14 @@ def _params(text: str, allowed: tuple[str, ...]) -> list[tuple[str, str]]:
     return out
 
 
+U64_MAX = 2**64 - 1          # every count and index here is a u64 in the data path
+
+
 def _number(key: str, value: str, low: int = 0) -> int:
-    if not re.fullmatch(r"\d+", value) or int(value) < low:
-        raise ValueError(f"{key}={value}: not a number from {low}")
+    """A decimal number from `low` to U64_MAX. The length is checked before int() ever sees
+    the digits: a 5,000-digit value is refused at once, not converted."""
+    if not re.fullmatch(r"\d{1,20}", value) or not low <= int(value) <= U64_MAX:
+        raise ValueError(f"{key}={value[:30]}: not a number from {low} to {U64_MAX}")
     return int(value)
 
 
@@ -65,10 +70,10 @@ def parse_writeback(text: str) -> Writeback:
             index = _number(key, value)
             wb.ranges.append((index, index))
         else:
-            m = re.fullmatch(r"(\d+)-(\d+)", value)
-            if m is None or int(m.group(1)) > int(m.group(2)):
-                raise ValueError(f"page_indexes={value}: LO-HI with LO <= HI")
-            wb.ranges.append((int(m.group(1)), int(m.group(2))))
+            lo, sep, hi = value.partition("-")
+            if not sep or _number(key, lo) > _number(key, hi):
+                raise ValueError(f"page_indexes={value[:60]}: LO-HI with LO <= HI")
+            wb.ranges.append((int(lo), int(hi)))
     if wb.mode is None and not wb.ranges:
         raise ValueError(f"nothing to write back in {text!r}")
     if wb.mode is not None and wb.ranges:
@@ -94,8 +99,8 @@ def parse_recomp_algorithm(text: str) -> tuple[int, str, int | None]:
         raise ValueError(f"priority must be 1..{MAX_SECONDARY}")
     level = None
     if "level" in params:
-        if not re.fullmatch(r"-?\d+", params["level"]):
-            raise ValueError(f"level={params['level']}: not a number")
+        if not re.fullmatch(r"-?\d{1,9}", params["level"]):
+            raise ValueError(f"level={params['level'][:30]}: not a level")
         level = int(params["level"])
     return priority, params["algo"], level
 
