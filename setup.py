@@ -35,8 +35,7 @@ extensions = [
     extension("_workers"),
     extension("_zram"),
     extension("_tiering"),
-    # The header picks its API by version: 3.14 is Debian 12's libfuse.
-    extension("_fuse", "fuse3", macros=(("FUSE_USE_VERSION", "314"),)),
+    extension("_fuse"),
 ]
 
 setup(

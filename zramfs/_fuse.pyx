@@ -1,18 +1,23 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""Thin libfuse3 low-level binding for zramfs.
+"""zramfs's own FUSE engine: the kernel's protocol (linux/fuse.h) over /dev/fuse, no libfuse.
 
-Request routing (decided in C, per request):
+Owns: mounting (mount(2) as root, fusermount3 otherwise), the INIT negotiation, the worker
+threads that read requests from /dev/fuse, their parsing, and the replies.
 
-* READ / WRITE / FALLOCATE on a *data handle* (fh has DATA_FH_FLAG set) are
-  served entirely in the libfuse worker thread by the C `zramfs_data_ops`
-  function pointers, without ever touching the GIL.
-* Everything else acquires the GIL and calls a method of the Python `ops`
-  object (same name as the FUSE op).  The method returns a result or raises
-  OSError(errno) -> fuse_reply_err(errno).  Any other exception is logged and
-  answered with EIO; the mount keeps running.  A missing method -> ENOSYS.
+Request routing, decided in C per request:
+* READ / WRITE / FALLOCATE on a *data handle* (fh with DATA_FH_FLAG) are served in the worker
+  thread by the C `zramfs_data_ops` without ever taking the GIL.
+* FORGET, BATCH_FORGET and INTERRUPT get no reply (the tree keeps no lookup counts, and no
+  handler can be interrupted); FLUSH, FSYNC, OPENDIR, RELEASEDIR and STATFS are answered in C;
+  requests that would change the tree's shape (MKDIR, UNLINK, RENAME...) get EPERM, as sysfs
+  answers; an opcode the tree does not use gets ENOSYS.
+* LOOKUP, GETATTR, SETATTR, OPEN, RELEASE, READDIR and READ/WRITE of other files take the GIL
+  and call the method of the same name on the Python `ops` object. It returns a result or
+  raises OSError(errno); any other exception is logged and answered with EIO, and the mount
+  lives on (docs/design.md, hazard 7). A missing method is ENOSYS.
 
-Python ops protocol (all optional; called from libfuse worker threads):
-    init(info: dict) -> None                    # what the kernel offered
+Python ops protocol (all optional; called from the engine's worker threads):
+    init(info: dict) -> None                    # what was agreed with the kernel
     lookup(parent: int, name: str) -> Attr
     getattr(ino: int) -> Attr
     setattr(ino: int, changes: dict, fh: int | None) -> Attr
@@ -22,79 +27,215 @@ Python ops protocol (all optional; called from libfuse worker threads):
     read(ino: int, fh: int, size: int, off: int) -> bytes
     write(ino: int, fh: int, data: bytes, off: int) -> int
 "Attr" is anything with st_ino/st_mode/st_size (os.stat_result works too).
+
+Threads: `max_threads` workers block in read(2) on the one /dev/fuse descriptor; the kernel
+hands each request to one of them. They run no Python but through `with gil` handlers, start
+with every signal blocked, and can be cancelled only while they wait in read(2), so a cancel
+never catches one holding the GIL or a lock.
 """
+from __future__ import annotations
 
 import errno as _errno
 import logging
+import os
+import shutil
+import socket
+import subprocess
 import threading
 
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.pycapsule cimport PyCapsule_GetPointer
-from libc.errno cimport EIO, ENOSYS, EOPNOTSUPP, EINVAL, ENOMEM, EPERM
+from libc.errno cimport (EAGAIN, EINTR, EINVAL, EIO, ENOENT, ENOMEM, ENOSYS, EOPNOTSUPP,
+                         EPERM, EPROTO, errno)
+from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy, memset, strlen
 from posix.fcntl cimport O_DIRECT
-from posix.types cimport mode_t, dev_t
-from libc.stdint cimport uint64_t
-from libc.stdlib cimport malloc, free
-from libc.string cimport memset
-from posix.types cimport off_t
-from posix.stat cimport struct_stat
 
-from zramfs cimport fuse_lowlevel as ll
+from zramfs.data_ops cimport ZRAMFS_DATA_OPS_CAPSULE, zramfs_data_ops
+from zramfs.pthread cimport (pthread_cond_broadcast, pthread_cond_destroy, pthread_cond_init,
+                            pthread_cond_t, pthread_join, pthread_mutex_destroy,
+                            pthread_mutex_init, pthread_mutex_lock, pthread_mutex_t,
+                            pthread_mutex_unlock, pthread_t, zram_thread_start_stack)
+from zramfs.zram cimport za_add, za_load, za_max, za_or, za_store
 
 cdef extern from "Python.h":
-    # Safe without the GIL: only inspects the thread state.
-    int PyGILState_Check() nogil
-from zramfs.data_ops cimport zramfs_data_ops, ZRAMFS_DATA_OPS_CAPSULE
-from zramfs.zram cimport za_add, za_load, za_max, za_or
+    int PyGILState_Check() nogil            # safe without the GIL: only looks at the thread
 
-log = logging.getLogger("zramfs.fuse")
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void* iov_base
+        size_t iov_len
+    ssize_t writev(int fd, const iovec* iov, int iovcnt)
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t read(int fd, void* buf, size_t n)
+    int close(int fd)
+
+cdef extern from "<pthread.h>" nogil:
+    int pthread_cancel(pthread_t t)
+    int pthread_setcancelstate(int state, int* old)
+    int PTHREAD_CANCEL_ENABLE, PTHREAD_CANCEL_DISABLE
+
+cdef extern from "<time.h>" nogil:
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec* t)
+    int CLOCK_REALTIME
 
 cdef extern from *:
     """
-    /* A READ reply buffer per worker thread, kept for the thread's life and grown to the
-       largest read it served (max_read at most). A malloc per request costs more than the
-       data path itself: glibc serves 1 MiB by mmap, so every read faulted in 256 fresh
-       pages and unmapped them again. Freed when the worker thread exits. */
     #include <pthread.h>
-    #include <stdlib.h>
-    static pthread_key_t reply_buf_key;
-    static pthread_once_t reply_buf_once = PTHREAD_ONCE_INIT;
-    static __thread char *reply_buf;
-    static __thread size_t reply_buf_cap;
-    static void reply_buf_key_init(void) { pthread_key_create(&reply_buf_key, free); }
-    static char *reply_buffer(size_t size) {
-        char *p;
-        if (size <= reply_buf_cap)
-            return reply_buf;
-        if (size < 4096)
-            size = 4096;
-        pthread_once(&reply_buf_once, reply_buf_key_init);
-        p = malloc(size);
-        if (p == NULL)
-            return NULL;
-        free(reply_buf);
-        reply_buf = p;
-        reply_buf_cap = size;
-        pthread_setspecific(reply_buf_key, p);
-        return p;
+    /* Waits for `cond` until `deadline` (CLOCK_REALTIME, as pthread_cond_timedwait wants). */
+    static int fe_timedwait(pthread_cond_t* c, pthread_mutex_t* m, const struct timespec* t) {
+        return pthread_cond_timedwait(c, m, t);
     }
     """
-    char* reply_buffer(size_t size) nogil
-
-# Handle encoding: top bit marks a data handle; the low 63 bits are the
-# engine's own handle, passed verbatim to the data ops.
-cdef extern from *:
-    """
-    #define DATA_FH_FLAG ((uint64_t)1 << 63)
-    #define DATA_FH_MASK (DATA_FH_FLAG - 1)
-    """
-    const uint64_t DATA_FH_FLAG "DATA_FH_FLAG"
-    const uint64_t DATA_FH_MASK "DATA_FH_MASK"
+    int fe_timedwait(pthread_cond_t* c, pthread_mutex_t* m, const timespec* t) nogil
 
 cdef extern from "<linux/falloc.h>":
     int FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE
 
+cdef extern from "fuse_kernel.h" nogil:
+    enum:
+        FUSE_KERNEL_VERSION
+        ZRAMFS_FUSE_MINOR
+        FUSE_NAME_OFFSET
+    enum fuse_opcode:
+        FUSE_LOOKUP, FUSE_FORGET, FUSE_GETATTR, FUSE_SETATTR, FUSE_READLINK, FUSE_SYMLINK,
+        FUSE_MKNOD, FUSE_MKDIR, FUSE_UNLINK, FUSE_RMDIR, FUSE_RENAME, FUSE_LINK, FUSE_OPEN,
+        FUSE_READ, FUSE_WRITE, FUSE_STATFS, FUSE_RELEASE, FUSE_FSYNC, FUSE_FLUSH, FUSE_INIT,
+        FUSE_OPENDIR, FUSE_READDIR, FUSE_RELEASEDIR, FUSE_FSYNCDIR, FUSE_INTERRUPT,
+        FUSE_DESTROY, FUSE_CREATE, FUSE_BATCH_FORGET, FUSE_FALLOCATE, FUSE_RENAME2
+    uint64_t FUSE_ASYNC_READ, FUSE_ATOMIC_O_TRUNC, FUSE_BIG_WRITES, FUSE_ASYNC_DIO
+    uint64_t FUSE_PARALLEL_DIROPS, FUSE_MAX_PAGES, FUSE_INIT_EXT
+    uint64_t FUSE_DIRECT_IO_ALLOW_MMAP, FUSE_HAS_RESEND
+    uint32_t FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_NONSEEKABLE, FOPEN_NOFLUSH
+    uint32_t FOPEN_PARALLEL_DIRECT_WRITES
+    uint32_t FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE, FATTR_ATIME, FATTR_MTIME, FATTR_FH
+    uint32_t FATTR_ATIME_NOW, FATTR_MTIME_NOW
+
+    struct fuse_in_header:
+        uint32_t len
+        uint32_t opcode
+        uint64_t unique
+        uint64_t nodeid
+        uint32_t uid
+        uint32_t gid
+        uint32_t pid
+    struct fuse_out_header:
+        uint32_t len
+        int32_t error
+        uint64_t unique
+    struct fuse_init_in:
+        uint32_t major
+        uint32_t minor
+        uint32_t max_readahead
+        uint32_t flags
+        uint32_t flags2
+    struct fuse_init_out:
+        uint32_t major
+        uint32_t minor
+        uint32_t max_readahead
+        uint32_t flags
+        uint16_t max_background
+        uint16_t congestion_threshold
+        uint32_t max_write
+        uint32_t time_gran
+        uint16_t max_pages
+        uint16_t map_alignment
+        uint32_t flags2
+    struct fuse_attr:
+        uint64_t ino
+        uint64_t size
+        uint64_t blocks
+        uint64_t atime
+        uint64_t mtime
+        uint64_t ctime
+        uint32_t mode
+        uint32_t nlink
+        uint32_t uid
+        uint32_t gid
+        uint32_t blksize
+    struct fuse_entry_out:
+        uint64_t nodeid
+        uint64_t generation
+        uint64_t entry_valid
+        uint64_t attr_valid
+        uint32_t entry_valid_nsec
+        uint32_t attr_valid_nsec
+        fuse_attr attr
+    struct fuse_attr_out:
+        uint64_t attr_valid
+        uint32_t attr_valid_nsec
+        fuse_attr attr
+    struct fuse_setattr_in:
+        uint32_t valid
+        uint64_t fh
+        uint64_t size
+        uint64_t atime
+        uint64_t mtime
+        uint32_t mode
+        uint32_t uid
+        uint32_t gid
+    struct fuse_open_in:
+        uint32_t flags
+    struct fuse_open_out:
+        uint64_t fh
+        uint32_t open_flags
+    struct fuse_release_in:
+        uint64_t fh
+    struct fuse_read_in:
+        uint64_t fh
+        uint64_t offset
+        uint32_t size
+        uint32_t flags
+    struct fuse_write_in:
+        uint64_t fh
+        uint64_t offset
+        uint32_t size
+        uint32_t flags
+    struct fuse_write_out:
+        uint32_t size
+    struct fuse_fallocate_in:
+        uint64_t fh
+        uint64_t offset
+        uint64_t length
+        uint32_t mode
+    struct fuse_kstatfs:
+        uint32_t bsize
+        uint32_t namelen
+        uint32_t frsize
+    struct fuse_statfs_out:
+        fuse_kstatfs st
+    struct fuse_dirent:
+        uint64_t ino
+        uint64_t off
+        uint32_t namelen
+        uint32_t type
+    size_t FUSE_DIRENT_ALIGN(size_t x)
+
+log = logging.getLogger("zramfs.fuse")
+
 cdef enum:
-    LOGICAL_BLOCK = 512          # a device file's logical block size, as a block device's
+    LOGICAL_BLOCK = 512           # a device file's logical block size, as a block device's
+    WORKER_STACK = 1 << 20        # room for a Python handler's C frames; locked only as used
+    EXIT_GRACE_MS = 500           # how long workers get to see the unmount before cancel
+
+# Handle encoding: the top bit marks a data handle; the low 63 bits are the data engine's own
+# handle, passed to the data ops as it is.
+cdef uint64_t DATA_FH_FLAG = (<uint64_t>1) << 63
+cdef uint64_t DATA_FH_MASK = DATA_FH_FLAG - 1
+
+# What the engine asks of the kernel, where offered. ASYNC_DIO lets libaio keep more than one
+# request per file in flight; ATOMIC_O_TRUNC brings O_TRUNC with OPEN (which ignores it, as a
+# block device and sysfs do) instead of as a SETATTR, so a SETATTR of a size is always a real
+# truncate; MAX_PAGES lets requests be as large as max_write; DIRECT_IO_ALLOW_MMAP allows a
+# shared mmap of a direct-I/O file (6.6+); HAS_RESEND (6.9+) is what a restarted daemon needs.
+cdef uint64_t WANTED = (FUSE_ASYNC_READ | FUSE_ATOMIC_O_TRUNC | FUSE_BIG_WRITES |
+                        FUSE_ASYNC_DIO | FUSE_PARALLEL_DIROPS | FUSE_MAX_PAGES | FUSE_INIT_EXT |
+                        FUSE_DIRECT_IO_ALLOW_MMAP | FUSE_HAS_RESEND)
 
 cdef struct stats_t:
     size_t data_reads
@@ -104,55 +245,479 @@ cdef struct stats_t:
     size_t bytes_written
     size_t max_read_size
     size_t max_write_size
-    size_t falloc_mode_mask      # bit m set <=> fallocate mode m (<64) seen
-    size_t data_ops_with_gil     # must stay 0: proof the data path is GIL-free
+    size_t falloc_mode_mask       # bit m set <=> fallocate mode m (<64) seen
+    size_t data_ops_with_gil      # must stay 0: proof the data path is GIL-free
     size_t py_calls
 
-cdef struct session_ctx:
-    void* owner                     # borrowed Session*, valid while mounted
-    const zramfs_data_ops* dops     # NULL if no data engine
-    unsigned max_io                 # max_write == max_read requested in init
-    unsigned max_background         # async (libaio) requests the kernel may queue to us
+cdef struct worker_t:
+    void* session                 # session_t*
+    char* request                 # what read(2) fills: the header, its argument, data
+    char* scratch                 # a READ's data or a READDIR's entries, for the reply
+    pthread_t thread
+    bint started
+
+cdef struct session_t:
+    void* owner                   # the Session (borrowed; valid while it runs)
+    int fd                        # /dev/fuse
+    size_t stopping               # atomic: set by exit()
+    const zramfs_data_ops* dops   # NULL if no data engine
+    unsigned max_io               # max_write, max_read and max_pages * 4096
+    unsigned max_background       # async (libaio) requests the kernel may queue to us
+    uint64_t flags                # agreed at INIT
+    uint32_t proto_minor          # the kernel's
+    size_t request_size           # a request buffer: the largest WRITE and its headers
     double attr_timeout
     double entry_timeout
+    pthread_mutex_t lock          # guards running
+    pthread_cond_t done           # a worker ended
+    int running                   # workers not yet ended (lock)
+    int nr_workers
+    worker_t* workers
     stats_t st
 
-CAP_NAMES = {
-    "ASYNC_READ": ll.FUSE_CAP_ASYNC_READ, "POSIX_LOCKS": ll.FUSE_CAP_POSIX_LOCKS,
-    "ATOMIC_O_TRUNC": ll.FUSE_CAP_ATOMIC_O_TRUNC,
-    "EXPORT_SUPPORT": ll.FUSE_CAP_EXPORT_SUPPORT, "DONT_MASK": ll.FUSE_CAP_DONT_MASK,
-    "SPLICE_WRITE": ll.FUSE_CAP_SPLICE_WRITE, "SPLICE_MOVE": ll.FUSE_CAP_SPLICE_MOVE,
-    "SPLICE_READ": ll.FUSE_CAP_SPLICE_READ, "FLOCK_LOCKS": ll.FUSE_CAP_FLOCK_LOCKS,
-    "IOCTL_DIR": ll.FUSE_CAP_IOCTL_DIR, "AUTO_INVAL_DATA": ll.FUSE_CAP_AUTO_INVAL_DATA,
-    "READDIRPLUS": ll.FUSE_CAP_READDIRPLUS,
-    "READDIRPLUS_AUTO": ll.FUSE_CAP_READDIRPLUS_AUTO,
-    "ASYNC_DIO": ll.FUSE_CAP_ASYNC_DIO, "WRITEBACK_CACHE": ll.FUSE_CAP_WRITEBACK_CACHE,
-    "NO_OPEN_SUPPORT": ll.FUSE_CAP_NO_OPEN_SUPPORT,
-    "PARALLEL_DIROPS": ll.FUSE_CAP_PARALLEL_DIROPS, "POSIX_ACL": ll.FUSE_CAP_POSIX_ACL,
-    "HANDLE_KILLPRIV": ll.FUSE_CAP_HANDLE_KILLPRIV,
-    "CACHE_SYMLINKS": ll.FUSE_CAP_CACHE_SYMLINKS,
-    "NO_OPENDIR_SUPPORT": ll.FUSE_CAP_NO_OPENDIR_SUPPORT,
-    "EXPLICIT_INVAL_DATA": ll.FUSE_CAP_EXPLICIT_INVAL_DATA,
-    "EXPIRE_ONLY": ll.FUSE_CAP_EXPIRE_ONLY,
-}
+
+# --- replies ---------------------------------------------------------------------------------
+
+cdef void _reply(session_t* s, uint64_t unique, int err, const void* data,
+                 size_t size) noexcept nogil:
+    """One reply: the header and `size` bytes of `data`, in one writev. A write that fails
+    (the request was interrupted and is gone: ENOENT; the connection ended) changes nothing
+    here: the kernel has already finished with the request."""
+    cdef fuse_out_header h
+    cdef iovec iov[2]
+    h.len = <uint32_t>(sizeof(fuse_out_header) + size)
+    h.error = -err
+    h.unique = unique
+    iov[0].iov_base = &h
+    iov[0].iov_len = sizeof(fuse_out_header)
+    iov[1].iov_base = <void*>data
+    iov[1].iov_len = size
+    writev(s.fd, iov, 2 if size else 1)
 
 
-def cap_names(unsigned bits) -> list:
-    """Decode FUSE_CAP_* bits into names."""
-    return [n for n, v in CAP_NAMES.items() if bits & v]
+cdef inline void _reply_err(session_t* s, uint64_t unique, int err) noexcept nogil:
+    _reply(s, unique, err, NULL, 0)
 
 
-# --------------------------------------------------------------------------
-# Python-visible result types
-# --------------------------------------------------------------------------
+# --- INIT ------------------------------------------------------------------------------------
+
+cdef void _init(session_t* s, fuse_in_header* h, const char* arg) noexcept nogil:
+    cdef const fuse_init_in* i = <const fuse_init_in*>arg
+    cdef fuse_init_out o
+    cdef uint64_t offered, agreed
+    memset(&o, 0, sizeof(o))
+    o.major = FUSE_KERNEL_VERSION
+    o.minor = ZRAMFS_FUSE_MINOR
+    if i.major != FUSE_KERNEL_VERSION or i.minor < 31:
+        # A newer major asks to be answered with ours (it then sends INIT again); an older
+        # protocol lacks what the engine relies on (flags2, max_pages).
+        _reply(s, h.unique, 0 if i.major > FUSE_KERNEL_VERSION else EPROTO,
+               &o, sizeof(o) if i.major > FUSE_KERNEL_VERSION else 0)
+        return
+    offered = i.flags
+    if i.flags & FUSE_INIT_EXT:
+        offered |= (<uint64_t>i.flags2) << 32
+    agreed = offered & WANTED
+    s.flags = agreed
+    s.proto_minor = i.minor
+    o.max_readahead = 0                       # data files are direct I/O: no page cache
+    o.flags = <uint32_t>agreed
+    o.flags2 = <uint32_t>(agreed >> 32)
+    # O_DIRECT libaio requests are FUSE background requests: beyond max_background (default
+    # 12) the kernel parks them in its own queue and sends the next only when one completes,
+    # so QD64 reached us as QD12. 128 lets two QD32 streams queue all at once.
+    o.max_background = s.max_background
+    o.congestion_threshold = s.max_background * 3 // 4
+    # The kernel splits larger O_DIRECT requests into pieces of max_write (and of max_pages
+    # for reads) and sends a libaio request's pieces all at once: a 1 MiB request at QD1
+    # reaches us as four 256 KiB requests served side by side.
+    o.max_write = s.max_io
+    o.max_pages = s.max_io // 4096
+    o.time_gran = 1
+    _py_init(s, i, agreed)
+    _reply(s, h.unique, 0, &o, sizeof(o))
+
+
+cdef void _py_init(session_t* s, const fuse_init_in* i, uint64_t agreed) noexcept with gil:
+    info = {"proto": (i.major, i.minor), "offered_flags": i.flags, "flags": agreed,
+            "max_write": s.max_io, "max_read": s.max_io, "max_background": s.max_background,
+            "direct_io_allow_mmap": bool(agreed & FUSE_DIRECT_IO_ALLOW_MMAP),
+            "has_resend": bool(agreed & FUSE_HAS_RESEND)}
+    log.debug("FUSE init: %s", info)
+    try:
+        fn = _handler(s, "init")
+        if fn is not None:
+            fn(info)
+    except BaseException as e:
+        _errno_of("init", e)
+
+
+# --- the data path: no GIL -------------------------------------------------------------------
+
+cdef inline void _note_gil(session_t* s) noexcept nogil:
+    if PyGILState_Check():
+        za_add(&s.st.data_ops_with_gil, 1)
+
+
+cdef inline bint _misaligned(uint32_t flags, uint64_t off, uint64_t size) noexcept nogil:
+    """O_DIRECT I/O on a block device must be aligned to its logical block (512 bytes)."""
+    return flags & O_DIRECT and (off | size) & (LOGICAL_BLOCK - 1)
+
+
+cdef void _data_read(session_t* s, fuse_in_header* h, const fuse_read_in* r,
+                     char* scratch) noexcept nogil:
+    cdef ssize_t n
+    _note_gil(s)
+    za_add(&s.st.data_reads, 1)
+    za_max(&s.st.max_read_size, r.size)
+    if _misaligned(r.flags, r.offset, r.size) or r.size > s.max_io:
+        _reply_err(s, h.unique, EINVAL)
+        return
+    # Decompressed straight into the reply's buffer, which one writev hands to the kernel.
+    n = s.dops.read(s.dops.ctx, r.fh & DATA_FH_MASK, scratch, r.size, r.offset)
+    if n < 0:
+        _reply_err(s, h.unique, <int>-n)
+        return
+    za_add(&s.st.bytes_read, n)
+    _reply(s, h.unique, 0, scratch, n)
+
+
+cdef void _data_write(session_t* s, fuse_in_header* h, const fuse_write_in* w,
+                      const char* data) noexcept nogil:
+    cdef ssize_t n
+    cdef fuse_write_out o
+    _note_gil(s)
+    za_add(&s.st.data_writes, 1)
+    za_max(&s.st.max_write_size, w.size)
+    if _misaligned(w.flags, w.offset, w.size):
+        _reply_err(s, h.unique, EINVAL)
+        return
+    n = s.dops.write(s.dops.ctx, w.fh & DATA_FH_MASK, data, w.size, w.offset)
+    if n < 0:
+        _reply_err(s, h.unique, <int>-n)
+        return
+    za_add(&s.st.bytes_written, n)
+    memset(&o, 0, sizeof(o))
+    o.size = <uint32_t>n
+    _reply(s, h.unique, 0, &o, sizeof(o))
+
+
+cdef void _data_fallocate(session_t* s, fuse_in_header* h,
+                          const fuse_fallocate_in* f) noexcept nogil:
+    cdef int mode = f.mode
+    _note_gil(s)
+    za_add(&s.st.data_fallocates, 1)
+    if 0 <= mode < 64:
+        za_or(&s.st.falloc_mode_mask, (<size_t>1) << mode)
+    # As blkdev_fallocate: whole logical blocks only, and write-zeroes with or without
+    # KEEP_SIZE (a device's size never changes anyway). The data engine decides which modes
+    # it supports (EOPNOTSUPP otherwise).
+    if (f.offset | f.length) & (LOGICAL_BLOCK - 1):
+        _reply_err(s, h.unique, EINVAL)
+        return
+    if mode == FALLOC_FL_ZERO_RANGE:
+        mode |= FALLOC_FL_KEEP_SIZE
+    _reply_err(s, h.unique, -s.dops.fallocate(s.dops.ctx, f.fh & DATA_FH_MASK, mode,
+                                               f.offset, f.length))
+
+
+# --- dispatch --------------------------------------------------------------------------------
+
+cdef void _dispatch(session_t* s, char* req, size_t n, char* scratch) noexcept nogil:
+    """One request, `n` bytes at `req`, answered (or not, for those that take no answer)."""
+    cdef fuse_in_header* h = <fuse_in_header*>req
+    cdef char* arg = req + sizeof(fuse_in_header)
+    cdef uint32_t op = h.opcode
+    cdef fuse_open_out oo
+    cdef fuse_statfs_out so
+    if n < sizeof(fuse_in_header) or h.len != n:
+        return                                     # not a request: nothing to answer
+    if op == FUSE_READ and s.dops != NULL and (<fuse_read_in*>arg).fh & DATA_FH_FLAG:
+        _data_read(s, h, <fuse_read_in*>arg, scratch)
+    elif op == FUSE_WRITE and s.dops != NULL and (<fuse_write_in*>arg).fh & DATA_FH_FLAG:
+        _data_write(s, h, <fuse_write_in*>arg, arg + sizeof(fuse_write_in))
+    elif op == FUSE_FALLOCATE and s.dops != NULL and (<fuse_fallocate_in*>arg).fh & DATA_FH_FLAG:
+        _data_fallocate(s, h, <fuse_fallocate_in*>arg)
+    elif op == FUSE_FALLOCATE:
+        _reply_err(s, h.unique, EOPNOTSUPP)
+    elif op == FUSE_INIT:
+        _init(s, h, arg)
+    elif op == FUSE_FORGET or op == FUSE_BATCH_FORGET or op == FUSE_INTERRUPT:
+        pass                                       # no reply is wanted (or needed)
+    elif (op == FUSE_MKDIR or op == FUSE_UNLINK or op == FUSE_RMDIR or op == FUSE_RENAME
+          or op == FUSE_RENAME2 or op == FUSE_SYMLINK or op == FUSE_LINK or op == FUSE_MKNOD
+          or op == FUSE_CREATE):
+        _reply_err(s, h.unique, EPERM)             # the tree's shape is fixed, as sysfs's
+    elif op == FUSE_FLUSH or op == FUSE_FSYNC or op == FUSE_FSYNCDIR or \
+            op == FUSE_RELEASEDIR or op == FUSE_DESTROY:
+        _reply_err(s, h.unique, 0)                 # nothing is cached, nothing to keep
+    elif op == FUSE_OPENDIR:
+        memset(&oo, 0, sizeof(oo))
+        _reply(s, h.unique, 0, &oo, sizeof(oo))
+    elif op == FUSE_STATFS:
+        memset(&so, 0, sizeof(so))
+        so.st.bsize = 4096
+        so.st.frsize = 4096
+        so.st.namelen = 255
+        _reply(s, h.unique, 0, &so, sizeof(so))
+    elif (op == FUSE_LOOKUP or op == FUSE_GETATTR or op == FUSE_SETATTR or op == FUSE_OPEN
+          or op == FUSE_RELEASE or op == FUSE_READDIR or op == FUSE_READ or op == FUSE_WRITE):
+        _py_request(s, h, arg, n - sizeof(fuse_in_header), scratch)
+    else:
+        _reply_err(s, h.unique, ENOSYS)
+
+
+cdef void* _worker_main(void* arg) noexcept nogil:
+    cdef worker_t* w = <worker_t*>arg
+    cdef session_t* s = <session_t*>w.session
+    cdef ssize_t n
+    cdef int old, err
+    pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &old)
+    while not za_load(&s.stopping):
+        # Cancelled only here, waiting for a request: never holding the GIL or a lock.
+        pthread_setcancelstate(PTHREAD_CANCEL_ENABLE, &old)
+        n = read(s.fd, w.request, s.request_size)
+        err = errno
+        pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &old)
+        if n < 0:
+            if err == EINTR or err == EAGAIN or err == ENOENT:
+                continue                            # interrupted before it was read: next
+            break                                   # ENODEV: unmounted; the connection is gone
+        _dispatch(s, w.request, n, w.scratch)
+    pthread_mutex_lock(&s.lock)
+    s.running -= 1
+    pthread_cond_broadcast(&s.done)
+    pthread_mutex_unlock(&s.lock)
+    return NULL
+
+
+# --- requests for Python (GIL held) ----------------------------------------------------------
+
+cdef int _errno_of(str op, BaseException exc) noexcept:
+    """An exception from a handler as an errno; anything but an OSError is logged."""
+    if isinstance(exc, OSError) and (<object>exc).errno:
+        return (<object>exc).errno
+    try:
+        log.error("FUSE %s handler failed", op, exc_info=exc)
+    except BaseException:
+        pass
+    return EIO
+
+
+cdef object _handler(session_t* s, str op):
+    """The ops object's method, or None where it has none (ENOSYS)."""
+    s.st.py_calls += 1            # under the GIL: no atomics needed
+    return getattr((<Session>s.owner).ops, op, None)
+
+
+cdef void _fill_attr(fuse_attr* fa, object a) except *:
+    memset(fa, 0, sizeof(fuse_attr))
+    fa.ino = a.st_ino
+    fa.mode = a.st_mode
+    fa.nlink = getattr(a, "st_nlink", 1)
+    fa.size = getattr(a, "st_size", 0)
+    fa.uid = getattr(a, "st_uid", 0)
+    fa.gid = getattr(a, "st_gid", 0)
+    fa.mtime = fa.ctime = fa.atime = int(getattr(a, "st_mtime", 0))
+    fa.blksize = 4096
+    fa.blocks = (fa.size + 511) // 512
+
+
+cdef inline void _split(double t, uint64_t* sec, uint32_t* nsec) noexcept:
+    sec[0] = <uint64_t>t
+    nsec[0] = <uint32_t>((t - <double>sec[0]) * 1e9)
+
+
+cdef str _name(const char* p, size_t room):
+    """A NUL-terminated name from a request, no further than the request itself."""
+    cdef size_t n = 0
+    while n < room and p[n] != 0:
+        n += 1
+    return PyBytes_FromStringAndSize(p, n).decode("utf-8", "surrogateescape")
+
+
+cdef void _py_request(session_t* s, fuse_in_header* h, char* arg, size_t arglen,
+                      char* scratch) noexcept with gil:
+    cdef uint32_t op = h.opcode
+    cdef str opname = {FUSE_LOOKUP: "lookup", FUSE_GETATTR: "getattr", FUSE_SETATTR: "setattr",
+                       FUSE_OPEN: "open", FUSE_RELEASE: "release", FUSE_READDIR: "readdir",
+                       FUSE_READ: "read", FUSE_WRITE: "write"}[op]
+    cdef fuse_entry_out eo
+    cdef fuse_attr_out ao
+    cdef fuse_open_out oo
+    cdef fuse_write_out wo
+    cdef const fuse_setattr_in* sa
+    cdef const fuse_read_in* ri
+    cdef const fuse_write_in* wi
+    cdef const char* out = NULL
+    cdef size_t outlen = 0
+    cdef int err = 0
+    cdef bytes keep
+    try:
+        fn = _handler(s, opname)
+        if fn is None:
+            err = ENOSYS
+        elif op == FUSE_LOOKUP:
+            memset(&eo, 0, sizeof(eo))
+            _fill_attr(&eo.attr, fn(h.nodeid, _name(arg, arglen)))
+            eo.nodeid = eo.attr.ino
+            _split(s.entry_timeout, &eo.entry_valid, &eo.entry_valid_nsec)
+            _split(s.attr_timeout, &eo.attr_valid, &eo.attr_valid_nsec)
+            out, outlen = <const char*>&eo, sizeof(eo)
+        elif op == FUSE_GETATTR or op == FUSE_SETATTR:
+            memset(&ao, 0, sizeof(ao))
+            if op == FUSE_GETATTR:
+                a = fn(h.nodeid)
+            else:
+                sa = <const fuse_setattr_in*>arg
+                a = fn(h.nodeid, _changes(sa),
+                       (sa.fh & DATA_FH_MASK) if sa.valid & FATTR_FH else None)
+            _fill_attr(&ao.attr, a)
+            _split(s.attr_timeout, &ao.attr_valid, &ao.attr_valid_nsec)
+            out, outlen = <const char*>&ao, sizeof(ao)
+        elif op == FUSE_OPEN:
+            memset(&oo, 0, sizeof(oo))
+            r = fn(h.nodeid, (<const fuse_open_in*>arg).flags)
+            fh = int(r.fh)
+            if not 0 <= fh <= DATA_FH_MASK or (r.data and s.dops == NULL):
+                raise OSError(EINVAL, "bad open reply")
+            # No write cache, so nothing to flush at close: without NOFLUSH every close(2)
+            # would wait for a FLUSH round trip.
+            oo.open_flags = FOPEN_NOFLUSH
+            if r.data:
+                oo.fh = DATA_FH_FLAG | fh
+                # No page-cache copy of a device's data; direct writes may run side by side.
+                oo.open_flags |= FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES
+            else:
+                oo.fh = fh
+                if r.direct_io:
+                    oo.open_flags |= FOPEN_DIRECT_IO
+                if r.keep_cache:
+                    oo.open_flags |= FOPEN_KEEP_CACHE
+            if r.nonseekable:
+                oo.open_flags |= FOPEN_NONSEEKABLE
+            out, outlen = <const char*>&oo, sizeof(oo)
+        elif op == FUSE_RELEASE:
+            fn(h.nodeid, (<const fuse_release_in*>arg).fh & DATA_FH_MASK)
+        elif op == FUSE_READDIR:
+            ri = <const fuse_read_in*>arg
+            outlen = _dirents(fn(h.nodeid), ri.offset, min(ri.size, s.max_io), scratch)
+            out = scratch
+        elif op == FUSE_READ:
+            ri = <const fuse_read_in*>arg
+            keep = bytes(fn(h.nodeid, ri.fh, ri.size, ri.offset))[:ri.size]
+            out = keep
+            outlen = len(keep)
+        elif op == FUSE_WRITE:
+            wi = <const fuse_write_in*>arg
+            data = PyBytes_FromStringAndSize(arg + sizeof(fuse_write_in), wi.size)
+            memset(&wo, 0, sizeof(wo))
+            wo.size = int(fn(h.nodeid, wi.fh, data, wi.offset))
+            out, outlen = <const char*>&wo, sizeof(wo)
+    except BaseException as e:
+        err = _errno_of(opname, e)
+        outlen = 0
+    with nogil:
+        _reply(s, h.unique, err, out, outlen)
+
+
+cdef dict _changes(const fuse_setattr_in* sa):
+    """A SETATTR's changes, as the ops' setattr takes them."""
+    changes = {}
+    if sa.valid & FATTR_SIZE:
+        changes["size"] = sa.size
+    if sa.valid & FATTR_MODE:
+        changes["mode"] = sa.mode
+    if sa.valid & FATTR_UID:
+        changes["uid"] = sa.uid
+    if sa.valid & FATTR_GID:
+        changes["gid"] = sa.gid
+    if sa.valid & (FATTR_MTIME | FATTR_MTIME_NOW):
+        changes["mtime"] = None if sa.valid & FATTR_MTIME_NOW else sa.mtime
+    if sa.valid & (FATTR_ATIME | FATTR_ATIME_NOW):
+        changes["atime"] = None if sa.valid & FATTR_ATIME_NOW else sa.atime
+    return changes
+
+
+cdef size_t _dirents(list entries, uint64_t off, size_t size, char* buf) except? 0:
+    """Directory entries from `off` on, as many as fit `size` bytes; entry i's offset is i + 1,
+    so the kernel asks again from where a full buffer stopped."""
+    cdef size_t pos = 0, reclen, namelen
+    cdef fuse_dirent* d
+    cdef bytes bname
+    cdef size_t i
+    for i in range(off, len(entries)):
+        name, a = entries[i]
+        bname = name.encode("utf-8", "surrogateescape")
+        namelen = len(bname)
+        reclen = FUSE_DIRENT_ALIGN(FUSE_NAME_OFFSET + namelen)
+        if pos + reclen > size:
+            break
+        d = <fuse_dirent*>(buf + pos)
+        memset(d, 0, reclen)
+        d.ino = a.st_ino
+        d.off = i + 1
+        d.namelen = <uint32_t>namelen
+        d.type = (a.st_mode & 0o170000) >> 12
+        memcpy(buf + pos + FUSE_NAME_OFFSET, <const char*>bname, namelen)
+        pos += reclen
+    return pos
+
+
+# --- mounting --------------------------------------------------------------------------------
+
+def _mount(mountpoint: str, fsname: str, options: list[str]) -> int:
+    """Mounts a FUSE file system at `mountpoint`; its /dev/fuse descriptor. As root with
+    mount(2); otherwise through fusermount3 (package fuse3), which passes the descriptor back
+    over a socket named in _FUSE_COMMFD."""
+    import ctypes
+    if os.geteuid() != 0:
+        return _mount_fusermount(mountpoint, fsname, options)
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    data = ",".join([f"fd={fd}", "rootmode=40000", f"user_id={os.getuid()}",
+                     f"group_id={os.getgid()}", *options])
+    libc = ctypes.CDLL(None, use_errno=True)
+    MS_NOSUID, MS_NODEV = 2, 4
+    if libc.mount(fsname.encode(), mountpoint.encode(), b"fuse.zramfs",
+                  MS_NOSUID | MS_NODEV, data.encode()) != 0:
+        e = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(e, f"mount {mountpoint}: {os.strerror(e)}")
+    return fd
+
+
+def _mount_fusermount(mountpoint: str, fsname: str, options: list[str]) -> int:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
+        opts = ",".join([f"fsname={fsname}", "subtype=zramfs", *options])
+        done = subprocess.run(["fusermount3", "-o", opts, "--", mountpoint], env=env,
+                              pass_fds=[theirs.fileno()], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise OSError(_errno.EIO, f"fusermount3: {done.stderr.strip()}")
+        _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+    if not fds:
+        raise OSError(_errno.EIO, "fusermount3 passed no descriptor")
+    return fds[0]
+
+
+def _unmount(mountpoint: str) -> None:
+    """Lazily: the tree goes at once; the connection ends once nothing has a file open."""
+    import ctypes
+    if os.geteuid() == 0:
+        ctypes.CDLL(None, use_errno=True).umount2(mountpoint.encode(), 2)   # MNT_DETACH
+    elif shutil.which("fusermount3"):
+        subprocess.run(["fusermount3", "-u", "-z", "--", mountpoint], capture_output=True)
+
+
+# --- Python faces ----------------------------------------------------------------------------
+
 class Attr:
     """Inode attributes returned by lookup/getattr/setattr."""
-    __slots__ = ("st_ino", "st_mode", "st_nlink", "st_size", "st_uid",
-                 "st_gid", "st_mtime")
+    __slots__ = ("st_ino", "st_mode", "st_nlink", "st_size", "st_uid", "st_gid", "st_mtime")
 
-    def __init__(self, st_ino: int, st_mode: int, st_size: int = 0, *,
-                 st_nlink: int = 1, st_uid: int = 0, st_gid: int = 0,
-                 st_mtime: float = 0.0) -> None:
+    def __init__(self, st_ino: int, st_mode: int, st_size: int = 0, *, st_nlink: int = 1,
+                 st_uid: int = 0, st_gid: int = 0, st_mtime: float = 0.0) -> None:
         self.st_ino = st_ino
         self.st_mode = st_mode
         self.st_size = st_size
@@ -163,8 +728,8 @@ class Attr:
 
 
 class OpenReply:
-    """Result of ops.open().  data=True routes READ/WRITE/FALLOCATE of this
-    handle to the C data ops (fh is then the engine handle, < 2**63)."""
+    """What ops.open() returns. data=True routes READ/WRITE/FALLOCATE of this handle to the C
+    data ops (fh is then the data engine's handle, < 2**63), always as direct I/O."""
     __slots__ = ("fh", "data", "direct_io", "keep_cache", "nonseekable")
 
     def __init__(self, fh: int = 0, *, data: bool = False, direct_io: bool = True,
@@ -176,592 +741,128 @@ class OpenReply:
         self.nonseekable = nonseekable
 
 
-# --------------------------------------------------------------------------
-# Helpers for the Python path (all called with the GIL held)
-# --------------------------------------------------------------------------
-cdef inline session_ctx* _ctx(ll.fuse_req_t req) noexcept nogil:
-    return <session_ctx*> ll.fuse_req_userdata(req)
-
-
-cdef inline object _ops(session_ctx* c):
-    return (<Session> c.owner).ops
-
-
-cdef int _errno_of(str op, BaseException exc) noexcept:
-    """Map a handler exception to an errno; log anything unexpected."""
-    if isinstance(exc, OSError) and (<object> exc).errno:
-        return (<object> exc).errno
-    try:
-        log.error("FUSE %s handler failed", op, exc_info=exc)
-    except BaseException:
-        pass
-    return EIO
-
-
-cdef object _handler(session_ctx* c, str op):
-    """Bound ops method, or None if the ops object does not implement it."""
-    c.st.py_calls += 1           # under the GIL: no atomics needed
-    return getattr(_ops(c), op, None)
-
-
-cdef int _fill_stat(struct_stat* st, object a) except -1:
-    memset(st, 0, sizeof(struct_stat))
-    st.st_ino = a.st_ino
-    st.st_mode = a.st_mode
-    st.st_nlink = getattr(a, "st_nlink", 1)
-    st.st_size = getattr(a, "st_size", 0)
-    st.st_uid = getattr(a, "st_uid", 0)
-    st.st_gid = getattr(a, "st_gid", 0)
-    st.st_mtime = int(getattr(a, "st_mtime", 0))
-    st.st_blksize = 4096
-    st.st_blocks = (st.st_size + 511) // 512
-    return 0
-
-
-# --------------------------------------------------------------------------
-# init: runs once, in a worker thread, before any other request
-# --------------------------------------------------------------------------
-cdef void _ll_init(void* userdata, ll.fuse_conn_info* conn) noexcept nogil:
-    cdef session_ctx* c = <session_ctx*> userdata
-    cdef ll.fuse_conn_info offered = conn[0]     # snapshot for reporting
-    # The kernel splits larger O_DIRECT requests into pieces of this size (libfuse also
-    # derives max_pages, the read limit, from max_write) and, for libaio, sends the pieces all
-    # at once: a 1 MiB request at QD1 reaches us as four 256 KiB requests served side by side,
-    # one's copy through /dev/fuse overlapping another's compression. fio 1M QD1 here, with
-    # 1 MiB requests then 256 KiB: fresh writes 0.9-1.1 -> 1.2-1.5 GB/s, reads 2.5 -> 3.2 GB/s.
-    conn.max_write = c.max_io
-    # Must equal the max_read= mount option or libfuse fails INIT (EPROTO).
-    conn.max_read = c.max_io
-    conn.max_readahead = 0       # data files are direct_io; no page cache
-    # O_DIRECT libaio requests are FUSE background requests: beyond max_background (default
-    # 12) the kernel parks them in its own queue and sends the next only when one completes,
-    # from our reply's writev. So QD64 reached us as QD12, and most requests cost a sleep and
-    # a wakeup. 128 lets two QD32 streams queue all at once (fio 4K QD32x2: context switches
-    # per op 1.3-1.4 -> 0.7, random write IOPS +25 %, random read +20 %).
-    conn.max_background = c.max_background
-    conn.congestion_threshold = c.max_background * 3 // 4
-    # We consume WRITE payloads from libfuse's buffer; splice buys nothing.
-    conn.want &= ~(ll.FUSE_CAP_SPLICE_READ | ll.FUSE_CAP_SPLICE_WRITE |
-                   ll.FUSE_CAP_SPLICE_MOVE | ll.FUSE_CAP_WRITEBACK_CACHE)
-    if conn.capable & ll.FUSE_CAP_ASYNC_DIO:
-        conn.want |= ll.FUSE_CAP_ASYNC_DIO   # lets libaio keep QD>1 per file
-    # O_TRUNC comes with OPEN (and is ignored there, as a block device and sysfs ignore it)
-    # instead of as a SETATTR of size 0: so a SETATTR of a size is always a real truncate,
-    # which a device file refuses.
-    if conn.capable & ll.FUSE_CAP_ATOMIC_O_TRUNC:
-        conn.want |= ll.FUSE_CAP_ATOMIC_O_TRUNC
-    _py_init(c, &offered, conn)
-
-
-cdef void _py_init(session_ctx* c, ll.fuse_conn_info* offered,
-                   ll.fuse_conn_info* conn) noexcept with gil:
-    # `offered` = kernel/libfuse values before our changes; `conn` = final.
-    info = {
-        "proto": (conn.proto_major, conn.proto_minor),
-        "capable": conn.capable, "capable_names": cap_names(conn.capable),
-        "want_default_names": cap_names(offered.want),
-        "want": conn.want, "want_names": cap_names(conn.want),
-        "offered_max_write": offered.max_write,
-        "offered_max_read": offered.max_read,
-        "offered_max_readahead": offered.max_readahead,
-        "max_write": conn.max_write, "max_read": conn.max_read,
-        "max_readahead": conn.max_readahead,
-        "max_background": conn.max_background,
-        "congestion_threshold": conn.congestion_threshold,
-        "time_gran": conn.time_gran,
-    }
-    log.debug("FUSE init: %s", info)
-    try:
-        fn = _handler(c, "init")
-        if fn is not None:
-            fn(info)
-    except BaseException as e:
-        _errno_of("init", e)
-
-
-# --------------------------------------------------------------------------
-# Metadata ops: always Python
-# --------------------------------------------------------------------------
-cdef void _reply_entry(ll.fuse_req_t req, session_ctx* c, object a) noexcept with gil:
-    cdef ll.fuse_entry_param e
-    memset(&e, 0, sizeof(e))
-    try:
-        _fill_stat(&e.attr, a)
-    except BaseException as exc:
-        ll.fuse_reply_err(req, _errno_of("lookup", exc))
-        return
-    e.ino = e.attr.st_ino
-    e.attr_timeout = c.attr_timeout
-    e.entry_timeout = c.entry_timeout
-    with nogil:
-        ll.fuse_reply_entry(req, &e)
-
-
-cdef void _ll_lookup(ll.fuse_req_t req, ll.fuse_ino_t parent,
-                     const char* name) noexcept with gil:
-    cdef session_ctx* c = _ctx(req)
-    try:
-        fn = _handler(c, "lookup")
-        if fn is None:
-            ll.fuse_reply_err(req, ENOSYS)
-            return
-        a = fn(parent, name.decode("utf-8", "surrogateescape"))
-    except BaseException as e:
-        ll.fuse_reply_err(req, _errno_of("lookup", e))
-        return
-    _reply_entry(req, c, a)
-
-
-cdef void _reply_attr(ll.fuse_req_t req, session_ctx* c, str op, object fn,
-                      tuple args) noexcept with gil:
-    cdef struct_stat st
-    try:
-        if fn is None:
-            ll.fuse_reply_err(req, ENOSYS)
-            return
-        _fill_stat(&st, fn(*args))
-    except BaseException as e:
-        ll.fuse_reply_err(req, _errno_of(op, e))
-        return
-    with nogil:
-        ll.fuse_reply_attr(req, &st, c.attr_timeout)
-
-
-cdef void _ll_getattr(ll.fuse_req_t req, ll.fuse_ino_t ino,
-                      ll.fuse_file_info* fi) noexcept with gil:
-    cdef session_ctx* c = _ctx(req)
-    _reply_attr(req, c, "getattr", _handler(c, "getattr"), (ino,))
-
-
-cdef void _ll_setattr(ll.fuse_req_t req, ll.fuse_ino_t ino, struct_stat* attr,
-                      int to_set, ll.fuse_file_info* fi) noexcept with gil:
-    cdef session_ctx* c = _ctx(req)
-    changes = {}
-    if to_set & ll.FUSE_SET_ATTR_SIZE:
-        changes["size"] = attr.st_size
-    if to_set & ll.FUSE_SET_ATTR_MODE:
-        changes["mode"] = attr.st_mode
-    if to_set & ll.FUSE_SET_ATTR_UID:
-        changes["uid"] = attr.st_uid
-    if to_set & ll.FUSE_SET_ATTR_GID:
-        changes["gid"] = attr.st_gid
-    if to_set & (ll.FUSE_SET_ATTR_MTIME | ll.FUSE_SET_ATTR_MTIME_NOW):
-        changes["mtime"] = None if to_set & ll.FUSE_SET_ATTR_MTIME_NOW else attr.st_mtime
-    if to_set & (ll.FUSE_SET_ATTR_ATIME | ll.FUSE_SET_ATTR_ATIME_NOW):
-        changes["atime"] = None if to_set & ll.FUSE_SET_ATTR_ATIME_NOW else attr.st_atime
-    fh = None if fi == NULL else (fi.fh & DATA_FH_MASK)
-    _reply_attr(req, c, "setattr", _handler(c, "setattr"), (ino, changes, fh))
-
-
-cdef void _ll_readdir(ll.fuse_req_t req, ll.fuse_ino_t ino, size_t size,
-                      off_t off, ll.fuse_file_info* fi) noexcept with gil:
-    """Entries come from ops.readdir(ino) each call; offset i+1 = after entry i."""
-    cdef session_ctx* c = _ctx(req)
-    cdef struct_stat st
-    cdef size_t pos = 0, need
-    cdef char* buf = <char*> malloc(size)
-    if buf == NULL:
-        ll.fuse_reply_err(req, ENOMEM)
-        return
-    try:
-        fn = _handler(c, "readdir")
-        if fn is None:
-            ll.fuse_reply_err(req, ENOSYS)
-            return
-        entries = fn(ino)
-        for i in range(off, len(entries)):
-            name, a = entries[i]
-            _fill_stat(&st, a)
-            bname = name.encode("utf-8", "surrogateescape")
-            need = ll.fuse_add_direntry(req, buf + pos, size - pos, bname, &st, i + 1)
-            if need > size - pos:
-                break                  # buffer full; kernel asks again from i
-            pos += need
-        with nogil:
-            ll.fuse_reply_buf(req, buf, pos)
-    except BaseException as e:
-        ll.fuse_reply_err(req, _errno_of("readdir", e))
-    finally:
-        free(buf)
-
-
-cdef void _ll_open(ll.fuse_req_t req, ll.fuse_ino_t ino,
-                   ll.fuse_file_info* fi) noexcept with gil:
-    cdef session_ctx* c = _ctx(req)
-    try:
-        fn = _handler(c, "open")
-        if fn is None:
-            ll.fuse_reply_err(req, ENOSYS)
-            return
-        r = fn(ino, fi.flags)
-        fh = int(r.fh)
-        if not 0 <= fh <= DATA_FH_MASK or (r.data and c.dops == NULL):
-            raise OSError(EINVAL, "bad open reply")
-    except BaseException as e:
-        ll.fuse_reply_err(req, _errno_of("open", e))
-        return
-    if r.data:
-        fi.fh = DATA_FH_FLAG | fh
-        fi.direct_io = 1        # no page-cache copy of device data
-        fi.keep_cache = 0
-    else:
-        fi.fh = fh
-        fi.direct_io = 1 if r.direct_io else 0
-        fi.keep_cache = 1 if r.keep_cache else 0
-    fi.nonseekable = 1 if r.nonseekable else 0
-    # No write cache => FLUSH is pointless; without this every close(2) waits
-    # for a FLUSH round trip (and fails with ECONNABORTED during shutdown).
-    fi.noflush = 1
-    cdef int rc
-    with nogil:
-        rc = ll.fuse_reply_open(req, fi)
-    if rc != 0:
-        # The opener was interrupted: the kernel will never send RELEASE for
-        # this handle, so release it ourselves.
-        _call_release(c, ino, fh)
-
-
-cdef void _call_release(session_ctx* c, ll.fuse_ino_t ino, uint64_t fh) noexcept with gil:
-    try:
-        fn = _handler(c, "release")
-        if fn is not None:
-            fn(ino, fh)
-    except BaseException as e:
-        _errno_of("release", e)
-
-
-cdef void _ll_release(ll.fuse_req_t req, ll.fuse_ino_t ino,
-                      ll.fuse_file_info* fi) noexcept with gil:
-    _call_release(_ctx(req), ino, fi.fh & DATA_FH_MASK)
-    ll.fuse_reply_err(req, 0)
-
-
-# --------------------------------------------------------------------------
-# I/O ops: routed in C.  Data handles never take the GIL.
-# --------------------------------------------------------------------------
-cdef inline void _note_gil(session_ctx* c) noexcept nogil:
-    if PyGILState_Check():
-        za_add(&c.st.data_ops_with_gil, 1)
-
-
-cdef inline bint _misaligned(int flags, uint64_t off, uint64_t size) noexcept nogil:
-    """O_DIRECT I/O on a block device must be aligned to its logical block (512 bytes)."""
-    return flags & O_DIRECT and (off | size) & (LOGICAL_BLOCK - 1)
-
-
-cdef void _ll_read(ll.fuse_req_t req, ll.fuse_ino_t ino, size_t size, off_t off,
-                   ll.fuse_file_info* fi) noexcept nogil:
-    cdef session_ctx* c = _ctx(req)
-    if fi.fh & DATA_FH_FLAG and _misaligned(fi.flags, off, size):
-        ll.fuse_reply_err(req, EINVAL)
-    elif fi.fh & DATA_FH_FLAG:
-        _data_read(req, c, fi.fh & DATA_FH_MASK, size, off)
-    else:
-        _py_read(req, c, ino, fi.fh, size, off)
-
-
-cdef void _data_read(ll.fuse_req_t req, session_ctx* c, uint64_t fh, size_t size,
-                     off_t off) noexcept nogil:
-    _note_gil(c)
-    za_add(&c.st.data_reads, 1)
-    za_max(&c.st.max_read_size, size)
-    # The engine decompresses into this buffer and libfuse copies it to /dev/fuse: one copy.
-    cdef char* buf = reply_buffer(size)
-    if buf == NULL:
-        ll.fuse_reply_err(req, ENOMEM)
-        return
-    cdef ssize_t n = c.dops.read(c.dops.ctx, fh, buf, size, off)
-    if n < 0:
-        ll.fuse_reply_err(req, -n)
-    else:
-        za_add(&c.st.bytes_read, n)
-        ll.fuse_reply_buf(req, buf, n)
-
-
-cdef void _py_read(ll.fuse_req_t req, session_ctx* c, ll.fuse_ino_t ino,
-                   uint64_t fh, size_t size, off_t off) noexcept with gil:
-    cdef const char* p
-    cdef Py_ssize_t n
-    cdef bytes data
-    try:
-        fn = _handler(c, "read")
-        if fn is None:
-            ll.fuse_reply_err(req, ENOSYS)
-            return
-        data = bytes(fn(ino, fh, size, off))[:size]
-    except BaseException as e:
-        ll.fuse_reply_err(req, _errno_of("read", e))
-        return
-    p = data
-    n = len(data)
-    with nogil:
-        ll.fuse_reply_buf(req, p, n)
-
-
-cdef void _ll_write(ll.fuse_req_t req, ll.fuse_ino_t ino, const char* buf,
-                    size_t size, off_t off, ll.fuse_file_info* fi) noexcept nogil:
-    cdef session_ctx* c = _ctx(req)
-    cdef ssize_t n
-    if fi.fh & DATA_FH_FLAG and _misaligned(fi.flags, off, size):
-        ll.fuse_reply_err(req, EINVAL)
-    elif fi.fh & DATA_FH_FLAG:
-        _note_gil(c)
-        za_add(&c.st.data_writes, 1)
-        za_max(&c.st.max_write_size, size)
-        n = c.dops.write(c.dops.ctx, fi.fh & DATA_FH_MASK, buf, size, off)
-        if n < 0:
-            ll.fuse_reply_err(req, -n)
-        else:
-            za_add(&c.st.bytes_written, n)
-            ll.fuse_reply_write(req, n)
-    else:
-        _py_write(req, c, ino, fi.fh, buf, size, off)
-
-
-cdef void _py_write(ll.fuse_req_t req, session_ctx* c, ll.fuse_ino_t ino,
-                    uint64_t fh, const char* buf, size_t size,
-                    off_t off) noexcept with gil:
-    try:
-        fn = _handler(c, "write")
-        if fn is None:
-            ll.fuse_reply_err(req, ENOSYS)
-            return
-        n = int(fn(ino, fh, buf[:size], off))
-    except BaseException as e:
-        ll.fuse_reply_err(req, _errno_of("write", e))
-        return
-    ll.fuse_reply_write(req, n)
-
-
-cdef void _ll_fallocate(ll.fuse_req_t req, ll.fuse_ino_t ino, int mode,
-                        off_t offset, off_t length,
-                        ll.fuse_file_info* fi) noexcept nogil:
-    cdef session_ctx* c = _ctx(req)
-    if not (fi.fh & DATA_FH_FLAG):
-        ll.fuse_reply_err(req, EOPNOTSUPP)
-        return
-    _note_gil(c)
-    za_add(&c.st.data_fallocates, 1)
-    if 0 <= mode < 64:
-        za_or(&c.st.falloc_mode_mask, (<size_t> 1) << mode)
-    # As blkdev_fallocate: whole logical blocks only, and write-zeroes with or without
-    # KEEP_SIZE (a device's size never changes anyway).
-    if (offset | length) & (LOGICAL_BLOCK - 1):
-        ll.fuse_reply_err(req, EINVAL)
-        return
-    if mode == FALLOC_FL_ZERO_RANGE:
-        mode |= FALLOC_FL_KEEP_SIZE
-    # The engine decides which modes it supports (EOPNOTSUPP otherwise).
-    ll.fuse_reply_err(req, -c.dops.fallocate(c.dops.ctx, fi.fh & DATA_FH_MASK,
-                                             mode, offset, length))
-
-
-# The tree's shape never changes by a request: EPERM, as sysfs answers.
-cdef void _ll_mknod(ll.fuse_req_t req, ll.fuse_ino_t parent, const char* name, mode_t mode,
-                    dev_t rdev) noexcept nogil:
-    ll.fuse_reply_err(req, EPERM)
-
-
-cdef void _ll_mkdir(ll.fuse_req_t req, ll.fuse_ino_t parent, const char* name,
-                    mode_t mode) noexcept nogil:
-    ll.fuse_reply_err(req, EPERM)
-
-
-cdef void _ll_unlink(ll.fuse_req_t req, ll.fuse_ino_t parent, const char* name) noexcept nogil:
-    ll.fuse_reply_err(req, EPERM)
-
-
-cdef void _ll_symlink(ll.fuse_req_t req, const char* link, ll.fuse_ino_t parent,
-                      const char* name) noexcept nogil:
-    ll.fuse_reply_err(req, EPERM)
-
-
-cdef void _ll_rename(ll.fuse_req_t req, ll.fuse_ino_t parent, const char* name,
-                     ll.fuse_ino_t newparent, const char* newname,
-                     unsigned int flags) noexcept nogil:
-    ll.fuse_reply_err(req, EPERM)
-
-
-cdef void _ll_link(ll.fuse_req_t req, ll.fuse_ino_t ino, ll.fuse_ino_t newparent,
-                   const char* newname) noexcept nogil:
-    ll.fuse_reply_err(req, EPERM)
-
-
-cdef void _ll_create(ll.fuse_req_t req, ll.fuse_ino_t parent, const char* name, mode_t mode,
-                     ll.fuse_file_info* fi) noexcept nogil:
-    ll.fuse_reply_err(req, EPERM)
-
-
-cdef ll.fuse_lowlevel_ops _make_ops() noexcept:
-    cdef ll.fuse_lowlevel_ops o
-    memset(&o, 0, sizeof(o))
-    o.init = _ll_init
-    o.lookup = _ll_lookup
-    o.getattr = _ll_getattr
-    o.setattr = _ll_setattr
-    o.readdir = _ll_readdir
-    o.open = _ll_open
-    o.release = _ll_release
-    o.read = _ll_read
-    o.write = _ll_write
-    o.fallocate = _ll_fallocate
-    o.mknod = _ll_mknod
-    o.mkdir = _ll_mkdir
-    o.unlink = _ll_unlink
-    o.rmdir = _ll_unlink
-    o.symlink = _ll_symlink
-    o.rename = _ll_rename
-    o.link = _ll_link
-    o.create = _ll_create
-    # forget/flush/fsync/opendir/statfs left NULL: libfuse's defaults
-    # (no-op / ENOSYS which the kernel then remembers as "not needed").
-    return o
-
-cdef ll.fuse_lowlevel_ops LL_OPS = _make_ops()
-
-
-# --------------------------------------------------------------------------
-# Session
-# --------------------------------------------------------------------------
 cdef class Session:
-    """One mounted FUSE filesystem.
+    """One mounted FUSE file system, served by the engine's worker threads.
 
-    Session(mountpoint, ops, data_ops=capsule or None, fsname=..., options=(), ...)
-    mounts immediately.  run() serves requests in the calling thread (GIL
-    released) until unmounted; exit() makes run() return; close() frees.
+    Session(mountpoint, ops, data_ops=capsule or None, fsname=..., options=(), ...) mounts at
+    once. run() serves requests until unmounted or exit() (the GIL released meanwhile);
+    exit() makes run() return; close() frees.
     """
-    cdef ll.fuse_session* se
-    cdef session_ctx c
+    cdef session_t s
     cdef readonly object ops
     cdef readonly object data_ops        # the data ops' capsule, kept while mounted
     cdef readonly str mountpoint
-    cdef unsigned max_threads
-    cdef int max_idle_threads            # -1: libfuse default (never reap)
-    cdef object _lock                    # serialises unmount/destroy
+    cdef bint mounted
+    cdef object _lock                    # serialises unmount and close
 
     def __cinit__(self) -> None:
-        self.se = NULL
-        memset(&self.c, 0, sizeof(self.c))
+        memset(&self.s, 0, sizeof(self.s))
+        self.s.fd = -1
+        pthread_mutex_init(&self.s.lock, NULL)
+        pthread_cond_init(&self.s.done, NULL)
 
     def __init__(self, mountpoint: str, ops: object, *, data_ops: object = None,
-                 fsname: str = "zramfs", options: tuple = (),
-                 allow_other: bool = False, max_io: int = 256 << 10,
-                 max_threads: int = 8, max_idle_threads: int | None = None,
-                 max_background: int = 128,
-                 attr_timeout: float = 1.0, entry_timeout: float = 1.0,
-                 debug: bool = False) -> None:
+                 fsname: str = "zramfs", options: tuple = (), allow_other: bool = False,
+                 max_io: int = 256 << 10, max_threads: int = 8, max_background: int = 128,
+                 attr_timeout: float = 1.0, entry_timeout: float = 1.0) -> None:
         self.ops = ops
         self.data_ops = data_ops
         self.mountpoint = mountpoint
-        self.max_threads = max_threads
-        # Reaping idle workers is discouraged by libfuse, and costs us more:
-        # every new thread needs a fresh PyThreadState on its first `with gil`.
-        self.max_idle_threads = -1 if max_idle_threads is None else max_idle_threads
         self._lock = threading.Lock()
-        self.c.owner = <void*> self
-        self.c.max_io = max_io
-        self.c.max_background = max_background
-        self.c.attr_timeout = attr_timeout
-        self.c.entry_timeout = entry_timeout
+        self.s.owner = <void*>self
+        self.s.max_io = max_io
+        self.s.max_background = max_background
+        self.s.attr_timeout = attr_timeout
+        self.s.entry_timeout = entry_timeout
+        # A request: its header, a WRITE's own header, and up to max_write of data.
+        self.s.request_size = max_io + 4096
+        self.s.nr_workers = max_threads
         if data_ops is not None:
-            self.c.dops = <const zramfs_data_ops*> PyCapsule_GetPointer(
+            self.s.dops = <const zramfs_data_ops*>PyCapsule_GetPointer(
                 data_ops, ZRAMFS_DATA_OPS_CAPSULE)
-        opts = ["default_permissions", f"fsname={fsname}", "subtype=zramfs",
-                # must match conn->max_read set in init (libfuse checks)
-                f"max_read={max_io}"]
+        opts = ["default_permissions", f"max_read={max_io}"]
         if allow_other:
             opts.append("allow_other")
         opts.extend(options)
-        argv = ["zramfs", "-o", ",".join(opts)] + (["-d"] if debug else [])
-        self._new_session([a.encode() for a in argv])
-        if ll.fuse_session_mount(self.se, mountpoint.encode()) != 0:
-            ll.fuse_session_destroy(self.se)
-            self.se = NULL
-            raise OSError(_errno.EIO, f"fuse_session_mount({mountpoint!r}) failed")
-
-    cdef _new_session(self, list bargv):
-        cdef ll.fuse_args args
-        cdef char** argv = <char**> malloc((len(bargv) + 1) * sizeof(char*))
-        if argv == NULL:
-            raise MemoryError()
-        for i, a in enumerate(bargv):
-            argv[i] = a                      # bargv keeps the bytes alive
-        argv[len(bargv)] = NULL
-        args.argc = len(bargv)
-        args.argv = argv
-        args.allocated = 0
-        self.se = ll.fuse_session_new(&args, &LL_OPS, sizeof(LL_OPS), &self.c)
-        ll.fuse_opt_free_args(&args)         # frees only libfuse's copy
-        free(argv)
-        if self.se == NULL:
-            raise OSError(_errno.EINVAL, "fuse_session_new failed (see stderr)")
+        self.s.fd = _mount(mountpoint, fsname, opts)
+        self.mounted = True
 
     def run(self) -> int:
-        """Serve requests until unmounted/exit(); GIL released meanwhile.
-
-        Returns libfuse's result (0 on normal unmount, -errno on error).
-        Call from a non-main thread if you need Python signal handlers."""
-        if self.se == NULL:
+        """Serves requests until unmounted or exit(); the GIL released meanwhile. 0."""
+        cdef session_t* s = &self.s
+        cdef int i, rc = 0
+        cdef timespec deadline
+        if s.fd < 0:
             raise RuntimeError("session closed")
-        cdef ll.fuse_loop_config* cfg = ll.fuse_loop_cfg_create()
-        cdef int rc
-        if cfg == NULL:
+        s.workers = <worker_t*>calloc(s.nr_workers, sizeof(worker_t))
+        if s.workers == NULL:
             raise MemoryError()
-        # max_threads: on 2 cores, 16 workers mostly woke to find the request taken or waited
-        # for a CPU; 4 cost fewer context switches per op (0.5 against 0.7 with 16, fio 4K
-        # QD32x2), at the same IOPS. 8: a long attribute write (writeback, recompress, a
-        # reset draining) holds its worker until done, and a few at once must not leave
-        # device I/O, swap among it, without workers.
-        # clone_fd: each worker reads its own /dev/fuse fd (no thundering
-        # herd, and the session fd may be closed by unmount while running).
-        ll.fuse_loop_cfg_set_clone_fd(cfg, 1)
-        ll.fuse_loop_cfg_set_max_threads(cfg, self.max_threads)
-        if self.max_idle_threads >= 0:
-            ll.fuse_loop_cfg_set_idle_threads(cfg, self.max_idle_threads)
         with nogil:
-            rc = ll.fuse_session_loop_mt(self.se, cfg)
-        ll.fuse_loop_cfg_destroy(cfg)
+            for i in range(s.nr_workers):
+                s.workers[i].session = s
+                s.workers[i].request = <char*>malloc(s.request_size)
+                s.workers[i].scratch = <char*>malloc(s.max_io)
+                if s.workers[i].request == NULL or s.workers[i].scratch == NULL:
+                    rc = -ENOMEM
+                    break
+                pthread_mutex_lock(&s.lock)
+                s.running += 1
+                pthread_mutex_unlock(&s.lock)
+                if zram_thread_start_stack(&s.workers[i].thread, _worker_main, &s.workers[i],
+                                           WORKER_STACK) != 0:
+                    pthread_mutex_lock(&s.lock)
+                    s.running -= 1
+                    pthread_mutex_unlock(&s.lock)
+                    rc = -ENOMEM
+                    break
+                s.workers[i].started = True
+            if rc != 0:
+                za_store(&s.stopping, 1)
+            # Until every worker has ended (the connection is gone), or exit() was asked and
+            # a grace period passed: workers still waiting in read(2) are then cancelled.
+            pthread_mutex_lock(&s.lock)
+            while s.running and not za_load(&s.stopping):
+                fe_timedwait(&s.done, &s.lock, _after(&deadline, 1000))
+            if s.running:
+                _after(&deadline, EXIT_GRACE_MS)
+                while s.running and fe_timedwait(&s.done, &s.lock, &deadline) == 0:
+                    pass
+            pthread_mutex_unlock(&s.lock)
+            for i in range(s.nr_workers):
+                if s.workers[i].started:
+                    pthread_cancel(s.workers[i].thread)     # a no-op for one that ended
+                    pthread_join(s.workers[i].thread, NULL)
+                free(s.workers[i].request)
+                free(s.workers[i].scratch)
+        free(s.workers)
+        s.workers = NULL
         return rc
 
-    def exit(self, unmount: bool = True) -> None:
-        """Make run() return: flag exit, then lazily unmount.
-
-        fuse_session_exit() alone (unmount=False) only sets a flag: idle
-        workers sit in read() on /dev/fuse and notice it only after the next
-        request arrives.  The detach unmount makes the kernel destroy the
-        connection (once no file is open), which fails those reads with
-        ENODEV.  Safe from any thread (even a FUSE handler): nothing here
-        waits for requests to finish."""
-        cdef bint do_unmount = unmount
-        with self._lock:
-            if self.se == NULL:
-                return
-            with nogil:
-                ll.fuse_session_exit(self.se)
-                if do_unmount:
-                    ll.fuse_session_unmount(self.se)
+    def exit(self) -> None:
+        """Makes run() return: flags the exit and unmounts lazily, so waiting workers see the
+        connection end (or are cancelled after a grace period, where open files keep it).
+        Safe from any thread, a handler's too: nothing here waits for requests."""
+        za_store(&self.s.stopping, 1)
+        self.unmount()
 
     def unmount(self) -> None:
-        """Lazy unmount without setting the exit flag (run() returns when the
-        kernel closes the connection, i.e. after the last open file closes)."""
+        """Lazy unmount, without the exit flag: run() returns once the kernel ends the
+        connection, after the last open file closes."""
         with self._lock:
-            if self.se != NULL:
-                with nogil:
-                    ll.fuse_session_unmount(self.se)
+            if self.mounted:
+                self.mounted = False
+                _unmount(self.mountpoint)
 
     def close(self) -> None:
-        """Unmount (if still mounted) and free the session.  run() must have
-        returned; after this no callback can reference this object."""
-        with self._lock:
-            if self.se != NULL:
-                with nogil:
-                    ll.fuse_session_unmount(self.se)
-                    ll.fuse_session_destroy(self.se)
-                self.se = NULL
+        """Unmounts (if still mounted) and closes the connection. run() must have returned."""
+        self.unmount()
+        if self.s.fd >= 0:
+            close(self.s.fd)
+            self.s.fd = -1
 
     def stats(self) -> dict:
-        """Snapshot of data-path counters (relaxed atomics)."""
-        cdef stats_t* s = &self.c.st
+        """Data-path counters (relaxed atomics)."""
+        cdef stats_t* s = &self.s.st
         return {
             "data_reads": za_load(&s.data_reads),
             "data_writes": za_load(&s.data_writes),
@@ -770,13 +871,25 @@ cdef class Session:
             "bytes_written": za_load(&s.bytes_written),
             "max_read_size": za_load(&s.max_read_size),
             "max_write_size": za_load(&s.max_write_size),
-            "falloc_modes": [m for m in range(64)
-                             if za_load(&s.falloc_mode_mask) >> m & 1],
+            "falloc_modes": [m for m in range(64) if za_load(&s.falloc_mode_mask) >> m & 1],
             "data_ops_with_gil": za_load(&s.data_ops_with_gil),
             "py_calls": s.py_calls,
+            "flags": self.s.flags,
         }
 
     def __dealloc__(self) -> None:
-        if self.se != NULL:
-            ll.fuse_session_unmount(self.se)
-            ll.fuse_session_destroy(self.se)
+        if self.s.fd >= 0:
+            close(self.s.fd)
+        pthread_cond_destroy(&self.s.done)
+        pthread_mutex_destroy(&self.s.lock)
+
+
+cdef timespec* _after(timespec* t, long ms) noexcept nogil:
+    """`t` set to `ms` milliseconds from now, on CLOCK_REALTIME."""
+    clock_gettime(CLOCK_REALTIME, t)
+    t.tv_sec += ms // 1000
+    t.tv_nsec += (ms % 1000) * 1000000
+    if t.tv_nsec >= 1000000000:
+        t.tv_sec += 1
+        t.tv_nsec -= 1000000000
+    return t

@@ -1,8 +1,8 @@
 """The daemon: mounts the tree, sets up the configured devices and their uses (swap, file
 systems), serves until SIGTERM/SIGINT or an unmount, and undoes it all in reverse.
 
-trio owns the daemon. libfuse's multi-threaded loop runs in a thread of its own; its workers
-answer device-file I/O in C and hand every other request to the trio thread through a
+trio owns the daemon. The FUSE engine's loop (zramfs._fuse) runs in a thread of its own; its
+workers answer device-file I/O in C and hand every other request to the trio thread through a
 `TrioBridge`, so the tree and the devices are only ever touched between two awaits there.
 Commands that open device files (losetup, mkswap, swapoff...) run in worker threads, so the
 trio thread stays free to answer their OPENs.
@@ -13,7 +13,7 @@ holds a device open (swap, a mount, a process: logged by name and pid), the daem
 serving and waits for them to let go, as the kernel refuses to reset a device in use (EBUSY);
 only `--force-after SECONDS` stops that wait. Then the devices are detached and drained
 (requests in flight finish, new ones get EIO) and freed; the bridge refuses new control
-requests; the tree is unmounted lazily; libfuse's loop is woken and the session closed.
+requests; the tree is unmounted lazily; the engine's loop ends and the session is closed.
 
 Nothing on the trio thread may wait on something that may need the tree: a path a user gives
 could lie inside it, and this thread answers for it. Such work runs in worker threads; a guard
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MOUNTPOINT = Path("/run/zramfs")
 PAGE = 4096
 BUDGET_POLL = 2.0         # seconds between looks at the memory budget
-WAKE_AFTER = 0.5          # seconds to let libfuse's loop end by itself before waking it
 
 
 PR_SET_IO_FLUSHER = 57
@@ -77,11 +76,11 @@ class DaemonError(Exception):
 
 
 class TrioBridge:
-    """`bridge.<op>(*args)`, called in a libfuse worker, runs `handler.<op>(*args)` on the
+    """`bridge.<op>(*args)`, called in a FUSE worker thread, runs `handler.<op>(*args)` on the
     trio thread and waits for it (blocking a worker is fine; it waits without the GIL).
 
     After `close()` new calls fail at once with ESHUTDOWN and async handlers in flight are
-    cancelled, so libfuse's loop, which waits for its workers, can never wait on trio.
+    cancelled, so the engine's loop, which waits for its workers, can never wait on trio.
     """
 
     def __init__(self, handler: object, token: trio.lowlevel.TrioToken) -> None:
@@ -236,23 +235,6 @@ def _check_mountpoint(mountpoint: Path) -> None:
         raise DaemonError(f"{mountpoint} is already a mount point")
 
 
-def _wake(mountpoint: Path) -> int | None:
-    """An O_PATH descriptor on the mounted root, to wake libfuse's loop after unmount."""
-    try:
-        return os.open(mountpoint, os.O_PATH | os.O_DIRECTORY)
-    except OSError:
-        return None
-
-
-def _poke(fd: int) -> None:
-    # A GETATTR that a worker receives, sees the exit flag and stops on; it is answered
-    # (ECONNABORTED) once the session is closed.
-    try:
-        os.fstat(fd)
-    except OSError:
-        pass
-
-
 async def serve(opts: Options,
                 task_status: trio.TaskStatus[Tree] = trio.TASK_STATUS_IGNORED) -> None:
     """Runs the daemon until a signal or an unmount from outside."""
@@ -402,17 +384,9 @@ async def _shutdown(opts: Options, session: _fuse.Session, bridge: TrioBridge,
             log.error("%s", e)
     await _wait_for_holders(opts, devices)
     await devices.remove_all()
-    fd = None if loop_done.is_set() else await trio.to_thread.run_sync(_wake, opts.mountpoint)
     bridge.close()
-    await trio.to_thread.run_sync(session.exit)
-    with trio.move_on_after(WAKE_AFTER):
-        await loop_done.wait()
-    if not loop_done.is_set() and fd is not None:
-        threading.Thread(target=_poke, args=(fd,), daemon=True).start()
+    await trio.to_thread.run_sync(session.exit)     # the engine's loop ends by itself
     await loop_done.wait()
-    if fd is not None:
-        session.close()       # answers the poke, so the descriptor can go
-        os.close(fd)
 
 
 async def _wait_for_holders(opts: Options, devices: Devices) -> None:

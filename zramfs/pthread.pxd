@@ -22,3 +22,6 @@ cdef extern from "<pthread.h>" nogil:
 cdef extern from "threads.h" nogil:
     # A data-path thread: signals blocked, small stack. 0 or an errno.
     int zram_thread_start(pthread_t* t, void* (*fn)(void*) noexcept nogil, void* arg)
+    # The same with a stack of `stack` bytes (the FUSE workers run Python handlers).
+    int zram_thread_start_stack(pthread_t* t, void* (*fn)(void*) noexcept nogil, void* arg,
+                                size_t stack)

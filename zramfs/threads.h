@@ -6,17 +6,21 @@
 #include <pthread.h>
 #include <signal.h>
 
-static int zram_thread_start(pthread_t* t, void* (*fn)(void*), void* arg) {
+static int zram_thread_start_stack(pthread_t* t, void* (*fn)(void*), void* arg,
+                                   size_t stack) {
     pthread_attr_t attr;
     sigset_t all, old;
     int rc;
     pthread_attr_init(&attr);
-    pthread_attr_setstacksize(&attr, 512 * 1024);
+    pthread_attr_setstacksize(&attr, stack);
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
     rc = pthread_create(t, &attr, fn, arg);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     pthread_attr_destroy(&attr);
     return rc;
+}
+static int zram_thread_start(pthread_t* t, void* (*fn)(void*), void* arg) {
+    return zram_thread_start_stack(t, fn, arg, 512 * 1024);
 }
 #endif
