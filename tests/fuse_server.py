@@ -1,4 +1,4 @@
-"""A small server on the project's FUSE binding, for tests of the binding itself:
+"""A small server on the project's FUSE engine, for tests of the engine itself:
 
     python tests/fuse_server.py MOUNTPOINT
 
@@ -6,6 +6,8 @@
     fail    reading it raises ValueError in the handler
     hog     reading it holds the GIL for 2 s (a Python busy loop, switch interval raised)
     stats   the session's counters, JSON
+    big     its handler answers a read with twice what was asked
+    slow    reading it takes 2 s, the GIL released (a request to interrupt)
 
 Serves until SIGTERM.
 """
@@ -22,8 +24,8 @@ import time
 
 from zramfs import _fuse, _zram
 
-ROOT, DISK, FAIL, HOG, STATS = range(1, 6)
-FILES = {"disk": DISK, "fail": FAIL, "hog": HOG, "stats": STATS}
+ROOT, DISK, FAIL, HOG, STATS, BIG, SLOW = range(1, 8)
+FILES = {"disk": DISK, "fail": FAIL, "hog": HOG, "stats": STATS, "big": BIG, "slow": SLOW}
 
 
 class Ops:
@@ -51,7 +53,7 @@ class Ops:
 
     def open(self, ino: int, flags: int) -> _fuse.OpenReply:
         if ino == DISK:
-            return _fuse.OpenReply(self.disk.address, data=True)
+            return _fuse.OpenReply(self.disk.handle, data=True)
         return _fuse.OpenReply(ino)
 
     def read(self, ino: int, fh: int, size: int, off: int) -> bytes:
@@ -64,12 +66,17 @@ class Ops:
                 pass
             sys.setswitchinterval(0.005)
             return b"done\n"[off:]
+        if ino == BIG:
+            return b"x" * (2 * size)
+        if ino == SLOW:
+            time.sleep(2)
+            return b"slow\n"[off:]
         return (json.dumps(self.session.stats()) + "\n").encode()[off : off + size]
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO)
-    disk = _zram.Disk()
+    disk = _zram.Disk(0)
     disk.attach(_zram.Meta(64 << 20, "lz4", name="fuse-test"))
     ops = Ops(disk)
     session = _fuse.Session(sys.argv[1], ops, data_ops=_zram.data_ops_capsule(),

@@ -1,4 +1,4 @@
-"""The FUSE binding itself (zramfs._fuse) on a real mount, with the real data path."""
+"""The FUSE engine itself (zramfs._fuse) on a real mount, with the real data path."""
 from __future__ import annotations
 
 import errno
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, is_mounted, requires_fuse, run, stop_daemon
+from conftest import ROOT, Daemon, is_mounted, requires_fuse, run, stop_daemon
 
 pytestmark = requires_fuse
 
@@ -57,7 +57,7 @@ def test_handler_exception_is_eio_and_the_mount_lives(server: Path, tmp_path: Pa
             (server / "fail").read_bytes()
         assert e.value.errno == errno.EIO
     assert "ValueError: a bug in a handler" in (tmp_path / "server.log").read_text()
-    assert sorted(os.listdir(server)) == ["disk", "fail", "hog", "stats"]
+    assert sorted(os.listdir(server)) == ["big", "disk", "fail", "hog", "slow", "stats"]
     with open(server / "disk", "r+b") as f:
         f.write(b"still here")
         f.seek(0)
@@ -112,3 +112,104 @@ def test_fusermount_u_ends_the_server(served: tuple[Path, subprocess.Popen],
     run("fusermount3", "-u", str(mnt))
     assert not is_mounted(mnt)
     assert proc.wait(timeout=10) == 0, (tmp_path / "server.log").read_text()
+
+
+# --- the protocol's edge cases, against the real kernel --------------------------------------
+
+INTERRUPTED_READ = """
+import signal, sys
+signal.signal(signal.SIGALRM, lambda *_: None)
+signal.setitimer(signal.ITIMER_REAL, 0.3)
+try:
+    print(open(sys.argv[1]).read().strip())
+except OSError as e:
+    print("errno", e.errno)
+"""
+
+
+def test_a_request_interrupted_by_a_signal(served: tuple[Path, subprocess.Popen],
+                                           tmp_path: Path) -> None:
+    """A reader waiting on a slow handler gets a signal: the kernel sends INTERRUPT, which the
+    engine takes without an answer; the read ends (with its data, or EINTR), the server lives
+    and goes on serving, and nothing was logged as a failure."""
+    mnt, proc = served
+    out = run(sys.executable, "-c", INTERRUPTED_READ, str(mnt / "slow"), timeout=30).stdout
+    assert out.strip() in ("slow", f"errno {errno.EINTR}"), out
+    assert proc.poll() is None
+    assert (mnt / "big").stat().st_size == 4096 and stats(mnt)["data_ops_with_gil"] == 0
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+def test_a_reply_larger_than_asked_is_cut_to_the_request(server: Path) -> None:
+    """A handler that answers with more than the kernel asked for: the engine sends only what
+    fits the kernel's buffer (a longer reply would be refused), so reads see exactly what
+    they asked for, and the mount lives."""
+    fd = os.open(server / "big", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 100, 0) == b"x" * 100
+        assert os.pread(fd, 4096, 0) == b"x" * 4096
+    finally:
+        os.close(fd)
+    assert (server / "stats").read_text()
+
+
+def test_forget_storms_and_a_large_readdir(daemon: Daemon) -> None:
+    """Two hundred devices: one directory listing takes several READDIRs of the kernel's
+    buffer; stat of every attribute, then the kernel's inodes dropped (BATCH_FORGETs by the
+    thousand); the tree answers as before, and every device is removed again."""
+    names = [daemon.hot_add() for _ in range(200)]
+    try:
+        listed = os.listdir(daemon.mnt / "sys/block")
+        assert sorted(listed) == sorted(names)
+        for name in names:
+            for attr in os.listdir(daemon.mnt / "sys/block" / name):
+                os.stat(daemon.mnt / "sys/block" / name / attr)
+        Path("/proc/sys/vm/drop_caches").write_text("2")      # inodes: forgets come now
+        assert sorted(os.listdir(daemon.mnt / "dev")) == sorted(names)
+        assert daemon.read(names[-1], "initstate") == "0\n"
+    finally:
+        for name in names:
+            daemon.hot_remove(name)
+    assert os.listdir(daemon.mnt / "dev") == []
+
+
+REWRITER = """
+import mmap, os, sys
+buf = mmap.mmap(-1, 1 << 20)
+buf[:] = os.urandom(1 << 20)
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_DIRECT)
+for i in range(2048):
+    assert os.pwritev(fd, [buf], (i % 64) << 20) == 1 << 20
+os.close(fd)
+"""
+
+
+@pytest.mark.parametrize("how", [["fusermount3", "-u"], ["umount", "-l"]])
+def test_unmount_while_requests_are_in_flight(served: tuple[Path, subprocess.Popen],
+                                              tmp_path: Path, how: list[str]) -> None:
+    """An unmount from outside while a writer streams to a device file. fusermount3 -u is
+    refused while the file is open (EBUSY) and the writer goes on; umount -l detaches the
+    tree at once, the open file keeps being served until the writer is done, and then the
+    server ends by itself, cleanly."""
+    mnt, proc = served
+    # 64 MiB over and over: a few seconds of writes in flight.
+    writer = subprocess.Popen([sys.executable, "-c", REWRITER, str(mnt / "disk")],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        assert writer.poll() is None, "the writer ended before the unmount"
+        done = run(*how, str(mnt), check=False)
+        if how[0] == "fusermount3":
+            assert done.returncode != 0 and is_mounted(mnt)
+        else:
+            assert done.returncode == 0 and not is_mounted(mnt)
+        _, err = writer.communicate(timeout=60)
+        assert writer.returncode == 0, err
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.communicate()
+    if how[0] == "umount":
+        assert proc.wait(timeout=10) == 0, (tmp_path / "server.log").read_text()
+    else:
+        assert proc.poll() is None

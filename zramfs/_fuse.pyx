@@ -559,8 +559,10 @@ cdef void _py_request(session_t* s, fuse_in_header* h, char* arg, size_t arglen,
             err = ENOSYS
         elif op == FUSE_LOOKUP:
             memset(&eo, 0, sizeof(eo))
-            _fill_attr(&eo.attr, fn(h.nodeid, _name(arg, arglen)))
+            a = fn(h.nodeid, _name(arg, arglen))
+            _fill_attr(&eo.attr, a)
             eo.nodeid = eo.attr.ino
+            eo.generation = getattr(a, "generation", 0)
             _split(s.entry_timeout, &eo.entry_valid, &eo.entry_valid_nsec)
             _split(s.attr_timeout, &eo.attr_valid, &eo.attr_valid_nsec)
             out, outlen = <const char*>&eo, sizeof(eo)
@@ -713,11 +715,15 @@ def _unmount(mountpoint: str) -> None:
 # --- Python faces ----------------------------------------------------------------------------
 
 class Attr:
-    """Inode attributes returned by lookup/getattr/setattr."""
-    __slots__ = ("st_ino", "st_mode", "st_nlink", "st_size", "st_uid", "st_gid", "st_mtime")
+    """Inode attributes returned by lookup/getattr/setattr. `generation` tells a reused inode
+    number from the node that had it before: the kernel drops its old inode when it changes."""
+    __slots__ = ("st_ino", "st_mode", "st_nlink", "st_size", "st_uid", "st_gid", "st_mtime",
+                 "generation")
 
     def __init__(self, st_ino: int, st_mode: int, st_size: int = 0, *, st_nlink: int = 1,
-                 st_uid: int = 0, st_gid: int = 0, st_mtime: float = 0.0) -> None:
+                 st_uid: int = 0, st_gid: int = 0, st_mtime: float = 0.0,
+                 generation: int = 0) -> None:
+        self.generation = generation
         self.st_ino = st_ino
         self.st_mode = st_mode
         self.st_size = st_size

@@ -63,6 +63,8 @@ cdef struct zram:
 
 ctypedef struct zdisk:
     int64_t state          # ZRAM_LIVE | references held on the meta
+    uint32_t id            # the device's id, and which device of that id this is
+    uint32_t generation    # (atomic; set before the disk goes live)
     zram* meta             # NULL while the device is not initialised
     size_t gone            # 1: the device is removed, its file fails with EIO (atomic)
     # the block layer's stat file: lives as long as the disk, across resets
@@ -70,10 +72,14 @@ ctypedef struct zdisk:
     size_t sectors[3]
     size_t ticks_ns[3]
 
-# The FUSE layer's entry points.
-cdef ssize_t zdisk_read(zdisk* disk, char* buf, size_t size, off_t off) noexcept nogil
-cdef ssize_t zdisk_write(zdisk* disk, const char* buf, size_t size, off_t off) noexcept nogil
-cdef int zdisk_fallocate(zdisk* disk, int mode, off_t off, off_t length) noexcept nogil
+# The FUSE layer's entry points. `generation`: the device the caller means (0: whichever);
+# a disk since reused for a newer device of the same id answers EIO.
+cdef ssize_t zdisk_read(zdisk* disk, uint32_t generation, char* buf, size_t size,
+                        off_t off) noexcept nogil
+cdef ssize_t zdisk_write(zdisk* disk, uint32_t generation, const char* buf, size_t size,
+                         off_t off) noexcept nogil
+cdef int zdisk_fallocate(zdisk* disk, uint32_t generation, int mode, off_t off,
+                         off_t length) noexcept nogil
 
 # The slot API, for tiering. Each takes the slot's lock held (zram_slot_lock) unless it says
 # otherwise, and a reference on the meta.
@@ -97,4 +103,5 @@ cdef class Meta:
 
 cdef class Disk:
     cdef zdisk* disk
+    cdef bint private             # not a device's: freed with this object
     cdef readonly Meta meta

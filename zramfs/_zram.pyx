@@ -61,6 +61,10 @@ cdef extern from *:
         clock_gettime(CLOCK_MONOTONIC_COARSE, &t);
         return (uint32_t)t.tv_sec;
     }
+    #define ZA_LOADP(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+    #define ZA_STOREP(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+    #define za_load32(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+    #define za_store32(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
     static inline uint64_t zram_now_ns(void) {
         struct timespec t;
         clock_gettime(CLOCK_MONOTONIC, &t);
@@ -69,6 +73,10 @@ cdef extern from *:
     """
     uint32_t zram_now_s() nogil
     uint64_t zram_now_ns() nogil
+    zdisk* ZA_LOADP(zdisk** p) nogil
+    void ZA_STOREP(zdisk** p, zdisk* v) nogil
+    uint32_t za_load32(uint32_t* p) nogil
+    void za_store32(uint32_t* p, uint32_t v) nogil
     int FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
     size_t SIZE_MAX
 
@@ -301,14 +309,29 @@ cdef inline void _account(zdisk* d, int kind, size_t nbytes, uint64_t started) n
     za_add(&d.ticks_ns[kind], zram_now_ns() - started)
 
 
-cdef ssize_t zdisk_read(zdisk* d, char* buf, size_t size, off_t off) noexcept nogil:
+cdef inline int _get(zdisk* d, uint32_t generation) noexcept nogil:
+    """A reference on the disk's meta, for the device `generation` names: 1; 0 where the disk
+    is not live; -1 where it now serves a newer device of its id (the caller's is gone)."""
+    if generation and za_load32(&d.generation) != generation:
+        return -1
+    if not zram_get(&d.state):
+        return 0
+    if generation and za_load32(&d.generation) != generation:
+        zram_put(&d.state)            # reused between the two looks: not the caller's device
+        return -1
+    return 1
+
+
+cdef ssize_t zdisk_read(zdisk* d, uint32_t generation, char* buf, size_t size,
+                        off_t off) noexcept nogil:
     """Reads up to `size` bytes at `off`; short at the end of the device."""
     cdef uint64_t started = zram_now_ns()
     cdef zram* m
     cdef zstream* st
     cdef size_t bad = SIZE_MAX
-    if not zram_get(&d.state):
-        return 0 if _uninitialised(d) else -EIO         # size 0: end of file at once
+    cdef int got = _get(d, generation)
+    if got <= 0:
+        return 0 if got == 0 and _uninitialised(d) else -EIO   # size 0: end of file at once
     m = d.meta
     if off < 0 or <size_t>off >= _disk_bytes(m):
         zram_put(&d.state)
@@ -325,15 +348,17 @@ cdef ssize_t zdisk_read(zdisk* d, char* buf, size_t size, off_t off) noexcept no
     return -EIO if bad != SIZE_MAX else <ssize_t>size
 
 
-cdef ssize_t zdisk_write(zdisk* d, const char* buf, size_t size, off_t off) noexcept nogil:
+cdef ssize_t zdisk_write(zdisk* d, uint32_t generation, const char* buf, size_t size,
+                         off_t off) noexcept nogil:
     """Writes `size` bytes at `off`; ENOSPC at or past the end, short up to it, and short up
     to the first page that failed (EIO if that is the first)."""
     cdef uint64_t started = zram_now_ns()
     cdef zram* m
     cdef zstream* st
     cdef size_t bad = SIZE_MAX, done
-    if not zram_get(&d.state):
-        return -ENOSPC if _uninitialised(d) else -EIO   # size 0: no room at all
+    cdef int got = _get(d, generation)
+    if got <= 0:
+        return -ENOSPC if got == 0 and _uninitialised(d) else -EIO   # size 0: no room
     m = d.meta
     if off < 0 or <size_t>off >= _disk_bytes(m):
         za_add(&m.invalid_io, 1)
@@ -355,7 +380,8 @@ cdef ssize_t zdisk_write(zdisk* d, const char* buf, size_t size, off_t off) noex
     return <ssize_t>done
 
 
-cdef int zdisk_fallocate(zdisk* d, int mode, off_t off, off_t length) noexcept nogil:
+cdef int zdisk_fallocate(zdisk* d, uint32_t generation, int mode, off_t off,
+                         off_t length) noexcept nogil:
     """Discard (PUNCH_HOLE) and write-zeroes (ZERO_RANGE), both with KEEP_SIZE: whole pages
     are freed, the partial pages at either end zeroed."""
     cdef uint64_t started = zram_now_ns()
@@ -367,10 +393,12 @@ cdef int zdisk_fallocate(zdisk* d, int mode, off_t off, off_t length) noexcept n
     if mode != (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) and \
             mode != (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE):
         return -EOPNOTSUPP
+    cdef int got
     if off < 0 or length <= 0:
         return -EINVAL
-    if not zram_get(&d.state):
-        return -EINVAL if _uninitialised(d) else -EIO   # past the end of a size-0 device
+    got = _get(d, generation)
+    if got <= 0:                                        # past the end of a size-0 device
+        return -EINVAL if got == 0 and _uninitialised(d) else -EIO
     m = d.meta
     pos = <size_t>off
     end = min(<size_t>off + <size_t>length, _disk_bytes(m))
@@ -404,21 +432,47 @@ cdef int zdisk_fallocate(zdisk* d, int mode, off_t off, off_t length) noexcept n
     return -EIO if rc else 0
 
 
-# --- the FUSE layer's data ops: a device file's handle is its zdisk* ----------------------------
+# --- the FUSE layer's data ops: a device file's handle names its device --------------------------
+#
+# A handle is (generation << 32) | id: it means the same device to any daemon that serves the
+# connection later, and a handle of a removed device never reaches one that got its id since.
+# The disks are kept by id and never freed, so a request may always look its one up.
+
+cdef enum:
+    MAX_DISKS = 1 << 16
+
+cdef zdisk* _disks[MAX_DISKS]
+
+
+cdef inline zdisk* _disk_of(uint64_t fh) noexcept nogil:
+    cdef size_t id = <uint32_t>fh
+    if id >= MAX_DISKS:
+        return NULL
+    return ZA_LOADP(&_disks[id])
+
 
 cdef ssize_t _dops_read(void* ctx, uint64_t fh, char* buf, size_t size,
                         uint64_t off) noexcept nogil:
-    return zdisk_read(<zdisk*>fh, buf, size, <off_t>off)
+    cdef zdisk* d = _disk_of(fh)
+    if d == NULL:
+        return -EIO
+    return zdisk_read(d, <uint32_t>(fh >> 32), buf, size, <off_t>off)
 
 
 cdef ssize_t _dops_write(void* ctx, uint64_t fh, const char* buf, size_t size,
                          uint64_t off) noexcept nogil:
-    return zdisk_write(<zdisk*>fh, buf, size, <off_t>off)
+    cdef zdisk* d = _disk_of(fh)
+    if d == NULL:
+        return -EIO
+    return zdisk_write(d, <uint32_t>(fh >> 32), buf, size, <off_t>off)
 
 
 cdef int _dops_fallocate(void* ctx, uint64_t fh, int mode, uint64_t off,
                          uint64_t length) noexcept nogil:
-    return zdisk_fallocate(<zdisk*>fh, mode, <off_t>off, <off_t>length)
+    cdef zdisk* d = _disk_of(fh)
+    if d == NULL:
+        return -EIO
+    return zdisk_fallocate(d, <uint32_t>(fh >> 32), mode, <off_t>off, <off_t>length)
 
 
 cdef zramfs_data_ops DATA_OPS = zramfs_data_ops(
@@ -426,7 +480,7 @@ cdef zramfs_data_ops DATA_OPS = zramfs_data_ops(
 
 
 def data_ops_capsule() -> object:
-    """The data ops, for _fuse.Session(data_ops=...): file handles are `Disk.address`."""
+    """The data ops, for _fuse.Session(data_ops=...): file handles are `Disk.handle`."""
     return PyCapsule_New(&DATA_OPS, ZRAMFS_DATA_OPS_CAPSULE, NULL)
 
 
@@ -593,18 +647,44 @@ cdef class Disk:
     through `call`, holding a reference as a request does, so reset waits for it too.
     """
 
-    def __cinit__(self):
-        self.disk = <zdisk*>calloc(1, sizeof(zdisk))
-        if self.disk == NULL:
-            raise MemoryError()
+    def __cinit__(self, dev_id=None, int generation=1):
+        """The disk of device `dev_id`, the `generation`-th device with that id. The zdisk is
+        kept for the id's next devices, never freed: a request with an old handle may still
+        look it up (and gets EIO). Without an id, a disk of its own, which no handle reaches
+        (for tests and tools that call it directly)."""
+        cdef zdisk* d
+        if dev_id is None:
+            self.disk = <zdisk*>calloc(1, sizeof(zdisk))
+            self.private = True
+            if self.disk == NULL:
+                raise MemoryError()
+            return
+        if not 0 <= dev_id < MAX_DISKS or generation < 1:
+            raise ValueError(f"no disk {dev_id} of generation {generation}")
+        d = _disks[dev_id]
+        if d == NULL:
+            d = <zdisk*>calloc(1, sizeof(zdisk))
+            if d == NULL:
+                raise MemoryError()
+        elif za_load64(&d.state) != 0:
+            raise RuntimeError(f"disk {dev_id} is still in use")
+        else:
+            memset(d, 0, sizeof(zdisk))     # the device before it was removed and drained
+        d.id = dev_id
+        za_store32(&d.generation, generation)
+        ZA_STOREP(&_disks[dev_id], d)
+        self.disk = d
 
     def __dealloc__(self):
-        free(self.disk)
+        if self.private:
+            free(self.disk)
 
     @property
-    def address(self) -> int:
-        """The zdisk*, for the FUSE layer's file handles."""
-        return <size_t>self.disk
+    def handle(self) -> int:
+        """What the FUSE layer's file handles carry: this device's generation and id."""
+        if self.private:
+            raise ValueError("a disk without an id has no handle")
+        return (<uint64_t>self.disk.generation << 32) | self.disk.id
 
     def attach(self, Meta meta) -> None:
         if self.meta is not None:
@@ -667,7 +747,7 @@ cdef class Disk:
         out = PyBytes_FromStringAndSize(NULL, size)
         cdef char* buf = PyBytes_AS_STRING(out)
         with nogil:
-            n = zdisk_read(self.disk, buf, size, off)
+            n = zdisk_read(self.disk, 0, buf, size, off)
         if n < 0:
             raise OSError(-n, f"read of {size} bytes at {off}")
         return out[:n]
@@ -678,7 +758,7 @@ cdef class Disk:
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             with nogil:
-                n = zdisk_write(self.disk, <const char*>view.buf, view.len, off)
+                n = zdisk_write(self.disk, 0, <const char*>view.buf, view.len, off)
         finally:
             PyBuffer_Release(&view)
         if n < 0:
@@ -688,6 +768,6 @@ cdef class Disk:
     def fallocate(self, int mode, off_t off, off_t length) -> None:
         cdef int rc
         with nogil:
-            rc = zdisk_fallocate(self.disk, mode, off, length)
+            rc = zdisk_fallocate(self.disk, 0, mode, off, length)
         if rc < 0:
             raise OSError(-rc, f"fallocate mode {mode:#x} of {length} bytes at {off}")

@@ -8,8 +8,15 @@ the device files' data (that runs in C, see _fuse.pyx).
     sys/kernel/debug/zsmalloc/<pool>/classes   the allocator's classes, as zsmalloc's debugfs
 
 The handlers run on the trio thread (the FUSE layer hands them over), so the tree and the
-devices change only between awaits. Inode numbers are never reused, so a kernel that still
-holds a removed device's inode gets ENOENT, not another device.
+devices change only between awaits.
+
+Inode numbers are derived from the tree's structure, never from a counter, so that any daemon
+serving the same connection later (a restarted one) gives every path the number the kernel
+already knows: the fixed directories and files have fixed numbers; device N's nodes are
+(N + 1) << 16 plus the node's place (its file, its directory, then its attributes in the order
+ATTRIBUTES lists them, which only ever grows at its end). A device's nodes carry its
+generation, so a kernel that still holds a removed device's inode treats it as stale when a
+new device gets the same id, instead of reaching the new device through it.
 """
 from __future__ import annotations
 
@@ -27,6 +34,8 @@ from zramfs.device import ATTRIBUTES, Device, Devices, fail
 log = logging.getLogger(__name__)
 
 ROOT_INO = 1
+DEVICE_SHIFT = 16                  # device N's inodes: (N + 1) << 16 | place
+POOL_PLACE = 0x8000                # device N's k-th debugfs pool: POOL_PLACE + 2k (+1 classes)
 ATTR_FILE_SIZE = 4096          # what sysfs reports for every attribute
 
 
@@ -46,6 +55,7 @@ class Node:
     ino: int
     name: str
     mode: int
+    generation: int = 0         # the device's, for a device's nodes
     parent: Node | None = None
     children: dict[str, Node] = field(default_factory=dict)
     device: Device | None = None
@@ -68,29 +78,31 @@ class Tree:
 
     def __init__(self, devices: Devices) -> None:
         self.devices = devices
-        self._inos = itertools.count(ROOT_INO)
         self._fhs = itertools.count(1)
         self.nodes: dict[int, Node] = {}
         self.handles: dict[int, Handle] = {}
-        self.root = self._add(None, "", stat.S_IFDIR | 0o755)
-        self.dev_dir = self._add(self.root, "dev", stat.S_IFDIR | 0o755)
-        sys_dir = self._add(self.root, "sys", stat.S_IFDIR | 0o755)
-        control = self._add(self._add(sys_dir, "class", stat.S_IFDIR | 0o755), "zram-control",
-                            stat.S_IFDIR | 0o755)
-        self._add(control, "hot_add", stat.S_IFREG | 0o400, attr="hot_add")
-        self._add(control, "hot_remove", stat.S_IFREG | 0o200, attr="hot_remove")
-        self.block_dir = self._add(sys_dir, "block", stat.S_IFDIR | 0o755)
-        debug = self._add(self._add(sys_dir, "kernel", stat.S_IFDIR | 0o755), "debug",
-                          stat.S_IFDIR | 0o755)
-        self.pools_dir = self._add(debug, "zsmalloc", stat.S_IFDIR | 0o755)
+        fixed = itertools.count(ROOT_INO)           # the fixed part of the tree, in order
+        d = stat.S_IFDIR | 0o755
+        self.root = self._add(next(fixed), None, "", d)
+        self.dev_dir = self._add(next(fixed), self.root, "dev", d)
+        sys_dir = self._add(next(fixed), self.root, "sys", d)
+        class_dir = self._add(next(fixed), sys_dir, "class", d)
+        control = self._add(next(fixed), class_dir, "zram-control", d)
+        self._add(next(fixed), control, "hot_add", stat.S_IFREG | 0o400, attr="hot_add")
+        self._add(next(fixed), control, "hot_remove", stat.S_IFREG | 0o200, attr="hot_remove")
+        self.block_dir = self._add(next(fixed), sys_dir, "block", d)
+        kernel = self._add(next(fixed), sys_dir, "kernel", d)
+        debug = self._add(next(fixed), kernel, "debug", d)
+        self.pools_dir = self._add(next(fixed), debug, "zsmalloc", d)
         for dev in devices.by_id.values():
             self.add_device(dev)
 
     # --- the tree ------------------------------------------------------------------------------
 
-    def _add(self, parent: Node | None, name: str, mode: int, *, device: Device | None = None,
-             attr: str | None = None) -> Node:
-        node = Node(next(self._inos), name, mode, parent, device=device, attr=attr)
+    def _add(self, ino: int, parent: Node | None, name: str, mode: int, *,
+             device: Device | None = None, attr: str | None = None) -> Node:
+        node = Node(ino, name, mode, device.generation if device is not None else 0, parent,
+                    device=device, attr=attr)
         self.nodes[node.ino] = node
         if parent is not None:
             parent.children[name] = node
@@ -104,10 +116,11 @@ class Tree:
             del node.parent.children[node.name]
 
     def add_device(self, dev: Device) -> None:
-        self._add(self.dev_dir, dev.name, stat.S_IFREG | 0o660, device=dev)
-        d = self._add(self.block_dir, dev.name, stat.S_IFDIR | 0o755, device=dev)
-        for name, a in ATTRIBUTES.items():
-            self._add(d, name, stat.S_IFREG | a.mode, device=dev, attr=name)
+        base = (dev.id + 1) << DEVICE_SHIFT
+        self._add(base, self.dev_dir, dev.name, stat.S_IFREG | 0o660, device=dev)
+        d = self._add(base + 1, self.block_dir, dev.name, stat.S_IFDIR | 0o755, device=dev)
+        for place, (name, a) in enumerate(ATTRIBUTES.items(), 2):
+            self._add(base + place, d, name, stat.S_IFREG | a.mode, device=dev, attr=name)
 
     def drop_device(self, dev: Device) -> None:
         for parent in (self.dev_dir, self.block_dir):
@@ -123,8 +136,12 @@ class Tree:
                 self._drop(node)
         for name, dev in live.items():
             if name not in self.pools_dir.children:
-                d = self._add(self.pools_dir, name, stat.S_IFDIR | 0o755, device=dev)
-                self._add(d, "classes", stat.S_IFREG | 0o444, device=dev, attr="classes")
+                # zramN, or zramN-k while an older pool of zramN is still being torn down
+                k = int(name.rpartition("-")[2]) if name != dev.name else 1
+                ino = ((dev.id + 1) << DEVICE_SHIFT) + POOL_PLACE + 2 * (k - 1)
+                d = self._add(ino, self.pools_dir, name, stat.S_IFDIR | 0o755, device=dev)
+                self._add(ino + 1, d, "classes", stat.S_IFREG | 0o444, device=dev,
+                          attr="classes")
 
     def _node(self, ino: int) -> Node:
         node = self.nodes.get(ino)
@@ -134,10 +151,11 @@ class Tree:
 
     def _attr(self, node: Node) -> Attr:
         if node.is_dir:
-            return Attr(node.ino, node.mode, 0, st_nlink=2)
+            return Attr(node.ino, node.mode, 0, st_nlink=2, generation=node.generation)
         if node.attr is None:                      # a device file: its size is disksize
-            return Attr(node.ino, node.mode, node.device.disksize, st_gid=DISK_GID)
-        return Attr(node.ino, node.mode, ATTR_FILE_SIZE)
+            return Attr(node.ino, node.mode, node.device.disksize, st_gid=DISK_GID,
+                        generation=node.generation)
+        return Attr(node.ino, node.mode, ATTR_FILE_SIZE, generation=node.generation)
 
     # --- FUSE operations -----------------------------------------------------------------------
 
@@ -182,7 +200,7 @@ class Tree:
             if dev.removed:
                 raise fail(errno.ENODEV, dev.name)
             dev.openers += 1
-            return OpenReply(dev.disk.address, data=True)
+            return OpenReply(dev.disk.handle, data=True)
         mode = flags & os.O_ACCMODE
         if mode in (os.O_RDONLY, os.O_RDWR) and not node.mode & 0o444:
             raise fail(errno.EACCES, f"{node.name} is write-only")

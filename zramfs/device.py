@@ -48,12 +48,13 @@ class Device:
     """One zram device; `store`/`show` are its sysfs attributes."""
 
     def __init__(self, dev_id: int, tree: Path | None = None,
-                 before_init: Callable[[], object] | None = None) -> None:
+                 before_init: Callable[[], object] | None = None, generation: int = 1) -> None:
         self.id = dev_id
         self.name = f"zram{dev_id}"
+        self.generation = generation   # tells this device from earlier ones with its id
         self.tree = tree               # the mounted tree, whose paths backing_dev refuses
         self.before_init = before_init  # the daemon's: its memory budget, looked at again
-        self.disk = Disk()
+        self.disk = Disk(dev_id, generation)
         self.algorithm = DEFAULT_ALGORITHM
         self.level: int | None = None
         self.backend = DEFAULT_BACKEND   # the allocator: zsmalloc or zbud (zswap's zpool)
@@ -416,6 +417,8 @@ def _write_only(dev: Device) -> str:
     raise fail(errno.EACCES, "write-only attribute")
 
 
+# Their order is their place in the tree's inode numbers (control.py): a new attribute goes at
+# the end, so that the numbers the kernel knows stay the same across versions of the daemon.
 ATTRIBUTES: dict[str, Attribute] = {
     "disksize": Attribute(lambda d: f"{d.disksize}\n", Device._store_disksize),
     "initstate": Attribute(lambda d: f"{int(d.initialised)}\n", None),
@@ -453,16 +456,20 @@ class Devices:
     def __init__(self, tree: Path | None = None,
                  before_init: Callable[[], object] | None = None) -> None:
         self.by_id: dict[int, Device] = {}
+        self.generations: dict[int, int] = {}   # per id: how many devices have had it
+        self.retiring: set[int] = set()          # ids of removed devices still draining
         self.tree = tree               # where the daemon mounts them
         self.before_init = before_init  # called before a device is initialised
 
     def add(self, dev_id: int | None = None) -> Device:
         """A new device: `dev_id`, or the lowest free id as the kernel's hot_add gives."""
+        taken = self.by_id.keys() | self.retiring
         if dev_id is None:
-            dev_id = next(i for i in range(len(self.by_id) + 1) if i not in self.by_id)
-        elif dev_id in self.by_id:
+            dev_id = next(i for i in range(len(taken) + 1) if i not in taken)
+        elif dev_id in taken:
             raise fail(errno.EEXIST, f"zram{dev_id} exists")
-        dev = Device(dev_id, self.tree, self.before_init)
+        self.generations[dev_id] = self.generations.get(dev_id, 0) + 1
+        dev = Device(dev_id, self.tree, self.before_init, self.generations[dev_id])
         self.by_id[dev_id] = dev
         log.info("%s: added", dev.name)
         return dev
@@ -485,7 +492,11 @@ class Devices:
         dev.removed = True
         dev.disk.retire()
         del self.by_id[dev_id]          # no new opens from here on
-        await dev.reset()
+        self.retiring.add(dev_id)       # nor a new device with its id, until it has drained
+        try:
+            await dev.reset()
+        finally:
+            self.retiring.discard(dev_id)
         log.info("%s: removed", dev.name)
 
     async def remove_all(self) -> None:
