@@ -10,7 +10,7 @@ PIP := $(VENV)/bin/pip --quiet --disable-pip-version-check
 # Passed to pytest by `make test`, e.g. make test PYTEST_ARGS='-k alloc -x'.
 PYTEST_ARGS ?=
 
-.PHONY: run test debs build clean install-systemd uninstall-systemd
+.PHONY: run test debs build clean install-systemd uninstall-systemd dist install uninstall
 
 run: build
 	$(VENV)/bin/zramfs daemon --default-device
@@ -37,8 +37,32 @@ $(STAMP): $(SOURCES)
 	@$(PIP) install --no-build-isolation --editable '.[test]'
 	@touch $@
 
+UNIT_DIR ?= /etc/systemd/system
+
+# A wheel and an sdist in dist/, built as any Python package is (PEP 517, `python -m build`).
+dist: build
+	rm -rf dist
+	$(VENV)/bin/python -m build --outdir dist . >/dev/null
+
+# Outside the checkout: the package in a virtual environment of its own under PREFIX, the
+# command in BINDIR, and the unit (in UNIT_DIR) running that command. `make uninstall` undoes
+# it. Neither needs the checkout afterwards.
+PREFIX ?= /opt/zramfs
+BINDIR ?= /usr/local/bin
+install: dist
+	$(PYTHON) -m venv $(PREFIX)
+	$(PREFIX)/bin/pip --quiet --disable-pip-version-check install dist/zramfs-*.whl
+	mkdir -p $(BINDIR) $(UNIT_DIR)
+	ln -sf $(abspath $(PREFIX))/bin/zramfs $(BINDIR)/zramfs
+	sed 's|@PREFIX@/bin/zramfs|$(abspath $(BINDIR))/zramfs|' systemd/zramfs.service \
+	    > $(UNIT_DIR)/zramfs.service
+	@echo "installed: $(BINDIR)/zramfs, $(UNIT_DIR)/zramfs.service (systemctl daemon-reload)"
+
+uninstall:
+	rm -f $(BINDIR)/zramfs $(UNIT_DIR)/zramfs.service
+	rm -rf $(PREFIX)
+
 # The unit runs this checkout's .venv/bin/zramfs; /etc/zramfs.conf says which devices.
-UNIT_DIR := /etc/systemd/system
 install-systemd: build
 	sed 's|@PREFIX@|$(abspath $(VENV))|' systemd/zramfs.service > $(UNIT_DIR)/zramfs.service
 	[ -e /etc/zramfs.conf ] || cp systemd/zramfs.conf.example /etc/zramfs.conf
@@ -51,4 +75,4 @@ uninstall-systemd:
 	systemctl daemon-reload
 
 clean:
-	rm -rf build $(VENV) zramfs/*.so zramfs/*.c *.egg-info
+	rm -rf build dist $(VENV) zramfs/*.so zramfs/*.c *.egg-info

@@ -94,7 +94,6 @@ options = discard,noatime
     ("zram-size = 1\n", ":1", "outside a [zramN] section"),
     ("[zram0]\njust words\n", ":2", "expected key = value"),
     ("[zram0]\ncompression-algorithm = lzo\n", ":2", "unknown algorithm"),
-    ("[zram0]\ncompression-algorithm = lz4 zstd (type=idle)\n", ":2", "recompression parameters"),
     ("[zram0]\nswap-priority = high\n", ":2", "swap-priority"),
     ("[zram0]\nfs-type = btrfs\nmount-point = /x\n", ":2", "fs-type"),
     ("[zram0]\nfs-type = ext4\n", ":2", "needs a mount-point"),
@@ -148,3 +147,70 @@ def test_zpool_key(tmp_path: Path) -> None:
     assert load(write(tmp_path, "[zram0]\nzpool = zbud\n"), ram_mib=1024)[0].zpool == "zbud"
     with pytest.raises(ConfigError, match=r":2: \[zram0\] zpool: 'z3fold' is not one of"):
         load(write(tmp_path, "[zram0]\nzpool = z3fold\n"), ram_mib=1024)
+
+
+ZRAM_GENERATOR_CONF = """\
+# A zram-generator.conf with every key zram-generator 1.2 documents.
+[zram0]
+host-memory-limit = none
+zram-size = min(ram / 2, 4096)
+zram-resident-limit = ram / 8
+compression-algorithm = lz4 zstd(level=3) (type=idle)
+writeback-device = /dev/disk/by-partlabel/zram-writeback
+swap-priority = 100
+
+[zram1]
+host-memory-limit = 9048
+zram-size = 512
+
+[zram2]
+zram-size = 1024
+fs-type = ext4
+mount-point = /var/tmp/zram
+options = discard,noatime
+
+[zram3]
+memory-limit = none
+zram-fraction = 0.25
+max-zram-size = 2048
+"""
+
+
+def test_a_real_zram_generator_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every key, as zram-generator reads them: host-memory-limit leaves out a device on a
+    bigger machine; the obsolete keys still work, each with a warning naming its successor;
+    the trailing group is the recompression policy, run every hour unless said otherwise."""
+    with caplog.at_level("WARNING", logger="zramfs.config"):
+        devices = load(write(tmp_path, ZRAM_GENERATOR_CONF), ram_mib=16000)
+    by_name = {d.name: d for d in devices}
+    assert sorted(by_name) == ["zram0", "zram2", "zram3"]        # zram1: 16000 MB > 9048
+    z0 = by_name["zram0"]
+    assert (z0.disksize, z0.mem_limit) == (4096 * MIB, 2000 * MIB)
+    assert (z0.algorithm, z0.recompression) == ("lz4", [("zstd", {"level": "3"})])
+    assert (z0.recompress, z0.recompress_interval) == ("type=idle", 3600)
+    assert z0.writeback_device == Path("/dev/disk/by-partlabel/zram-writeback")
+    assert (by_name["zram2"].fs_type, by_name["zram2"].options) == ("ext4", "discard,noatime")
+    assert by_name["zram3"].disksize == 2048 * MIB                # min(16000 * 0.25, 2048)
+    said = caplog.text
+    assert "memory-limit is obsolete: use host-memory-limit" in said
+    assert "zram-fraction is obsolete: use zram-size" in said
+    assert "max-zram-size is obsolete: use zram-size" in said
+
+
+@pytest.mark.parametrize("text, words", [
+    ("compression-algorithm = lz4 (type=idle)", "needs a recompression algorithm"),
+    ("compression-algorithm = lz4 zstd (type=cold)", "type=cold"),
+    ("recompress-interval = 1h", "needs a recompression policy"),
+    ("host-memory-limit = lots", "is not a number of MB or none"),
+    ("zram-fraction = -1", "is not a nonnegative number"),
+])
+def test_zram_generator_key_errors(tmp_path: Path, text: str, words: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load(write(tmp_path, f"[zram0]\n{text}\n"), ram_mib=1024)
+    assert ":2: [zram0]" in str(e.value) and words in str(e.value)
+
+
+def test_recompress_interval(tmp_path: Path) -> None:
+    [dev] = load(write(tmp_path, "[zram0]\ncompression-algorithm = lz4 zstd (type=huge_idle)\n"
+                                 "recompress-interval = 30m\n"), ram_mib=1024)
+    assert (dev.recompress, dev.recompress_interval) == ("type=huge_idle", 1800)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from zramfs import ctl as ctl_module
+
 from conftest import (ROOT, ZRAMFS, Daemon, Cleanup, is_mounted, requires_fuse, run,
                       zramfs_daemon)
 
@@ -295,3 +297,50 @@ def test_shutdown_names_who_holds_a_device_and_waits_a_bounded_time(tmp_path: Pa
         assert f"zram0 is held open by {loop} (bound), pid {os.getpid()}" in log, log
         assert "waiting up to 2 s" in log and "zram0: still open" in log
         assert 2 <= took < 20
+
+
+def test_ctl_columns_as_zramctl_takes_them(daemon: Daemon) -> None:
+    """-o +COLS extends the default columns, --output-all shows every one, -t is taken (and
+    changes nothing: streams are per CPU), and without --mountpoint the one zramfs tree
+    mounted is found in /proc/mounts."""
+    ctl(daemon, "--find", "--size", "16M", "-t", "4")
+    head = ctl(daemon, "-o", "+COMP-RATIO,ZERO-PAGES").stdout.splitlines()[0].split()
+    assert head == [*ctl_module.DEFAULT_COLUMNS, "COMP-RATIO", "ZERO-PAGES"]
+    head = ctl(daemon, "--output-all").stdout.splitlines()[0].split()
+    assert head == list(ctl_module.COLUMNS)
+    found = zramfs("ctl", "--raw", "-n", "-o", "NAME").stdout.split()
+    assert found == [str(daemon.dev("zram0"))]
+
+
+def test_mounted_tree_is_found_in_the_mount_table(tmp_path: Path) -> None:
+    table = tmp_path / "mounts"
+    table.write_text("proc /proc proc rw 0 0\n")
+    with pytest.raises(ctl_module.CtlError, match="no zramfs tree is mounted"):
+        ctl_module.mounted_tree(str(table))
+    table.write_text("zramfs /run/my\\040tree fuse.zramfs rw 0 0\n")
+    assert ctl_module.mounted_tree(str(table)) == Path("/run/my tree")
+    table.write_text("zramfs /a fuse.zramfs rw 0 0\nzramfs /b fuse.zramfs rw 0 0\n")
+    with pytest.raises(ctl_module.CtlError, match=r"2 zramfs trees are mounted \(/a, /b\)"):
+        ctl_module.mounted_tree(str(table))
+
+
+@pytest.mark.slow
+def test_make_install_and_uninstall_into_a_prefix(tmp_path: Path) -> None:
+    """`make install` builds a wheel and an sdist (python -m build), puts the package in a
+    virtual environment of its own under PREFIX, the command in BINDIR and a unit that runs
+    it; the installed command works without the checkout; `make uninstall` takes it all away."""
+    prefix, bindir, units = tmp_path / "opt", tmp_path / "bin", tmp_path / "units"
+    where = [f"PREFIX={prefix}", f"BINDIR={bindir}", f"UNIT_DIR={units}"]
+    run("make", "-C", str(ROOT), "install", *where, timeout=1200)
+    assert sorted(p.suffix for p in (ROOT / "dist").iterdir()) == [".gz", ".whl"]
+    command = bindir / "zramfs"
+    assert command.is_symlink() and command.resolve() == prefix / "bin" / "zramfs"
+    assert "ctl" in run(str(command), "--help", cwd=tmp_path).stdout
+    home = run(str(prefix / "bin" / "python"), "-c",
+               "import os, zramfs._zram; print(os.path.dirname(zramfs._zram.__file__))",
+               cwd=tmp_path).stdout.strip()
+    assert home.startswith(str(prefix)), home                  # not the checkout's package
+    unit = (units / "zramfs.service").read_text()
+    assert f"ExecStart={command} daemon --config /etc/zramfs.conf" in unit
+    run("make", "-C", str(ROOT), "uninstall", *where, timeout=120)
+    assert not prefix.exists() and not command.exists() and not (units / "zramfs.service").exists()

@@ -63,6 +63,7 @@ import errno  # noqa: E402
 import mmap  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
+import re  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -366,3 +367,29 @@ def test_config_sets_up_writeback_and_recompression(tmp_path: Path) -> None:
         run("sh", "-c", "echo 3 > /proc/sys/vm/drop_caches")
         assert (tmp_path / "fs" / "cold").read_bytes() == text_pages(256)
     assert not is_mounted(tmp_path / "fs")
+
+
+@requires_fuse
+def test_block_state_in_the_debugfs_mirror(daemon: Daemon, tmp_path: Path) -> None:
+    """sys/kernel/debug/zram/zramN/block_state, as the kernel prints it: a line per stored
+    page, its index, its access time, and its flags (s w h i r n)."""
+    backing = tmp_path / "backing"
+    backing.write_bytes(bytes(1 << 20))
+    name = daemon.hot_add()
+    daemon.write(name, "backing_dev", str(backing))
+    daemon.write(name, "disksize", "1M")
+    state = daemon.mnt / "sys/kernel/debug/zram" / name / "block_state"
+    assert state.read_text() == ""
+    with open(daemon.dev(name), "r+b", buffering=0) as f:
+        f.write(bytes(PAGE))                                     # page 0: same-filled
+        f.write(os.urandom(PAGE))                                # page 1: huge
+        f.write((b"zram " * PAGE)[:PAGE])                        # page 2: compressed
+        f.write((b"swap " * PAGE)[:PAGE])                        # page 3: written back
+    daemon.write(name, "writeback", "page_index=3")
+    daemon.write(name, "idle", "all")
+    lines = state.read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["0", "1", "2", "3"]
+    flags = {int(line.split()[0]): line.split()[2] for line in lines}
+    assert flags == {0: "s.....", 1: "..hi..", 2: "...i..", 3: ".w...."}   # as the kernel,
+    # idle marks neither same-filled nor written-back pages
+    assert all(re.fullmatch(r"\s+\d+\s+\d+\.\d{6} [swhirn.]{6}", line) for line in lines)

@@ -27,7 +27,8 @@ from collections import namedtuple
 
 from libc.errno cimport EBUSY, EINVAL, EIO, ENOMEM, ENOSPC, EOPNOTSUPP
 from libc.stdint cimport int64_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free
+from libc.stdio cimport snprintf
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memset
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
@@ -40,7 +41,8 @@ from zramfs._zcomp cimport (Compressor, zcomp_compress, zcomp_decompress, zcomp_
                             zcomp_stream_get, zcomp_stream_put)
 from zramfs.data_ops cimport ZRAMFS_DATA_OPS_CAPSULE, zramfs_data_ops
 from zramfs.pthread cimport pthread_mutex_destroy, pthread_mutex_init
-from zramfs.zram cimport (PAGE_SHIFT, PAGE_SIZE, ZRAM_ACCESSED, ZRAM_HUGE, ZRAM_IDLE, ZRAM_LIVE,
+from zramfs.zram cimport (PAGE_SHIFT, PAGE_SIZE, ZRAM_ACCESSED, ZRAM_HUGE, ZRAM_IDLE,
+                          ZRAM_INCOMPRESSIBLE, ZRAM_LIVE,
                           ZRAM_PRIO_MASK, ZRAM_PRIO_SHIFT, ZRAM_SAME, ZRAM_WB, posix_memalign,
                           za_add, za_load, za_load64, za_max, za_store, za_sub, zram_get,
                           zram_put,
@@ -633,6 +635,48 @@ cdef class Meta:
     def stats(self) -> Stats:
         return Stats(self.mm_stat(), self.io_stat(), self.compressor.streams,
                      self.pool.backend, self.pool.name, za_load(&self.m.evicted))
+
+    def block_state(self) -> bytes:
+        """debugfs's block_state, as the kernel prints it: a line for each stored page, its
+        index, the time it was last accessed and its flags (s same-filled, w written back,
+        h huge, i idle, r recompressed, n incompressible). Flags are read without the slot
+        locks: a page changing meanwhile may show either state, as in the kernel."""
+        cdef zram* m = self.m
+        cdef size_t i, n = 0, cap = 1 << 16
+        cdef char* out = <char*>malloc(cap)
+        cdef char* grown
+        cdef zslot* s
+        cdef uint32_t f
+        cdef int k
+        cdef char letters[8]
+        if out == NULL:
+            raise MemoryError()
+        with nogil:
+            for i in range(m.nr_pages):
+                s = &m.table[i]
+                f = zram_slot_flags(&s.flags)
+                if not (f & (ZRAM_SAME | ZRAM_WB) or s.size):
+                    continue
+                if cap - n < 64:
+                    cap *= 2
+                    grown = <char*>realloc(out, cap)
+                    if grown == NULL:
+                        break
+                    out = grown
+                letters[0] = 115 if f & ZRAM_SAME else 46           # 's' or '.'
+                letters[1] = 119 if f & ZRAM_WB else 46             # 'w'
+                letters[2] = 104 if f & ZRAM_HUGE else 46           # 'h'
+                letters[3] = 105 if f & ZRAM_IDLE else 46           # 'i'
+                letters[4] = 114 if f & ZRAM_PRIO_MASK else 46      # 'r'
+                letters[5] = 110 if f & ZRAM_INCOMPRESSIBLE else 46 # 'n'
+                letters[6] = 0
+                k = snprintf(out + n, cap - n, "%12zu %12u.%06u %s\n", i, m.ac_time[i], 0,
+                             letters)
+                n += k
+        try:
+            return PyBytes_FromStringAndSize(out, n)
+        finally:
+            free(out)
 
     def classes(self) -> list:
         """The allocator's size classes, as zsmalloc's debugfs `classes` (none for zbud)."""

@@ -36,14 +36,16 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     devices = config.load(Path(args.config), ram_mib=ram_mib()) if args.config else []
     if args.default_device and not any(d.id == 0 for d in devices):
         devices.insert(0, default_device())
-    opts = daemon.Options(Path(args.mountpoint), devices, mlock=args.mlock,
+    mountpoint = Path(args.mountpoint or daemon.DEFAULT_MOUNTPOINT)
+    opts = daemon.Options(mountpoint, devices, mlock=args.mlock,
                           force_after=args.force_after)
     trio.run(daemon.serve, opts)
     return 0
 
 
 def _mount(args: argparse.Namespace) -> ctl.Mount:
-    mount = ctl.Mount(Path(args.mountpoint))
+    """The tree named by --mountpoint, or the one zramfs tree mounted (from /proc/mounts)."""
+    mount = ctl.Mount(Path(args.mountpoint) if args.mountpoint else ctl.mounted_tree())
     mount.check()
     return mount
 
@@ -70,11 +72,7 @@ def cmd_ctl(args: argparse.Namespace) -> int:
             raise ctl.CtlError("setting up a device needs exactly one device name")
         ctl.configure(mount, names[0], size, args.algorithm, args.algorithm_params)
         return 0
-    columns = [c.strip().upper() for c in args.output.split(",")] if args.output \
-        else ctl.DEFAULT_COLUMNS
-    unknown = [c for c in columns if c not in ctl.COLUMNS]
-    if unknown:
-        raise ctl.CtlError(f"unknown column {unknown[0]!r} (known: {', '.join(ctl.COLUMNS)})")
+    columns = list(ctl.COLUMNS) if args.output_all else ctl.columns(args.output)
     rows = ctl.status(mount, names)
     if rows or args.json:
         print(ctl.format_status(rows, columns, as_bytes=args.bytes, raw=args.raw,
@@ -122,8 +120,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--log-level", default="info",
                     choices=("debug", "info", "warning", "error"), help="default: info")
     where = argparse.ArgumentParser(add_help=False)
-    where.add_argument("--mountpoint", default=str(daemon.DEFAULT_MOUNTPOINT),
-                       help=f"the daemon's tree (default {daemon.DEFAULT_MOUNTPOINT})")
+    where.add_argument("--mountpoint", default=None,
+                       help=f"the daemon's tree (the daemon's default {daemon.DEFAULT_MOUNTPOINT};"
+                            " the other commands find it in /proc/mounts where only one is)")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("daemon", parents=[where],
@@ -147,7 +146,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("-p", "--algorithm-params", metavar="PARAMS", help="e.g. level=5")
     c.add_argument("-r", "--reset", action="store_true", help="reset the named devices")
     c.add_argument("-o", "--output", metavar="LIST",
-                   help="columns: " + ",".join(ctl.COLUMNS))
+                   help="columns (+LIST adds to the default ones): " + ",".join(ctl.COLUMNS))
+    c.add_argument("--output-all", action="store_true", help="every column")
+    c.add_argument("-t", "--streams", type=int, metavar="NUMBER",
+                   help="accepted and ignored: streams are one per CPU, as in Linux 6.15+")
     c.add_argument("-b", "--bytes", action="store_true", help="sizes in bytes")
     c.add_argument("--raw", action="store_true", help="no alignment")
     c.add_argument("-n", "--noheadings", action="store_true", help="no header line")

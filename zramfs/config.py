@@ -19,11 +19,14 @@ evaluated by Python.
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zramfs import _alloc, _zcomp
+from zramfs import _alloc, _zcomp, tiering
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PATH = Path("/etc/zramfs.conf")
 DEFAULT_SIZE = "min(ram / 2, 4096)"
@@ -47,6 +50,8 @@ class DeviceConfig:
     writeback_device: Path | None = None
     writeback_interval: float = 0.0        # seconds; 0: no periodic idle writeback
     writeback_idle_age: float = 0.0        # seconds; 0: pages idle for a whole interval
+    recompress: str | None = None          # the recompression policy: recompress's syntax
+    recompress_interval: float = 0.0       # seconds between recompressions; 0: none
     mem_limit: int = 0                     # bytes, from zram-resident-limit
     swap_priority: int = 100
     fs_type: str | None = "swap"           # None: the device only (the embedded default)
@@ -145,6 +150,10 @@ def evaluate(expr: str, ram_mib: float) -> float:
     return value
 
 
+# An algorithm with its parameters, or a group of parameters without a name.
+_WORDS = re.compile(r"[^\s(]+(?:\([^)]*\))?|\([^)]*\)")
+
+
 def _one_algorithm(word: str) -> tuple[str, dict[str, str]]:
     """`zstd(level=9)` -> ("zstd", {"level": "9"}), the name and level checked by the
     compressors themselves (zramfs._zcomp), so a config that loads also sets up."""
@@ -168,7 +177,7 @@ def _one_algorithm(word: str) -> tuple[str, dict[str, str]]:
 def parse_algorithm(text: str) -> list[tuple[str, dict[str, str]]]:
     """`lz4 zstd(level=9)` -> [("lz4", {}), ("zstd", {"level": "9"})]: the primary algorithm,
     then up to three recompression algorithms in priority order."""
-    words = re.findall(r"[^\s(]+(?:\([^)]*\))?|\([^)]*\)", text.strip())
+    words = _WORDS.findall(text.strip())
     if not words:
         raise ValueError("no algorithm named")
     if words[-1].startswith("("):
@@ -177,6 +186,17 @@ def parse_algorithm(text: str) -> list[tuple[str, dict[str, str]]]:
     if len(words) > 4:
         raise ValueError("at most three recompression algorithms")
     return [_one_algorithm(w) for w in words]
+
+
+def split_policy(text: str) -> tuple[str, str | None]:
+    """`lzo-rle zstd(level=3) (type=idle)` -> the algorithms, and the trailing group without a
+    name: zram-generator's recompression policy, in the recompress attribute's syntax
+    ("type=idle"); None where there is no such group."""
+    words = _WORDS.findall(text.strip())
+    if not words or not words[-1].startswith("("):
+        return text, None
+    group = words[-1][1:-1]
+    return " ".join(words[:-1]), " ".join(p for p in re.split(r"[\s,]+", group) if p)
 
 
 def duration(text: str) -> float:
@@ -242,11 +262,58 @@ def _device(section: _Section, ram_mib: float) -> DeviceConfig:
             raise fail(where, key, f"{expr!r} is negative")
         return int(mib * MIB) // 4096 * 4096
 
+    def obsolete(old: str, new: str) -> None:
+        if old in keys:
+            log.warning("%s: [%s] %s is obsolete: use %s", keys[old][1], section.name, old, new)
+
+    def megabytes_or_none(key: str) -> float | None:
+        text, where = take(key, "none")
+        if text == "none":
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if value < 0:
+            raise fail(where, key, f"{text!r} is not a number of MB or none")
+        return value
+
+    # zram-generator's older keys, still taken: memory-limit is host-memory-limit, and without
+    # zram-size the size is min(ram * zram-fraction, max-zram-size).
+    obsolete("memory-limit", "host-memory-limit")
+    if "host-memory-limit" not in keys and "memory-limit" in keys:
+        keys["host-memory-limit"] = keys.pop("memory-limit")
+    keys.pop("memory-limit", None)
+    obsolete("zram-fraction", "zram-size")
+    obsolete("max-zram-size", "zram-size")
+    if "zram-size" not in keys and ("zram-fraction" in keys or "max-zram-size" in keys):
+        fraction, where = take("zram-fraction", "0.5")
+        try:
+            factor = float(fraction)
+        except ValueError:
+            factor = -1.0
+        if factor < 0:
+            raise fail(where, "zram-fraction", f"{fraction!r} is not a nonnegative number")
+        most = megabytes_or_none("max-zram-size") if "max-zram-size" in keys else 4096.0
+        size = f"ram * {factor!r}" if most is None else f"min(ram * {factor!r}, {most!r})"
+        keys["zram-size"] = (size, where)
+    keys.pop("zram-fraction", None)
+    keys.pop("max-zram-size", None)
+    host_limit = megabytes_or_none("host-memory-limit")
     dev = DeviceConfig(section.name, size_of("zram-size", DEFAULT_SIZE), source=section.source)
+    if host_limit is not None and ram_mib > host_limit:
+        log.info("[%s]: %.0f MB of RAM is over host-memory-limit (%.0f MB): no device",
+                 section.name, ram_mib, host_limit)
+        dev.disksize = 0
     dev.mem_limit = size_of("zram-resident-limit", "0")
     text, where = take("compression-algorithm", "lz4")
     try:
-        (dev.algorithm, dev.algorithm_params), *dev.recompression = parse_algorithm(text)
+        names, dev.recompress = split_policy(text)
+        (dev.algorithm, dev.algorithm_params), *dev.recompression = parse_algorithm(names)
+        if dev.recompress is not None:
+            tiering.parse_recompress(dev.recompress)
+            if not dev.recompression:
+                raise ValueError(f"({dev.recompress}) needs a recompression algorithm")
     except ValueError as e:
         raise fail(where, "compression-algorithm", str(e)) from None
     text, where = take("zpool", "zsmalloc")
@@ -284,6 +351,16 @@ def _device(section: _Section, ram_mib: float) -> DeviceConfig:
             raise fail(wheres[key], key, str(e)) from None
     if dev.writeback_interval and dev.writeback_device is None:
         raise fail(wheres["writeback-interval"], "writeback-interval", "needs a writeback-device")
+    # zram-generator parses the policy group and never applies it; zramfs runs it every
+    # recompress-interval (an hour unless said otherwise).
+    text, where = take("recompress-interval", "1h" if dev.recompress else "0")
+    try:
+        dev.recompress_interval = duration(text)
+    except ValueError as e:
+        raise fail(where, "recompress-interval", str(e)) from None
+    if dev.recompress_interval and not dev.recompress:
+        raise fail(where, "recompress-interval",
+                   "needs a recompression policy: compression-algorithm = lz4 zstd (type=idle)")
     for key, (_, where) in keys.items():
         raise fail(where, key, "unknown key")
     return dev

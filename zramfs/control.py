@@ -6,6 +6,7 @@ the device files' data (that runs in C, see _fuse.pyx).
     sys/class/zram-control/hot_remove    write an id
     sys/block/zramN/<attribute>          as /sys/block/zramN/
     sys/kernel/debug/zsmalloc/<pool>/classes   the allocator's classes, as zsmalloc's debugfs
+    sys/kernel/debug/zram/zramN/block_state    every stored page's flags, as zram's debugfs
 
 The handlers run on the trio thread (the FUSE layer hands them over), so the tree and the
 devices change only between awaits.
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 ROOT_INO = 1
 DEVICE_SHIFT = 16                  # device N's inodes: (N + 1) << 16 | place
 POOL_PLACE = 0x8000                # device N's k-th debugfs pool: POOL_PLACE + 2k (+1 classes)
+DEBUG_PLACE = 0x7ffe               # device N's debugfs directory (+1: its block_state)
 ATTR_FILE_SIZE = 4096          # what sysfs reports for every attribute
 
 
@@ -94,6 +96,7 @@ class Tree:
         kernel = self._add(next(fixed), sys_dir, "kernel", d)
         debug = self._add(next(fixed), kernel, "debug", d)
         self.pools_dir = self._add(next(fixed), debug, "zsmalloc", d)
+        self.debug_dir = self._add(next(fixed), debug, "zram", d)
         for dev in devices.by_id.values():
             self.add_device(dev)
 
@@ -121,9 +124,13 @@ class Tree:
         d = self._add(base + 1, self.block_dir, dev.name, stat.S_IFDIR | 0o755, device=dev)
         for place, (name, a) in enumerate(ATTRIBUTES.items(), 2):
             self._add(base + place, d, name, stat.S_IFREG | a.mode, device=dev, attr=name)
+        debug = self._add(base + DEBUG_PLACE, self.debug_dir, dev.name, stat.S_IFDIR | 0o755,
+                          device=dev)
+        self._add(base + DEBUG_PLACE + 1, debug, "block_state", stat.S_IFREG | 0o400,
+                  device=dev, attr="block_state")
 
     def drop_device(self, dev: Device) -> None:
-        for parent in (self.dev_dir, self.block_dir):
+        for parent in (self.dev_dir, self.block_dir, self.debug_dir):
             node = parent.children.get(dev.name)
             if node is not None:
                 self._drop(node)
@@ -256,6 +263,9 @@ class Tree:
             return f"{dev.id}\n"
         if node.attr == "hot_remove":
             raise fail(errno.EACCES, "hot_remove is write-only")
+        if node.attr == "block_state":
+            meta = node.device.meta
+            return meta.block_state().decode() if meta is not None else ""
         if node.attr == "classes":
             meta = node.device.meta
             if meta is None:

@@ -38,6 +38,36 @@ class CtlError(Exception):
     """What the user asked cannot be done; the message says why, in one line."""
 
 
+def columns(spec: str | None) -> list[str]:
+    """zramctl's --output: `A,B` those columns; `+A,B` the default ones and those."""
+    if not spec:
+        return list(DEFAULT_COLUMNS)
+    extra = spec.startswith("+")
+    wanted = [c.strip().upper() for c in spec.removeprefix("+").split(",") if c.strip()]
+    unknown = [c for c in wanted if c not in COLUMNS]
+    if unknown or not wanted:
+        raise CtlError(f"unknown column {(unknown or [spec])[0]!r} "
+                       f"(known: {', '.join(COLUMNS)})")
+    return DEFAULT_COLUMNS + [c for c in wanted if c not in DEFAULT_COLUMNS] if extra else wanted
+
+
+def mounted_tree(mounts: str = "/proc/mounts") -> Path:
+    """The one zramfs tree mounted here, from the mount table; CtlError where there is none
+    or several (then --mountpoint chooses)."""
+    try:
+        lines = Path(mounts).read_text().splitlines()
+    except OSError as e:
+        raise CtlError(f"{mounts}: {e.strerror}") from None
+    trees = [f[1].replace("\\040", " ") for f in (line.split() for line in lines)
+             if len(f) > 2 and f[2] == "fuse.zramfs"]
+    if not trees:
+        raise CtlError("no zramfs tree is mounted (is the daemon running?)")
+    if len(trees) > 1:
+        raise CtlError(f"{len(trees)} zramfs trees are mounted ({', '.join(trees)}): "
+                       "choose one with --mountpoint")
+    return Path(trees[0])
+
+
 def human(n: int) -> str:
     """zramctl's sizes: 0B, 512B, 4K, 1.5M, 5.9G."""
     if n < 1024:

@@ -281,6 +281,8 @@ async def serve(opts: Options,
                             for cfg in opts.devices:
                                 if cfg.writeback_interval:
                                     background.start_soon(_periodic_writeback, devices, cfg)
+                                if cfg.recompress_interval:
+                                    background.start_soon(_periodic_recompress, devices, cfg)
                             await _until_stopped(signals, loop_done)
                             background.cancel_scope.cancel()
             finally:
@@ -329,6 +331,22 @@ async def _periodic_writeback(devices: Devices, cfg: DeviceConfig) -> None:
                 await dev.store("idle", "all")
         except OSError as e:
             log.warning("%s: periodic writeback: %s", cfg.name, e.strerror)
+
+
+async def _periodic_recompress(devices: Devices, cfg: DeviceConfig) -> None:
+    """Every recompress-interval: zram-generator's recompression policy (the trailing group of
+    compression-algorithm, e.g. type=idle), then every page marked idle, so the next round
+    takes the pages not accessed since this one."""
+    while True:
+        await trio.sleep(cfg.recompress_interval)
+        dev = devices.by_id.get(cfg.id)
+        if dev is None or dev.meta is None:
+            continue
+        try:
+            await dev.store("recompress", cfg.recompress)
+            await dev.store("idle", "all")
+        except OSError as e:
+            log.warning("%s: periodic recompression: %s", cfg.name, e.strerror)
 
 
 async def _set_up(opts: Options, devices: Devices, tree: Tree,
