@@ -344,3 +344,65 @@ def test_make_install_and_uninstall_into_a_prefix(tmp_path: Path) -> None:
     assert f"ExecStart={command} daemon --config /etc/zramfs.conf" in unit
     run("make", "-C", str(ROOT), "uninstall", *where, timeout=120)
     assert not prefix.exists() and not command.exists() and not (units / "zramfs.service").exists()
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@requires_fuse
+def test_metrics_endpoint_scraped_while_fio_runs(tmp_path: Path) -> None:
+    """--metrics serves Prometheus' text format: mm_stat, io_stat and bd_stat per device, and
+    the FUSE requests by type with their latency; scraped while fio writes and parsed with
+    prometheus_client's own parser, the numbers agree with each other and with the tree."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = free_port()
+    with zramfs_daemon("--metrics", f"127.0.0.1:{port}", tmp=tmp_path) as d:
+        name = d.device("64M")
+        fio = subprocess.Popen(["fio", "--name=m", f"--filename={d.dev(name)}", "--rw=randrw",
+                                "--bs=4k", "--direct=1", "--ioengine=libaio", "--iodepth=8",
+                                "--size=32M", "--time_based", "--runtime=3",
+                                "--buffer_compress_percentage=50", "--refill_buffers"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               cwd=tmp_path)
+        try:
+            time.sleep(1)
+            scrapes = [urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()]
+        finally:
+            assert fio.wait(60) == 0
+        scrapes.append(urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
+        mm = [int(x) for x in d.read(name, "mm_stat").split()]
+        for text in scrapes:
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for f in text_string_to_metric_families(text) for s in f.samples}
+            dev = (("device", name),)
+            assert samples[("zramfs_mm_stat_orig_data_size_bytes", dev)] > 0
+            assert samples[("zramfs_disksize_bytes", dev)] == 64 << 20
+            assert ("zramfs_io_stat_failed_writes_total", dev) in samples
+            assert ("zramfs_bd_stat_count_pages", dev) in samples
+            writes = samples[("zramfs_requests_total", (("op", "write"),))]
+            assert writes > 0
+            count = samples[("zramfs_request_duration_seconds_count", (("op", "write"),))]
+            inf = samples[("zramfs_request_duration_seconds_bucket", (("le", "+Inf"),
+                                                                       ("op", "write")))]
+            assert count == inf == writes
+        # After fio, the last scrape and the tree say the same.
+        assert samples[("zramfs_mm_stat_orig_data_size_bytes", dev)] == mm[0]
+        assert samples[("zramfs_mm_stat_mem_used_total_bytes", dev)] == mm[2]
+
+
+def test_metrics_config_key(tmp_path: Path) -> None:
+    from zramfs import config
+    conf = tmp_path / "zramfs.conf"
+    conf.write_text("[zramfs]\nmetrics = 127.0.0.1:9101\n[zram0]\nzram-size = 64\n")
+    assert config.load_daemon(conf).metrics == "127.0.0.1:9101"
+    assert [d.name for d in config.load(conf, ram_mib=1024)] == ["zram0"]
+    conf.write_text("[zramfs]\nmetrics = everywhere\n")
+    with pytest.raises(config.ConfigError, match=r":2: \[zramfs\] metrics: 'everywhere' is not"):
+        config.load_daemon(conf)

@@ -82,7 +82,7 @@ cdef extern from "<time.h>" nogil:
         long tv_sec
         long tv_nsec
     int clock_gettime(int clk, timespec* t)
-    int CLOCK_REALTIME
+    int CLOCK_REALTIME, CLOCK_MONOTONIC
 
 cdef extern from *:
     """
@@ -237,7 +237,16 @@ cdef uint64_t WANTED = (FUSE_ASYNC_READ | FUSE_ATOMIC_O_TRUNC | FUSE_BIG_WRITES 
                         FUSE_ASYNC_DIO | FUSE_PARALLEL_DIROPS | FUSE_MAX_PAGES | FUSE_INIT_EXT |
                         FUSE_DIRECT_IO_ALLOW_MMAP | FUSE_HAS_RESEND)
 
+cdef enum:
+    NR_OPS = 64                   # opcodes counted: every one the kernel sends today
+    NR_BUCKETS = 24               # latency buckets: bucket b up to 2**b microseconds
+
 cdef struct stats_t:
+    # Per opcode: requests served, their total time, and a histogram of their latency (from
+    # the request read to its reply written), for the metrics endpoint.
+    size_t op_count[NR_OPS]
+    size_t op_ns[NR_OPS]
+    size_t op_hist[NR_OPS][NR_BUCKETS]
     size_t data_reads
     size_t data_writes
     size_t data_fallocates
@@ -467,11 +476,32 @@ cdef void _dispatch(session_t* s, char* req, size_t n, char* scratch) noexcept n
         _reply_err(s, h.unique, ENOSYS)
 
 
+cdef inline uint64_t _now_ns() noexcept nogil:
+    cdef timespec t
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return <uint64_t>t.tv_sec * 1000000000 + t.tv_nsec
+
+
+cdef void _account(session_t* s, uint32_t op, uint64_t ns) noexcept nogil:
+    """One request of opcode `op` served in `ns`: its count, time and latency bucket."""
+    cdef uint64_t us = ns // 1000
+    cdef int b = 0
+    if op >= NR_OPS:
+        return
+    while us and b < NR_BUCKETS - 1:
+        us >>= 1
+        b += 1
+    za_add(&s.st.op_count[op], 1)
+    za_add(&s.st.op_ns[op], ns)
+    za_add(&s.st.op_hist[op][b], 1)
+
+
 cdef void* _worker_main(void* arg) noexcept nogil:
     cdef worker_t* w = <worker_t*>arg
     cdef session_t* s = <session_t*>w.session
     cdef ssize_t n
     cdef int old, err
+    cdef uint64_t started
     pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &old)
     while not za_load(&s.stopping):
         # Cancelled only here, waiting for a request: never holding the GIL or a lock.
@@ -483,7 +513,9 @@ cdef void* _worker_main(void* arg) noexcept nogil:
             if err == EINTR or err == EAGAIN or err == ENOENT:
                 continue                            # interrupted before it was read: next
             break                                   # ENODEV: unmounted; the connection is gone
+        started = _now_ns()
         _dispatch(s, w.request, n, w.scratch)
+        _account(s, (<fuse_in_header*>w.request).opcode, _now_ns() - started)
     pthread_mutex_lock(&s.lock)
     s.running -= 1
     pthread_cond_broadcast(&s.done)
@@ -664,6 +696,17 @@ cdef size_t _dirents(list entries, uint64_t off, size_t size, char* buf) except?
         memcpy(buf + pos + FUSE_NAME_OFFSET, <const char*>bname, namelen)
         pos += reclen
     return pos
+
+
+# The requests the tree is asked, by the kernel's names for them (lower case).
+OPCODE_NAMES = {FUSE_LOOKUP: "lookup", FUSE_FORGET: "forget", FUSE_GETATTR: "getattr",
+                FUSE_SETATTR: "setattr", FUSE_OPEN: "open", FUSE_READ: "read",
+                FUSE_WRITE: "write", FUSE_STATFS: "statfs", FUSE_RELEASE: "release",
+                FUSE_FSYNC: "fsync", FUSE_FLUSH: "flush", FUSE_INIT: "init",
+                FUSE_OPENDIR: "opendir", FUSE_READDIR: "readdir", FUSE_RELEASEDIR: "releasedir",
+                FUSE_INTERRUPT: "interrupt", FUSE_BATCH_FORGET: "batch_forget",
+                FUSE_FALLOCATE: "fallocate"}
+LATENCY_BUCKETS = [2 ** b / 1e6 for b in range(NR_BUCKETS - 1)]   # seconds; then +Inf
 
 
 # --- mounting --------------------------------------------------------------------------------
@@ -882,6 +925,18 @@ cdef class Session:
             "py_calls": s.py_calls,
             "flags": self.s.flags,
         }
+
+    def requests(self) -> dict[str, tuple[int, float, list[int]]]:
+        """Per request type served so far: (count, total seconds, latency histogram), the
+        histogram's bucket b counting requests up to 2**b microseconds (the last: any)."""
+        cdef stats_t* st = &self.s.st
+        out = {}
+        for op, name in OPCODE_NAMES.items():
+            count = za_load(&st.op_count[op])
+            if count:
+                out[name] = (count, za_load(&st.op_ns[op]) / 1e9,
+                             [za_load(&st.op_hist[op][b]) for b in range(NR_BUCKETS)])
+        return out
 
     def __dealloc__(self) -> None:
         if self.s.fd >= 0:

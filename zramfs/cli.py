@@ -34,11 +34,13 @@ def default_device() -> DeviceConfig:
 
 def cmd_daemon(args: argparse.Namespace) -> int:
     devices = config.load(Path(args.config), ram_mib=ram_mib()) if args.config else []
+    settings = config.load_daemon(Path(args.config)) if args.config else config.DaemonConfig()
     if args.default_device and not any(d.id == 0 for d in devices):
         devices.insert(0, default_device())
     mountpoint = Path(args.mountpoint or daemon.DEFAULT_MOUNTPOINT)
     opts = daemon.Options(mountpoint, devices, mlock=args.mlock,
-                          force_after=args.force_after)
+                          force_after=args.force_after,
+                          metrics=args.metrics or settings.metrics)
     trio.run(daemon.serve, opts)
     return 0
 
@@ -136,6 +138,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--force-after", type=seconds, default=None, metavar="SECONDS",
                    help="at shutdown, free devices others still hold after this long "
                         "(default: serve them until they are released)")
+    d.add_argument("--metrics", metavar="ADDR:PORT",
+                   help="serve Prometheus metrics there (e.g. 127.0.0.1:9101)")
     d.set_defaults(func=cmd_daemon)
 
     c = sub.add_parser("ctl", parents=[where], help="zramctl: show, set up and reset devices")

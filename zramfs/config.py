@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PATH = Path("/etc/zramfs.conf")
 DEFAULT_SIZE = "min(ram / 2, 4096)"
 FS_TYPES = ("swap", "ext4", "ext2", "xfs")
+DAEMON_SECTION = "zramfs"               # the daemon's own settings, beside the devices
 MIB = 1 << 20
 
 
@@ -230,8 +231,9 @@ def _read(path: Path, sections: dict[str, _Section]) -> None:
         m = re.fullmatch(r"\[([^\]]*)\]", line)
         if m:
             name = m.group(1).strip()
-            if not re.fullmatch(r"zram(0|[1-9]\d{0,3})", name):
-                raise ConfigError(f"{where}: section [{name}]: sections are [zramN]")
+            if name != DAEMON_SECTION and not re.fullmatch(r"zram(0|[1-9]\d{0,3})", name):
+                raise ConfigError(f"{where}: section [{name}]: sections are [zramN] and "
+                                  f"[{DAEMON_SECTION}]")
             current = sections.setdefault(name, _Section(name, where))
             continue
         key, sep, value = line.partition("=")
@@ -366,6 +368,34 @@ def _device(section: _Section, ram_mib: float) -> DeviceConfig:
     return dev
 
 
+@dataclass
+class DaemonConfig:
+    """The [zramfs] section: the daemon's settings that are no device's."""
+    metrics: str | None = None            # ADDR:PORT of the Prometheus endpoint
+
+
+def load_daemon(path: Path = DEFAULT_PATH) -> DaemonConfig:
+    """The [zramfs] section of `path` and its drop-ins (later files override keys)."""
+    from zramfs.metrics import parse_address
+    sections: dict[str, _Section] = {}
+    _read(path, sections)
+    dropins = Path(str(path) + ".d")
+    if dropins.is_dir():
+        for extra in sorted(dropins.glob("*.conf")):
+            _read(extra, sections)
+    section = sections.get(DAEMON_SECTION)
+    settings = DaemonConfig()
+    for key, (value, where) in (section.keys.items() if section else ()):
+        if key != "metrics":
+            raise ConfigError(f"{where}: [{DAEMON_SECTION}] {key}: unknown key")
+        try:
+            parse_address(value)
+        except ValueError as e:
+            raise ConfigError(f"{where}: [{DAEMON_SECTION}] metrics: {e}") from None
+        settings.metrics = value
+    return settings
+
+
 def load(path: Path = DEFAULT_PATH, *, ram_mib: float) -> list[DeviceConfig]:
     """The devices of `path` and of `path`.d/*.conf (later files override keys of earlier
     ones, as systemd's drop-ins do), in id order; devices sized 0 are left out."""
@@ -375,7 +405,7 @@ def load(path: Path = DEFAULT_PATH, *, ram_mib: float) -> list[DeviceConfig]:
     if dropins.is_dir():
         for extra in sorted(dropins.glob("*.conf")):
             _read(extra, sections)
-    devices = [_device(s, ram_mib) for s in sections.values()]
+    devices = [_device(s, ram_mib) for s in sections.values() if s.name != DAEMON_SECTION]
     mounts = [d.mount_point for d in devices if d.mount_point]
     if len(mounts) != len(set(mounts)):
         raise ConfigError(f"{path}: two devices have the same mount-point")

@@ -69,6 +69,7 @@ class Options:
     mlock: str = "auto"                  # yes, no, or auto: yes when a device is swap
     force_after: float | None = None     # seconds to wait for others to close devices;
                                          # None: as long as they hold them
+    metrics: str | None = None           # ADDR:PORT of the Prometheus endpoint
 
 
 class DaemonError(Exception):
@@ -272,6 +273,10 @@ async def serve(opts: Options,
                     except DaemonError as e:
                         failure = e          # raised below, outside the nursery: one line
                     else:
+                        if opts.metrics:
+                            exporter = await _serve_metrics(opts.metrics, devices, session)
+                            undo.append((f"metrics {opts.metrics} stopped",
+                                         exporter.shutdown))
                         names = ", ".join(d.name for d in opts.devices) or "no devices"
                         log.info("serving %s (%s)", mountpoint, names)
                         notify_systemd(f"READY=1\nSTATUS=serving {mountpoint}: {names}")
@@ -331,6 +336,38 @@ async def _periodic_writeback(devices: Devices, cfg: DeviceConfig) -> None:
                 await dev.store("idle", "all")
         except OSError as e:
             log.warning("%s: periodic writeback: %s", cfg.name, e.strerror)
+
+
+def _snapshot(devices: Devices, session: _fuse.Session) -> "metrics.Snapshot":
+    """The numbers a scrape shows (trio thread: the devices are only read here)."""
+    from zramfs import metrics
+    snap = metrics.Snapshot(requests=session.requests(), buckets=_fuse.LATENCY_BUCKETS)
+    for dev in devices.by_id.values():
+        meta = dev.meta
+        snap.devices.append(metrics.DeviceStats(
+            name=dev.name, disksize=dev.disksize,
+            mm_stat=meta.mm_stat() if meta is not None else
+            (0, 0, 0, dev.mem_limit, 0, 0, 0, 0, 0),
+            io_stat=meta.io_stat() if meta is not None else (0, 0, 0, 0),
+            bd_stat=dev.backing.bd_stat() if dev.backing is not None else (0, 0, 0),
+            bd_blocks=dev.backing.nr_blocks if dev.backing is not None else 0,
+            evicted=meta.stats().evicted if meta is not None else 0))
+    return snap
+
+
+async def _serve_metrics(address: str, devices: Devices, session: _fuse.Session) -> object:
+    """The Prometheus endpoint, in the client library's own thread; a scrape asks the trio
+    thread for its numbers."""
+    from zramfs import metrics
+    token = trio.lowlevel.current_trio_token()
+    try:
+        server = await trio.to_thread.run_sync(
+            metrics.serve, address,
+            lambda: trio.from_thread.run_sync(_snapshot, devices, session, trio_token=token))
+    except (OSError, ValueError) as e:
+        raise DaemonError(f"metrics {address}: {e}") from None
+    log.info("metrics on http://%s/metrics", address)
+    return server
 
 
 async def _periodic_recompress(devices: Devices, cfg: DeviceConfig) -> None:
