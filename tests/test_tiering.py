@@ -393,3 +393,78 @@ def test_block_state_in_the_debugfs_mirror(daemon: Daemon, tmp_path: Path) -> No
     assert flags == {0: "s.....", 1: "..hi..", 2: "...i..", 3: ".w...."}   # as the kernel,
     # idle marks neither same-filled nor written-back pages
     assert all(re.fullmatch(r"\s+\d+\s+\d+\.\d{6} [swhirn.]{6}", line) for line in lines)
+
+
+@requires_fuse
+@pytest.mark.parametrize("terminal", [True, False], ids=["pty", "pipe"])
+def test_writeback_and_recompress_commands_show_progress(daemon: Daemon, tmp_path: Path,
+                                                         terminal: bool) -> None:
+    """`zramfs writeback zramN idle` and `zramfs recompress zramN type=idle` go in batches and
+    show pages done, memory freed and time left: one line rewritten on a terminal, a line a
+    batch in a pipe. What they leave is what the attributes would: every idle page written
+    back or recompressed, the data intact, writeback_limit as it was."""
+    import pty
+    import subprocess
+    import sys
+    backing = tmp_path / "backing"
+    backing.write_bytes(bytes(64 << 20))
+    name = daemon.hot_add()
+    daemon.write(name, "backing_dev", str(backing))
+    daemon.write(name, "recomp_algorithm", "algo=zstd priority=1 level=19")
+    daemon.write(name, "disksize", "64M")
+    rng = random.Random(7)                # words: zstd -19 shrinks lz4's pages a class or more
+    words = [b"zram", b"page", b"swap", b"slot", b"compressed", b"memory", b"device", b"idle"]
+    data = b"".join(b" ".join(rng.choice(words) for _ in range(900))[:PAGE].ljust(PAGE, b".")
+                    for _ in range(4096))
+    with open(daemon.dev(name), "r+b", buffering=0) as f:
+        f.write(data)
+    daemon.write(name, "idle", "all")
+    state = daemon.mnt / "sys/kernel/debug/zram" / name / "block_state"
+
+    def idle_in_memory() -> int:
+        return sum(1 for line in state.read_text().splitlines()
+                   if "i" in line.split()[2] and not set(line.split()[2]) & set("swrn"))
+
+    def command(*args: str) -> str:
+        cmd = [sys.executable, "-m", "zramfs.cli", args[0], "--mountpoint", str(daemon.mnt),
+               *args[1:], "--batch", "1000"]
+        if not terminal:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                                 cwd=Path(__file__).parent.parent)
+            assert out.returncode == 0, out.stderr
+            return out.stderr
+        leader, follower = pty.openpty()
+        proc = subprocess.Popen(cmd, stdin=follower, stdout=follower, stderr=follower,
+                                cwd=Path(__file__).parent.parent)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(leader)
+        assert proc.wait(300) == 0, b"".join(chunks)
+        return b"".join(chunks).decode()
+
+    waiting, compr = idle_in_memory(), daemon.mm_stat(name)[1]
+    assert waiting > 3000
+    out = command("recompress", name, "type=idle")
+    assert f"{name}: recompress type=idle: {waiting}/{waiting} pages" in out, out
+    assert daemon.mm_stat(name)[1] < compr and idle_in_memory() == 0
+    daemon.write(name, "idle", "all")
+    waiting = sum(1 for line in state.read_text().splitlines()
+                  if "i" in line.split()[2] and not set(line.split()[2]) & set("sw"))
+    out = command("writeback", name, "idle")
+    assert f"{name}: writeback idle: {waiting}/{waiting} pages" in out, out
+    if terminal:
+        assert "\r\x1b[K" in out and out.count("\n") <= 2
+    else:
+        assert "\r" not in out and out.count("pages, ") >= 3      # a line a batch of 1000
+    assert bd_stat(daemon, name)[0] == waiting
+    assert daemon.read(name, "writeback_limit_enable") == "0\n"
+    with open(daemon.dev(name), "rb", buffering=0) as f:
+        assert f.read(4096 * PAGE) == data

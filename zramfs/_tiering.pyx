@@ -168,9 +168,13 @@ cdef long _writeback(zram* m, int pick, const size_t* ranges, size_t nranges, ch
 
 # --- recompression ---------------------------------------------------------------------------
 
-cdef bint _recompress_wanted(zslot* s, int pick, size_t threshold) noexcept nogil:
-    return (_picked(s, pick) and s.size >= threshold
-            and not zram_slot_flags(&s.flags) & ZRAM_INCOMPRESSIBLE)
+cdef bint _recompress_wanted(zslot* s, int pick, size_t threshold, int top) noexcept nogil:
+    """A page of the type, at least `threshold` big, not known incompressible, and not already
+    compressed by the highest algorithm this run may use (`top`): as the kernel, such a page
+    is passed over, not tried again (and so not counted against max_pages)."""
+    cdef uint32_t f = zram_slot_flags(&s.flags)
+    return (_picked(s, pick) and s.size >= threshold and not f & ZRAM_INCOMPRESSIBLE
+            and <int>((f & ZRAM_PRIO_MASK) >> ZRAM_PRIO_SHIFT) < top)
 
 
 cdef int _recompress_locked(zram* m, zslot* s, int only, char* page, zstream* st) noexcept nogil:
@@ -213,14 +217,19 @@ cdef long _recompress(zram* m, int pick, size_t threshold, size_t max_pages, int
     cdef zslot* s
     cdef zstream* st = zcomp_stream_get(m.comp)
     cdef long done = 0
+    cdef int top = only
+    if not only:
+        for top in range(3, 0, -1):
+            if m.secondary[top] != NULL:
+                break
     for i in range(m.nr_pages):
         if max_pages and tried >= max_pages:
             break
         s = &m.table[i]
-        if not _recompress_wanted(s, pick, threshold):
+        if not _recompress_wanted(s, pick, threshold, top):
             continue
         zram_slot_lock(&s.flags)
-        if _recompress_wanted(s, pick, threshold):
+        if _recompress_wanted(s, pick, threshold, top):
             tried += 1
             done += _recompress_locked(m, s, only, page, st)
         zram_slot_unlock(&s.flags)

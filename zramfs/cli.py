@@ -101,6 +101,34 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_writeback(args: argparse.Namespace) -> int:
+    mount = _mount(args)
+    return _long_run(ctl.writeback, mount, mount.name_of(args.device), args.mode, args.batch)
+
+
+def cmd_recompress(args: argparse.Namespace) -> int:
+    mount = _mount(args)
+    return _long_run(ctl.recompress, mount, mount.name_of(args.device), " ".join(args.params),
+                     args.batch)
+
+
+def _long_run(fn, mount: ctl.Mount, name: str, what: str, batch: int) -> int:
+    """A writeback or recompression in batches, progress on stderr; Ctrl-C stops it between
+    two batches, with what was done kept."""
+    try:
+        fn(mount, name, what, batch, sys.stderr)
+    except KeyboardInterrupt:
+        print(f"zramfs: {name}: interrupted; what was done is kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+def pages(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of pages")
+    return int(text)
+
+
 def priority(text: str) -> int:
     if not text.lstrip("-").isdigit() or not -1 <= int(text) <= 32767:
         raise argparse.ArgumentTypeError(f"{text!r} is not a swap priority in -1..32767")
@@ -168,6 +196,19 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("swapoff", parents=[where], help="swapoff and detach the loop device")
     s.add_argument("device", help="zramN, or its path")
     s.set_defaults(func=cmd_swapoff)
+
+    s = sub.add_parser("writeback", parents=[where],
+                       help="write back pages of a type, in batches, with progress")
+    s.add_argument("device", help="zramN, or its path")
+    s.add_argument("mode", choices=list(ctl.PAGE_TYPES), help="the pages to write back")
+    s.add_argument("--batch", type=pages, default=16384, help="pages a batch (16384: 64 MiB)")
+    s.set_defaults(func=cmd_writeback)
+    s = sub.add_parser("recompress", parents=[where],
+                       help="recompress pages, in batches, with progress")
+    s.add_argument("device", help="zramN, or its path")
+    s.add_argument("params", nargs="+", help="as the recompress attribute: type=idle ...")
+    s.add_argument("--batch", type=pages, default=16384, help="pages a batch (16384)")
+    s.set_defaults(func=cmd_recompress)
 
     s = sub.add_parser("stats", parents=[where],
                        help="the allocator's per-class table and a summary")

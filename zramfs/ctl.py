@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -278,3 +279,129 @@ def stats(mount: Mount, names: list[str]) -> str:
         out.append(f"  ratio {ratio} (data / memory), memory saved {human(max(data - total, 0))},"
                    f" same-filled pages {mm[5]}, huge pages {mm[7]}\n")
     return "\n".join(out)
+
+
+# --- long operations, in batches, with progress -------------------------------------------------
+
+class Progress:
+    """Pages done of a total, memory freed and the time left: one line rewritten in place on a
+    terminal, a plain line a batch otherwise (a log, a pipe)."""
+
+    def __init__(self, what: str, total: int, stream) -> None:
+        self.what = what
+        self.total = total
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.started = time.monotonic()
+
+    def show(self, done: int, freed: int) -> None:
+        elapsed = time.monotonic() - self.started
+        left = elapsed / done * (self.total - done) if done and done < self.total else 0.0
+        line = (f"{self.what}: {done}/{self.total} pages, {human(max(freed, 0))} freed, "
+                f"{left:.0f} s left")
+        self.stream.write(f"\r\033[K{line}" if self.tty else line + "\n")
+        self.stream.flush()
+
+    def end(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# The page types, by block_state's flags (s w h i r n): a page with an object in memory and
+# the type's flags.
+PAGE_TYPES = {"idle": "i", "huge": "h", "huge_idle": "hi", "incompressible": "n"}
+
+
+def _count(mount: Mount, name: str, want: str, without: str = "") -> int:
+    """Pages in memory (not same-filled, not written back) with every flag of `want` and none
+    of `without`, from the tree's block_state."""
+    text = (mount.mountpoint / "sys/kernel/debug/zram" / name / "block_state").read_text()
+    count = 0
+    for line in text.splitlines():
+        flags = line.split()[2]
+        if "s" in flags or "w" in flags:
+            continue
+        if all(f in flags for f in want) and not any(f in flags for f in without):
+            count += 1
+    return count
+
+
+def _store(mount: Mount, name: str, attr: str, value: str) -> int:
+    """Writes an attribute; 0, or the errno it refused with."""
+    try:
+        fd = os.open(mount.mountpoint / "sys/block" / name / attr, os.O_WRONLY)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return e.errno or errno.EIO
+    return 0
+
+
+def writeback(mount: Mount, name: str, mode: str, batch: int, stream) -> int:
+    """`writeback MODE` in batches of `batch` pages (through writeback_limit, as the kernel's
+    own limit works, and put back after), with progress; the pages written back."""
+    if mode not in PAGE_TYPES:
+        raise CtlError(f"{mode}: not a page type ({', '.join(PAGE_TYPES)})")
+    enable = mount.read(name, "writeback_limit_enable").strip()
+    limit = int(mount.read(name, "writeback_limit"))
+    total = _count(mount, name, PAGE_TYPES[mode])
+    progress = Progress(f"{name}: writeback {mode}", total, stream)
+    bd0, used0 = _bd_writes(mount, name), _mm(mount, name)[2]
+    done = 0
+    try:
+        mount.write(name, "writeback_limit_enable", "1")
+        while True:
+            allowed = batch if enable != "1" else min(batch, limit - done)
+            if allowed <= 0:
+                break
+            mount.write(name, "writeback_limit", str(allowed))
+            err = _store(mount, name, "writeback", mode)
+            done = _bd_writes(mount, name) - bd0
+            progress.show(done, used0 - _mm(mount, name)[2])
+            if err == 0:
+                break                          # every page of the type is written back
+            if err != errno.EIO or done == 0:
+                raise CtlError(f"{name}: writeback {mode}: {os.strerror(err)}")
+    finally:
+        progress.end()
+        mount.write(name, "writeback_limit", str(max(limit - done, 0) if enable == "1"
+                                                 else limit))
+        mount.write(name, "writeback_limit_enable", enable)
+    return done
+
+
+def recompress(mount: Mount, name: str, params: str, batch: int, stream) -> int:
+    """`recompress PARAMS` in batches of `batch` pages (max_pages), with progress; the pages
+    no longer waiting (recompressed, or found not to shrink)."""
+    words = dict(w.partition("=")[::2] for w in params.split())
+    if "max_pages" in words:
+        raise CtlError("the batches set max_pages themselves")
+    want = PAGE_TYPES.get(words.get("type", ""), "")
+    total = _count(mount, name, want, without="rn")
+    progress = Progress(f"{name}: recompress {params}", total, stream)
+    used0 = _mm(mount, name)[2]
+    left = total
+    try:
+        while left:
+            err = _store(mount, name, "recompress", f"{params} max_pages={batch}")
+            if err:
+                raise CtlError(f"{name}: recompress {params}: {os.strerror(err)}")
+            now = _count(mount, name, want, without="rn")
+            progress.show(total - now, used0 - _mm(mount, name)[2])
+            if now >= left:
+                break                          # nothing moved: what is left stays as it is
+            left = now
+    finally:
+        progress.end()
+    return total - left
+
+
+def _mm(mount: Mount, name: str) -> list[int]:
+    return [int(x) for x in mount.read(name, "mm_stat").split()]
+
+
+def _bd_writes(mount: Mount, name: str) -> int:
+    return int(mount.read(name, "bd_stat").split()[2])
