@@ -81,7 +81,7 @@ def test_comp_algorithm_and_params(daemon: Daemon) -> None:
     daemon.write(name, "comp_algorithm", "zstd\n")
     assert daemon.read(name, "comp_algorithm") == "lz4 lz4hc [zstd] \n"
     assert errno_of(lambda: daemon.write(name, "comp_algorithm", "lzo-rle")) == errno.EINVAL
-    for bad in ("level=99", "level=x", "algo=lz4 level=3", "priority=1 level=3", "dict=/x"):
+    for bad in ("level=99", "level=x", "algo=lz4 level=3", "priority=1 level=3"):
         assert errno_of(lambda: daemon.write(name, "algorithm_params", bad)) == errno.EINVAL, bad
     daemon.write(name, "algorithm_params", "algo=zstd level=9")
     assert errno_of(lambda: daemon.read(name, "algorithm_params")) == errno.EACCES
@@ -221,3 +221,46 @@ def test_zpool_selects_the_allocator_before_disksize(daemon: Daemon) -> None:
     assert daemon.mm_stat(name)[2] > 0
     daemon.write(name, "reset", "1")
     assert daemon.read(name, "zpool") == "[zsmalloc] zbud \n"
+
+
+def test_algorithm_params_dict_and_negative_levels(daemon: Daemon, tmp_path) -> None:
+    """`algorithm_params dict=PATH` (before disksize, as the kernel's): zstd compresses with a
+    dictionary trained on similar pages, which holds the same data in less memory, and reads
+    it back; lz4 takes none (EINVAL); a missing file is ENOENT, one inside the tree EINVAL, and
+    after disksize it is EBUSY. Negative zstd levels are taken."""
+    import zstandard
+
+    from zramfs import corpus
+    data = corpus.build(4 << 20)
+    pages = [data[i:i + PAGE] for i in range(0, len(data), PAGE)]
+    dictionary = tmp_path / "pages.dict"
+    dictionary.write_bytes(zstandard.train_dictionary(64 << 10, pages[::4]).as_bytes())
+    used = {}
+    for with_dict in (False, True):
+        name = daemon.hot_add()
+        daemon.write(name, "comp_algorithm", "zstd")
+        if with_dict:
+            daemon.write(name, "algorithm_params", f"level=3 dict={dictionary}")
+        daemon.write(name, "disksize", "8M")
+        with open(daemon.dev(name), "r+b", buffering=0) as f:
+            f.write(data)
+            f.seek(0)
+            assert f.read(len(data)) == data
+        used[with_dict] = daemon.mm_stat(name)[1]
+        assert errno_of(lambda: daemon.write(name, "algorithm_params", f"dict={dictionary}")) \
+            == errno.EBUSY
+    assert used[True] < used[False], used               # the dictionary is really used
+    name = daemon.hot_add()
+    assert errno_of(lambda: daemon.write(name, "algorithm_params", f"dict={dictionary}")) \
+        == errno.EINVAL                                               # lz4: no dictionary
+    daemon.write(name, "comp_algorithm", "zstd")
+    assert errno_of(lambda: daemon.write(name, "algorithm_params",
+                                         f"dict={tmp_path / 'none'}")) == errno.ENOENT
+    assert errno_of(lambda: daemon.write(name, "algorithm_params",
+                                         f"dict={daemon.sys(name, 'mm_stat')}")) == errno.EINVAL
+    daemon.write(name, "algorithm_params", "level=-5")
+    daemon.write(name, "disksize", "4M")
+    with open(daemon.dev(name), "r+b", buffering=0) as f:
+        f.write(data[:4 << 20])
+        f.seek(0)
+        assert f.read(4 << 20) == data[:4 << 20]

@@ -214,3 +214,12 @@ def test_recompress_interval(tmp_path: Path) -> None:
     [dev] = load(write(tmp_path, "[zram0]\ncompression-algorithm = lz4 zstd (type=huge_idle)\n"
                                  "recompress-interval = 30m\n"), ram_mib=1024)
     assert (dev.recompress, dev.recompress_interval) == ("type=huge_idle", 1800)
+
+
+def test_compression_dictionary_key(tmp_path: Path) -> None:
+    [dev] = load(write(tmp_path, "[zram0]\ncompression-algorithm = zstd\n"
+                                 "compression-dictionary = /etc/zramfs/pages.dict\n"), ram_mib=1024)
+    assert dev.dictionary == Path("/etc/zramfs/pages.dict")
+    with pytest.raises(ConfigError, match=r":3: \[zram0\] compression-dictionary: lz4 takes no"):
+        load(write(tmp_path, "[zram0]\ncompression-algorithm = lz4\n"
+                             "compression-dictionary = /x.dict\n"), ram_mib=1024)

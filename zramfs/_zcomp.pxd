@@ -16,6 +16,8 @@ from zramfs.pthread cimport pthread_mutex_t
 cdef enum:
     ZCOMP_BUFFER = 8192        # more than any algorithm's bound for one page
 
+cdef struct zcomp
+
 ctypedef struct zcomp_ops:
     const char* name
     int level_default
@@ -24,9 +26,12 @@ ctypedef struct zcomp_ops:
     void* (*ctx_create)() noexcept nogil
     void (*ctx_destroy)(void* ctx) noexcept nogil
     # Returns the compressed length, or 0 if it does not fit dst_cap (store the page raw).
-    int (*compress)(void* ctx, int level, const char* src, char* dst, int dst_cap) noexcept nogil
+    # `comp` gives the level and the dictionary, if any.
+    int (*compress)(const zcomp* comp, void* ctx, const char* src, char* dst,
+                    int dst_cap) noexcept nogil
     # Returns 0 when exactly one page came out, -1 otherwise.
-    int (*decompress)(void* ctx, const char* src, int src_len, char* dst) noexcept nogil
+    int (*decompress)(const zcomp* comp, void* ctx, const char* src, int src_len,
+                      char* dst) noexcept nogil
 
 ctypedef struct zstream:
     pthread_mutex_t lock
@@ -34,9 +39,12 @@ ctypedef struct zstream:
     char* buffer               # compressed output, ZCOMP_BUFFER bytes
     char* page                 # a scratch page, for read-modify-write
 
-ctypedef struct zcomp:
+cdef struct zcomp:
     const zcomp_ops* ops
     int level
+    void* cdict                # a dictionary prepared for compression at `level`, or NULL
+    void* ddict                # ... and for decompression
+    unsigned int dict_id       # its id (0: none)
     int nr_streams             # shared: borrowed with zcomp_stream_get/put
     int nr_private             # after them: one per owner thread, zcomp_private_stream
     zstream* streams
@@ -58,10 +66,10 @@ cdef inline int zcomp_compress(zcomp* comp, zstream* st, const char* page,
                                int cap) noexcept nogil:
     """One page into st.buffer: its compressed length, or 0 if that exceeds `cap` (store the
     page raw). The caller holds `st`, a stream of `comp`."""
-    return comp.ops.compress(st.ctx, comp.level, page, st.buffer, cap)
+    return comp.ops.compress(comp, st.ctx, page, st.buffer, cap)
 
 
 cdef inline int zcomp_decompress(zcomp* comp, zstream* st, const char* src, int n,
                                  char* page) noexcept nogil:
     """`n` bytes of `src` back into one page: 0, or -1 if they are not one page's worth."""
-    return comp.ops.decompress(st.ctx, src, n, page)
+    return comp.ops.decompress(comp, st.ctx, src, n, page)

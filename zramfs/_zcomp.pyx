@@ -52,6 +52,19 @@ cdef extern from "zstd.h" nogil:
                              size_t src_size, int level)
     size_t ZSTD_decompressDCtx(ZSTD_DCtx*, void* dst, size_t dst_capacity, const void* src,
                                size_t src_size)
+    ctypedef struct ZSTD_CDict:
+        pass
+    ctypedef struct ZSTD_DDict:
+        pass
+    ZSTD_CDict* ZSTD_createCDict(const void* dict, size_t size, int level)
+    size_t ZSTD_freeCDict(ZSTD_CDict*)
+    ZSTD_DDict* ZSTD_createDDict(const void* dict, size_t size)
+    size_t ZSTD_freeDDict(ZSTD_DDict*)
+    size_t ZSTD_compress_usingCDict(ZSTD_CCtx*, void* dst, size_t dst_capacity,
+                                    const void* src, size_t src_size, const ZSTD_CDict*)
+    size_t ZSTD_decompress_usingDDict(ZSTD_DCtx*, void* dst, size_t dst_capacity,
+                                      const void* src, size_t src_size, const ZSTD_DDict*)
+    unsigned ZSTD_getDictID_fromDict(const void* dict, size_t size)
     unsigned ZSTD_isError(size_t)
 
 
@@ -78,15 +91,18 @@ cdef void lz4_destroy(void* ctx) noexcept nogil:
     free(ctx)
 
 
-cdef int lz4_compress(void* ctx, int level, const char* src, char* dst, int cap) noexcept nogil:
-    return LZ4_compress_fast_extState(ctx, src, dst, PAGE_SIZE, cap, level)
+cdef int lz4_compress(const zcomp* comp, void* ctx, const char* src, char* dst,
+                      int cap) noexcept nogil:
+    return LZ4_compress_fast_extState(ctx, src, dst, PAGE_SIZE, cap, comp.level)
 
 
-cdef int lz4hc_compress(void* ctx, int level, const char* src, char* dst, int cap) noexcept nogil:
-    return LZ4_compress_HC_extStateHC(ctx, src, dst, PAGE_SIZE, cap, level)
+cdef int lz4hc_compress(const zcomp* comp, void* ctx, const char* src, char* dst,
+                        int cap) noexcept nogil:
+    return LZ4_compress_HC_extStateHC(ctx, src, dst, PAGE_SIZE, cap, comp.level)
 
 
-cdef int lz4_decompress(void* ctx, const char* src, int n, char* dst) noexcept nogil:
+cdef int lz4_decompress(const zcomp* comp, void* ctx, const char* src, int n,
+                        char* dst) noexcept nogil:
     return 0 if LZ4_decompress_safe(src, dst, n, PAGE_SIZE) == PAGE_SIZE else -1
 
 
@@ -118,13 +134,25 @@ cdef void zstd_destroy(void* ctx) noexcept nogil:
     free(z)
 
 
-cdef int zstd_compress(void* ctx, int level, const char* src, char* dst, int cap) noexcept nogil:
-    cdef size_t n = ZSTD_compressCCtx((<zstd_ctx*>ctx).cctx, dst, cap, src, PAGE_SIZE, level)
+cdef int zstd_compress(const zcomp* comp, void* ctx, const char* src, char* dst,
+                       int cap) noexcept nogil:
+    cdef size_t n
+    if comp.cdict != NULL:
+        n = ZSTD_compress_usingCDict((<zstd_ctx*>ctx).cctx, dst, cap, src, PAGE_SIZE,
+                                     <const ZSTD_CDict*>comp.cdict)
+    else:
+        n = ZSTD_compressCCtx((<zstd_ctx*>ctx).cctx, dst, cap, src, PAGE_SIZE, comp.level)
     return 0 if ZSTD_isError(n) else <int>n
 
 
-cdef int zstd_decompress(void* ctx, const char* src, int n, char* dst) noexcept nogil:
-    cdef size_t out = ZSTD_decompressDCtx((<zstd_ctx*>ctx).dctx, dst, PAGE_SIZE, src, n)
+cdef int zstd_decompress(const zcomp* comp, void* ctx, const char* src, int n,
+                         char* dst) noexcept nogil:
+    cdef size_t out
+    if comp.ddict != NULL:
+        out = ZSTD_decompress_usingDDict((<zstd_ctx*>ctx).dctx, dst, PAGE_SIZE, src, n,
+                                         <const ZSTD_DDict*>comp.ddict)
+    else:
+        out = ZSTD_decompressDCtx((<zstd_ctx*>ctx).dctx, dst, PAGE_SIZE, src, n)
     return 0 if not ZSTD_isError(out) and out == PAGE_SIZE else -1
 
 
@@ -200,6 +228,10 @@ cdef void _zcomp_free(zcomp* comp) noexcept nogil:
             free(s.page)
             pthread_mutex_destroy(&s.lock)
         free(comp.streams)
+    if comp.cdict != NULL:
+        ZSTD_freeCDict(<ZSTD_CDict*>comp.cdict)
+    if comp.ddict != NULL:
+        ZSTD_freeDDict(<ZSTD_DDict*>comp.ddict)
     free(comp)
 
 
@@ -249,17 +281,37 @@ def parse_level(name: str, params: dict[str, str]) -> int | None:
     return level
 
 
+cdef str _prepare_dictionary(zcomp* comp, str name, bytes dictionary):
+    """zstd's CDict (at the compressor's level) and DDict, made once; why not, or None."""
+    cdef const char* d = dictionary
+    cdef size_t n = len(dictionary)
+    if name != "zstd":
+        return f"{name} takes no dictionary"
+    if n == 0:
+        return "an empty dictionary"
+    with nogil:
+        comp.cdict = ZSTD_createCDict(d, n, comp.level)
+        comp.ddict = ZSTD_createDDict(d, n)
+        comp.dict_id = ZSTD_getDictID_fromDict(d, n)
+    if comp.cdict == NULL or comp.ddict == NULL:
+        return "not a zstd dictionary"
+    return None
+
+
 cdef class Compressor:
     """One device's compressor: `Compressor("zstd", level=5, streams=4)`.
 
     `private_streams` more streams are set aside for threads that own one each (the device's
     compression workers), outside the shared set that requests borrow from.
 
+    `dictionary`: zstd's, as the kernel's `algorithm_params dict=PATH` gives one: prepared
+    once here (a CDict at the level, a DDict), never on the request path.
+
     `compress`/`decompress` are for tests and tools; the device uses `comp` without the GIL.
     """
 
     def __init__(self, name: str, level: int | None = None, streams: int | None = None,
-                 int private_streams=0):
+                 int private_streams=0, bytes dictionary=None):
         cdef _Algorithm a = ALGORITHMS.pin(name)
         cdef int lvl = a.ops.level_default if level is None else level
         cdef int nr = default_streams() if streams is None else streams
@@ -271,9 +323,21 @@ cdef class Compressor:
         if self.comp == NULL:
             ALGORITHMS.unpin(name)
             raise MemoryError(f"cannot set up {nr} {name} streams")
+        if dictionary is not None:
+            why = _prepare_dictionary(self.comp, name, dictionary)
+            if why is not None:
+                _zcomp_free(self.comp)
+                self.comp = NULL
+                ALGORITHMS.unpin(name)
+                raise CompressorError(why)
         self.name = name
         self.level = lvl
         self.streams = nr
+
+    @property
+    def dict_id(self) -> int:
+        """The dictionary's id (0: none, or a raw-content dictionary)."""
+        return self.comp.dict_id if self.comp != NULL else 0
 
     def destroy(self) -> None:
         if self.comp != NULL:

@@ -505,9 +505,10 @@ cdef class Meta:
     def __init__(self, size_t disksize, str algorithm="lz4", level=None, *,
                  str backend="zsmalloc", str name="zram", streams=None,
                  int max_pages_per_zspage=8, workers=None, Backing backing=None,
-                 dict secondary=None):
+                 dict secondary=None, dict dictionaries=None):
         """`backing`: the writeback device (the caller's to close, after destroy).
-        `secondary`: recompression algorithms, {priority: (name, level or None)}."""
+        `secondary`: recompression algorithms, {priority: (name, level or None)}.
+        `dictionaries`: zstd dictionaries, {priority: bytes}, 0 for the primary algorithm."""
         cdef Compressor comp
         cdef int nr_workers = default_workers() if workers is None else workers
         if disksize == 0 or disksize % PAGE_SIZE:
@@ -532,12 +533,15 @@ cdef class Meta:
         try:
             self.pool = _Pool(backend, name, max_pages_per_zspage)
             # One private stream a worker, and one for eviction.
+            dictionaries = dictionaries or {}
             self.compressor = _Compressor(algorithm, level, streams,
-                                          private_streams=nr_workers + 1)
+                                          private_streams=nr_workers + 1,
+                                          dictionary=dictionaries.get(0))
             for prio, (sname, slevel) in sorted((secondary or {}).items()):
                 if not 1 <= prio <= 3:
                     raise ValueError(f"recompression priority {prio} is not 1..3")
-                self.secondary[prio] = _Compressor(sname, slevel, 2)
+                self.secondary[prio] = _Compressor(sname, slevel, 2,
+                                                   dictionary=dictionaries.get(prio))
         except BaseException:
             self.destroy()
             raise

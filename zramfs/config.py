@@ -47,6 +47,7 @@ class DeviceConfig:
     algorithm: str = "lz4"
     algorithm_params: dict[str, str] = field(default_factory=dict)
     zpool: str = "zsmalloc"                # the allocator backend
+    dictionary: Path | None = None         # zstd's dictionary for the primary algorithm
     recompression: list[tuple[str, dict[str, str]]] = field(default_factory=list)  # priority 1..
     writeback_device: Path | None = None
     writeback_interval: float = 0.0        # seconds; 0: no periodic idle writeback
@@ -318,6 +319,13 @@ def _device(section: _Section, ram_mib: float) -> DeviceConfig:
                 raise ValueError(f"({dev.recompress}) needs a recompression algorithm")
     except ValueError as e:
         raise fail(where, "compression-algorithm", str(e)) from None
+    text, where = take("compression-dictionary")
+    if text is not None:
+        if not text.startswith("/"):
+            raise fail(where, "compression-dictionary", f"{text!r} is not an absolute path")
+        if dev.algorithm != "zstd":
+            raise fail(where, "compression-dictionary", f"{dev.algorithm} takes no dictionary")
+        dev.dictionary = Path(text)
     text, where = take("zpool", "zsmalloc")
     if text not in _alloc.BACKENDS.names():
         raise fail(where, "zpool", f"{text!r} is not one of {', '.join(_alloc.BACKENDS.names())}")

@@ -397,6 +397,8 @@ async def _set_up(opts: Options, devices: Devices, tree: Tree,
             await dev.store("comp_algorithm", cfg.algorithm)
             if "level" in cfg.algorithm_params:
                 await dev.store("algorithm_params", f"level={cfg.algorithm_params['level']}")
+            if cfg.dictionary is not None:
+                await dev.store("algorithm_params", f"dict={cfg.dictionary}")
             for prio, (name, params) in enumerate(cfg.recompression, 1):
                 level = f" level={params['level']}" if "level" in params else ""
                 await dev.store("recomp_algorithm", f"algo={name} priority={prio}{level}")

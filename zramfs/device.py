@@ -68,6 +68,7 @@ class Device:
         """Writeback and recompression settings, as after the kernel's reset."""
         self.backing: Backing | None = None
         self.secondary: dict[int, tuple[str, int | None]] = {}   # priority -> (name, level)
+        self.dictionaries: dict[int, tuple[str, bytes]] = {}     # priority -> (path, content)
         self.wb_limit = 0              # pages, while wb_limit_enable
         self.wb_limit_enable = False
         self.evict = False             # zswap-style eviction over mem_limit (an extension)
@@ -96,9 +97,12 @@ class Device:
             self.before_init()
         try:
             meta = Meta(disksize, self.algorithm, self.level, backend=self.backend,
-                        name=self.name, backing=self.backing, secondary=self.secondary)
+                        name=self.name, backing=self.backing, secondary=self.secondary,
+                        dictionaries={p: data for p, (_, data) in self.dictionaries.items()})
         except MemoryError as e:
             raise fail(errno.ENOMEM, str(e)) from None
+        except _zcomp.CompressorError as e:
+            raise fail(errno.EINVAL, str(e)) from None
         meta.mem_limit = self.mem_limit
         _tiering.set_wb_limit(meta, self.wb_limit, self.wb_limit_enable)
         _tiering.set_eviction(meta, self.evict)
@@ -167,15 +171,16 @@ class Device:
     def _show_zpool(self) -> str:
         return _choices_line(_alloc.BACKENDS.names(), self.backend)
 
-    def _store_algorithm_params(self, text: str) -> None:
-        """`[priority=N | algo=NAME] level=N`: the primary algorithm's (priority 0) or a
-        recompression algorithm's."""
+    async def _store_algorithm_params(self, text: str) -> None:
+        """`[priority=N | algo=NAME] [level=N] [dict=PATH]`: the primary algorithm's (priority
+        0) or a recompression algorithm's. A dictionary (zstd's) is read in a worker thread,
+        never here (the path could lie in the tree), and prepared when disksize is written."""
         if self.initialised:
             raise fail(errno.EBUSY, f"{self.name} is initialised; reset it first")
         params: dict[str, str] = {}
         for token in text.split():
             key, sep, value = token.partition("=")
-            if not sep or key not in ("priority", "algo", "level"):
+            if not sep or key not in ("priority", "algo", "level", "dict"):
                 raise fail(errno.EINVAL, f"unknown parameter {token!r}")
             params[key] = value
         names = {0: self.algorithm} | {p: n for p, (n, _) in self.secondary.items()}
@@ -190,6 +195,18 @@ class Device:
             level = _zcomp.parse_level(names[prio], params)
         except _zcomp.CompressorError as e:
             raise fail(errno.EINVAL, str(e)) from None
+        if "dict" in params:
+            if names[prio] != "zstd":
+                raise fail(errno.EINVAL, f"{names[prio]} takes no dictionary")
+            try:
+                data = await trio.to_thread.run_sync(read_outside_tree, params["dict"],
+                                                     self.tree)
+            except OSError as e:
+                log.warning("%s: dict %s refused: %s", self.name, params["dict"], e.strerror)
+                raise fail(e.errno or errno.EINVAL, f"{params['dict']}: {e.strerror}") from None
+            if self.initialised:              # disksize was written meanwhile
+                raise fail(errno.EBUSY, f"{self.name} is initialised; reset it first")
+            self.dictionaries[prio] = (params["dict"], data)
         if level is None:
             return
         if prio == 0:
@@ -373,27 +390,47 @@ class Device:
         return " ".join(f"{v:8}" for v in self.disk.stat()) + "\n"
 
 
+def inside_tree(path: str, tree: Path | None) -> bool:
+    """The path lies inside the daemon's own tree, or is a loop device over a file in it.
+    Worker threads only: a path in the tree needs the trio thread to answer."""
+    if tree is None:
+        return False
+    try:
+        st = os.stat(path)
+        if st.st_dev == os.stat(tree).st_dev:
+            return True
+    except OSError:
+        return False                       # the caller's open says what is wrong
+    if not stat.S_ISBLK(st.st_mode):
+        return False
+    back = Path(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+                "/loop/backing_file")
+    try:
+        return back.read_text().strip().startswith(f"{tree}/")
+    except OSError:
+        return False                       # not a loop device
+
+
 def open_backing(path: str, tree: Path | None) -> Backing:
-    """A backing device, opened in a worker thread (a path in the tree needs the trio thread
-    to answer). BackingError(EINVAL) for a path inside the tree, or a loop device over a file
-    in it: writeback would go through this daemon's own devices."""
-    if tree is not None:
-        try:
-            st = os.stat(path)
-            inside = st.st_dev == os.stat(tree).st_dev
-        except OSError:
-            inside = False                 # Backing says what is wrong with the path
-        else:
-            if not inside and stat.S_ISBLK(st.st_mode):
-                back = Path(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-                            "/loop/backing_file")
-                try:
-                    inside = back.read_text().strip().startswith(f"{tree}/")
-                except OSError:
-                    inside = False         # not a loop device
-        if inside:
-            raise BackingError(errno.EINVAL, f"{path}: lies inside the zramfs tree at {tree}")
+    """A backing device, opened in a worker thread. BackingError(EINVAL) for a path inside
+    the tree: writeback would go through this daemon's own devices."""
+    if inside_tree(path, tree):
+        raise BackingError(errno.EINVAL, f"{path}: lies inside the zramfs tree at {tree}")
     return Backing(path)
+
+
+MAX_DICTIONARY = 16 << 20             # zstd's dictionaries are kilobytes; refuse anything huge
+
+
+def read_outside_tree(path: str, tree: Path | None) -> bytes:
+    """A dictionary file's content, read in a worker thread; EINVAL inside the tree."""
+    if inside_tree(path, tree):
+        raise OSError(errno.EINVAL, f"lies inside the zramfs tree at {tree}")
+    with open(path, "rb") as f:
+        data = f.read(MAX_DICTIONARY + 1)
+    if not data or len(data) > MAX_DICTIONARY:
+        raise OSError(errno.EINVAL, f"not a dictionary of 1 byte to {MAX_DICTIONARY >> 20} MiB")
+    return data
 
 
 def _choices_line(names: list[str], current: str) -> str:
