@@ -406,3 +406,33 @@ def test_metrics_config_key(tmp_path: Path) -> None:
     conf.write_text("[zramfs]\nmetrics = everywhere\n")
     with pytest.raises(config.ConfigError, match=r":2: \[zramfs\] metrics: 'everywhere' is not"):
         config.load_daemon(conf)
+
+
+def test_train_dict_from_a_devices_own_pages(daemon: Daemon, tmp_path: Path) -> None:
+    """`zramfs train-dict zramN -o FILE` trains a zstd dictionary on the device's stored
+    pages; a device given it holds the same pages in less memory. An empty device has
+    nothing to learn from: one line, exit 1."""
+    from zramfs import corpus
+    data = corpus.build(8 << 20)
+    source = daemon.device("16M", "zstd")
+    with open(daemon.dev(source), "r+b", buffering=0) as f:
+        f.write(data)
+    out = tmp_path / "pages.dict"
+    said = zramfs("train-dict", source, "-o", str(out), "--size", "32K",
+                  "--mountpoint", str(daemon.mnt)).stdout
+    dictionary = out.read_bytes()
+    assert dictionary[:4] == b"\x37\xa4\x30\xec" and len(dictionary) <= 32 << 10   # zstd's magic
+    assert f"from {source}'s pages" in said
+    target = daemon.hot_add()
+    daemon.write(target, "comp_algorithm", "zstd")
+    daemon.write(target, "algorithm_params", f"dict={out}")
+    daemon.write(target, "disksize", "16M")
+    with open(daemon.dev(target), "r+b", buffering=0) as f:
+        f.write(data)
+        f.seek(0)
+        assert f.read(len(data)) == data
+    assert daemon.mm_stat(target)[1] < daemon.mm_stat(source)[1]
+    empty = daemon.device("4M", "zstd")
+    failed = zramfs("train-dict", empty, "-o", str(tmp_path / "x"), "--mountpoint",
+                    str(daemon.mnt), check=False)
+    assert failed.returncode == 1 and "too few to train a dictionary" in failed.stderr

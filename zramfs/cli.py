@@ -123,6 +123,28 @@ def _long_run(fn, mount: ctl.Mount, name: str, what: str, batch: int) -> int:
     return 0
 
 
+def cmd_train_dict(args: argparse.Namespace) -> int:
+    mount = _mount(args)
+    name = mount.name_of(args.device)
+    data = ctl.train_dictionary(mount, name, args.size)
+    try:
+        Path(args.output).write_bytes(data)
+    except OSError as e:
+        raise ctl.CtlError(f"{args.output}: {e.strerror}") from None
+    print(f"{args.output}: a {len(data)}-byte zstd dictionary from {name}'s pages")
+    return 0
+
+
+def dict_size(text: str) -> int:
+    try:
+        size = ctl.parse_size(text)
+    except ctl.CtlError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not 256 <= size <= 16 << 20:
+        raise argparse.ArgumentTypeError(f"{text}: a dictionary of 256 bytes to 16M")
+    return size
+
+
 def pages(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of pages")
@@ -209,6 +231,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("params", nargs="+", help="as the recompress attribute: type=idle ...")
     s.add_argument("--batch", type=pages, default=16384, help="pages a batch (16384)")
     s.set_defaults(func=cmd_recompress)
+
+    s = sub.add_parser("train-dict", parents=[where],
+                       help="train a zstd dictionary on a device's stored pages")
+    s.add_argument("device", help="zramN, or its path")
+    s.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write it")
+    s.add_argument("--size", type=dict_size, default=110 << 10, help="its size (110K)")
+    s.set_defaults(func=cmd_train_dict)
 
     s = sub.add_parser("stats", parents=[where],
                        help="the allocator's per-class table and a summary")

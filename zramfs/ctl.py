@@ -13,6 +13,8 @@ from pathlib import Path
 
 from zramfs import loop
 
+PAGE = 4096
+
 COLUMNS = {
     # name: (header, what it shows)
     "NAME": "zram device name",
@@ -405,3 +407,26 @@ def _mm(mount: Mount, name: str) -> list[int]:
 
 def _bd_writes(mount: Mount, name: str) -> int:
     return int(mount.read(name, "bd_stat").split()[2])
+
+
+# --- a zstd dictionary from a device's own pages ------------------------------------------------
+
+def train_dictionary(mount: Mount, name: str, size: int, samples: int = 4096) -> bytes:
+    """A zstd dictionary of `size` bytes trained (zstandard's ZDICT trainer) on up to `samples`
+    of the device's stored pages, spread evenly over them; same-filled and written-back pages
+    are left out. CtlError when the device holds too few pages to learn from."""
+    import zstandard
+    text = (mount.mountpoint / "sys/kernel/debug/zram" / name / "block_state").read_text()
+    stored = [int(f[0]) for f in (line.split() for line in text.splitlines())
+              if not set(f[2]) & set("sw")]
+    if len(stored) < 16:
+        raise CtlError(f"{name}: {len(stored)} stored pages; too few to train a dictionary on")
+    step = max(1, len(stored) // samples)
+    pages = []
+    with open(mount.dev(name), "rb", buffering=0) as f:
+        for index in stored[::step][:samples]:
+            pages.append(os.pread(f.fileno(), PAGE, index * PAGE))
+    try:
+        return zstandard.train_dictionary(size, pages).as_bytes()
+    except zstandard.ZstdError as e:
+        raise CtlError(f"{name}: cannot train a dictionary: {e}") from None
