@@ -167,6 +167,20 @@ def backing_file(loop: str) -> str | None:
         return None
 
 
+def swap_used_kib(dev: str) -> int:
+    """The 'Used' column of /proc/swaps for dev, 0 if it is not there."""
+    for line in Path("/proc/swaps").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[0] == dev:
+            return int(f[3])
+    return 0
+
+
+def swap_is_on(dev: str) -> bool:
+    return any(line.split()[0] == dev
+               for line in Path("/proc/swaps").read_text().splitlines()[1:])
+
+
 def detach_if_ours(loop: str, back: str) -> None:
     if backing_file(loop) == back:
         run("losetup", "-d", loop, timeout=60)

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 from conftest import (PAGE, PUNCH_HOLE, Cleanup, Daemon, backing_file, can_mount_fuse,
-                      is_mounted, run, wait_for, zramfs_daemon)
+                      is_mounted, run, swap_is_on, swap_used_kib, wait_for, zramfs_daemon)
 
 pytestmark = pytest.mark.skipif(can_mount_fuse() is not None, reason=str(can_mount_fuse()))
 
@@ -128,19 +128,6 @@ def detach_ours(loop: str, d: Daemon, name: str) -> None:
     mount (/dev/NAME), which the fixture's own undo no longer recognises."""
     if backing_file(loop) in (str(d.dev(name)), f"/dev/{name}"):
         run("losetup", "-d", loop, timeout=60)
-
-
-def swap_used_kib(dev: str) -> int:
-    for line in Path("/proc/swaps").read_text().splitlines()[1:]:
-        f = line.split()
-        if f[0] == dev:
-            return int(f[3])
-    return 0
-
-
-def swap_is_on(dev: str) -> bool:
-    return any(line.split()[0] == dev
-               for line in Path("/proc/swaps").read_text().splitlines()[1:])
 
 
 def make_cgroup(cleanup: Cleanup, tag: str, limit: int) -> Path:

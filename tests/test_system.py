@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Daemon, backing_file, is_mounted, requires_fuse, run, wait_for, zramfs_daemon
+from conftest import (Daemon, backing_file, is_mounted, requires_fuse, run, swap_is_on,
+                      swap_used_kib, wait_for, zramfs_daemon)
 
 MiB = 1 << 20
 HERE = Path(__file__).resolve().parent
@@ -93,17 +94,8 @@ def manifest(root: Path) -> dict[Path, str]:
     return out
 
 
-def swap_used_kib(dev: str) -> int:
-    """The 'Used' column of /proc/swaps for dev, 0 if it is not there."""
-    for line in Path("/proc/swaps").read_text().splitlines()[1:]:
-        f = line.split()
-        if f[0] == dev:
-            return int(f[3])
-    return 0
-
-
 def swapoff_if_on(dev: str) -> None:
-    if any(line.split()[0] == dev for line in Path("/proc/swaps").read_text().splitlines()[1:]):
+    if swap_is_on(dev):
         run("swapoff", dev, timeout=120)
 
 
