@@ -14,7 +14,8 @@ ATTRS = sorted(["algorithm_params", "comp_algorithm", "compact", "debug_stat", "
                 "initstate", "io_stat", "max_comp_streams", "mem_limit", "mem_used_max",
                 "mm_stat", "reset", "stat", "backing_dev", "idle", "writeback",
                 "writeback_limit", "writeback_limit_enable", "bd_stat", "recomp_algorithm",
-                "recompress", "writeback_evict", "evict_stat", "zpool"])
+                "recompress", "writeback_evict", "evict_stat", "zpool",
+                "compressed_writeback"])
 WRITE_ONLY = {"algorithm_params", "compact", "mem_limit", "mem_used_max", "reset", "idle",
               "writeback", "recompress"}
 

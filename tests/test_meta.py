@@ -111,8 +111,10 @@ class TieredDiskModel(DiskModel):
         # a full backing device is tested on a mount (test_tiering.py).
         self.file.truncate(self.SIZE)
         self.backing = Backing(self.file.name)
+        # Half the runs write objects back as stored (compressed_writeback).
         self.disk = make_disk(self.SIZE, "lz4", backing=self.backing,
-                              secondary={1: ("zstd", 19), 2: ("lz4hc", 12)})
+                              secondary={1: ("zstd", 19), 2: ("lz4hc", 12)},
+                              compressed_wb=random.random() < 0.5)
         self.model = bytearray(self.SIZE)
         self.evicting = False
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from libc.errno cimport EINVAL, EIO, ENODEV, ENOMEM, ENOSPC
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, qsort, realloc
+from libc.string cimport memcpy, memset
 
 from zramfs._backing cimport backing_alloc, backing_free, backing_write
 from zramfs._zcomp cimport zcomp, zcomp_compress, zcomp_stream_get, zcomp_stream_put, zstream
@@ -25,6 +26,7 @@ from zramfs._zram cimport (Meta, zram, zram_now, zram_slot_free, zram_slot_has_o
 from zramfs.pthread cimport pthread_mutex_lock, pthread_mutex_unlock
 from zramfs.zram cimport (PAGE_SHIFT, PAGE_SIZE, ZRAM_ACCESSED, ZRAM_HUGE, ZRAM_IDLE,
                           ZRAM_INCOMPRESSIBLE, ZRAM_PRIO_MASK, ZRAM_PRIO_SHIFT, ZRAM_WB,
+                          ZRAM_WB_COMPRESSED,
                           posix_memalign, za_add, za_load, za_sub, zram_slot_clear,
                           zram_slot_flags, zram_slot_lock, zram_slot_set_flags,
                           zram_slot_trylock, zram_slot_unlock)
@@ -82,19 +84,35 @@ cdef size_t _mark_idle(zram* m, uint32_t age) noexcept nogil:
 # --- writeback -------------------------------------------------------------------------------
 
 cdef int _writeback_locked(zram* m, zslot* s, char* page, zstream* st) noexcept nogil:
-    """The slot's page, decompressed, to a new block of the backing device; its memory freed.
-    `page` is page-aligned. 0, -ENOSPC when the device is full, or -EIO."""
+    """The slot's page to a new block of the backing device; its memory freed. Decompressed,
+    or with compressed_writeback the object as it is stored (no decompression now; a read
+    decompresses it), as the kernel's. `page` is page-aligned. 0, -ENOSPC when the device is
+    full, or -EIO."""
     cdef long block = backing_alloc(m.backing)
-    cdef uint32_t idle
+    cdef uint32_t flags = zram_slot_flags(&s.flags)
+    cdef uint32_t keep = flags & ZRAM_IDLE
+    cdef uint32_t size = s.size
+    cdef const char* src
+    cdef int rc
     if block < 0:
         return -ENOSPC
-    if zram_slot_load(m, s, page, st) != 0 or backing_write(m.backing, block, page) != 0:
+    if m.compressed_wb:
+        src = m.driver.map(m.pool, s.handle)
+        memcpy(page, src, size)
+        m.driver.unmap(m.pool, s.handle)
+        memset(page + size, 0, PAGE_SIZE - size)
+        keep |= ZRAM_WB_COMPRESSED | (flags & (ZRAM_HUGE | ZRAM_PRIO_MASK))
+        rc = 0
+    else:
+        rc = zram_slot_load(m, s, page, st)
+    if rc != 0 or backing_write(m.backing, block, page) != 0:
         backing_free(m.backing, block)
         return -EIO
-    idle = zram_slot_flags(&s.flags) & ZRAM_IDLE
     zram_slot_free(m, s)
     s.handle = <uint64_t>block
-    zram_slot_set_flags(&s.flags, ZRAM_WB | idle)
+    if keep & ZRAM_WB_COMPRESSED:
+        s.size = size                   # what to decompress when it is read back
+    zram_slot_set_flags(&s.flags, ZRAM_WB | keep)
     za_add(&m.pages_stored, 1)          # still stored, on the backing device
     return 0
 

@@ -36,7 +36,8 @@ ctypedef struct zcomp_ops:
 ctypedef struct zstream:
     pthread_mutex_t lock
     void* ctx
-    char* buffer               # compressed output, ZCOMP_BUFFER bytes
+    char* buffer               # compressed output, ZCOMP_BUFFER bytes; page-aligned, so it
+                               # is also where a compressed written-back page is read into
     char* page                 # a scratch page, for read-modify-write
 
 cdef struct zcomp:

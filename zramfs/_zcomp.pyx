@@ -253,7 +253,8 @@ cdef zcomp* _zcomp_create(const zcomp_ops* ops, int level, int nr, int nr_privat
         s = &comp.streams[i]
         pthread_mutex_init(&s.lock, NULL)
         s.ctx = ops.ctx_create()
-        s.buffer = <char*>malloc(ZCOMP_BUFFER)
+        if posix_memalign(<void**>&s.buffer, PAGE_SIZE, ZCOMP_BUFFER) != 0:
+            s.buffer = NULL
         # Page-aligned: it is also the bounce buffer of O_DIRECT reads from a backing device.
         if posix_memalign(<void**>&s.page, PAGE_SIZE, PAGE_SIZE) != 0:
             s.page = NULL

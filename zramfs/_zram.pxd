@@ -41,6 +41,7 @@ cdef struct zram:
     uint32_t* ac_time      # per slot: last access, CLOCK_MONOTONIC_COARSE seconds
     zbacking* backing      # NULL: no backing device
     # tiering's state, owned by zramfs._tiering
+    int compressed_wb      # write back objects as stored (compressed_writeback)
     int wb_limit_enable
     size_t wb_limit        # pages still allowed to be written back, while enabled (atomic)
     zram_evict_fn evict    # NULL: a write over mem_limit fails

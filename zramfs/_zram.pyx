@@ -42,7 +42,7 @@ from zramfs._zcomp cimport (Compressor, zcomp_compress, zcomp_decompress, zcomp_
 from zramfs.data_ops cimport ZRAMFS_DATA_OPS_CAPSULE, zramfs_data_ops
 from zramfs.pthread cimport pthread_mutex_destroy, pthread_mutex_init
 from zramfs.zram cimport (PAGE_SHIFT, PAGE_SIZE, ZRAM_ACCESSED, ZRAM_HUGE, ZRAM_IDLE,
-                          ZRAM_INCOMPRESSIBLE, ZRAM_LIVE,
+                          ZRAM_INCOMPRESSIBLE, ZRAM_LIVE, ZRAM_WB_COMPRESSED,
                           ZRAM_PRIO_MASK, ZRAM_PRIO_SHIFT, ZRAM_SAME, ZRAM_WB, posix_memalign,
                           za_add, za_load, za_load64, za_max, za_store, za_sub, zram_get,
                           zram_put,
@@ -148,10 +148,13 @@ cdef int zram_slot_load(zram* m, zslot* s, char* page, zstream* st) noexcept nog
     cdef const char* src
     cdef char* bounce
     cdef int rc = 0
-    cdef int prio
-    cdef zstream* st2
     if flags & ZRAM_SAME:
         _fill(page, s.handle)
+    elif flags & ZRAM_WB_COMPRESSED:
+        # Written back as stored: read into the stream's (aligned) buffer, then as from the pool.
+        rc = backing_read(m.backing, s.handle, st.buffer)
+        if rc == 0:
+            rc = _decompress(m, flags, st.buffer, s.size, page, st)
     elif flags & ZRAM_WB:
         # O_DIRECT wants an aligned buffer; the stream's scratch page is one.
         bounce = page if (<size_t>page & (PAGE_SIZE - 1)) == 0 else st.page
@@ -162,19 +165,28 @@ cdef int zram_slot_load(zram* m, zslot* s, char* page, zstream* st) noexcept nog
         memset(page, 0, PAGE_SIZE)
     else:
         src = m.driver.map(m.pool, s.handle)
-        prio = (flags & ZRAM_PRIO_MASK) >> ZRAM_PRIO_SHIFT
-        if flags & ZRAM_HUGE:
-            memcpy(page, src, PAGE_SIZE)
-        elif prio == 0:
-            rc = zcomp_decompress(m.comp, st, src, s.size, page)
-        else:                     # recompressed: the secondary algorithm's own stream
-            st2 = zcomp_stream_get(m.secondary[prio])
-            rc = zcomp_decompress(m.secondary[prio], st2, src, s.size, page)
-            zcomp_stream_put(st2)
+        rc = _decompress(m, flags, src, s.size, page, st)
         m.driver.unmap(m.pool, s.handle)
-        if rc != 0:
-            rc = -EIO
     return rc
+
+
+cdef int _decompress(zram* m, uint32_t flags, const char* src, size_t size, char* page,
+                     zstream* st) noexcept nogil:
+    """An object as stored (raw for a huge page; else by the algorithm its priority names)
+    into `page`. 0 or -EIO."""
+    cdef int prio = (flags & ZRAM_PRIO_MASK) >> ZRAM_PRIO_SHIFT
+    cdef int rc
+    cdef zstream* st2
+    if flags & ZRAM_HUGE:
+        memcpy(page, src, PAGE_SIZE)
+        return 0
+    if prio == 0:
+        rc = zcomp_decompress(m.comp, st, src, <int>size, page)
+    else:                         # recompressed: the secondary algorithm's own stream
+        st2 = zcomp_stream_get(m.secondary[prio])
+        rc = zcomp_decompress(m.secondary[prio], st2, src, <int>size, page)
+        zcomp_stream_put(st2)
+    return -EIO if rc != 0 else 0
 
 
 cdef int zram_slot_replace(zram* m, zslot* s, const char* data, size_t n, uint32_t flags,
@@ -505,10 +517,11 @@ cdef class Meta:
     def __init__(self, size_t disksize, str algorithm="lz4", level=None, *,
                  str backend="zsmalloc", str name="zram", streams=None,
                  int max_pages_per_zspage=8, workers=None, Backing backing=None,
-                 dict secondary=None, dict dictionaries=None):
+                 dict secondary=None, dict dictionaries=None, bint compressed_wb=False):
         """`backing`: the writeback device (the caller's to close, after destroy).
         `secondary`: recompression algorithms, {priority: (name, level or None)}.
-        `dictionaries`: zstd dictionaries, {priority: bytes}, 0 for the primary algorithm."""
+        `dictionaries`: zstd dictionaries, {priority: bytes}, 0 for the primary algorithm.
+        `compressed_wb`: writeback writes objects as stored (decompressed when read back)."""
         cdef Compressor comp
         cdef int nr_workers = default_workers() if workers is None else workers
         if disksize == 0 or disksize % PAGE_SIZE:
@@ -550,6 +563,7 @@ cdef class Meta:
         if backing is not None:
             self.backing = backing
             self.m.backing = backing.b
+        self.m.compressed_wb = compressed_wb
         comp = self.compressor
         self.m.driver = self.pool.driver
         self.m.pool = self.pool.impl

@@ -72,6 +72,7 @@ class Device:
         self.wb_limit = 0              # pages, while wb_limit_enable
         self.wb_limit_enable = False
         self.evict = False             # zswap-style eviction over mem_limit (an extension)
+        self.compressed_wb = False     # writeback of objects as stored (compressed_writeback)
         self.tiering_busy = False      # a writeback or recompression is running
 
     # --- state ---------------------------------------------------------------------------------
@@ -98,7 +99,8 @@ class Device:
         try:
             meta = Meta(disksize, self.algorithm, self.level, backend=self.backend,
                         name=self.name, backing=self.backing, secondary=self.secondary,
-                        dictionaries={p: data for p, (_, data) in self.dictionaries.items()})
+                        dictionaries={p: data for p, (_, data) in self.dictionaries.items()},
+                        compressed_wb=self.compressed_wb)
         except MemoryError as e:
             raise fail(errno.ENOMEM, str(e)) from None
         except _zcomp.CompressorError as e:
@@ -303,6 +305,13 @@ class Device:
             _tiering.set_eviction(self.meta, self.evict)
             await self._job(_tiering.evict_to_limit)
 
+    def _store_compressed_writeback(self, text: str) -> None:
+        """Before disksize only, as the kernel's (EBUSY after)."""
+        value = kstrto.kstrtoull(text, 10) != 0
+        if self.initialised:
+            raise fail(errno.EBUSY, f"{self.name} is initialised; reset it first")
+        self.compressed_wb = value
+
     def _show_evict_stat(self) -> str:
         return "{:8}\n".format(self.meta.stats().evicted if self.meta is not None else 0)
 
@@ -484,6 +493,8 @@ ATTRIBUTES: dict[str, Attribute] = {
     "evict_stat": Attribute(Device._show_evict_stat, None),
     # zramfs's own: the allocator backend, as zswap's zpool parameter.
     "zpool": Attribute(Device._show_zpool, Device._store_zpool),
+    "compressed_writeback": Attribute(lambda d: f"{int(d.compressed_wb)}\n",
+                                      Device._store_compressed_writeback),
 }
 
 

@@ -39,6 +39,7 @@ static inline void za_min(size_t* p, size_t v) {
 #define ZRAM_ACCESSED (1u << 5)        /* accessed since the eviction clock last passed */
 #define ZRAM_PRIO_SHIFT 6              /* 2 bits: the priority of the algorithm that compressed it */
 #define ZRAM_PRIO_MASK (3u << ZRAM_PRIO_SHIFT)
+#define ZRAM_WB_COMPRESSED (1u << 8)   /* written back as it was stored: decompress on read */
 
 static inline void zram_slot_lock(uint32_t* flags) {
     unsigned spins = 0;
