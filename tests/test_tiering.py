@@ -498,3 +498,49 @@ def test_compressed_writeback(daemon: Daemon, tmp_path: Path) -> None:
     assert bd_stat(daemon, name)[1] >= bd_stat(daemon, name)[0]        # read from the file
     daemon.write(name, "reset", "1")
     assert daemon.read(name, "compressed_writeback") == "0\n"
+
+
+@requires_fuse
+@pytest.mark.parametrize("batch", ["1", "32", "1024"])
+def test_writeback_batch_size(daemon: Daemon, tmp_path: Path, batch: str) -> None:
+    """writeback_batch_size (kernel 6.19): 32 by default, 0 is EINVAL; writeback keeps that
+    many writes in flight, and whatever the batch, every page lands and reads back, while
+    a writer rewrites some of them during the writeback (those stay in memory, new)."""
+    from zramfs import corpus
+    data = bytearray(corpus.build(8 << 20))
+    backing = tmp_path / "backing"
+    backing.write_bytes(bytes(16 << 20))
+    loop = run("losetup", "--direct-io=on", "--find", "--show", str(backing)).stdout.strip()
+    daemon.cleanup.push(f"losetup -d {loop}", lambda: run("losetup", "-d", loop, check=False))
+    name = daemon.hot_add()
+    assert daemon.read(name, "writeback_batch_size") == "32\n"
+    assert errno_of(lambda: daemon.write(name, "writeback_batch_size", "0")) == errno.EINVAL
+    daemon.write(name, "backing_dev", loop)
+    daemon.write(name, "disksize", "16M")
+    daemon.write(name, "writeback_batch_size", batch)
+    with open(daemon.dev(name), "r+b", buffering=0) as f:
+        f.write(data)
+        stop = threading.Event()
+
+        def rewriter() -> None:
+            rng = random.Random(5)
+            with open(daemon.dev(name), "r+b", buffering=0) as g:
+                while not stop.is_set():
+                    page = rng.randrange(len(data) // PAGE)
+                    new = rng.randbytes(PAGE)
+                    g.seek(page * PAGE)
+                    g.write(new)
+                    data[page * PAGE:(page + 1) * PAGE] = new
+                    time.sleep(0.001)              # a few hundred pages rewritten, not all
+
+        t = threading.Thread(target=rewriter)
+        t.start()
+        try:
+            daemon.write(name, "idle", "all")
+            daemon.write(name, "writeback", "idle")
+        finally:
+            stop.set()
+            t.join()
+        assert bd_stat(daemon, name)[0] > 1000      # most of the 2048 pages went out
+        f.seek(0)
+        assert f.read(len(data)) == bytes(data)

@@ -13,6 +13,7 @@ ctypedef struct zbacking:
     size_t hint            # where the next free-block search starts
     pthread_mutex_t lock   # guards bitmap and hint only
     char* bounce           # one aligned page per caller is the caller's; this one is for tests
+    unsigned long aio      # the Linux AIO context of batched writes (0: none; plain pwrite)
     # bd_stat, in 4 KiB units (atomic)
     size_t bd_count
     size_t bd_reads
@@ -23,6 +24,10 @@ cdef void backing_free(zbacking* b, size_t block) noexcept nogil
 # Whole pages only; `page` must be 4 KiB aligned when b.direct. 0 or -errno.
 cdef int backing_read(zbacking* b, size_t block, char* page) noexcept nogil
 cdef int backing_write(zbacking* b, size_t block, const char* page) noexcept nogil
+# `n` pages to their blocks with up to n writes in flight at once (Linux AIO); results[i] gets
+# 0 or -errno for pages[i]. Returns how many succeeded. One caller at a time per device.
+cdef size_t backing_write_batch(zbacking* b, size_t n, const size_t* blocks, char** pages,
+                                int* results) noexcept nogil
 
 
 cdef class Backing:

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 from libc.errno cimport EINVAL, EIO, ENODEV, ENOMEM, ENOSPC
 from libc.stdint cimport uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, qsort, realloc
+from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from libc.string cimport memcpy, memset
 
-from zramfs._backing cimport backing_alloc, backing_free, backing_write
+from zramfs._backing cimport backing_alloc, backing_free, backing_write, backing_write_batch
 from zramfs._zcomp cimport zcomp, zcomp_compress, zcomp_stream_get, zcomp_stream_put, zstream
 from zramfs._zram cimport (Meta, zram, zram_now, zram_slot_free, zram_slot_has_object,
                            zram_slot_load, zram_slot_replace, zslot)
 from zramfs.pthread cimport pthread_mutex_lock, pthread_mutex_unlock
 from zramfs.zram cimport (PAGE_SHIFT, PAGE_SIZE, ZRAM_ACCESSED, ZRAM_HUGE, ZRAM_IDLE,
                           ZRAM_INCOMPRESSIBLE, ZRAM_PRIO_MASK, ZRAM_PRIO_SHIFT, ZRAM_WB,
-                          ZRAM_WB_COMPRESSED,
+                          ZRAM_UNDER_WB, ZRAM_WB_COMPRESSED,
                           posix_memalign, za_add, za_load, za_sub, zram_slot_clear,
                           zram_slot_flags, zram_slot_lock, zram_slot_set_flags,
                           zram_slot_trylock, zram_slot_unlock)
@@ -83,37 +83,63 @@ cdef size_t _mark_idle(zram* m, uint32_t age) noexcept nogil:
 
 # --- writeback -------------------------------------------------------------------------------
 
-cdef int _writeback_locked(zram* m, zslot* s, char* page, zstream* st) noexcept nogil:
-    """The slot's page to a new block of the backing device; its memory freed. Decompressed,
-    or with compressed_writeback the object as it is stored (no decompression now; a read
-    decompresses it), as the kernel's. `page` is page-aligned. 0, -ENOSPC when the device is
-    full, or -EIO."""
+ctypedef struct zwb:                    # one page of a writeback, between its two halves
+    size_t index
+    size_t block
+    uint64_t handle                     # the object it was taken from
+    uint32_t keep                       # flags the written-back slot keeps
+    uint32_t size                       # with compressed_writeback: the object's size
+
+
+cdef int _wb_prepare(zram* m, zslot* s, char* page, zstream* st, zwb* w) noexcept nogil:
+    """Slot lock held: a block for the page, and what goes in it in `page` (page-aligned):
+    the page decompressed, or with compressed_writeback the object as it is stored (a read
+    decompresses it), as the kernel's. 0, -ENOSPC (backing device full) or -EIO."""
     cdef long block = backing_alloc(m.backing)
     cdef uint32_t flags = zram_slot_flags(&s.flags)
-    cdef uint32_t keep = flags & ZRAM_IDLE
-    cdef uint32_t size = s.size
     cdef const char* src
-    cdef int rc
     if block < 0:
         return -ENOSPC
+    w.index = s - m.table
+    w.block = <size_t>block
+    w.handle = s.handle
+    w.keep = 0
+    w.size = s.size
     if m.compressed_wb:
         src = m.driver.map(m.pool, s.handle)
-        memcpy(page, src, size)
+        memcpy(page, src, s.size)
         m.driver.unmap(m.pool, s.handle)
-        memset(page + size, 0, PAGE_SIZE - size)
-        keep |= ZRAM_WB_COMPRESSED | (flags & (ZRAM_HUGE | ZRAM_PRIO_MASK))
-        rc = 0
-    else:
-        rc = zram_slot_load(m, s, page, st)
-    if rc != 0 or backing_write(m.backing, block, page) != 0:
+        memset(page + s.size, 0, PAGE_SIZE - s.size)
+        w.keep = ZRAM_WB_COMPRESSED | (flags & (ZRAM_HUGE | ZRAM_PRIO_MASK))
+    elif zram_slot_load(m, s, page, st) != 0:
         backing_free(m.backing, block)
         return -EIO
+    return 0
+
+
+cdef void _wb_commit(zram* m, zslot* s, zwb* w) noexcept nogil:
+    """Slot lock held, its page on the block: the object freed, the slot pointing at the block
+    (a new home complete before the old one goes: hazard 8)."""
+    cdef uint32_t idle = zram_slot_flags(&s.flags) & ZRAM_IDLE
     zram_slot_free(m, s)
-    s.handle = <uint64_t>block
-    if keep & ZRAM_WB_COMPRESSED:
-        s.size = size                   # what to decompress when it is read back
-    zram_slot_set_flags(&s.flags, ZRAM_WB | keep)
+    s.handle = <uint64_t>w.block
+    if w.keep & ZRAM_WB_COMPRESSED:
+        s.size = w.size                 # what to decompress when it is read back
+    zram_slot_set_flags(&s.flags, ZRAM_WB | w.keep | idle)
     za_add(&m.pages_stored, 1)          # still stored, on the backing device
+
+
+cdef int _writeback_locked(zram* m, zslot* s, char* page, zstream* st) noexcept nogil:
+    """The slot's page to a new block of the backing device, one write (eviction's way); its
+    memory freed. 0, -ENOSPC when the device is full, or -EIO."""
+    cdef zwb w
+    cdef int rc = _wb_prepare(m, s, page, st, &w)
+    if rc != 0:
+        return rc
+    if backing_write(m.backing, w.block, page) != 0:
+        backing_free(m.backing, w.block)
+        return -EIO
+    _wb_commit(m, s, &w)
     return 0
 
 
@@ -128,7 +154,7 @@ cdef int _larger_first(const void* a, const void* b) noexcept nogil:
     return (x < y) - (x > y)
 
 
-cdef long _writeback(zram* m, int pick, const size_t* ranges, size_t nranges, char* page,
+cdef long _writeback(zram* m, int pick, const size_t* ranges, size_t nranges,
                      int* err) noexcept nogil:
     """Writes back the pages `pick` selects, largest objects first. The pages written; `err`
     gets ENOSPC (backing device full), EIO (limit spent, or I/O), ENOMEM or stays 0."""
@@ -136,9 +162,7 @@ cdef long _writeback(zram* m, int pick, const size_t* ranges, size_t nranges, ch
     cdef zcandidate* cand = NULL
     cdef zcandidate* grown
     cdef zslot* s
-    cdef zstream* st
     cdef long done = 0
-    cdef int rc
     cdef int want = PICK_ALL if pick == PICK_INDEXES else pick
     err[0] = 0
     for r in range(nranges if pick == PICK_INDEXES else 1):
@@ -163,24 +187,84 @@ cdef long _writeback(zram* m, int pick, const size_t* ranges, size_t nranges, ch
                 n += 1
             i += 1
     qsort(cand, n, sizeof(zcandidate), _larger_first)
-    st = zcomp_stream_get(m.comp)
-    for i in range(n):
-        if m.wb_limit_enable and za_load(&m.wb_limit) == 0:
-            err[0] = EIO
-            break
-        s = &m.table[cand[i].index]
-        zram_slot_lock(&s.flags)
-        rc = _writeback_locked(m, s, page, st) if _picked(s, want) else 1
-        zram_slot_unlock(&s.flags)
-        if rc < 0:
-            err[0] = -rc
-            break
-        if rc == 0:
-            done += 1
-            if m.wb_limit_enable:
-                za_sub(&m.wb_limit, 1)
-    zcomp_stream_put(st)
+    done = _writeback_batches(m, want, cand, n, err)
     free(cand)
+    return done
+
+
+cdef long _writeback_batches(zram* m, int want, zcandidate* cand, size_t n,
+                             int* err) noexcept nogil:
+    """The candidates, writeback_batch_size at a time: each batch's pages are prepared under
+    their slot locks and marked ZRAM_UNDER_WB, written with every write in flight at once, and
+    committed under the locks again, only where the slot was not changed meanwhile (the mark is
+    gone then, and the block goes back)."""
+    cdef size_t batch = max(<size_t>1, min(m.wb_batch, <size_t>1024))
+    cdef char* pages = NULL
+    cdef zwb* wbs = <zwb*>malloc(batch * sizeof(zwb))
+    cdef size_t* blocks = <size_t*>malloc(batch * sizeof(size_t))
+    cdef char** ptrs = <char**>malloc(batch * sizeof(char*))
+    cdef int* results = <int*>malloc(batch * sizeof(int))
+    cdef size_t i = 0, j, k
+    cdef long done = 0
+    cdef zslot* s
+    cdef uint32_t f
+    cdef int rc
+    cdef zstream* st
+    if (wbs == NULL or blocks == NULL or ptrs == NULL or results == NULL
+            or posix_memalign(<void**>&pages, PAGE_SIZE, batch * PAGE_SIZE) != 0):
+        free(wbs)
+        free(blocks)
+        free(ptrs)
+        free(results)
+        err[0] = ENOMEM
+        return 0
+    st = zcomp_stream_get(m.comp)
+    while i < n and not err[0]:
+        k = 0
+        while k < batch and i < n:
+            if m.wb_limit_enable and za_load(&m.wb_limit) <= k:
+                err[0] = EIO              # the limit is spent, counting this batch
+                break
+            s = &m.table[cand[i].index]
+            i += 1
+            zram_slot_lock(&s.flags)
+            if _picked(s, want):
+                rc = _wb_prepare(m, s, pages + k * PAGE_SIZE, st, &wbs[k])
+                if rc == 0:
+                    zram_slot_set_flags(&s.flags, zram_slot_flags(&s.flags) | ZRAM_UNDER_WB)
+                    blocks[k] = wbs[k].block
+                    ptrs[k] = pages + k * PAGE_SIZE
+                    k += 1
+                else:
+                    err[0] = -rc
+            zram_slot_unlock(&s.flags)
+            if err[0]:
+                break
+        if k:
+            backing_write_batch(m.backing, k, blocks, ptrs, results)
+        for j in range(k):
+            s = &m.table[wbs[j].index]
+            zram_slot_lock(&s.flags)
+            f = zram_slot_flags(&s.flags)
+            if results[j] == 0 and f & ZRAM_UNDER_WB and s.handle == wbs[j].handle:
+                zram_slot_set_flags(&s.flags, f & ~ZRAM_UNDER_WB)
+                _wb_commit(m, s, &wbs[j])
+                done += 1
+                if m.wb_limit_enable:
+                    za_sub(&m.wb_limit, 1)
+            else:
+                if f & ZRAM_UNDER_WB:
+                    zram_slot_set_flags(&s.flags, f & ~ZRAM_UNDER_WB)
+                backing_free(m.backing, wbs[j].block)
+                if results[j] != 0 and not err[0]:
+                    err[0] = EIO
+            zram_slot_unlock(&s.flags)
+    zcomp_stream_put(st)
+    free(pages)
+    free(wbs)
+    free(blocks)
+    free(ptrs)
+    free(results)
     return done
 
 
@@ -325,7 +409,6 @@ def writeback(Meta meta, mode: str | None, ranges=()) -> int:
     cdef int pick = PICK_INDEXES if mode is None else PAGE_TYPES[mode]
     cdef size_t n = len(ranges)
     cdef size_t* cranges
-    cdef char* page
     cdef long done
     cdef int err = 0
     if m.backing == NULL:
@@ -335,15 +418,9 @@ def writeback(Meta meta, mode: str | None, ranges=()) -> int:
         raise MemoryError()
     for i, (lo, hi) in enumerate(ranges):
         cranges[2 * i], cranges[2 * i + 1] = lo, hi
-    try:
-        page = _page()
-    except MemoryError:
-        free(cranges)
-        raise
     with nogil:
-        done = _writeback(m, pick, cranges, n, page, &err)
+        done = _writeback(m, pick, cranges, n, &err)
     free(cranges)
-    free(page)
     if err:
         raise OSError(err, f"writeback stopped after {done} pages")
     return done
@@ -395,6 +472,11 @@ def evict_to_limit(Meta meta) -> None:
 def wb_limit(Meta meta) -> int:
     """Pages still allowed to be written back (while writeback_limit_enable)."""
     return za_load(&meta.m.wb_limit)
+
+
+def set_wb_batch(Meta meta, size_t pages) -> None:
+    """writeback_batch_size: how many writeback I/Os are in flight at once (1..1024)."""
+    meta.m.wb_batch = pages
 
 
 def set_wb_limit(Meta meta, size_t pages, bint enable) -> None:

@@ -42,6 +42,7 @@ cdef struct zram:
     zbacking* backing      # NULL: no backing device
     # tiering's state, owned by zramfs._tiering
     int compressed_wb      # write back objects as stored (compressed_writeback)
+    size_t wb_batch        # writeback I/Os in flight at once (writeback_batch_size)
     int wb_limit_enable
     size_t wb_limit        # pages still allowed to be written back, while enabled (atomic)
     zram_evict_fn evict    # NULL: a write over mem_limit fails

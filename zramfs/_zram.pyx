@@ -564,6 +564,7 @@ cdef class Meta:
             self.backing = backing
             self.m.backing = backing.b
         self.m.compressed_wb = compressed_wb
+        self.m.wb_batch = 32                  # the kernel's default writeback_batch_size
         comp = self.compressor
         self.m.driver = self.pool.driver
         self.m.pool = self.pool.impl

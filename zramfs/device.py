@@ -36,6 +36,8 @@ DEFAULT_ALGORITHM = "lz4"
 DEFAULT_BACKEND = "zsmalloc"
 DRAIN_POLL = 0.001
 INT_MAX = 2**31 - 1
+WB_BATCH = 32                  # writeback_batch_size's default, as the kernel's
+WB_BATCH_MAX = 1024            # writes in flight at once, at most
 AGE_MAX = 2**32 - 1           # idle ages are kept in 32 bits of seconds
 
 
@@ -73,6 +75,7 @@ class Device:
         self.wb_limit_enable = False
         self.evict = False             # zswap-style eviction over mem_limit (an extension)
         self.compressed_wb = False     # writeback of objects as stored (compressed_writeback)
+        self.wb_batch = WB_BATCH       # writeback I/Os in flight at once
         self.tiering_busy = False      # a writeback or recompression is running
 
     # --- state ---------------------------------------------------------------------------------
@@ -108,6 +111,7 @@ class Device:
         meta.mem_limit = self.mem_limit
         _tiering.set_wb_limit(meta, self.wb_limit, self.wb_limit_enable)
         _tiering.set_eviction(meta, self.evict)
+        _tiering.set_wb_batch(meta, self.wb_batch)
         self.disk.attach(meta)
         log.info("%s: disksize %d, %s", self.name, disksize, self.algorithm)
 
@@ -305,6 +309,16 @@ class Device:
             _tiering.set_eviction(self.meta, self.evict)
             await self._job(_tiering.evict_to_limit)
 
+    def _store_writeback_batch_size(self, text: str) -> None:
+        """How many writeback I/Os are in flight at once (kernel 6.19): 1 or more, at any
+        time; above WB_BATCH_MAX, WB_BATCH_MAX."""
+        size = kstrto.kstrtoull(text, 10)
+        if size == 0:
+            raise fail(errno.EINVAL, "writeback_batch_size must be 1 or more")
+        self.wb_batch = min(size, WB_BATCH_MAX)
+        if self.meta is not None:
+            _tiering.set_wb_batch(self.meta, self.wb_batch)
+
     def _store_compressed_writeback(self, text: str) -> None:
         """Before disksize only, as the kernel's (EBUSY after)."""
         value = kstrto.kstrtoull(text, 10) != 0
@@ -495,6 +509,8 @@ ATTRIBUTES: dict[str, Attribute] = {
     "zpool": Attribute(Device._show_zpool, Device._store_zpool),
     "compressed_writeback": Attribute(lambda d: f"{int(d.compressed_wb)}\n",
                                       Device._store_compressed_writeback),
+    "writeback_batch_size": Attribute(lambda d: f"{d.wb_batch}\n",
+                                      Device._store_writeback_batch_size),
 }
 
 

@@ -40,6 +40,8 @@ static inline void za_min(size_t* p, size_t v) {
 #define ZRAM_PRIO_SHIFT 6              /* 2 bits: the priority of the algorithm that compressed it */
 #define ZRAM_PRIO_MASK (3u << ZRAM_PRIO_SHIFT)
 #define ZRAM_WB_COMPRESSED (1u << 8)   /* written back as it was stored: decompress on read */
+#define ZRAM_UNDER_WB (1u << 9)        /* a batched writeback of it is in flight; any change
+                                          of the slot's content clears it */
 
 static inline void zram_slot_lock(uint32_t* flags) {
     unsigned spins = 0;
