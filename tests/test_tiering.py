@@ -544,3 +544,28 @@ def test_writeback_batch_size(daemon: Daemon, tmp_path: Path, batch: str) -> Non
         assert bd_stat(daemon, name)[0] > 1000      # most of the 2048 pages went out
         f.seek(0)
         assert f.read(len(data)) == bytes(data)
+
+
+@requires_fuse
+def test_config_recompression_policy_runs_periodically(tmp_path: Path) -> None:
+    """zram-generator's trailing group, `lz4 zstd(level=19) (type=idle)`: zram-generator
+    parses it and never applies it; the daemon recompresses idle pages with it every
+    recompress-interval (each round marking everything idle for the next)."""
+    conf = tmp_path / "zramfs.conf"
+    conf.write_text("[zram0]\nzram-size = 64\n"
+                    "compression-algorithm = lz4 zstd(level=19) (type=idle)\n"
+                    "recompress-interval = 1s\nfs-type = ext4\n"
+                    f"mount-point = {tmp_path / 'fs'}\n")
+    with zramfs_daemon("--config", str(conf), tmp=tmp_path) as d:
+        (tmp_path / "fs" / "cold").write_bytes(text_pages(256))
+        run("sync")
+        state = d.mnt / "sys/kernel/debug/zram/zram0/block_state"
+        deadline = time.monotonic() + 20                 # idle after one round, taken next
+        while "r" not in "".join(line.split()[2] for line in state.read_text().splitlines()) \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        flags = [line.split()[2] for line in state.read_text().splitlines()]
+        assert any("r" in f for f in flags), "no page was recompressed"
+        run("sh", "-c", "echo 3 > /proc/sys/vm/drop_caches")
+        assert (tmp_path / "fs" / "cold").read_bytes() == text_pages(256)
+    assert not is_mounted(tmp_path / "fs")

@@ -376,6 +376,18 @@ def _device(section: _Section, ram_mib: float) -> DeviceConfig:
     return dev
 
 
+def _sections(path: Path) -> dict[str, _Section]:
+    """The sections of `path` and of `path`.d/*.conf, later files overriding keys of earlier
+    ones, as systemd's drop-ins do."""
+    sections: dict[str, _Section] = {}
+    _read(path, sections)
+    dropins = Path(str(path) + ".d")
+    if dropins.is_dir():
+        for extra in sorted(dropins.glob("*.conf")):
+            _read(extra, sections)
+    return sections
+
+
 @dataclass
 class DaemonConfig:
     """The [zramfs] section: the daemon's settings that are no device's."""
@@ -385,13 +397,7 @@ class DaemonConfig:
 def load_daemon(path: Path = DEFAULT_PATH) -> DaemonConfig:
     """The [zramfs] section of `path` and its drop-ins (later files override keys)."""
     from zramfs.metrics import parse_address
-    sections: dict[str, _Section] = {}
-    _read(path, sections)
-    dropins = Path(str(path) + ".d")
-    if dropins.is_dir():
-        for extra in sorted(dropins.glob("*.conf")):
-            _read(extra, sections)
-    section = sections.get(DAEMON_SECTION)
+    section = _sections(path).get(DAEMON_SECTION)
     settings = DaemonConfig()
     for key, (value, where) in (section.keys.items() if section else ()):
         if key != "metrics":
@@ -407,13 +413,8 @@ def load_daemon(path: Path = DEFAULT_PATH) -> DaemonConfig:
 def load(path: Path = DEFAULT_PATH, *, ram_mib: float) -> list[DeviceConfig]:
     """The devices of `path` and of `path`.d/*.conf (later files override keys of earlier
     ones, as systemd's drop-ins do), in id order; devices sized 0 are left out."""
-    sections: dict[str, _Section] = {}
-    _read(path, sections)
-    dropins = Path(str(path) + ".d")
-    if dropins.is_dir():
-        for extra in sorted(dropins.glob("*.conf")):
-            _read(extra, sections)
-    devices = [_device(s, ram_mib) for s in sections.values() if s.name != DAEMON_SECTION]
+    devices = [_device(s, ram_mib) for s in _sections(path).values()
+               if s.name != DAEMON_SECTION]
     mounts = [d.mount_point for d in devices if d.mount_point]
     if len(mounts) != len(set(mounts)):
         raise ConfigError(f"{path}: two devices have the same mount-point")

@@ -41,6 +41,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -284,10 +285,8 @@ async def serve(opts: Options,
                         async with trio.open_nursery() as background:
                             background.start_soon(_watch_budget)
                             for cfg in opts.devices:
-                                if cfg.writeback_interval:
-                                    background.start_soon(_periodic_writeback, devices, cfg)
-                                if cfg.recompress_interval:
-                                    background.start_soon(_periodic_recompress, devices, cfg)
+                                for job in _maintenance(devices, cfg):
+                                    background.start_soon(job)
                             await _until_stopped(signals, loop_done)
                             background.cancel_scope.cancel()
             finally:
@@ -319,23 +318,37 @@ async def _until_stopped(signals, loop_done: trio.Event) -> None:
         waiters.start_soon(until_unmounted)
 
 
-async def _periodic_writeback(devices: Devices, cfg: DeviceConfig) -> None:
-    """Every writeback-interval: write back the pages idle for writeback-idle-age, or, with
-    no age, those not accessed since the previous round marked everything idle."""
+async def _periodically(devices: Devices, cfg: DeviceConfig, interval: float, what: str,
+                        steps: list[tuple[str, str]]) -> None:
+    """Every `interval` seconds, the attribute stores `steps` on the device of `cfg`, while it
+    is initialised; a failure is a log line, and the next round comes all the same."""
     while True:
-        await trio.sleep(cfg.writeback_interval)
+        await trio.sleep(interval)
         dev = devices.by_id.get(cfg.id)
         if dev is None or dev.meta is None:
             continue
         try:
-            if cfg.writeback_idle_age:
-                await dev.store("idle", str(max(1, int(cfg.writeback_idle_age))))
-                await dev.store("writeback", "idle")
-            else:
-                await dev.store("writeback", "idle")
-                await dev.store("idle", "all")
+            for attr, value in steps:
+                await dev.store(attr, value)
         except OSError as e:
-            log.warning("%s: periodic writeback: %s", cfg.name, e.strerror)
+            log.warning("%s: periodic %s: %s", cfg.name, what, e.strerror)
+
+
+def _maintenance(devices: Devices, cfg: DeviceConfig) -> list[Callable[[], Any]]:
+    """The periodic work a device's config asks for. Writeback: the pages idle for
+    writeback-idle-age, or, with no age, those not accessed since the previous round marked
+    everything idle. Recompression: zram-generator's policy (the trailing group of
+    compression-algorithm), then everything marked idle for the next round."""
+    jobs = []
+    if cfg.writeback_interval:
+        steps = ([("idle", str(max(1, int(cfg.writeback_idle_age)))), ("writeback", "idle")]
+                 if cfg.writeback_idle_age else [("writeback", "idle"), ("idle", "all")])
+        jobs.append(partial(_periodically, devices, cfg, cfg.writeback_interval, "writeback",
+                            steps))
+    if cfg.recompress_interval:
+        jobs.append(partial(_periodically, devices, cfg, cfg.recompress_interval,
+                            "recompression", [("recompress", cfg.recompress), ("idle", "all")]))
+    return jobs
 
 
 def _snapshot(devices: Devices, session: _fuse.Session) -> "metrics.Snapshot":
@@ -368,22 +381,6 @@ async def _serve_metrics(address: str, devices: Devices, session: _fuse.Session)
         raise DaemonError(f"metrics {address}: {e}") from None
     log.info("metrics on http://%s/metrics", address)
     return server
-
-
-async def _periodic_recompress(devices: Devices, cfg: DeviceConfig) -> None:
-    """Every recompress-interval: zram-generator's recompression policy (the trailing group of
-    compression-algorithm, e.g. type=idle), then every page marked idle, so the next round
-    takes the pages not accessed since this one."""
-    while True:
-        await trio.sleep(cfg.recompress_interval)
-        dev = devices.by_id.get(cfg.id)
-        if dev is None or dev.meta is None:
-            continue
-        try:
-            await dev.store("recompress", cfg.recompress)
-            await dev.store("idle", "all")
-        except OSError as e:
-            log.warning("%s: periodic recompression: %s", cfg.name, e.strerror)
 
 
 async def _set_up(opts: Options, devices: Devices, tree: Tree,
