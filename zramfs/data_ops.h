@@ -1,7 +1,7 @@
 /*
  * zramfs "data ops": the C-level interface between the FUSE session and the
  * block storage engine.  READ/WRITE/FALLOCATE on data-file handles are served
- * by these function pointers directly in libfuse worker threads, without the
+ * by these function pointers directly in the FUSE engine's worker threads, without the
  * Python GIL.  All functions must be thread-safe.
  *
  * Shared between extension modules through a PyCapsule named
