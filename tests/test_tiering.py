@@ -312,13 +312,19 @@ def test_read_back_under_same_page_overwrite_during_writeback(daemon: Daemon,
                     return
 
     def reader() -> None:
+        # 3000 reads at least, and on until the tierer has written back more than 10 times
+        # (within 30 s): how fast reads go must not decide whether the race was run.
+        deadline = time.monotonic() + 30
         with open(daemon.dev(name), "rb", buffering=0) as f:
-            for _ in range(3000):
+            reads = 0
+            while reads < 3000 or (bd_stat(daemon, name)[2] <= 10
+                                   and time.monotonic() < deadline):
                 f.seek(PAGE)
                 got = f.read(PAGE)
                 if got not in allowed:
                     bad.append(got)
                     return
+                reads += 1
 
     race(stop, [writer, tierer], [reader] * 2)
     assert not errors and not bad
