@@ -436,3 +436,26 @@ def test_train_dict_from_a_devices_own_pages(daemon: Daemon, tmp_path: Path) -> 
     failed = zramfs("train-dict", empty, "-o", str(tmp_path / "x"), "--mountpoint",
                     str(daemon.mnt), check=False)
     assert failed.returncode == 1 and "too few to train a dictionary" in failed.stderr
+
+
+@requires_fuse
+def test_daemon_runs_a_zram_generator_file_as_it_is(tmp_path: Path) -> None:
+    """A zram-generator.conf as people have it (obsolete keys, a recompression policy group,
+    zram-generator's own fs-type and options): the daemon takes it unchanged and sets up
+    what it says."""
+    conf = tmp_path / "zram-generator.conf"
+    mnt = tmp_path / "zram-fs"
+    conf.write_text("[zram0]\nzram-fraction = 0.01\nmax-zram-size = 64\n"
+                    "compression-algorithm = lz4 zstd(level=3) (type=idle)\n"
+                    f"fs-type = ext4\nmount-point = {mnt}\noptions = discard,noatime\n"
+                    "host-memory-limit = none\n")
+    with zramfs_daemon("--config", str(conf), tmp=tmp_path) as d:
+        assert int(d.read("zram0", "disksize")) == 64 << 20        # min(ram * 0.01, 64)
+        assert d.read("zram0", "comp_algorithm") == "[lz4] lz4hc zstd \n"
+        assert d.read("zram0", "recomp_algorithm") == "#1: lz4 lz4hc [zstd] \n"
+        assert is_mounted(mnt)
+        (mnt / "f").write_bytes(b"zram " * 1000)
+        assert (mnt / "f").read_bytes() == b"zram " * 1000
+        log = d.log.read_text()
+        assert "zram-fraction is obsolete: use zram-size" in log
+    assert not is_mounted(mnt)
