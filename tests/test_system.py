@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (Daemon, backing_file, is_mounted, requires_fuse, run, swap_is_on,
+from conftest import (Daemon, is_mounted, requires_fuse, run, swap_is_on,
                       swap_used_kib, wait_for, zramfs_daemon)
 
 MiB = 1 << 20

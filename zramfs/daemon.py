@@ -47,7 +47,7 @@ from typing import Any
 
 import trio
 
-from zramfs import _fuse, _pages, _zram, budget, loop
+from zramfs import _fuse, _pages, _zram, budget, loop, metrics
 from zramfs.config import DeviceConfig
 from zramfs.control import Tree
 from zramfs.device import Devices
@@ -351,9 +351,8 @@ def _maintenance(devices: Devices, cfg: DeviceConfig) -> list[Callable[[], Any]]
     return jobs
 
 
-def _snapshot(devices: Devices, session: _fuse.Session) -> "metrics.Snapshot":
+def _snapshot(devices: Devices, session: _fuse.Session) -> metrics.Snapshot:
     """The numbers a scrape shows (trio thread: the devices are only read here)."""
-    from zramfs import metrics
     snap = metrics.Snapshot(requests=session.requests(), buckets=_fuse.LATENCY_BUCKETS)
     for dev in devices.by_id.values():
         meta = dev.meta
@@ -371,7 +370,6 @@ def _snapshot(devices: Devices, session: _fuse.Session) -> "metrics.Snapshot":
 async def _serve_metrics(address: str, devices: Devices, session: _fuse.Session) -> object:
     """The Prometheus endpoint, in the client library's own thread; a scrape asks the trio
     thread for its numbers."""
-    from zramfs import metrics
     token = trio.lowlevel.current_trio_token()
     try:
         server = await trio.to_thread.run_sync(
