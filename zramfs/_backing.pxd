@@ -24,8 +24,16 @@ cdef void backing_free(zbacking* b, size_t block) noexcept nogil
 # Whole pages only; `page` must be 4 KiB aligned when b.direct. 0 or -errno.
 cdef int backing_read(zbacking* b, size_t block, char* page) noexcept nogil
 cdef int backing_write(zbacking* b, size_t block, const char* page) noexcept nogil
-# `n` pages to their blocks with up to n writes in flight at once (Linux AIO); results[i] gets
-# 0 or -errno for pages[i]. Returns how many succeeded. One caller at a time per device.
+cdef extern from *:
+    """
+    #define BK_MAX_BATCH 1024
+    """
+    enum:
+        BK_MAX_BATCH      # the most writes backing_write_batch has in flight at once
+
+# `n` (<= BK_MAX_BATCH) pages to their blocks, all writes in flight at once (Linux AIO);
+# results[i] gets 0 or -errno for pages[i]. Returns how many succeeded. One caller at a time
+# per device.
 cdef size_t backing_write_batch(zbacking* b, size_t n, const size_t* blocks, char** pages,
                                 int* results) noexcept nogil
 

@@ -32,7 +32,6 @@ cdef extern from *:
     /* Linux AIO by its system calls (no libaio): writes of whole pages at their blocks, all
        in flight at once. With O_DIRECT they really overlap; otherwise the kernel does them
        one by one, which is still correct. */
-    #define BK_MAX_BATCH 1024
     static unsigned long bk_aio_setup(void) {
         aio_context_t ctx = 0;
         if (syscall(SYS_io_setup, BK_MAX_BATCH, &ctx) != 0) return 0;
@@ -153,6 +152,9 @@ cdef size_t backing_write_batch(zbacking* b, size_t n, const size_t* blocks, cha
         return ok
     za_add(&b.bd_writes, ok)
     return ok
+
+
+MAX_BATCH = BK_MAX_BATCH
 
 
 def _capacity(fd: int, st: os.stat_result) -> int:

@@ -19,7 +19,8 @@ from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from libc.string cimport memcpy, memset
 
-from zramfs._backing cimport backing_alloc, backing_free, backing_write, backing_write_batch
+from zramfs._backing cimport (BK_MAX_BATCH, backing_alloc, backing_free, backing_write,
+                              backing_write_batch)
 from zramfs._zcomp cimport zcomp, zcomp_compress, zcomp_stream_get, zcomp_stream_put, zstream
 from zramfs._zram cimport (Meta, zram, zram_now, zram_slot_free, zram_slot_has_object,
                            zram_slot_load, zram_slot_replace, zslot)
@@ -198,7 +199,7 @@ cdef long _writeback_batches(zram* m, int want, zcandidate* cand, size_t n,
     their slot locks and marked ZRAM_UNDER_WB, written with every write in flight at once, and
     committed under the locks again, only where the slot was not changed meanwhile (the mark is
     gone then, and the block goes back)."""
-    cdef size_t batch = max(<size_t>1, min(m.wb_batch, <size_t>1024))
+    cdef size_t batch = max(<size_t>1, min(m.wb_batch, <size_t>BK_MAX_BATCH))
     cdef char* pages = NULL
     cdef zwb* wbs = <zwb*>malloc(batch * sizeof(zwb))
     cdef size_t* blocks = <size_t*>malloc(batch * sizeof(size_t))

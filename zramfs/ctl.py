@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zramfs import loop
-
-PAGE = 4096
+from zramfs.kstrto import PAGE_SIZE as PAGE
 
 COLUMNS = {
     # name: (header, what it shows)
@@ -154,7 +153,7 @@ def status(mount: Mount, names: list[str] | None = None) -> list[dict[str, objec
     for name in names or mount.names():
         if names is None and mount.read(name, "initstate").strip() != "1":
             continue                       # zramctl lists the devices in use
-        mm = [int(x) for x in mount.read(name, "mm_stat").split()]
+        mm = _mm(mount, name)
         algorithm = re.search(r"\[([^\]]+)\]", mount.read(name, "comp_algorithm"))
         rows.append({
             "NAME": str(mount.dev(name)),
@@ -269,7 +268,7 @@ def stats(mount: Mount, names: list[str]) -> str:
         if mount.read(name, "initstate").strip() != "1":
             out.append(f"{name}: not initialised\n")
             continue
-        mm = [int(x) for x in mount.read(name, "mm_stat").split()]
+        mm = _mm(mount, name)
         for pool in pools_of(mount, name):
             out.append(f"{name} (pool {pool.name}):")
             out.append((pool / "classes").read_text())

@@ -50,12 +50,11 @@ import trio
 from zramfs import _fuse, _pages, _zram, budget, loop, metrics
 from zramfs.config import DeviceConfig
 from zramfs.control import Tree
-from zramfs.device import Devices
+from zramfs.device import PAGE, Devices
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MOUNTPOINT = Path("/run/zramfs")
-PAGE = 4096
 BUDGET_POLL = 2.0         # seconds between looks at the memory budget
 
 
@@ -355,15 +354,11 @@ def _snapshot(devices: Devices, session: _fuse.Session) -> metrics.Snapshot:
     """The numbers a scrape shows (trio thread: the devices are only read here)."""
     snap = metrics.Snapshot(requests=session.requests(), buckets=_fuse.LATENCY_BUCKETS)
     for dev in devices.by_id.values():
-        meta = dev.meta
         snap.devices.append(metrics.DeviceStats(
-            name=dev.name, disksize=dev.disksize,
-            mm_stat=meta.mm_stat() if meta is not None else
-            (0, 0, 0, dev.mem_limit, 0, 0, 0, 0, 0),
-            io_stat=meta.io_stat() if meta is not None else (0, 0, 0, 0),
-            bd_stat=dev.backing.bd_stat() if dev.backing is not None else (0, 0, 0),
+            name=dev.name, disksize=dev.disksize, mm_stat=dev.mm_stat(),
+            io_stat=dev.io_stat(), bd_stat=dev.bd_stat(),
             bd_blocks=dev.backing.nr_blocks if dev.backing is not None else 0,
-            evicted=meta.stats().evicted if meta is not None else 0))
+            evicted=dev.evicted()))
     return snap
 
 

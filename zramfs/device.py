@@ -25,19 +25,19 @@ from pathlib import Path
 
 import trio
 
-from zramfs import _alloc, _tiering, _zcomp, kstrto, tiering
+from zramfs import _alloc, _backing, _tiering, _zcomp, kstrto, tiering
 from zramfs._backing import Backing, BackingError
 from zramfs._zram import Disk, Meta
 
 log = logging.getLogger(__name__)
 
-PAGE = 4096
+PAGE = kstrto.PAGE_SIZE
 DEFAULT_ALGORITHM = "lz4"
 DEFAULT_BACKEND = "zsmalloc"
 DRAIN_POLL = 0.001
 INT_MAX = 2**31 - 1
 WB_BATCH = 32                  # writeback_batch_size's default, as the kernel's
-WB_BATCH_MAX = 1024            # writes in flight at once, at most
+WB_BATCH_MAX = _backing.MAX_BATCH   # writes in flight at once, at most
 AGE_MAX = 2**32 - 1           # idle ages are kept in 32 bits of seconds
 
 
@@ -327,11 +327,14 @@ class Device:
         self.compressed_wb = value
 
     def _show_evict_stat(self) -> str:
-        return "{:8}\n".format(self.meta.stats().evicted if self.meta is not None else 0)
+        return "{:8}\n".format(self.evicted())
+
+    def bd_stat(self) -> tuple[int, int, int]:
+        """bd_count bd_reads bd_writes, 4 KiB units; zeros without a backing device."""
+        return self.backing.bd_stat() if self.backing is not None else (0, 0, 0)
 
     def _show_bd_stat(self) -> str:
-        fields = self.backing.bd_stat() if self.backing is not None else (0, 0, 0)
-        return "{:8} {:8} {:8}\n".format(*fields)
+        return "{:8} {:8} {:8}\n".format(*self.bd_stat())
 
     def _store_recomp_algorithm(self, text: str) -> None:
         if self.initialised:
@@ -388,16 +391,23 @@ class Device:
             raise fail(errno.EBUSY, f"{self.name} is open")
         await self.reset()
 
-    def _show_mm_stat(self) -> str:
+    def mm_stat(self) -> tuple[int, ...]:
+        """mm_stat's nine fields; before disksize all 0 but mem_limit, as the kernel's."""
         if self.meta is None:
-            fields = (0, 0, 0, self.mem_limit, 0, 0, 0, 0, 0)
-        else:
-            fields = self.meta.mm_stat()
-        return "{:8} {:8} {:8} {:8} {:8} {:8} {:8} {:8} {:8}\n".format(*fields)
+            return (0, 0, 0, self.mem_limit, 0, 0, 0, 0, 0)
+        return self.meta.mm_stat()
+
+    def io_stat(self) -> tuple[int, ...]:
+        return self.meta.io_stat() if self.meta is not None else (0, 0, 0, 0)
+
+    def evicted(self) -> int:
+        return self.meta.stats().evicted if self.meta is not None else 0
+
+    def _show_mm_stat(self) -> str:
+        return "{:8} {:8} {:8} {:8} {:8} {:8} {:8} {:8} {:8}\n".format(*self.mm_stat())
 
     def _show_io_stat(self) -> str:
-        fields = self.meta.io_stat() if self.meta is not None else (0, 0, 0, 0)
-        return "{:8} {:8} {:8} {:8}\n".format(*fields)
+        return "{:8} {:8} {:8} {:8}\n".format(*self.io_stat())
 
     def _show_debug_stat(self) -> str:
         # The kernel's second line is a retired counter (0) and miss_free: slot frees that

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from zramfs.kstrto import U64_MAX       # every count and index here is a u64 in the data path
+
 WRITEBACK_MODES = ("idle", "huge", "huge_idle", "incompressible")
 RECOMPRESS_TYPES = ("idle", "huge", "huge_idle")
 MAX_SECONDARY = 3            # priorities 1..3, after the primary's 0
@@ -45,7 +47,6 @@ def _params(text: str, allowed: tuple[str, ...]) -> list[tuple[str, str]]:
     return out
 
 
-U64_MAX = 2**64 - 1          # every count and index here is a u64 in the data path
 
 
 def _number(key: str, value: str, low: int = 0) -> int:
