@@ -453,9 +453,7 @@ cdef str _name(const char* p, size_t room):
 cdef void _py_request(session_t* s, fuse_in_header* h, char* arg, size_t arglen,
                       char* scratch) noexcept with gil:
     cdef uint32_t op = h.opcode
-    cdef str opname = {FUSE_LOOKUP: "lookup", FUSE_GETATTR: "getattr", FUSE_SETATTR: "setattr",
-                       FUSE_OPEN: "open", FUSE_RELEASE: "release", FUSE_READDIR: "readdir",
-                       FUSE_READ: "read", FUSE_WRITE: "write"}[op]
+    cdef str opname = OPCODE_NAMES[op]          # the ops method of the same name
     cdef fuse_entry_out eo
     cdef fuse_attr_out ao
     cdef fuse_open_out oo

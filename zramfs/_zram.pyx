@@ -579,11 +579,15 @@ cdef class Meta:
                 raise MemoryError(f"cannot start {nr_workers} compression workers")
         self.workers = nr_workers
 
-    def _free_table(self) -> None:
+    def _stop_workers(self) -> None:
+        """The compression workers stopped and joined: they use the compressor's streams."""
         if self.m.workers != NULL:
             with nogil:
                 zworkers_stop(self.m.workers)
             self.m.workers = NULL
+
+    def _free_table(self) -> None:
+        self._stop_workers()
         if self.m.ac_time != NULL:
             pthread_mutex_destroy(&self.m.evict_lock)
         free(self.m.ac_time)
@@ -596,10 +600,7 @@ cdef class Meta:
         """Frees everything. Only once no reference is held on the meta (Disk.release)."""
         if self.m == NULL:
             return
-        if self.m.workers != NULL:
-            with nogil:
-                zworkers_stop(self.m.workers)
-            self.m.workers = NULL
+        self._stop_workers()
         if self.pool is not None:
             self.pool.destroy()       # frees every object at once: no need to walk the table
         if self.compressor is not None:
