@@ -221,7 +221,10 @@ class Tree:
         if self.handles.pop(fh, None) is not None:
             return
         node = self.nodes.get(ino)
-        if node is not None and node.device is not None and node.attr is None:
+        # Never below 0: a file opened under a previous daemon (a live restart) was not
+        # counted by this one.
+        if node is not None and node.device is not None and node.attr is None and \
+                node.device.openers > 0:
             node.device.openers -= 1
 
     def read(self, ino: int, fh: int, size: int, off: int) -> bytes:
