@@ -35,13 +35,13 @@ def default_device() -> DeviceConfig:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
-    mountpoint = Path(args.mountpoint or daemon.DEFAULT_MOUNTPOINT)
+    mountpoint = Path(args.mountpoint or daemon.DEFAULT_MOUNTPOINT).absolute()
     if not args.no_supervisor and "NOTIFY_SOCKET" not in os.environ:
         # No service manager: become the small supervisor that keeps the tree across a
         # crash or an upgrade, and serve from a child it starts (zramfs/supervisor.py).
         sys.stderr.flush()
         os.execv(sys.executable, [sys.executable, "-m", "zramfs.supervisor",
-                                  "--mountpoint", str(mountpoint.absolute()),
+                                  "--mountpoint", str(mountpoint),
                                   "--log-level", args.log_level, "--",
                                   sys.executable, "-m", "zramfs.cli", *args.argv])
     inherited = fdstore.listen_fds()
