@@ -223,8 +223,11 @@ class Tree:
         if self.handles.pop(fh, None) is not None:
             return
         node = self.nodes.get(ino)
-        if node is not None and node.device is not None and node.attr is None:
-            node.device.openers = max(0, node.device.openers - 1)
+        # Never below 0: a file opened under a previous daemon and not in its record (a
+        # crash between the two) was not counted by this one.
+        if node is not None and node.device is not None and node.attr is None and \
+                node.device.openers > 0:
+            node.device.openers -= 1
             if node.device.state is not None:
                 node.device.state.opened(node.device.id, -1)
 
