@@ -11,6 +11,7 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
@@ -35,6 +36,8 @@ def default_device() -> DeviceConfig:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
+    # SIGUSR1 writes every thread's stack to the log: what a stuck daemon is doing.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     mountpoint = Path(args.mountpoint or daemon.DEFAULT_MOUNTPOINT).absolute()
     if not args.no_supervisor and "NOTIFY_SOCKET" not in os.environ:
         # No service manager: become the small supervisor that keeps the tree across a

@@ -62,6 +62,7 @@ from zramfs import _fuse, _pages, _zram, budget, fdstore, loop, metrics, supervi
 from zramfs.config import DeviceConfig
 from zramfs.control import Tree
 from zramfs.device import PAGE, Devices
+from zramfs.state import State, StateError
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +329,8 @@ async def serve(opts: Options,
     swap = any(d.fs_type == "swap" for d in opts.devices)
     protect_from_reclaim(opts.mlock == "yes" or (opts.mlock == "auto" and swap))
     set_memory_budget()
-    devices = Devices(mountpoint, before_init=set_memory_budget)
+    state = State(_take_state_fds(opts), fdstore.store, fdstore.remove)
+    devices = Devices(mountpoint, before_init=set_memory_budget, state=state)
     tree = Tree(devices)
     bridge = TrioBridge(tree, trio.lowlevel.current_trio_token())
     session = _open_session(opts, bridge, adopted)
@@ -346,6 +348,16 @@ async def serve(opts: Options,
     failure: DaemonError | None = None
     graceful = False
     try:
+        if state.adopting:
+            try:
+                with guard_trio_thread():
+                    await _adopt(state, devices, tree)
+            except DaemonError:
+                # Refused: the tree, its connection and the kept state stay as they are, for
+                # a daemon that can adopt them; the requests wait in the kernel meanwhile.
+                handover = Handover({})
+                os.close(session.detach())
+                raise
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_loop)
             if adopted is None:
@@ -382,7 +394,7 @@ async def serve(opts: Options,
                         trio.open_signal_receiver(signal.SIGHUP):   # too late to restart
                     if graceful:
                         await _stop_serving(session, bridge, loop_done)
-                        handover = _hand_over(opts, session, devices)
+                        handover = _hand_over(opts, session, state)
                     else:
                         await _shutdown(opts, session, bridge, devices, undo, loop_done)
     finally:
@@ -391,6 +403,7 @@ async def serve(opts: Options,
             # Stopped for good: no manager may hand this connection to another daemon.
             fdstore.remove("fuse")
             fdstore.remove("fuse-init")
+            state.stop()
             if not fdstore.supervised():
                 supervisor.remove_pid_file(mountpoint, os.getpid())
     log.info("handed over" if handover is not None else "stopped")
@@ -410,20 +423,27 @@ async def _stop_serving(session: _fuse.Session, bridge: TrioBridge,
     bridge.close()
 
 
-def _hand_over(opts: Options, session: _fuse.Session, devices: Devices) -> Handover:
-    """What the next daemon needs, by name: the FUSE connection, what INIT agreed, and every
-    descriptor this daemon was given and did not adopt. A supervisor or systemd already
-    holds the stored ones; they are also returned for a re-exec, which has no store.
-
-    The place to add the devices' memory state (store each new memfd with fdstore.store
-    under its name, and add it to the result)."""
+def _hand_over(opts: Options, session: _fuse.Session, state: State) -> Handover:
+    """What the next daemon needs, by name: the FUSE connection, what INIT agreed, the device
+    record and each device's table and pool (zramfs.state), and every descriptor this daemon
+    was given and did not adopt. A supervisor or systemd already holds the stored ones; they
+    are also returned for a re-exec, which has no store."""
     params = session.init_params()
     fds: dict[str, list[int]] = {"fuse": [session.detach()]}
     if params is not None:
         fds["fuse-init"] = [fdstore.memfd_with("fuse-init", json.dumps(params).encode())]
+    for name, fd in state.current().items():
+        fds[name] = [os.dup(fd)]
     for name, group in opts.inherited.items():
         fds.setdefault(name, []).extend(group)
     return Handover(fds)
+
+
+def _take_state_fds(opts: Options) -> dict[str, list[int]]:
+    """The descriptors of zramfs.state (the device record, tables and pools), taken out of
+    opts.inherited."""
+    return {name: opts.inherited.pop(name) for name in list(opts.inherited)
+            if State.owns(name)}
 
 
 def continue_in_next(opts: Options, handover: Handover) -> NoReturn:
@@ -521,12 +541,31 @@ async def _serve_metrics(address: str, devices: Devices, session: _fuse.Session)
     return server
 
 
+async def _adopt(state: State, devices: Devices, tree: Tree) -> None:
+    """The devices the daemon before this one kept, as they were, pages and all: before the
+    engine runs, so that no request (the kernel resends those left unanswered) finds a
+    device not yet there."""
+    try:
+        for record in state.load():
+            dev = devices.adopt(record)
+            tree.add_device(dev)
+            await dev.adopt(record)
+        state.adopted()
+    except StateError as e:
+        raise DaemonError(f"cannot adopt the kept state: {e}; it stays kept (the service "
+                          "manager holds it) until the daemon is stopped") from None
+
+
 async def _set_up(opts: Options, devices: Devices, tree: Tree,
                   undo: list[tuple[str, Callable[[], None]]], uses: bool = True) -> None:
-    """Each device, then its use; every step that worked pushes its undo first. Without
-    `uses` (a restarted daemon), swap and file systems are left as the kernel still has
-    them: set up again, they would be a second loop device over the same file."""
+    """Each device of the config that is not one adopted already (_adopt), and its use; every
+    step that worked pushes its undo first. Without `uses` (a restarted daemon), swap and file systems are left as the kernel
+    still has them: set up again, they would be a second loop device over the same file."""
+    adopted = set(devices.by_id)
     for cfg in opts.devices:
+        if cfg.id in adopted:
+            log.info("%s: adopted as it was; its config applies after a reset", cfg.name)
+            continue
         try:
             dev = devices.add(cfg.id)
             tree.add_device(dev)

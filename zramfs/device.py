@@ -613,6 +613,8 @@ class Devices:
         dev.openers = record.openers
         if self.state is not None:
             self.state.opened(record.id, record.openers)
+        log.info("%s: generation %d, open %d times", dev.name, record.generation,
+                 record.openers)
         return dev
 
     def get(self, name: str) -> Device | None:

@@ -110,16 +110,33 @@ class State:
     def __init__(self, inherited: dict[str, list[int]],
                  keep: Callable[[str, int], None], drop: Callable[[str], None]) -> None:
         self._keep = keep
-        self._drop = drop
+        self._drop_now = drop
         self.inherited = inherited
         self.devices: dict[int, DeviceRecord] = {}
         self.generations: dict[int, int] = {}
         self.seq: dict[int, int] = {}          # per device id: the seq of its kept pair
+        self._pairs: dict[str, int] = {}       # the kept pairs' names and fds (the metas')
         fds = inherited.get(RECORD_NAME)
         self.adopting = bool(fds)
+        # While the devices are re-created from the record, it is not written and nothing
+        # kept is dropped (the drops wait in _deferred): a failed adoption leaves all that the
+        # daemon before left, for a fixed daemon to adopt.
+        self._replaying = self.adopting
+        self._deferred: list[str] = []
         self.record = Record(fds[0] if fds else None)
         if not fds:
             self._keep(RECORD_NAME, self.record.fd)
+
+    @staticmethod
+    def owns(name: str) -> bool:
+        """Whether a kept descriptor's name is one of this module's."""
+        return name == RECORD_NAME or _KEPT.fullmatch(name) is not None
+
+    def current(self) -> dict[str, int]:
+        """What this daemon keeps now, by name (for a re-exec, which has no manager)."""
+        out = {RECORD_NAME: self.record.fd}
+        out.update(self._pairs)
+        return out
 
     # --- adoption ------------------------------------------------------------------------------
 
@@ -157,12 +174,40 @@ class State:
             m = _KEPT.fullmatch(name)
             if m and int(m.group(1)) == dev_id and int(m.group(2)) != current:
                 self._drop(name)
-                for fd in self.inherited.pop(name):
-                    os.close(fd)
+                if not self._replaying:
+                    for fd in self.inherited.pop(name):
+                        os.close(fd)
 
     # --- what the daemon tells it ----------------------------------------------------------------
 
+    def adopted(self) -> None:
+        """Every device of the record is re-created: from now on the record follows them."""
+        self._replaying = False
+        for name in self._deferred:
+            self._drop(name)
+        self._deferred.clear()
+        for name in list(self.inherited):      # kept pairs of devices no longer in the record
+            if _KEPT.fullmatch(name):
+                self._drop(name)
+                for fd in self.inherited.pop(name):
+                    os.close(fd)
+        self.save()
+
+    def stop(self) -> None:
+        """The daemon stops for good: nothing is kept for another. After a failed adoption,
+        everything stays kept."""
+        if not self._replaying:
+            self._drop(RECORD_NAME)
+
+    def _drop(self, name: str) -> None:
+        if self._replaying:
+            self._deferred.append(name)
+        else:
+            self._drop_now(name)
+
     def save(self) -> None:
+        if self._replaying:
+            return
         self.record.write({
             "generations": {str(k): v for k, v in self.generations.items()},
             "devices": [{"id": r.id, "generation": r.generation, "openers": r.openers,
@@ -203,11 +248,13 @@ class State:
         seq = self.seq.get(dev_id, 0) + 1
         for kind, fd in zip(("table", "pool"), fds):
             self._keep(f"zram{dev_id}.{seq}.{kind}", fd)
+            self._pairs[f"zram{dev_id}.{seq}.{kind}"] = fd
         old = self.seq.get(dev_id)
         self.seq[dev_id] = seq
         if old is not None:
             for kind in ("table", "pool"):
                 self._drop(f"zram{dev_id}.{old}.{kind}")
+                self._pairs.pop(f"zram{dev_id}.{old}.{kind}", None)
         self.forget_inherited(dev_id)
 
     def drop_meta(self, dev_id: int) -> None:
@@ -216,4 +263,5 @@ class State:
         if seq is not None:
             for kind in ("table", "pool"):
                 self._drop(f"zram{dev_id}.{seq}.{kind}")
+                self._pairs.pop(f"zram{dev_id}.{seq}.{kind}", None)
         self.forget_inherited(dev_id)
