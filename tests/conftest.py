@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from zramfs.supervisor import pid_file
+
 ROOT = Path(__file__).resolve().parent.parent
 ZRAMFS = [sys.executable, "-m", "zramfs.cli"]
 PAGE = 4096
@@ -295,6 +297,7 @@ def zramfs_daemon(*args: str, tmp: Path | None = None, env: dict[str, str] | Non
         finally:
             release_holders(mountpoint)
             stop_daemon(d.proc, mountpoint)
+            pid_file(mountpoint).unlink(missing_ok=True)     # a killed daemon's
             if not is_mounted(mountpoint):
                 shutil.rmtree(base, ignore_errors=True)
 

@@ -285,3 +285,24 @@ def test_sighup_without_a_supervisor_executes_the_daemon_anew(tmp_path: Path) ->
         log = d.log.read_text()
         assert "handed over" in log and "adopted the FUSE connection" in log
         assert os.pread(dev, PAGE, PAGE) == data
+
+
+def test_a_graceful_restart_does_not_wait_for_a_stuck_request(tmp_path: Path) -> None:
+    """A request that does not finish within the grace period (a dict= path on a FIFO) is
+    left to the next daemon, which gets it again (RESEND) and answers it."""
+    with zramfs_daemon("--default-device", tmp=tmp_path) as d:
+        name = d.hot_add()
+        d.write(name, "comp_algorithm", "zstd")
+        fifo = tmp_path / "dict.fifo"
+        os.mkfifo(fifo)
+        stuck = Call(lambda: d.write(name, "algorithm_params", f"dict={fifo}"))
+        wait_for(lambda: waiting_in(d.proc.pid, "wait_for_partner"), 30,
+                 "the daemon to wait on the FIFO")
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: servings(d) == 2 or not d.alive(), 60, "the daemon to serve again")
+        assert d.alive(), d.log.read_text()
+        assert "handing over without their answers" in d.log.read_text()
+        with pytest.raises(OSError) as e:
+            stuck.result(10)
+        assert e.value.errno == errno.EBADF         # the new daemon's answer, not a hang
+        assert int(d.read("zram0", "disksize")) > 0

@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MOUNTPOINT = Path("/run/zramfs")
 BUDGET_POLL = 2.0         # seconds between looks at the memory budget
+HANDOVER_GRACE = 10.0     # seconds a graceful restart waits for the requests being served
 
 
 PR_SET_IO_FLUSHER = 57
@@ -94,6 +95,7 @@ class Handover:
     """What a graceful restart leaves for the next daemon: descriptors by name, in the order
     they are to be passed (fdstore.exec_with_fds)."""
     fds: dict[str, list[int]]
+    session: object = None      # kept alive to the end: an abandoned worker may still use it
 
 
 class DaemonError(Exception):
@@ -340,10 +342,16 @@ async def serve(opts: Options,
     undo: list[tuple[str, Callable[[], None]]] = []
     handover: Handover | None = None
 
+    # The loop's thread is never abandoned (it uses the session, which close() frees), but
+    # by a graceful restart whose requests do not finish in time: the process then ends
+    # (exit or exec) with the session alive, and the kernel resends them to the next one.
+    loop_scope = trio.CancelScope(shield=True)
+
     async def run_loop() -> None:
-        rc = await trio.to_thread.run_sync(session.run)
-        log.info("FUSE loop ended (%d)", rc)
-        loop_done.set()
+        with loop_scope:
+            rc = await trio.to_thread.run_sync(session.run, abandon_on_cancel=True)
+            log.info("FUSE loop ended (%d)", rc)
+            loop_done.set()
 
     failure: DaemonError | None = None
     graceful = False
@@ -393,8 +401,12 @@ async def serve(opts: Options,
                 with trio.CancelScope(shield=True), guard_trio_thread(), \
                         trio.open_signal_receiver(signal.SIGHUP):   # too late to restart
                     if graceful:
-                        await _stop_serving(session, bridge, loop_done)
+                        finished = await _stop_serving(session, bridge, loop_done,
+                                                       loop_scope)
                         handover = _hand_over(opts, session, state)
+                        if not finished:
+                            # Now: trio.run would wait for the stuck handler's thread.
+                            continue_in_next(opts, handover)
                     else:
                         await _shutdown(opts, session, bridge, devices, undo, loop_done)
     finally:
@@ -412,15 +424,25 @@ async def serve(opts: Options,
     return handover
 
 
-async def _stop_serving(session: _fuse.Session, bridge: TrioBridge,
-                        loop_done: trio.Event) -> None:
+async def _stop_serving(session: _fuse.Session, bridge: TrioBridge, loop_done: trio.Event,
+                        loop_scope: trio.CancelScope) -> bool:
     """A graceful restart's first half: no new request is read, those being served finish
-    (the trio thread answers theirs meanwhile), and the tree stays mounted."""
+    (the trio thread answers theirs meanwhile), and the tree stays mounted. A request that
+    does not finish within HANDOVER_GRACE (a long writeback, a dict= path that blocks) is
+    left unanswered, as a crash leaves it: the next daemon gets it again (RESEND). Whether
+    every request finished."""
     fdstore.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\n"
                    "STATUS=handing over to the next daemon")
     await trio.to_thread.run_sync(session.stop)
-    await loop_done.wait()
-    bridge.close()
+    with trio.move_on_after(HANDOVER_GRACE):
+        await loop_done.wait()
+    if loop_done.is_set():
+        bridge.close()
+        return True
+    log.warning("requests still being served after %.0f s: handing over without their "
+                "answers; the kernel resends them to the next daemon", HANDOVER_GRACE)
+    loop_scope.cancel()             # the loop's thread is abandoned: this process ends next
+    return False
 
 
 def _hand_over(opts: Options, session: _fuse.Session, state: State) -> Handover:
@@ -436,7 +458,7 @@ def _hand_over(opts: Options, session: _fuse.Session, state: State) -> Handover:
         fds[name] = [os.dup(fd)]
     for name, group in opts.inherited.items():
         fds.setdefault(name, []).extend(group)
-    return Handover(fds)
+    return Handover(fds, session)
 
 
 def _take_state_fds(opts: Options) -> dict[str, list[int]]:
@@ -451,7 +473,10 @@ def continue_in_next(opts: Options, handover: Handover) -> NoReturn:
     HANDOVER_EXIT (it starts the next daemon with the stored descriptors); otherwise
     (systemd, or no manager) execute the command anew in this process, the descriptors
     passed as LISTEN_FDS, so that an upgraded install takes over with the same pid.
-    Outside trio.run: nothing may use a descriptor while they are moved into place."""
+    Called after trio.run, where nothing else may use a descriptor while they are moved into
+    place; from inside it only when a stuck request would keep trio.run from ending."""
+    global _guarded_thread
+    _guarded_thread = None          # the exec is the point: this process serves no more
     logging.shutdown()
     if fdstore.supervised():
         os._exit(fdstore.HANDOVER_EXIT)     # the C threads of the devices are not joined

@@ -82,13 +82,21 @@ def remove_pid_file(mountpoint: Path, pid: int) -> None:
 
 
 def read_pid_file(mountpoint: Path, check: bool = True) -> int | None:
-    """The pid in `mountpoint`'s pid file; None if there is none or (with `check`) it names
-    no zramfs process any more."""
+    """The pid in `mountpoint`'s pid file; None if there is none or (with `check`) it is
+    stale: the file of a daemon killed before it could remove it, whose pid now names no
+    zramfs process, or one started after the file was written (a reused pid)."""
+    path = pid_file(mountpoint)
     try:
-        pid = int(pid_file(mountpoint).read_text())
-        if check and b"zramfs" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-            return None
-    except (OSError, ValueError):
+        pid = int(path.read_text())
+        if check:
+            if b"zramfs" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return None
+            ticks = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
+            boot = next(int(line.split()[1]) for line in open("/proc/stat")
+                        if line.startswith("btime "))
+            if boot + ticks / os.sysconf("SC_CLK_TCK") > path.stat().st_mtime + 1:
+                return None
+    except (OSError, ValueError, IndexError, StopIteration):
         return None
     return pid
 
