@@ -129,6 +129,19 @@ def waiting_in(pid: int, wchan: str) -> bool:
         return False
 
 
+def stuck_request(d: Daemon, tmp_path: Path) -> tuple[str, Call]:
+    """A request the daemon has read and cannot answer yet: a zstd dictionary on a FIFO of a
+    new device, whose open waits for a writer. The device's name and the waiting call."""
+    name = d.hot_add()
+    d.write(name, "comp_algorithm", "zstd")
+    fifo = tmp_path / "dict.fifo"
+    os.mkfifo(fifo)
+    call = Call(lambda: d.write(name, "algorithm_params", f"dict={fifo}"))
+    wait_for(lambda: waiting_in(d.proc.pid, "wait_for_partner"), 30,
+             "the daemon to wait on the FIFO")
+    return name, call
+
+
 def children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
@@ -161,15 +174,7 @@ def test_a_daemon_killed_hands_the_tree_to_the_next_through_the_fd_store(
         d.cleanup.push("close zram0", lambda: closed[0] or os.close(dev))
         os.pwrite(dev, b"\xa5" * PAGE, 0)
 
-        # A request the daemon has read and cannot answer yet: a dictionary on a FIFO, whose
-        # open waits for a writer.
-        name = d.hot_add()
-        d.write(name, "comp_algorithm", "zstd")
-        fifo = tmp_path / "dict.fifo"
-        os.mkfifo(fifo)
-        in_flight = Call(lambda: d.write(name, "algorithm_params", f"dict={fifo}"))
-        wait_for(lambda: waiting_in(d.proc.pid, "wait_for_partner"), 30,
-                 "the daemon to wait on the FIFO")
+        name, in_flight = stuck_request(d, tmp_path)
 
         d.proc.kill()
         d.proc.wait(10)
@@ -291,13 +296,7 @@ def test_a_graceful_restart_does_not_wait_for_a_stuck_request(tmp_path: Path) ->
     """A request that does not finish within the grace period (a dict= path on a FIFO) is
     left to the next daemon, which gets it again (RESEND) and answers it."""
     with zramfs_daemon("--default-device", tmp=tmp_path) as d:
-        name = d.hot_add()
-        d.write(name, "comp_algorithm", "zstd")
-        fifo = tmp_path / "dict.fifo"
-        os.mkfifo(fifo)
-        stuck = Call(lambda: d.write(name, "algorithm_params", f"dict={fifo}"))
-        wait_for(lambda: waiting_in(d.proc.pid, "wait_for_partner"), 30,
-                 "the daemon to wait on the FIFO")
+        _, stuck = stuck_request(d, tmp_path)
         d.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: servings(d) == 2 or not d.alive(), 60, "the daemon to serve again")
         assert d.alive(), d.log.read_text()

@@ -562,45 +562,42 @@ cdef ztakeover _take_over(zram* m, const zram* old, const zslot* old_table,
     cdef ztakeover r
     cdef size_t i
     cdef uint32_t flags
-    cdef uint64_t handle
+    cdef int rc
     cdef const char* src
-    cdef char* dst
     cdef zslot* s
     r.pages = 0
     r.lost = 0
     for i in range(m.nr_pages):
         flags = old_table[i].flags & ~(<uint32_t>ZRAM_LOCK | ZRAM_UNDER_WB)
         s = &m.table[i]
-        if flags & ZRAM_SAME:
-            s.handle = old_table[i].handle
-            za_add(&m.same_pages, 1)
-        elif flags & ZRAM_WB:
-            if m.backing == NULL or not backing_take(m.backing, old_table[i].handle):
+        if flags & (ZRAM_SAME | ZRAM_WB):
+            if flags & ZRAM_WB and (m.backing == NULL
+                                    or not backing_take(m.backing, old_table[i].handle)):
                 r.lost += 1
                 continue
             s.handle = old_table[i].handle
             s.size = old_table[i].size
+            s.flags = flags
+            za_add(&m.pages_stored, 1)
+            if flags & ZRAM_SAME:
+                za_add(&m.same_pages, 1)
         elif old_table[i].size:
+            # Into the pool by the one door, which counts what it stores.
             src = image.locate(old_table[i].handle, old_table[i].size)
-            handle = m.driver.malloc(m.pool, old_table[i].size) if src != NULL else 0
-            if handle == 0:
+            rc = -EIO
+            if src != NULL:
+                zram_slot_lock(&s.flags)
+                rc = zram_slot_replace(m, s, src, old_table[i].size, flags, False)
+                zram_slot_unlock(&s.flags)
+            if rc != 0:
                 r.lost += 1
                 continue
-            dst = m.driver.map(m.pool, handle)
-            memcpy(dst, src, old_table[i].size)
-            m.driver.unmap(m.pool, handle)
-            s.handle = handle
-            s.size = old_table[i].size
-            za_add(&m.compr_data_size, s.size)
-            if flags & ZRAM_HUGE:
-                za_add(&m.huge_pages, 1)
         else:
             continue
-        s.flags = flags
         m.ac_time[i] = old_ac[i]
-        za_add(&m.pages_stored, 1)
         r.pages += 1
-    # What cannot be recounted from the table is the old daemon's to hand on.
+    # What cannot be recounted from the table is the old daemon's to hand on (the copies
+    # above counted as new huge pages: the old count replaces that).
     m.max_used_pages = max(old.max_used_pages, m.driver.total_pages(m.pool))
     m.huge_pages_since = old.huge_pages_since
     m.failed_reads = old.failed_reads

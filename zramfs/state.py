@@ -167,43 +167,35 @@ class State:
                 return pairs[seq]["table"], pairs[seq]["pool"]
         return None
 
-    def forget_inherited(self, dev_id: int) -> None:
-        """Drops every pair kept for `dev_id` but the current one, and closes their fds here."""
-        current = self.seq.get(dev_id)
-        for name in list(self.inherited):
-            m = _KEPT.fullmatch(name)
-            if m and int(m.group(1)) == dev_id and int(m.group(2)) != current:
-                self._drop(name)
-                if not self._replaying:
-                    for fd in self.inherited.pop(name):
-                        os.close(fd)
-
     # --- what the daemon tells it ----------------------------------------------------------------
 
     def adopted(self) -> None:
-        """Every device of the record is re-created: from now on the record follows them."""
+        """Every device of the record is re-created: from now on the record follows them. The
+        drops that waited go now, with every pair inherited and not adopted (the pairs just
+        copied, and those of devices no longer in the record)."""
         self._replaying = False
-        for name in self._deferred:
-            self._drop(name)
-        self._deferred.clear()
-        for name in list(self.inherited):      # kept pairs of devices no longer in the record
-            if _KEPT.fullmatch(name):
-                self._drop(name)
-                for fd in self.inherited.pop(name):
-                    os.close(fd)
+        waited = self._deferred + [name for name in self.inherited if _KEPT.fullmatch(name)]
+        self._deferred = []
+        for name in dict.fromkeys(waited):
+            self._let_go(name)
         self.save()
 
     def stop(self) -> None:
         """The daemon stops for good: nothing is kept for another. After a failed adoption,
         everything stays kept."""
         if not self._replaying:
-            self._drop(RECORD_NAME)
+            self._drop_now(RECORD_NAME)
 
-    def _drop(self, name: str) -> None:
+    def _let_go(self, name: str) -> None:
+        """The manager forgets `name` and an fd of it inherited here is closed; while the
+        record is replayed, only once adoption succeeds (a failed one keeps everything)."""
         if self._replaying:
             self._deferred.append(name)
-        else:
-            self._drop_now(name)
+            return
+        self._drop_now(name)
+        self._pairs.pop(name, None)
+        for fd in self.inherited.pop(name, []):
+            os.close(fd)
 
     def save(self) -> None:
         if self._replaying:
@@ -253,15 +245,11 @@ class State:
         self.seq[dev_id] = seq
         if old is not None:
             for kind in ("table", "pool"):
-                self._drop(f"zram{dev_id}.{old}.{kind}")
-                self._pairs.pop(f"zram{dev_id}.{old}.{kind}", None)
-        self.forget_inherited(dev_id)
+                self._let_go(f"zram{dev_id}.{old}.{kind}")
 
     def drop_meta(self, dev_id: int) -> None:
         """The device was reset or removed: its pages are no one's any more."""
         seq = self.seq.pop(dev_id, None)
         if seq is not None:
             for kind in ("table", "pool"):
-                self._drop(f"zram{dev_id}.{seq}.{kind}")
-                self._pairs.pop(f"zram{dev_id}.{seq}.{kind}", None)
-        self.forget_inherited(dev_id)
+                self._let_go(f"zram{dev_id}.{seq}.{kind}")
