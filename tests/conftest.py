@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from zramfs._zram import Disk, Meta
 from zramfs.supervisor import pid_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +46,19 @@ requires_fuse = pytest.mark.skipif(can_mount_fuse() is not None,
 
 def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=check, capture_output=True, text=True, **kw)
+
+
+def attached(meta: Meta) -> Disk:
+    """A disk of its own (no device id) with `meta` attached: the data path without a mount."""
+    disk = Disk()
+    disk.attach(meta)
+    return disk
+
+
+def destroy(disk: Disk) -> None:
+    """Detaches, drains and destroys the disk's meta, as reset does."""
+    disk.detach()
+    disk.release().destroy()
 
 
 class Cleanup:

@@ -13,7 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from conftest import PAGE, PUNCH_HOLE, ZERO_RANGE, race
+from conftest import PAGE, PUNCH_HOLE, ZERO_RANGE, attached, destroy, race
 from zramfs._backing import Backing
 from zramfs import _tiering
 from zramfs._zram import Disk, Meta
@@ -21,14 +21,7 @@ from zramfs._zram import Disk, Meta
 
 
 def make_disk(size: int = 64 * PAGE, algorithm: str = "lz4", **kw) -> Disk:
-    disk = Disk()
-    disk.attach(Meta(size, algorithm, name="test", **kw))
-    return disk
-
-
-def destroy(disk: Disk) -> None:
-    disk.detach()
-    disk.release().destroy()
+    return attached(Meta(size, algorithm, name="test", **kw))
 
 
 def page_data(kind: str, seed: int, size: int) -> bytes:

@@ -9,6 +9,7 @@ import struct
 
 import pytest
 
+from conftest import attached, destroy
 from zramfs._alloc import Pool, PoolImage, PoolImageError
 from zramfs._zram import Disk, Meta, TableImageError
 from zramfs.state import DeviceRecord, Record, State, StateError
@@ -39,17 +40,6 @@ def fill(disk: Disk, rng: random.Random, n: int) -> dict[int, bytes]:
             model[off] = page_of(rng)
             disk.write(off, model[off])
     return model
-
-
-def attached(meta: Meta) -> Disk:
-    disk = Disk()
-    disk.attach(meta)
-    return disk
-
-
-def destroy(disk: Disk) -> None:
-    disk.detach()
-    disk.release().destroy()
 
 
 @pytest.mark.parametrize("backend", ["zsmalloc", "zbud"])
