@@ -41,7 +41,7 @@ from zramfs._zcomp cimport (Compressor, zcomp_compress, zcomp_decompress, zcomp_
                             zcomp_stream_get, zcomp_stream_put)
 from zramfs.data_ops cimport ZRAMFS_DATA_OPS_CAPSULE, zramfs_data_ops
 from zramfs.pthread cimport pthread_mutex_destroy, pthread_mutex_init
-from zramfs.zram cimport (PAGE_SHIFT, PAGE_SIZE, ZRAM_ACCESSED, ZRAM_HUGE, ZRAM_IDLE,
+from zramfs.zram cimport (PAGE_SHIFT, PAGE_SIZE, ZRAM_ACCESSED, ZRAM_DEDUP, ZRAM_HUGE, ZRAM_IDLE,
                           ZRAM_INCOMPRESSIBLE, ZRAM_LIVE, ZRAM_WB_COMPRESSED,
                           ZRAM_PRIO_MASK, ZRAM_PRIO_SHIFT, ZRAM_SAME, ZRAM_WB, posix_memalign,
                           za_add, za_load, za_load64, za_max, za_store, za_sub, zram_get,
@@ -131,8 +131,10 @@ cdef void zram_slot_free(zram* m, zslot* s) noexcept nogil:
         backing_free(m.backing, s.handle)
         za_sub(&m.pages_stored, 1)
     elif s.size:
-        m.driver.free(m.pool, s.handle)
-        za_sub(&m.compr_data_size, s.size)
+        # A shared object (dedup) goes with its last slot: compr_data_size counts it once.
+        if not flags & ZRAM_DEDUP or m.dedup_put(m, s.handle):
+            m.driver.free(m.pool, s.handle)
+            za_sub(&m.compr_data_size, s.size)
         za_sub(&m.pages_stored, 1)
         if flags & ZRAM_HUGE:
             za_sub(&m.huge_pages, 1)
@@ -241,6 +243,8 @@ cdef int _slot_store(zram* m, zslot* s, const char* page, zstream* st) noexcept 
         za_add(&m.same_pages, 1)
         za_add(&m.pages_stored, 1)
         return 0
+    if m.dedup_store != NULL:     # dedup on: zramfs._dedup stores it, or shares a twin
+        return m.dedup_store(m, s, page, st)
     n = zcomp_compress(m.comp, st, page, <int>m.huge_size - 1)
     if n <= 0:
         return zram_slot_replace(m, s, page, PAGE_SIZE, ZRAM_HUGE, True)
@@ -603,6 +607,10 @@ cdef class Meta:
         self._stop_workers()
         if self.pool is not None:
             self.pool.destroy()       # frees every object at once: no need to walk the table
+        self.m.dedup_store = NULL
+        self.m.dedup_put = NULL
+        self.m.dedup = NULL
+        self.dedup = None             # its index frees itself
         if self.compressor is not None:
             self.compressor.destroy()
         for c in (self.secondary or {}).values():
