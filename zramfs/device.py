@@ -25,7 +25,7 @@ from pathlib import Path
 
 import trio
 
-from zramfs import _alloc, _backing, _tiering, _zcomp, kstrto, tiering
+from zramfs import _alloc, _backing, _dedup, _tiering, _zcomp, kstrto, tiering
 from zramfs._backing import Backing, BackingError
 from zramfs._zram import Disk, Meta
 
@@ -61,6 +61,7 @@ class Device:
         self.level: int | None = None
         self.backend = DEFAULT_BACKEND   # the allocator: zsmalloc or zbud (zswap's zpool)
         self.mem_limit = 0
+        self.dedup = False             # identical pages share one object (an extension)
         self.openers = 0               # open file handles on dev/zramN
         self.busy = False              # a reset or removal is draining
         self.removed = False
@@ -109,6 +110,8 @@ class Device:
         except _zcomp.CompressorError as e:
             raise fail(errno.EINVAL, str(e)) from None
         meta.mem_limit = self.mem_limit
+        if self.dedup:
+            _dedup.enable(meta)        # before attach: nothing is stored yet
         _tiering.set_wb_limit(meta, self.wb_limit, self.wb_limit_enable)
         _tiering.set_eviction(meta, self.evict)
         _tiering.set_wb_batch(meta, self.wb_batch)
@@ -132,6 +135,7 @@ class Device:
                 self.backing.close()
             self.algorithm, self.level, self.mem_limit = DEFAULT_ALGORITHM, None, 0
             self.backend = DEFAULT_BACKEND
+            self.dedup = False
             self._tiering_defaults()
         finally:
             self.busy = False
@@ -325,6 +329,22 @@ class Device:
         if self.initialised:
             raise fail(errno.EBUSY, f"{self.name} is initialised; reset it first")
         self.compressed_wb = value
+
+    def _store_dedup(self, text: str) -> None:
+        """Before disksize only (EBUSY after), as the kernel's pre-init attributes: the
+        index is made with the slot table, and a device cannot start sharing halfway."""
+        value = kstrto.kstrtoull(text, 10) != 0
+        if self.initialised:
+            raise fail(errno.EBUSY, f"{self.name} is initialised; reset it first")
+        self.dedup = value
+
+    def dedup_stat(self) -> tuple[int, int, int]:
+        """pages_deduplicated bytes_saved hash_table_entries; zeros before disksize or
+        with dedup off."""
+        return _dedup.stat(self.meta) if self.meta is not None else (0, 0, 0)
+
+    def _show_dedup_stat(self) -> str:
+        return "{:8} {:8} {:8}\n".format(*self.dedup_stat())
 
     def _show_evict_stat(self) -> str:
         return "{:8}\n".format(self.evicted())
@@ -521,6 +541,9 @@ ATTRIBUTES: dict[str, Attribute] = {
                                       Device._store_compressed_writeback),
     "writeback_batch_size": Attribute(lambda d: f"{d.wb_batch}\n",
                                       Device._store_writeback_batch_size),
+    # zramfs's own: identical pages share one compressed object (a zram patch never merged).
+    "dedup": Attribute(lambda d: f"{int(d.dedup)}\n", Device._store_dedup),
+    "dedup_stat": Attribute(Device._show_dedup_stat, None),
 }
 
 
