@@ -354,7 +354,7 @@ cdef class Index:
         if self.d == NULL:
             raise MemoryError("no memory for the dedup index")
         # calloc of large arrays maps zero pages lazily: entries and buckets cost as they are
-        # used, up to 32 + 8 bytes a page of disksize.
+        # used: 32 bytes an entry, and 2 x 4 bytes a bucket (up to 2 buckets a page).
         self.d.entries = <zdedup_entry*>calloc(cap, sizeof(zdedup_entry))
         self.d.by_hash = <uint32_t*>calloc(buckets, sizeof(uint32_t))
         self.d.by_handle = <uint32_t*>calloc(buckets, sizeof(uint32_t))

@@ -13,7 +13,8 @@ path but the compressed objects themselves (hazard 4).
 
 Lock order, outermost first: a compression stream (a request's shared one or a worker's
 private one, then a recompression algorithm's); a slot lock; the eviction lock (a writer over
-mem_limit evicts holding its own slot lock, and only try-locks other slots); the allocator's
+mem_limit evicts holding its own slot lock, and only try-locks other slots); dedup's index
+lock (zramfs._dedup: nothing is taken under it); the allocator's
 class locks (taken inside malloc/free/map and by the compaction eviction ends with); the
 page source's lock; the backing device's bitmap lock.
 
