@@ -63,6 +63,14 @@ from zramfs.zram cimport (PAGE_SIZE, ZRAM_DEDUP, ZRAM_HUGE, ZRAM_PRIO_MASK, ZRAM
 cdef extern from "xxhash.h" nogil:
     uint64_t XXH3_64bits(const void* data, size_t length)
 
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutexattr_t:
+        pass
+    int PTHREAD_MUTEX_ADAPTIVE_NP
+    int pthread_mutexattr_init(pthread_mutexattr_t*)
+    int pthread_mutexattr_settype(pthread_mutexattr_t*, int)
+    int pthread_mutexattr_destroy(pthread_mutexattr_t*)
+
 cdef enum:
     E_HASHED = 1 << 15       # an entry's flag: in the hash chains (its hash is known)
     E_OBJ_FLAGS = ZRAM_HUGE | ZRAM_PRIO_MASK
@@ -167,8 +175,12 @@ ctypedef struct zpin:
     uint32_t flags
 
 
-cdef bint _pin(zdedup* d, uint64_t hash, zpin* out) noexcept nogil:
-    """A reference on the newest object with this hash, so it stays while it is compared."""
+cdef bint _pin_or_reserve(zdedup* d, uint64_t hash, zpin* out,
+                          uint32_t* reserved) noexcept nogil:
+    """A reference on the newest object with this hash, so it stays while it is compared;
+    where there is none, a free entry for the object about to be stored (`reserved`, 0 when
+    none is left), in the same hold of the lock: a unique page takes it twice, not three
+    times."""
     cdef uint32_t ref
     cdef zdedup_entry* e
     pthread_mutex_lock(&d.lock)
@@ -181,6 +193,8 @@ cdef bint _pin(zdedup* d, uint64_t hash, zpin* out) noexcept nogil:
         d.nr_refs += 1
         d.saved += e.size
         out.handle, out.size, out.flags = e.handle, e.size, e.flags & E_OBJ_FLAGS
+    else:
+        reserved[0] = _alloc_entry(d)
     pthread_mutex_unlock(&d.lock)
     return ref != 0
 
@@ -192,13 +206,14 @@ cdef void _unpin(zram* m, zpin* p) noexcept nogil:
         za_sub(&m.compr_data_size, p.size)
 
 
-cdef bint _share(zram* m, zslot* s, const char* page, uint64_t hash,
-                 zstream* st) noexcept nogil:
+cdef bint _share(zram* m, zslot* s, const char* page, uint64_t hash, zstream* st,
+                 uint32_t* reserved) noexcept nogil:
     """Slot lock held: the slot made to share a stored twin of `page`, if there is one; its old
-    content freed after. Uses st.buffer (free until the page is compressed)."""
+    content freed after. Uses st.buffer (free until the page is compressed). Where there is
+    no twin to check, `reserved` gets an entry for the new object (or 0)."""
     cdef zpin p
     cdef zslot obj, old
-    if not _pin(<zdedup*>m.dedup, hash, &p):
+    if not _pin_or_reserve(<zdedup*>m.dedup, hash, &p, reserved):
         return False
     # A slot of our own for the object, to read it with the device's own load.
     obj.handle, obj.size, obj.flags = p.handle, p.size, p.flags
@@ -222,17 +237,14 @@ cdef int _dedup_store(zram* m, zslot* s, const char* page, zstream* st) noexcept
     the page compressed and stored as a new object the index knows. 0 or -errno."""
     cdef zdedup* d = <zdedup*>m.dedup
     cdef uint64_t hash = XXH3_64bits(page, PAGE_SIZE)
-    cdef uint32_t ref
+    cdef uint32_t ref = 0
     cdef uint32_t flags = ZRAM_DEDUP
     cdef zdedup_entry* e
     cdef int n, rc
-    if _share(m, s, page, hash, st):
+    if _share(m, s, page, hash, st, &ref):
         return 0
-    # An entry taken first, so an object is never ZRAM_DEDUP without one; none left: the
-    # object is an ordinary one.
-    pthread_mutex_lock(&d.lock)
-    ref = _alloc_entry(d)
-    pthread_mutex_unlock(&d.lock)
+    # An entry taken before the object is stored, so an object is never ZRAM_DEDUP without
+    # one; none left (or a twin that was not one): the object is an ordinary one.
     if not ref:
         flags = 0
     n = zcomp_compress(m.comp, st, page, <int>m.huge_size - 1)
@@ -346,6 +358,7 @@ cdef class Index:
     cdef zdedup* d
 
     def __cinit__(self, size_t nr_pages):
+        cdef pthread_mutexattr_t attr
         cdef size_t cap = min(nr_pages + SLACK, <size_t>0xFFFFFFF0)
         cdef size_t buckets = 1
         while buckets < cap:
@@ -362,7 +375,12 @@ cdef class Index:
             raise MemoryError(f"no memory for a dedup index of {cap} objects")
         self.d.capacity = <uint32_t>cap
         self.d.mask = buckets - 1
-        pthread_mutex_init(&self.d.lock, NULL)
+        # Adaptive: the lock is held for a few lookups, so a waiter spins a little before it
+        # sleeps (the futex round trip costs more than the wait).
+        pthread_mutexattr_init(&attr)
+        pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP)
+        pthread_mutex_init(&self.d.lock, &attr)
+        pthread_mutexattr_destroy(&attr)
 
     def __dealloc__(self):
         if self.d != NULL:
