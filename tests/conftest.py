@@ -231,30 +231,70 @@ def release_holders(mountpoint: Path) -> None:
             run("losetup", "-d", parts[0], check=False)
 
 
+# Runs a command with descriptors at 3, 4, ... and LISTEN_PID = its own pid, as systemd
+# starts a service with its stored descriptors: argv is N, N source fds, then the command.
+_LISTEN_SHIM = """
+import fcntl, os, sys
+n = int(sys.argv[1]); fds = [int(a) for a in sys.argv[2:2 + n]]; cmd = sys.argv[2 + n:]
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3 + n) for fd in fds]
+for i, fd in enumerate(high):
+    os.dup2(fd, 3 + i)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(cmd[0], cmd)
+"""
+
+
+def start_daemon(mountpoint: Path, log: Path, *args: str, env: dict[str, str] | None = None,
+                 listen_fds: list[tuple[str, int]] = (),
+                 supervised: bool = False) -> subprocess.Popen:
+    """`zramfs daemon` on `mountpoint`, its output appended to `log`. Without `supervised`,
+    the serving process itself (--no-supervisor). `listen_fds` (name, fd) are passed as a
+    service manager passes its stored descriptors (LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID)."""
+    cmd = [*ZRAMFS, "--log-level", "debug", "daemon", "--mountpoint", str(mountpoint), *args]
+    if not supervised:
+        cmd.append("--no-supervisor")
+    if env is None:               # no service manager, whatever runs the tests
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    env = {k: v for k, v in env.items() if not k.startswith("LISTEN_")}
+    fds = [fd for _, fd in listen_fds]
+    if fds:
+        env["LISTEN_FDS"] = str(len(fds))
+        env["LISTEN_FDNAMES"] = ":".join(name for name, _ in listen_fds)
+        cmd = [sys.executable, "-c", _LISTEN_SHIM, str(len(fds)), *map(str, fds), *cmd]
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                pass_fds=fds)
+
+
+def wait_serving(d: Daemon, times: int = 1) -> None:
+    """Until the log says "serving" `times` times (the tree mounted or adopted, and the
+    config's devices set up)."""
+    wait_for(lambda: d.log.read_bytes().count(b"serving ") >= times or not d.alive(), 60,
+             "the daemon to mount and set up")
+    if not d.alive():
+        raise AssertionError(f"daemon exited {d.proc.returncode}:\n{d.log.read_text()}")
+
+
 @contextlib.contextmanager
-def zramfs_daemon(*args: str, tmp: Path | None = None) -> Iterator[Daemon]:
+def zramfs_daemon(*args: str, tmp: Path | None = None, env: dict[str, str] | None = None,
+                  supervised: bool = False) -> Iterator[Daemon]:
+    """A daemon on a new temporary mountpoint (see start_daemon), stopped and cleaned up at
+    the end; a test that starts the next daemon on the tree sets `d.proc` to it."""
     cleanup = Cleanup()
     base = Path(tempfile.mkdtemp(prefix="zramfs-test-", dir=tmp))
     mountpoint = base / "mnt"
     log = base / "daemon.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([*ZRAMFS, "--log-level", "debug", "daemon", "--mountpoint",
-                                 str(mountpoint), *args], stdout=out, stderr=subprocess.STDOUT,
-                                cwd=ROOT)
-    d = Daemon(mountpoint, proc, log, cleanup)
+    d = Daemon(mountpoint, start_daemon(mountpoint, log, *args, env=env, supervised=supervised),
+               log, cleanup)
     try:
-        # "serving" is logged once the tree is mounted and the config's devices are set up.
-        wait_for(lambda: b"serving " in log.read_bytes() or proc.poll() is not None, 60,
-                 "the daemon to mount and set up")
-        if proc.poll() is not None:
-            raise AssertionError(f"daemon exited {proc.returncode}:\n{log.read_text()}")
+        wait_serving(d)
         yield d
     finally:
         try:
             cleanup.run_all()
         finally:
             release_holders(mountpoint)
-            stop_daemon(proc, mountpoint)
+            stop_daemon(d.proc, mountpoint)
             if not is_mounted(mountpoint):
                 shutil.rmtree(base, ignore_errors=True)
 

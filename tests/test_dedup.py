@@ -240,13 +240,38 @@ def test_reset_frees_the_index() -> None:
     meta = disk.release()
     meta.destroy()
     assert meta.dedup is None
-    with pytest.raises(RuntimeError):
-        disk2 = make_disk(8 * PAGE)
-        disk2.write(0, PATTERN)
-        try:
-            _dedup.enable(disk2.meta)                 # too late: pages are stored
-        finally:
-            destroy(disk2)
+
+
+def test_a_meta_that_holds_pages_gets_its_index_from_the_table() -> None:
+    """As after Meta.take_over: ZRAM_DEDUP slots counted, ordinary objects left alone.
+    take_over copies each slot's object, so the shared one comes back as 4 (left to do)."""
+    old = make_disk(16 * PAGE, dedup=True)
+    for i in range(4):
+        old.write(i * PAGE, PATTERN)
+    plain = make_disk(16 * PAGE)
+    plain.write(0, PATTERN)
+    fds = [os.dup(fd) for fd in old.meta.state_fds]
+    pfds = [os.dup(fd) for fd in plain.meta.state_fds]
+    from zramfs._zram import Disk, Meta
+    try:
+        for src in (fds, pfds):
+            meta = Meta(16 * PAGE, "lz4", name="taken")
+            assert meta.take_over(*src)[0] == (4 if src is fds else 1)
+            _dedup.enable(meta)
+            assert _dedup.check(meta) is None
+            assert _dedup.stat(meta)[::2] == ((0, 4) if src is fds else (0, 0))
+            disk = Disk()
+            disk.attach(meta)
+            disk.write(8 * PAGE, PATTERN)             # finds the adopted object, if shared
+            assert _dedup.check(meta) is None
+            assert disk.read(0, PAGE) == PATTERN == disk.read(8 * PAGE, PAGE)
+            assert _dedup.stat(meta)[::2] == ((1, 4) if src is fds else (0, 1))
+            destroy(disk)
+    finally:
+        for fd in fds + pfds:
+            os.close(fd)
+        destroy(old)
+        destroy(plain)
 
 
 # --- races -----------------------------------------------------------------------------------

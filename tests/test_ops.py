@@ -226,7 +226,8 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     text = unit.read_text()
     for line in ("Type=notify", "OOMScoreAdjust=-1000", "LimitMEMLOCK=infinity",
-                 "Before=swap.target local-fs.target"):
+                 "Before=swap.target local-fs.target", "ExecReload=/bin/kill -HUP $MAINPID",
+                 "FileDescriptorStoreMax=", "Restart=on-failure"):
         assert line in text
 
 

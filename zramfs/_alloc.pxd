@@ -8,12 +8,25 @@
 #
 # driver and impl are set by __init__ and stay until destroy, which sets impl to NULL; the
 # owner must see that no C caller is still using impl by then.
+from libc.stdint cimport uint32_t, uint64_t
 from zramfs.zpool cimport zpool_driver
+from zramfs._pages cimport zregion
+
+# The header at offset 0 of a pool's region: what a later daemon checks before it trusts the
+# rest (PoolImage).
+ctypedef struct zpool_header:
+    char magic[16]
+    uint32_t version
+    uint32_t pointer_size
+    char backend[16]
+    uint64_t base              # where the process that made the pool mapped the region
+    uint64_t size
 
 
 cdef class Pool:
     cdef const zpool_driver* driver
     cdef void* impl
+    cdef zregion region
     cdef readonly str name
     cdef readonly str backend
     cdef size_t _compacted_at_destroy   # the driver's pages_compacted, read as impl went
@@ -22,3 +35,13 @@ cdef class Pool:
 
     cdef int _check_open(self) except -1
     cdef int _check_handle(self, handle) except -1
+
+
+# A pool a process before this one left in its region (a memfd kept across a restart): mapped
+# read-only, its header checked; `locate` finds an object from its handle for copying out.
+cdef class PoolImage:
+    cdef zregion region
+    cdef const zpool_driver* driver
+    cdef ssize_t delta
+    cdef readonly str backend
+    cdef const char* locate(self, uint64_t handle, size_t size) noexcept nogil

@@ -7,9 +7,13 @@ without the GIL. This module owns what sits above them: the registry (zramfs.reg
 picks a backend by name and pins it while a pool uses it, the names of live pools, and `Pool`,
 the owner the device holds and the face tests and tools use. Everything here runs under the
 GIL; `Pool` drops it around each driver call, so threads really run in parallel.
+
+A pool lives in a region of its own, a memfd (zramfs._pages) with a header at offset 0: keep
+`Pool.fd` across a restart and a later daemon opens it as a `PoolImage` to copy the objects out.
 """
 from __future__ import annotations
 
+import os
 import threading
 from collections import namedtuple
 
@@ -17,18 +21,30 @@ from zramfs.registry import Registry
 
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport malloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memcmp, memset, strncpy
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 
 from zramfs.zram cimport PAGE_SIZE
-from zramfs.zpool cimport zpool_class_stat, zpool_driver
+from zramfs.zpool cimport ZPOOL_ARENAS, ZPOOL_ROOT, zpool_class_stat, zpool_driver
 from zramfs._pages cimport PAGES_MAX_RUN      # every backend's zspage (or page) is one run
+from zramfs._pages cimport region_close, region_create, region_map, zregion
 from zramfs._zsmalloc cimport zsmalloc_driver
 from zramfs._zbud cimport zbud_driver
 
 PAGE = PAGE_SIZE
 DEFAULT_MAX_PAGES_PER_ZSPAGE = 8
+# The header's magic and version: a later daemon adopts only a pool of the same layout.
+POOL_MAGIC = b"zramfs-pool"
+POOL_VERSION = 1
+_ARENA = 64 << 20
+
+
+def default_region_size() -> int:
+    """Address space for one pool: twice the machine's RAM (the budget keeps the pages held
+    below RAM; the rest is room for freed runs). Costs nothing until touched."""
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return ZPOOL_ARENAS + (2 * ram + _ARENA - 1) // _ARENA * _ARENA
 
 
 class PoolError(Exception):
@@ -81,23 +97,52 @@ cdef class Pool:
     the C calls, so threads really run in parallel. The device uses `driver`/`impl` directly.
     """
 
+    def __cinit__(self):
+        self.region.fd = -1
+        self.region.base = NULL
+
     def __init__(self, backend: str = "zsmalloc", name: str = "zram",
-                 max_pages_per_zspage: int = DEFAULT_MAX_PAGES_PER_ZSPAGE):
+                 max_pages_per_zspage: int = DEFAULT_MAX_PAGES_PER_ZSPAGE,
+                 region_size: int | None = None):
         cdef _Backend b
+        cdef zpool_header* h
+        cdef int rc
         if not 1 <= max_pages_per_zspage <= PAGES_MAX_RUN:
             raise ValueError(f"max_pages_per_zspage must be 1..{PAGES_MAX_RUN}")
+        cdef size_t size = default_region_size() if region_size is None else region_size
+        if size < ZPOOL_ARENAS + _ARENA:
+            raise ValueError(f"region_size must be at least {ZPOOL_ARENAS + _ARENA}")
         b = BACKENDS.pin(backend)
         self._pin = backend
         self.driver = b.driver
         self.backend = backend
         self._live = set()
+        region_name = f"zramfs-pool:{name}".encode()
+        rc = region_create(&self.region, region_name, size)
+        if rc != 0:
+            self._unpin()
+            raise OSError(-rc, f"cannot make a region of {size} bytes for the pool")
+        h = <zpool_header*>self.region.base
+        strncpy(h.magic, POOL_MAGIC, sizeof(h.magic))
+        h.version = POOL_VERSION
+        h.pointer_size = sizeof(void*)
+        strncpy(h.backend, backend.encode(), sizeof(h.backend) - 1)
+        h.base = <uint64_t>self.region.base
+        h.size = self.region.size
         cdef int chain = max_pages_per_zspage
         with nogil:
-            self.impl = self.driver.create(chain)
+            self.impl = self.driver.create(chain, &self.region)
         if self.impl == NULL:
+            region_close(&self.region)
             self._unpin()
             raise MemoryError("cannot create pool")
         self.name = _claim_name(name)
+
+    @property
+    def fd(self) -> int:
+        """The memfd the pool lives in (the pool's to close): keep a dup of it to keep the
+        pool's memory past this process."""
+        return self.region.fd
 
     def _unpin(self):
         if self._pin is not None:
@@ -112,6 +157,7 @@ cdef class Pool:
         with nogil:
             self.driver.destroy(self.impl)
         self.impl = NULL
+        region_close(&self.region)
         self._live.clear()
         self._unpin()
         with _names_lock:
@@ -121,6 +167,7 @@ cdef class Pool:
         if self.impl != NULL:
             self.driver.destroy(self.impl)
             self.impl = NULL
+        region_close(&self.region)
 
     def __enter__(self) -> Pool:
         return self
@@ -245,3 +292,65 @@ cdef class Pool:
 
     def __repr__(self) -> str:
         return f"<Pool {self.name} backend={self.backend}>"
+
+
+class PoolImageError(Exception):
+    """The fd holds no pool this version can adopt."""
+
+
+cdef class PoolImage:
+    """`PoolImage(fd)`: the pool a process before this one left in the memfd `fd` (a dup is
+    kept; `close()` drops it). Raises PoolImageError for anything but a pool of this layout."""
+
+    def __cinit__(self):
+        self.region.fd = -1
+        self.region.base = NULL
+
+    def __init__(self, int fd):
+        cdef zpool_header* h
+        cdef _Backend b
+        cdef int rc = region_map(&self.region, fd, False)
+        if rc != 0:
+            raise PoolImageError(f"fd {fd} is not a pool's memfd: {os.strerror(-rc)}")
+        h = <zpool_header*>self.region.base
+        if self.region.size < ZPOOL_ARENAS or memcmp(h.magic, <const char*>POOL_MAGIC,
+                                                      len(POOL_MAGIC) + 1) != 0:
+            self.close()
+            raise PoolImageError("not a zramfs pool (bad magic)")
+        if h.version != POOL_VERSION or h.pointer_size != sizeof(void*):
+            version = h.version
+            self.close()
+            raise PoolImageError(f"pool format {version}, this zramfs reads {POOL_VERSION}")
+        if h.size != self.region.size:
+            self.close()
+            raise PoolImageError("pool region truncated")
+        backend = h.backend[:sizeof(h.backend)].split(b"\0")[0].decode(errors="replace")
+        try:
+            b = BACKENDS.pin(backend)
+        except LookupError:
+            self.close()
+            raise PoolImageError(f"unknown allocator backend {backend!r}") from None
+        BACKENDS.unpin(backend)      # its driver table is static: nothing to keep alive
+        self.backend = backend
+        self.driver = b.driver
+        self.delta = <ssize_t>(self.region.base - <char*>h.base)
+
+    cdef const char* locate(self, uint64_t handle, size_t size) noexcept nogil:
+        if self.region.base == NULL:
+            return NULL
+        return self.driver.locate(self.region.base + ZPOOL_ROOT, self.delta,
+                                  self.region.base + ZPOOL_ROOT,
+                                  self.region.base + self.region.size, handle, size)
+
+    def read(self, uint64_t handle, size_t size) -> bytes | None:
+        """The object's `size` bytes, or None where the handle leads nowhere sound."""
+        cdef const char* p = self.locate(handle, size)
+        if p == NULL:
+            return None
+        return PyBytes_FromStringAndSize(p, size)
+
+    def close(self) -> None:
+        region_close(&self.region)
+
+    def __dealloc__(self):
+        region_close(&self.region)

@@ -21,6 +21,9 @@ ctypedef struct zbacking:
 
 cdef long backing_alloc(zbacking* b) noexcept nogil          # a free block, or -1 when full
 cdef void backing_free(zbacking* b, size_t block) noexcept nogil
+# Marks `block` in use (a restarted daemon's slot table says it is); False if out of range or
+# already in use.
+cdef bint backing_take(zbacking* b, size_t block) noexcept nogil
 # Whole pages only; `page` must be 4 KiB aligned when b.direct. 0 or -errno.
 cdef int backing_read(zbacking* b, size_t block, char* page) noexcept nogil
 cdef int backing_write(zbacking* b, size_t block, const char* page) noexcept nogil

@@ -124,6 +124,21 @@ cdef void backing_free(zbacking* b, size_t block) noexcept nogil:
     za_sub(&b.bd_count, 1)
 
 
+cdef bint backing_take(zbacking* b, size_t block) noexcept nogil:
+    cdef bint taken = False
+    cdef unsigned long long bit = 1ULL << (block % BITS)
+    if block >= b.nr_blocks:
+        return False
+    pthread_mutex_lock(&b.lock)
+    if not b.bitmap[block // BITS] & bit:
+        b.bitmap[block // BITS] |= bit
+        taken = True
+    pthread_mutex_unlock(&b.lock)
+    if taken:
+        za_add(&b.bd_count, 1)
+    return taken
+
+
 cdef int backing_read(zbacking* b, size_t block, char* page) noexcept nogil:
     cdef ssize_t n = pread(b.fd, page, PAGE_SIZE, <long>(block * PAGE_SIZE))
     if n != PAGE_SIZE:

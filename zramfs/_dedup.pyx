@@ -394,18 +394,19 @@ cdef class Index:
 
 
 def enable(Meta meta) -> None:
-    """Dedup on for a new meta, before it is attached to its disk (nothing stored yet): it is
-    a setting of the device's creation, as the kernel's pre-init attributes."""
+    """Dedup on for a meta before it is attached to its disk: it is a setting of the device's
+    creation, as the kernel's pre-init attributes. A meta that holds pages already (one taken
+    over from a previous daemon, Meta.take_over) gets its index from its slot table."""
     cdef Index index
     if meta.dedup is not None:
         return
-    if za_load(&meta.m.pages_stored):
-        raise RuntimeError("dedup is set before anything is stored")
     index = Index(meta.m.nr_pages)
     meta.dedup = index
     meta.m.dedup = index.d
     meta.m.dedup_put = _dedup_put
     meta.m.dedup_store = _dedup_store
+    if za_load(&meta.m.pages_stored):
+        rebuild(meta, True)
 
 
 def enabled(Meta meta) -> bool:

@@ -71,6 +71,7 @@ cdef extern from "<sys/uio.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     ssize_t read(int fd, void* buf, size_t n)
+    ssize_t write(int fd, const void* buf, size_t n)
     int close(int fd)
 
 cdef extern from "<pthread.h>" nogil:
@@ -120,6 +121,11 @@ cdef uint64_t WANTED = (FUSE_ASYNC_READ | FUSE_ATOMIC_O_TRUNC | FUSE_BIG_WRITES 
                         FUSE_DIRECT_IO_ALLOW_MMAP | FUSE_HAS_RESEND)
 
 cdef enum:
+    STOP_EXIT = 1                 # session_t.stopping: exit(), the tree unmounted
+    STOP_HANDOVER = 2             # stop(): the connection kept for the next server
+    INIT_PARAMS_VERSION = 1       # of init_params(), which outlives this process
+
+cdef enum:
     NR_OPS = 64                   # opcodes counted: every one the kernel sends today
     NR_BUCKETS = 24               # latency buckets: bucket b up to 2**b microseconds
 
@@ -150,7 +156,7 @@ cdef struct worker_t:
 cdef struct session_t:
     void* owner                   # the Session (borrowed; valid while it runs)
     int fd                        # /dev/fuse
-    size_t stopping               # atomic: set by exit()
+    size_t stopping               # atomic: STOP_EXIT or STOP_HANDOVER, once asked
     const zramfs_data_ops* dops   # NULL if no data engine
     unsigned max_io               # max_write, max_read and max_pages * 4096
     unsigned max_background       # async (libaio) requests the kernel may queue to us
@@ -225,11 +231,18 @@ cdef void _init(session_t* s, fuse_in_header* h, const char* arg) noexcept nogil
     o.max_write = s.max_io
     o.max_pages = s.max_io // 4096
     o.time_gran = 1
-    _py_init(s, i, agreed)
+    _py_init(s, i, offered, agreed)
     _reply(s, h.unique, 0, &o, sizeof(o))
 
 
-cdef void _py_init(session_t* s, const fuse_init_in* i, uint64_t agreed) noexcept with gil:
+cdef void _py_init(session_t* s, const fuse_init_in* i, uint64_t offered,
+                   uint64_t agreed) noexcept with gil:
+    cdef Session owner = <Session>s.owner
+    # What a later server of this connection must know, as the kernel never sends INIT again.
+    owner._init_params = {"version": INIT_PARAMS_VERSION, "major": i.major, "minor": i.minor,
+                          "offered": offered, "flags": agreed, "max_write": s.max_io,
+                          "max_pages": s.max_io // 4096, "max_background": s.max_background}
+    owner._init_done.set()
     info = {"proto": (i.major, i.minor), "offered_flags": i.flags, "flags": agreed,
             "max_write": s.max_io, "max_read": s.max_io, "max_background": s.max_background,
             "direct_io_allow_mmap": bool(agreed & FUSE_DIRECT_IO_ALLOW_MMAP),
@@ -674,8 +687,11 @@ cdef class Session:
     """One mounted FUSE file system, served by the engine's worker threads.
 
     Session(mountpoint, ops, data_ops=capsule or None, fsname=..., options=(), ...) mounts at
-    once. run() serves requests until unmounted or exit() (the GIL released meanwhile);
-    exit() makes run() return; close() frees.
+    once; Session.adopt(mountpoint, fd, ops, init=...) serves a connection mounted by an
+    earlier process. run() serves requests until unmounted or exit() (the GIL released
+    meanwhile); exit() makes run() return; close() unmounts and frees. For a live restart,
+    stop() makes run() return with the tree still mounted, and detach() hands the connection
+    over instead of close().
     """
     cdef session_t s
     cdef readonly object ops
@@ -683,6 +699,8 @@ cdef class Session:
     cdef readonly str mountpoint
     cdef bint mounted
     cdef object _lock                    # serialises unmount and close
+    cdef object _init_params             # init_params(), once INIT is answered or adopted
+    cdef object _init_done               # threading.Event: _init_params is set
 
     def __cinit__(self) -> None:
         memset(&self.s, 0, sizeof(self.s))
@@ -694,10 +712,23 @@ cdef class Session:
                  fsname: str = "zramfs", options: tuple = (), allow_other: bool = False,
                  max_io: int = 256 << 10, max_threads: int = 8, max_background: int = 128,
                  attr_timeout: float = 1.0, entry_timeout: float = 1.0) -> None:
+        self._configure(mountpoint, ops, data_ops, max_io, max_threads, max_background,
+                        attr_timeout, entry_timeout)
+        opts = ["default_permissions", f"max_read={max_io}"]
+        if allow_other:
+            opts.append("allow_other")
+        opts.extend(options)
+        self.s.fd = _mount(mountpoint, fsname, opts)
+        self.mounted = True
+
+    cdef void _configure(self, str mountpoint, object ops, object data_ops, unsigned max_io,
+                         int max_threads, unsigned max_background, double attr_timeout,
+                         double entry_timeout) except *:
         self.ops = ops
         self.data_ops = data_ops
         self.mountpoint = mountpoint
         self._lock = threading.Lock()
+        self._init_done = threading.Event()
         self.s.owner = <void*>self
         self.s.max_io = max_io
         self.s.max_background = max_background
@@ -709,12 +740,56 @@ cdef class Session:
         if data_ops is not None:
             self.s.dops = <const zramfs_data_ops*>PyCapsule_GetPointer(
                 data_ops, ZRAMFS_DATA_OPS_CAPSULE)
-        opts = ["default_permissions", f"max_read={max_io}"]
-        if allow_other:
-            opts.append("allow_other")
-        opts.extend(options)
-        self.s.fd = _mount(mountpoint, fsname, opts)
+
+    @classmethod
+    def adopt(cls, mountpoint: str, fd: int, ops: object, *, init: dict,
+              data_ops: object = None, max_threads: int = 8, attr_timeout: float = 1.0,
+              entry_timeout: float = 1.0) -> Session:
+        """A session on the connection of `fd`, which an earlier server mounted at
+        `mountpoint` and negotiated (`init`: its init_params()). No mount and no INIT: the
+        kernel sends INIT once a connection. Requests the earlier server read and did not
+        answer are asked for again (FUSE_NOTIFY_RESEND, Linux 6.9+) where the kernel offered
+        that at INIT; they come back with bit 63 set in their unique, which the replies echo
+        as they echo any unique. The session owns `fd` from here on, and unmounts at exit()
+        as a mounting one does."""
+        cdef Session self
+        if init.get("version") != INIT_PARAMS_VERSION or init.get("major") != FUSE_KERNEL_VERSION:
+            raise ValueError(f"INIT parameters of another version: {init!r}")
+        self = Session.__new__(Session)
+        self._configure(mountpoint, ops, data_ops, init["max_write"], max_threads,
+                        init["max_background"], attr_timeout, entry_timeout)
+        self.s.flags = init["flags"]
+        self.s.proto_minor = init["minor"]
+        self._init_params = dict(init)
+        self._init_done.set()
+        self.s.fd = fd
         self.mounted = True
+        err = _notify_resend(fd) if init["offered"] & FUSE_HAS_RESEND else -1
+        if err < 0:
+            log.warning("the kernel has no FUSE_NOTIFY_RESEND (Linux 6.9+): requests the "
+                        "previous daemon read and did not answer are lost; their callers wait "
+                        "until the tree is unmounted")
+        elif err:
+            log.warning("FUSE_NOTIFY_RESEND: %s: requests the previous daemon read and did "
+                        "not answer are lost", os.strerror(err))
+        else:
+            log.info("adopted the FUSE connection of %s (protocol 7.%d); the kernel resends "
+                     "what the previous daemon left unanswered", mountpoint, init["minor"])
+        return self
+
+    @property
+    def fd(self) -> int:
+        """The /dev/fuse descriptor (-1 once closed or detached), for the fd store."""
+        return self.s.fd
+
+    def init_params(self) -> dict | None:
+        """What INIT agreed, as Session.adopt takes it (JSON-able); None before INIT."""
+        return None if self._init_params is None else dict(self._init_params)
+
+    def wait_init(self, timeout: float | None = None) -> dict | None:
+        """init_params(), once the kernel's INIT is answered (blocks; None on timeout)."""
+        self._init_done.wait(timeout)
+        return self.init_params()
 
     def run(self) -> int:
         """Serves requests until unmounted or exit(); the GIL released meanwhile. 0."""
@@ -749,10 +824,11 @@ cdef class Session:
                 za_store(&s.stopping, 1)
             # Until every worker has ended (the connection is gone), or exit() was asked and
             # a grace period passed: workers still waiting in read(2) are then cancelled.
+            # After stop() there is no unmount to wait for: they are cancelled at once.
             pthread_mutex_lock(&s.lock)
             while s.running and not za_load(&s.stopping):
                 fe_timedwait(&s.done, &s.lock, _after(&deadline, 1000))
-            if s.running:
+            if s.running and za_load(&s.stopping) != STOP_HANDOVER:
                 _after(&deadline, EXIT_GRACE_MS)
                 while s.running and fe_timedwait(&s.done, &s.lock, &deadline) == 0:
                     pass
@@ -774,6 +850,23 @@ cdef class Session:
         za_store(&self.s.stopping, 1)
         self.unmount()
 
+    def stop(self) -> None:
+        """Makes run() return with the tree still mounted, for a live restart: requests being
+        served finish, workers waiting in read(2) are cancelled there (none holds a request),
+        and what comes meanwhile waits in the kernel for the next server. Any thread."""
+        za_store(&self.s.stopping, STOP_HANDOVER)
+
+    def detach(self) -> int:
+        """After stop() and run(): gives up the tree and the connection without unmounting
+        or closing; the caller owns the returned descriptor (to hand to the next server), and
+        close() has nothing left to do."""
+        cdef int fd = self.s.fd
+        with self._lock:
+            self.mounted = False
+        self.s.fd = -1
+        self._init_done.set()           # wait_init() returns (None if INIT never came)
+        return fd
+
     def unmount(self) -> None:
         """Lazy unmount, without the exit flag: run() returns once the kernel ends the
         connection, after the last open file closes."""
@@ -788,6 +881,8 @@ cdef class Session:
         if self.s.fd >= 0:
             close(self.s.fd)
             self.s.fd = -1
+        if self._init_done is not None:
+            self._init_done.set()       # wait_init() returns (None if INIT never came)
 
     def stats(self) -> dict:
         """Data-path counters (relaxed atomics)."""
@@ -823,6 +918,18 @@ cdef class Session:
             close(self.s.fd)
         pthread_cond_destroy(&self.s.done)
         pthread_mutex_destroy(&self.s.lock)
+
+
+cdef int _notify_resend(int fd) noexcept nogil:
+    """FUSE_NOTIFY_RESEND: a bare header, unique 0. The kernel moves every request read
+    from this connection's still-open descriptors and not answered back to the head of its
+    queue, bit 63 (FUSE_UNIQUE_RESEND) set in their unique; fs/fuse/dev.c finds a reply's
+    request by the whole unique, so a reply echoes it as it came. 0, or the errno."""
+    cdef fuse_out_header h
+    h.len = sizeof(fuse_out_header)
+    h.error = FUSE_NOTIFY_RESEND
+    h.unique = 0
+    return 0 if write(fd, &h, sizeof(h)) == <ssize_t>sizeof(h) else errno
 
 
 cdef timespec* _after(timespec* t, long ms) noexcept nogil:

@@ -11,29 +11,52 @@ cdef enum:
     PAGES_MAX_RUN = 16      # the longest run pages_alloc hands out: the longest zspage
 
 cdef struct extent             # a freed run, kept for reuse (private to _pages.pyx)
-cdef struct arena              # one mmap'ed arena (private to _pages.pyx)
+
+# A memfd mapped shared: the memory a pool (or a slot table) keeps in, so that it outlives the
+# process when the fd is kept (live restart: a new daemon maps the fd and finds it all).
+ctypedef struct zregion:
+    int fd
+    char* base
+    size_t size
+
+# A new memfd of `size` bytes (sparse: nothing is resident until touched), mapped; 0 or -errno.
+cdef int region_create(zregion* r, const char* name, size_t size) noexcept nogil
+# An existing memfd mapped whole (read-only unless `writable`); 0 or -errno. Takes no ownership
+# of fd: region_close closes a dup.
+cdef int region_map(zregion* r, int fd, bint writable) noexcept nogil
+# Unmaps and closes; the memory itself goes only when every other holder of the fd closes it.
+cdef void region_close(zregion* r) noexcept nogil
+# Gives the range's memory back to the OS (a hole in the memfd); keeps the range mapped.
+cdef void region_punch(zregion* r, char* addr, size_t length) noexcept nogil
 
 ctypedef struct page_source:
     pthread_mutex_t lock
-    arena* arenas
+    zregion* region               # where the arenas are carved from, [first, region.size)
+    size_t carved                 # offset in the region of the next arena
     char* bump
     char* bump_end
     char* populated               # the arena is resident (or being made so) up to here
     extent* runs[PAGES_MAX_RUN + 1]
     size_t pages_held             # pages handed out and not yet given back: mem_used_total
+    size_t meta_pages             # runs handed out for the backend's own bookkeeping
     # The populator thread, which keeps the arena resident ahead of the bump (see pages_alloc).
     pthread_t populator
     pthread_cond_t want
     bint populator_asleep
     bint stop
 
+# Arenas are carved from `region` at offsets `first` and up (the region outlives ps).
 # 0, or -1 when the lock or the populator thread cannot be had. Nothing else may use ps yet.
-cdef int pages_init(page_source* ps) noexcept nogil
-# Stops the populator and unmaps every arena, and with them every run handed out.
-# Nothing else may use ps, then or after.
+cdef int pages_init(page_source* ps, zregion* region, size_t first) noexcept nogil
+# Stops the populator and forgets the freed runs; the arenas stay in the region, whose owner
+# unmaps them. Nothing else may use ps, then or after.
 cdef void pages_destroy(page_source* ps) noexcept nogil
 # A run of 1..PAGES_MAX_RUN contiguous pages, or NULL.
 cdef char* pages_alloc(page_source* ps, int npages) noexcept nogil
+# The same, for the backend's bookkeeping (handle tables, zspage descriptors): charged to the
+# budget but not counted in pages_held, as the kernel's mem_used_total counts zspages only.
+# Never given back.
+cdef char* pages_alloc_meta(page_source* ps, int npages) noexcept nogil
 # Gives a run from pages_alloc back, with its length.
 cdef void pages_free(page_source* ps, char* addr, int npages) noexcept nogil
 

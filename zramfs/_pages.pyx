@@ -1,12 +1,16 @@
 # cython: language_level=3
-"""The page source under both pool backends: runs of contiguous 4 KiB pages from mmap arenas.
+"""The page source under both pool backends: runs of contiguous 4 KiB pages from arenas carved
+out of a memfd region.
 
-It owns the arenas, the freed runs and the populator thread; the backends (_zsmalloc, _zbud)
+The region (a memfd mapped shared) is what lets a pool outlive its process: the daemon keeps
+the fd across a restart and the next one maps it (docs/design.md, live restart). It owns the
+arenas, the freed runs and the populator thread; the backends (_zsmalloc, _zbud)
 own what they put in the pages. Each function runs without the GIL. pages_alloc and
 pages_free are called with a backend's class or pool lock held (never the other way round),
 so the page source's own lock is innermost.
 
-Freed runs go back to the OS at once and are kept, by length, for reuse; their bookkeeping
+Freed runs go back to the OS at once (a hole punched in the memfd: shared memory ignores
+MADV_DONTNEED, and locked memory refuses it) and are kept, by length, for reuse; their bookkeeping
 lives outside them so that keeping them costs no resident memory. A populator thread keeps up
 to RESERVE_PAGES (2 MiB) of fresh arena resident ahead of use: in the process's RSS, not in
 mem_used_total.
@@ -27,8 +31,12 @@ from zramfs.pthread cimport (pthread_cond_destroy, pthread_cond_init, pthread_co
 
 cdef extern from *:
     """
+    #include <errno.h>
+    #include <fcntl.h>
     #include <sched.h>
+    #include <unistd.h>
     #include <sys/mman.h>
+    #include <sys/stat.h>
     #ifndef MADV_POPULATE_WRITE
     #define MADV_POPULATE_WRITE 23
     #endif
@@ -42,9 +50,20 @@ cdef extern from *:
     void* mmap(void* addr, size_t length, int prot, int flags, int fd, long offset) nogil
     int munmap(void* addr, size_t length) nogil
     int madvise(void* addr, size_t length, int advice) nogil
+    int memfd_create(const char* name, unsigned flags) nogil
+    int ftruncate(int fd, long length) nogil
+    int fallocate(int fd, int mode, long offset, long length) nogil
+    int dup(int fd) nogil
+    int close(int fd) nogil
+    int fcntl(int fd, int cmd, ...) nogil
+    struct stat:
+        long st_size
+    int fstat(int fd, stat* st) nogil
+    int errno
     void* MAP_FAILED
-    int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE, MAP_FIXED, MADV_DONTNEED
-    int MADV_POPULATE_WRITE
+    int PROT_READ, PROT_WRITE, MAP_SHARED, MAP_NORESERVE
+    int MADV_POPULATE_WRITE, MFD_CLOEXEC, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_KEEP_SIZE
+    int F_DUPFD_CLOEXEC
 
 cdef enum:
     ARENA_PAGES = 16384     # 64 MiB of address space a time
@@ -75,10 +94,66 @@ cdef bint _charge(int npages) noexcept nogil:
     return True
 
 
-cdef struct arena:
-    char* base
-    arena* next
+# --- regions ---------------------------------------------------------------------------------
 
+cdef int region_create(zregion* r, const char* name, size_t size) noexcept nogil:
+    cdef int err
+    r.base = NULL
+    r.size = size
+    r.fd = memfd_create(name, MFD_CLOEXEC)
+    if r.fd < 0:
+        return -errno
+    if ftruncate(r.fd, <long>size) != 0:
+        err = errno
+        close(r.fd)
+        r.fd = -1
+        return -err
+    return _region_mmap(r, True)
+
+
+cdef int region_map(zregion* r, int fd, bint writable) noexcept nogil:
+    cdef stat st
+    r.base = NULL
+    r.fd = fcntl(fd, F_DUPFD_CLOEXEC, 3)
+    if r.fd < 0:
+        return -errno
+    if fstat(r.fd, &st) != 0 or st.st_size <= 0:
+        close(r.fd)
+        r.fd = -1
+        return -22          # EINVAL: not a region
+    r.size = <size_t>st.st_size
+    return _region_mmap(r, writable)
+
+
+cdef int _region_mmap(zregion* r, bint writable) noexcept nogil:
+    cdef int err
+    cdef int prot = PROT_READ | PROT_WRITE if writable else PROT_READ
+    # MAP_NORESERVE: the region is address space only until pages are touched.
+    cdef void* p = mmap(NULL, r.size, prot, MAP_SHARED | MAP_NORESERVE, r.fd, 0)
+    if p == MAP_FAILED:
+        err = errno
+        close(r.fd)
+        r.fd = -1
+        return -err
+    r.base = <char*>p
+    return 0
+
+
+cdef void region_close(zregion* r) noexcept nogil:
+    if r.base != NULL:
+        munmap(r.base, r.size)
+        r.base = NULL
+    if r.fd >= 0:
+        close(r.fd)
+        r.fd = -1
+
+
+cdef void region_punch(zregion* r, char* addr, size_t length) noexcept nogil:
+    fallocate(r.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, <long>(addr - r.base),
+              <long>length)     # a hint, as MADV_DONTNEED was: errors leave the pages in use
+
+
+# --- the page source -------------------------------------------------------------------------
 
 cdef void* _populator_main(void* arg) noexcept nogil:
     """Makes fresh arena pages resident ahead of their use, RESERVE_PAGES at most, and only on
@@ -110,8 +185,10 @@ cdef void* _populator_main(void* arg) noexcept nogil:
     return NULL
 
 
-cdef int pages_init(page_source* ps) noexcept nogil:
+cdef int pages_init(page_source* ps, zregion* region, size_t first) noexcept nogil:
     memset(ps, 0, sizeof(page_source))
+    ps.region = region
+    ps.carved = first
     if pthread_mutex_init(&ps.lock, NULL) != 0:
         return -1
     pthread_cond_init(&ps.want, NULL)
@@ -123,8 +200,6 @@ cdef int pages_init(page_source* ps) noexcept nogil:
 
 
 cdef void pages_destroy(page_source* ps) noexcept nogil:
-    cdef arena* a = ps.arenas
-    cdef arena* an
     cdef extent* e
     cdef extent* en
     cdef int i
@@ -133,12 +208,8 @@ cdef void pages_destroy(page_source* ps) noexcept nogil:
     pthread_cond_signal(&ps.want)
     pthread_mutex_unlock(&ps.lock)
     pthread_join(ps.populator, NULL)
-    za_sub(&_pages_all, ps.pages_held)      # every run still handed out goes with the arenas
-    while a != NULL:
-        an = a.next
-        munmap(a.base, <size_t>ARENA_PAGES * PAGE_SIZE)
-        free(a)
-        a = an
+    # every run still handed out goes with the region
+    za_sub(&_pages_all, ps.pages_held + ps.meta_pages)
     for i in range(PAGES_MAX_RUN + 1):
         e = ps.runs[i]
         while e != NULL:
@@ -160,22 +231,24 @@ cdef int _push_run(page_source* ps, char* addr, int npages) noexcept nogil:
 
 
 cdef char* _new_arena(page_source* ps) noexcept nogil:
-    cdef void* p = mmap(NULL, <size_t>ARENA_PAGES * PAGE_SIZE, PROT_READ | PROT_WRITE,
-                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-    if p == MAP_FAILED:
+    """The region's next ARENA_PAGES, or NULL when it has no more. Page-source lock held."""
+    cdef size_t length = <size_t>ARENA_PAGES * PAGE_SIZE
+    if ps.carved + length > ps.region.size:
         return NULL
-    cdef arena* a = <arena*>malloc(sizeof(arena))
-    if a == NULL:
-        munmap(p, <size_t>ARENA_PAGES * PAGE_SIZE)
-        return NULL
-    a.base = <char*>p
-    a.next = ps.arenas
-    ps.arenas = a
-    return <char*>p
+    ps.carved += length
+    return ps.region.base + ps.carved - length
 
 
 cdef char* pages_alloc(page_source* ps, int npages) noexcept nogil:
     """A run of npages contiguous pages, or NULL. Takes the page-source lock."""
+    return _pages_alloc(ps, npages, False)
+
+
+cdef char* pages_alloc_meta(page_source* ps, int npages) noexcept nogil:
+    return _pages_alloc(ps, npages, True)
+
+
+cdef char* _pages_alloc(page_source* ps, int npages, bint meta) noexcept nogil:
     cdef char* addr = NULL
     cdef char* fault_from = NULL
     cdef char* fault_to = NULL
@@ -220,7 +293,10 @@ cdef char* pages_alloc(page_source* ps, int npages) noexcept nogil:
         if (ps.populator_asleep
                 and ps.populated - ps.bump < <size_t>RESERVE_PAGES * PAGE_SIZE // 2):
             pthread_cond_signal(&ps.want)
-    ps.pages_held += npages
+    if meta:
+        ps.meta_pages += npages
+    else:
+        ps.pages_held += npages
     pthread_mutex_unlock(&ps.lock)
     if fault_from != NULL:
         madvise(fault_from, fault_to - fault_from, MADV_POPULATE_WRITE)  # a hint: errors ignored
@@ -229,12 +305,7 @@ cdef char* pages_alloc(page_source* ps, int npages) noexcept nogil:
 
 cdef void pages_free(page_source* ps, char* addr, int npages) noexcept nogil:
     """Gives the run's memory back to the OS and keeps its address range for reuse."""
-    cdef size_t length = <size_t>npages * PAGE_SIZE
-    if madvise(addr, length, MADV_DONTNEED) != 0:
-        # Locked memory (the daemon's mlockall, for swap) refuses MADV_DONTNEED: map fresh
-        # zero pages over the run instead, which mlockall's MCL_ONFAULT locks as they fault.
-        mmap(addr, length, PROT_READ | PROT_WRITE,
-             MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0)
+    region_punch(ps.region, addr, <size_t>npages * PAGE_SIZE)
     pthread_mutex_lock(&ps.lock)
     _push_run(ps, addr, npages)
     ps.pages_held -= npages

@@ -6,17 +6,20 @@ pages come one at a time from the page source (_pages). No compaction; objects n
 map needs no pin, and map, unmap and obj_size take no lock: the caller's hold on its handle
 keeps the page. One lock for the pool, as in the kernel's zbud, taken by malloc and free; the
 list helpers (_zbud_link, _zbud_unlink) expect it held, and the page source's lock nests
-inside it. Handles point straight at the page's descriptor, low bit = buddy. Every function
-here runs without the GIL.
+inside it. Handles point straight at the page's descriptor, low bit = buddy. As zsmalloc's,
+everything lives in the pool's region (zramfs._pages): the pool in the root, descriptors in
+runs of the page source, so a later daemon finds each object from its handle (zbud_locate).
+Every function here runs without the GIL.
 """
 from libc.stdint cimport uint32_t, uint64_t
-from libc.stdlib cimport calloc, free
+from libc.string cimport memset
 
 from zramfs.zram cimport PAGE_SIZE
 from zramfs.pthread cimport (pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
                             pthread_mutex_t, pthread_mutex_unlock)
-from zramfs.zpool cimport zpool_class_stat, zpool_driver
-from zramfs._pages cimport page_source, pages_alloc, pages_destroy, pages_free, pages_held, pages_init
+from zramfs.zpool cimport ZPOOL_ARENAS, ZPOOL_ROOT, zpool_class_stat, zpool_driver
+from zramfs._pages cimport (page_source, pages_alloc, pages_alloc_meta, pages_destroy, pages_free,
+                            pages_held, pages_init, zregion)
 
 cdef enum:
     CHUNK_SHIFT = 6
@@ -34,6 +37,31 @@ ctypedef struct zbud_pool:
     page_source pages
     pthread_mutex_t lock
     zbud_page* lists[NCHUNKS + 1]    # [i] = pages with one buddy and i chunks free; [NCHUNKS] full
+    zbud_page* desc_free             # free descriptors, linked through `next`
+
+
+cdef zbud_page* _desc_take(zbud_pool* pool) noexcept nogil:
+    """A zeroed descriptor. Pool lock held. The slab's pages are never given back."""
+    cdef zbud_page* d
+    cdef char* run
+    cdef int i
+    if pool.desc_free == NULL:
+        run = pages_alloc_meta(&pool.pages, 1)
+        if run == NULL:
+            return NULL
+        for i in range(PAGE_SIZE // sizeof(zbud_page)):
+            d = <zbud_page*>run + i
+            d.next = pool.desc_free
+            pool.desc_free = d
+    d = pool.desc_free
+    pool.desc_free = d.next
+    memset(d, 0, sizeof(zbud_page))
+    return d
+
+
+cdef inline void _desc_put(zbud_pool* pool, zbud_page* d) noexcept nogil:
+    d.next = pool.desc_free
+    pool.desc_free = d
 
 
 cdef inline uint32_t _chunks(uint32_t size) noexcept nogil:
@@ -66,31 +94,19 @@ cdef void _zbud_link(zbud_pool* pool, zbud_page* zp) noexcept nogil:
     pool.lists[zp.list] = zp
 
 
-cdef void* zbud_create(int max_pages) noexcept nogil:
-    cdef zbud_pool* pool = <zbud_pool*>calloc(1, sizeof(zbud_pool))
-    if pool == NULL:
-        return NULL
-    if pages_init(&pool.pages) != 0:
-        free(pool)
+cdef void* zbud_create(int max_pages, zregion* region) noexcept nogil:
+    cdef zbud_pool* pool = <zbud_pool*>(region.base + ZPOOL_ROOT)
+    memset(pool, 0, sizeof(zbud_pool))
+    if pages_init(&pool.pages, region, ZPOOL_ARENAS) != 0:
         return NULL
     pthread_mutex_init(&pool.lock, NULL)
     return pool
 
 
 cdef void zbud_destroy(void* p) noexcept nogil:
-    cdef zbud_pool* pool = <zbud_pool*>p
-    cdef zbud_page* zp
-    cdef zbud_page* zn
-    cdef int i
-    for i in range(NCHUNKS + 1):
-        zp = pool.lists[i]
-        while zp != NULL:
-            zn = zp.next
-            free(zp)
-            zp = zn
+    cdef zbud_pool* pool = <zbud_pool*>p      # in the region: its owner unmaps it all
     pages_destroy(&pool.pages)
     pthread_mutex_destroy(&pool.lock)
-    free(pool)
 
 
 cdef uint64_t zbud_malloc(void* p, size_t size) noexcept nogil:
@@ -109,11 +125,11 @@ cdef uint64_t zbud_malloc(void* p, size_t size) noexcept nogil:
             _zbud_unlink(pool, zp)
             break
     if zp == NULL:
-        zp = <zbud_page*>calloc(1, sizeof(zbud_page))
+        zp = _desc_take(pool)
         if zp != NULL:
             zp.base = pages_alloc(&pool.pages, 1)
             if zp.base == NULL:
-                free(zp)
+                _desc_put(pool, zp)
                 zp = NULL
         if zp == NULL:
             pthread_mutex_unlock(&pool.lock)
@@ -140,7 +156,7 @@ cdef void zbud_free(void* p, uint64_t handle) noexcept nogil:
         zp.first_size = 0
     if zp.first_size == 0 and zp.last_size == 0:
         pages_free(&pool.pages, zp.base, 1)
-        free(zp)
+        _desc_put(pool, zp)
     else:
         _zbud_link(pool, zp)
     pthread_mutex_unlock(&pool.lock)
@@ -186,12 +202,31 @@ cdef int zbud_class_stats(void* p, zpool_class_stat* out, int max) noexcept nogi
     return 0                 # no size classes
 
 
+cdef const char* zbud_locate(const char* old, ssize_t delta, const char* lo, const char* hi,
+                             uint64_t handle, size_t size) noexcept nogil:
+    """handle -> descriptor -> page -> buddy, each step checked."""
+    cdef const char* d = <const char*>(handle & ~(<uint64_t>1)) + delta
+    cdef const zbud_page* zp
+    cdef const char* base
+    cdef size_t stored
+    if handle == 0 or d < lo or d + sizeof(zbud_page) > hi:
+        return NULL
+    zp = <const zbud_page*>d
+    stored = zp.last_size if handle & 1 else zp.first_size
+    base = zp.base + delta
+    if stored == 0 or size > stored or base < lo or base + PAGE_SIZE > hi:
+        return NULL
+    if handle & 1:
+        return base + PAGE_SIZE - (_chunks(zp.last_size) << CHUNK_SHIFT)
+    return base
+
+
 cdef zpool_driver ZBUD = zpool_driver(
     name=b"zbud", create=zbud_create, destroy=zbud_destroy, malloc=zbud_malloc, free=zbud_free,
     map=zbud_map, unmap=zbud_unmap, obj_size=zbud_obj_size, total_pages=zbud_total_pages,
     compact=zbud_compact, pages_compacted=zbud_pages_compacted,
     huge_class_size=zbud_huge_class_size, class_size=zbud_class_size,
-    class_stats=zbud_class_stats,
+    class_stats=zbud_class_stats, locate=zbud_locate,
 )
 
 

@@ -11,6 +11,7 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from posix.types cimport off_t
 
 from zramfs._alloc cimport Pool
+from zramfs._pages cimport zregion
 from zramfs.zpool cimport zpool_driver
 from zramfs._backing cimport zbacking
 from zramfs._workers cimport zworkers
@@ -107,6 +108,7 @@ cdef uint32_t zram_now() noexcept nogil
 
 cdef class Meta:
     cdef zram* m
+    cdef zregion region           # the memfd the table, access times and counters live in
     cdef Pool pool
     cdef object compressor
     cdef readonly size_t disksize

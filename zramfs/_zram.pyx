@@ -24,33 +24,36 @@ creates and reset destroys: table, pool, compressor streams, workers, counters.
 """
 from __future__ import annotations
 
+import os
 from collections import namedtuple
 
 from libc.errno cimport EBUSY, EINVAL, EIO, ENOMEM, ENOSPC, EOPNOTSUPP
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset, strncpy
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.pycapsule cimport PyCapsule_New
 
-from zramfs._alloc cimport Pool
-from zramfs._backing cimport Backing, backing_free, backing_read
+from zramfs._alloc cimport Pool, PoolImage
+from zramfs._backing cimport Backing, backing_free, backing_read, backing_take
+from zramfs._pages cimport region_close, region_create, region_map, zregion
 from zramfs._workers cimport zjob, zworkers_run, zworkers_start, zworkers_stop
 from zramfs._zcomp cimport (Compressor, zcomp_compress, zcomp_decompress, zcomp_private_stream,
                             zcomp_stream_get, zcomp_stream_put)
 from zramfs.data_ops cimport ZRAMFS_DATA_OPS_CAPSULE, zramfs_data_ops
 from zramfs.pthread cimport pthread_mutex_destroy, pthread_mutex_init
-from zramfs.zram cimport (PAGE_SHIFT, PAGE_SIZE, ZRAM_ACCESSED, ZRAM_DEDUP, ZRAM_HUGE, ZRAM_IDLE,
-                          ZRAM_INCOMPRESSIBLE, ZRAM_LIVE, ZRAM_WB_COMPRESSED,
+from zramfs.zram cimport (PAGE_SHIFT, PAGE_SIZE, ZRAM_ACCESSED, ZRAM_DEDUP, ZRAM_HUGE,
+                          ZRAM_IDLE, ZRAM_INCOMPRESSIBLE, ZRAM_LIVE, ZRAM_LOCK, ZRAM_UNDER_WB,
+                          ZRAM_WB_COMPRESSED,
                           ZRAM_PRIO_MASK, ZRAM_PRIO_SHIFT, ZRAM_SAME, ZRAM_WB, posix_memalign,
                           za_add, za_load, za_load64, za_max, za_store, za_sub, zram_get,
                           zram_put,
                           zram_set_live, zram_slot_flags, zram_slot_lock, zram_slot_set_flags,
                           zram_slot_unlock)
 
-from zramfs._alloc import Pool as _Pool
+from zramfs._alloc import Pool as _Pool, PoolImage as _PoolImage, PoolImageError
 from zramfs._workers import default_workers
 from zramfs._zcomp import Compressor as _Compressor
 
@@ -122,26 +125,35 @@ cdef bint zram_slot_has_object(zslot* s, uint32_t flags) noexcept nogil:
     return s.size != 0 and not flags & (ZRAM_SAME | ZRAM_WB)
 
 
-cdef void zram_slot_free(zram* m, zslot* s) noexcept nogil:
-    """Frees what the slot holds and empties it."""
-    cdef uint32_t flags = zram_slot_flags(&s.flags)
+cdef void _drop(zram* m, uint64_t handle, uint32_t size, uint32_t flags) noexcept nogil:
+    """Frees content a slot no longer points at (hazard 8: the slot lets go first, so a
+    daemon that ends in between leaves a leak its successor never copies, not a slot pointing
+    at freed memory)."""
     if flags & ZRAM_SAME:
         za_sub(&m.same_pages, 1)
         za_sub(&m.pages_stored, 1)
     elif flags & ZRAM_WB:
-        backing_free(m.backing, s.handle)
+        backing_free(m.backing, handle)
         za_sub(&m.pages_stored, 1)
-    elif s.size:
+    elif size:
         # A shared object (dedup) goes with its last slot: compr_data_size counts it once.
-        if not flags & ZRAM_DEDUP or m.dedup_put(m, s.handle):
-            m.driver.free(m.pool, s.handle)
-            za_sub(&m.compr_data_size, s.size)
+        if not flags & ZRAM_DEDUP or m.dedup_put(m, handle):
+            m.driver.free(m.pool, handle)
+            za_sub(&m.compr_data_size, size)
         za_sub(&m.pages_stored, 1)
         if flags & ZRAM_HUGE:
             za_sub(&m.huge_pages, 1)
+
+
+cdef void zram_slot_free(zram* m, zslot* s) noexcept nogil:
+    """Empties the slot, then frees what it held."""
+    cdef uint32_t flags = zram_slot_flags(&s.flags)
+    cdef uint64_t handle = s.handle
+    cdef uint32_t size = s.size
     s.handle = 0
     s.size = 0
     zram_slot_set_flags(&s.flags, 0)
+    _drop(m, handle, size, flags)
 
 
 cdef int zram_slot_load(zram* m, zslot* s, char* page, zstream* st) noexcept nogil:
@@ -199,6 +211,8 @@ cdef int zram_slot_replace(zram* m, zslot* s, const char* data, size_t n, uint32
     pool has no memory (the process's budget is spent) or the object would take it over
     mem_limit; a writer (`may_evict`) first has eviction, where on, make room."""
     cdef uint64_t handle = m.driver.malloc(m.pool, n)
+    cdef uint64_t old_handle
+    cdef uint32_t old_size, old_flags
     cdef size_t used, limit
     cdef char* dst
     if handle == 0 and may_evict and m.evict != NULL:
@@ -219,10 +233,14 @@ cdef int zram_slot_replace(zram* m, zslot* s, const char* data, size_t n, uint32
     dst = m.driver.map(m.pool, handle)
     memcpy(dst, data, n)
     m.driver.unmap(m.pool, handle)
-    zram_slot_free(m, s)
+    # The slot points at the complete new object, then the old content goes (hazard 8).
+    old_flags = zram_slot_flags(&s.flags)
+    old_handle = s.handle
+    old_size = s.size
     s.handle = handle
     s.size = <uint32_t>n
     zram_slot_set_flags(&s.flags, flags)
+    _drop(m, old_handle, old_size, old_flags)
     za_add(&m.compr_data_size, n)
     za_add(&m.pages_stored, 1)
     if flags & ZRAM_HUGE:
@@ -369,8 +387,9 @@ cdef ssize_t zdisk_read(zdisk* d, uint32_t generation, char* buf, size_t size,
 
 cdef ssize_t zdisk_write(zdisk* d, uint32_t generation, const char* buf, size_t size,
                          off_t off) noexcept nogil:
-    """Writes `size` bytes at `off`; ENOSPC at or past the end, short up to it, and short up
-    to the first page that failed (EIO if that is the first)."""
+    """Writes `size` bytes at `off`; ENOSPC at or past the end, short up to it. A page that
+    fails fails the whole request with EIO, as a bio does in the kernel's zram: a block device
+    has no short writes, and the pages before it may or may not hold the new data."""
     cdef uint64_t started = zram_now_ns()
     cdef zram* m
     cdef zstream* st
@@ -391,10 +410,10 @@ cdef ssize_t zdisk_write(zdisk* d, uint32_t generation, const char* buf, size_t 
     done = size
     if bad != SIZE_MAX:
         za_add(&m.failed_writes, 1)
-        done = (bad << PAGE_SHIFT) - <size_t>off if (bad << PAGE_SHIFT) > <size_t>off else 0
+        done = 0
     zram_put(&d.state)
     _account(d, IO_WRITE, done, started)
-    if bad != SIZE_MAX and done == 0:
+    if bad != SIZE_MAX:
         return -EIO
     return <ssize_t>done
 
@@ -503,6 +522,104 @@ def data_ops_capsule() -> object:
     return PyCapsule_New(&DATA_OPS, ZRAMFS_DATA_OPS_CAPSULE, NULL)
 
 
+# --- the table's region: what a restarted daemon copies the device from -----------------------
+
+# The table's memfd: this header, the `zram` struct (its counters are what a successor keeps of
+# it), then the slot table and the access times, each from a page boundary.
+ctypedef struct ztable_header:
+    char magic[16]
+    uint32_t version
+    uint32_t pointer_size
+    uint64_t nr_pages
+    uint64_t zram_size
+    uint64_t slot_size
+    uint64_t table_offset
+    uint64_t ac_time_offset
+
+cdef enum:
+    ZRAM_OFFSET = 256             # the zram struct, after the header
+
+TABLE_MAGIC = b"zramfs-table"
+TABLE_VERSION = 1
+
+
+cdef size_t _table_offset() noexcept nogil:
+    return (ZRAM_OFFSET + sizeof(zram) + PAGE_SIZE - 1) & ~(<size_t>PAGE_SIZE - 1)
+
+
+cdef size_t _ac_time_offset(size_t nr_pages) noexcept nogil:
+    return _table_offset() + ((nr_pages * sizeof(zslot) + PAGE_SIZE - 1)
+                              & ~(<size_t>PAGE_SIZE - 1))
+
+
+ctypedef struct ztakeover:
+    size_t pages              # pages copied (same-filled, written back and objects alike)
+    size_t lost               # slots whose object could not be found (should be 0)
+
+
+cdef ztakeover _take_over(zram* m, const zram* old, const zslot* old_table,
+                          const uint32_t* old_ac, PoolImage image) noexcept nogil:
+    """Fills the empty `m` from a previous daemon's table: same-filled words and written-back
+    blocks as they were, each object copied out of the old pool into m's. The slot table is
+    the truth: an object no slot points at (a write that never finished) is not copied, and
+    slot locks held by the old daemon's threads are not carried over. A write the old daemon
+    had not answered is sent again by the kernel (FUSE_NOTIFY_RESEND) and rewrites its pages."""
+    cdef ztakeover r
+    cdef size_t i
+    cdef uint32_t flags
+    cdef uint64_t handle
+    cdef const char* src
+    cdef char* dst
+    cdef zslot* s
+    r.pages = 0
+    r.lost = 0
+    for i in range(m.nr_pages):
+        flags = old_table[i].flags & ~(<uint32_t>ZRAM_LOCK | ZRAM_UNDER_WB)
+        s = &m.table[i]
+        if flags & ZRAM_SAME:
+            s.handle = old_table[i].handle
+            za_add(&m.same_pages, 1)
+        elif flags & ZRAM_WB:
+            if m.backing == NULL or not backing_take(m.backing, old_table[i].handle):
+                r.lost += 1
+                continue
+            s.handle = old_table[i].handle
+            s.size = old_table[i].size
+        elif old_table[i].size:
+            src = image.locate(old_table[i].handle, old_table[i].size)
+            handle = m.driver.malloc(m.pool, old_table[i].size) if src != NULL else 0
+            if handle == 0:
+                r.lost += 1
+                continue
+            dst = m.driver.map(m.pool, handle)
+            memcpy(dst, src, old_table[i].size)
+            m.driver.unmap(m.pool, handle)
+            s.handle = handle
+            s.size = old_table[i].size
+            za_add(&m.compr_data_size, s.size)
+            if flags & ZRAM_HUGE:
+                za_add(&m.huge_pages, 1)
+        else:
+            continue
+        s.flags = flags
+        m.ac_time[i] = old_ac[i]
+        za_add(&m.pages_stored, 1)
+        r.pages += 1
+    # What cannot be recounted from the table is the old daemon's to hand on.
+    m.max_used_pages = max(old.max_used_pages, m.driver.total_pages(m.pool))
+    m.huge_pages_since = old.huge_pages_since
+    m.failed_reads = old.failed_reads
+    m.failed_writes = old.failed_writes
+    m.invalid_io = old.invalid_io
+    m.notify_free = old.notify_free
+    m.evicted = old.evicted
+    return r
+
+
+class TableImageError(Exception):
+    """The fd holds no slot table this version can adopt, or one of another size."""
+
+
 # --- Python faces ----------------------------------------------------------------------------
 
 Stats = namedtuple("Stats", "mm_stat io_stat streams backend pool evicted")
@@ -533,20 +650,33 @@ cdef class Meta:
             raise ValueError(f"disksize must be a positive multiple of {PAGE_SIZE}")
         if nr_workers < 0:
             raise ValueError("workers must be 0 or more")
-        self.m = <zram*>calloc(1, sizeof(zram))
-        if self.m == NULL:
-            raise MemoryError("no memory for the device's meta")
+        cdef size_t nr_pages = disksize >> PAGE_SHIFT
+        cdef ztable_header* h
+        # A memfd, sparse: untouched slots cost nothing. Kept across a restart (take_over).
+        rc = region_create(&self.region, f"zramfs-table:{name}".encode(),
+                           _ac_time_offset(nr_pages) + nr_pages * sizeof(uint32_t))
+        if rc != 0:
+            raise MemoryError(f"no memory for a slot table of {nr_pages} pages: "
+                              f"{os.strerror(-rc)}")
+        h = <ztable_header*>self.region.base
+        strncpy(h.magic, TABLE_MAGIC, sizeof(h.magic))
+        h.version = TABLE_VERSION
+        h.pointer_size = sizeof(void*)
+        h.nr_pages = nr_pages
+        h.zram_size = sizeof(zram)
+        h.slot_size = sizeof(zslot)
+        h.table_offset = _table_offset()
+        h.ac_time_offset = _ac_time_offset(nr_pages)
+        self.m = <zram*>(self.region.base + ZRAM_OFFSET)
         self.disksize = disksize
         self.secondary = {}
-        # calloc of a large table maps zero pages lazily: untouched slots cost nothing.
-        self.m.nr_pages = disksize >> PAGE_SHIFT
-        self.m.table = <zslot*>calloc(self.m.nr_pages, sizeof(zslot))
-        self.m.ac_time = <uint32_t*>calloc(self.m.nr_pages, sizeof(uint32_t))
-        if self.m.table == NULL or self.m.ac_time == NULL or \
-                posix_memalign(<void**>&self.m.evict_page, PAGE_SIZE, PAGE_SIZE) != 0:
+        self.m.nr_pages = nr_pages
+        self.m.table = <zslot*>(self.region.base + h.table_offset)
+        self.m.ac_time = <uint32_t*>(self.region.base + h.ac_time_offset)
+        if posix_memalign(<void**>&self.m.evict_page, PAGE_SIZE, PAGE_SIZE) != 0:
             self.m.evict_page = NULL
             self.destroy()
-            raise MemoryError(f"no memory for a slot table of {disksize >> PAGE_SHIFT} pages")
+            raise MemoryError("no memory for the eviction page")
         pthread_mutex_init(&self.m.evict_lock, NULL)
         try:
             self.pool = _Pool(backend, name, max_pages_per_zspage)
@@ -584,6 +714,57 @@ cdef class Meta:
                 raise MemoryError(f"cannot start {nr_workers} compression workers")
         self.workers = nr_workers
 
+    def __cinit__(self):
+        self.region.fd = -1
+        self.region.base = NULL
+
+    @property
+    def state_fds(self) -> tuple[int, int]:
+        """The memfds of the slot table and of the pool (the meta's to close): dups of them,
+        kept past this process, let the next daemon `take_over` the device."""
+        return self.region.fd, self.pool.fd
+
+    def take_over(self, int table_fd, int pool_fd) -> tuple[int, int]:
+        """Copies a previous daemon's device into this meta, which must be new (nothing
+        stored, not yet attached): (pages kept, pages lost). The fds are only read; the caller
+        closes them (and so frees the old copy) once this meta's own fds are kept instead.
+        TableImageError/PoolImageError for state this daemon cannot read."""
+        cdef zregion old
+        cdef const ztable_header* h
+        cdef ztakeover r
+        cdef PoolImage image
+        if self.m.pages_stored:
+            raise RuntimeError("take_over into a meta that holds pages")
+        rc = region_map(&old, table_fd, False)
+        if rc != 0:
+            raise TableImageError(f"fd {table_fd} is not a slot table: {os.strerror(-rc)}")
+        try:
+            h = <const ztable_header*>old.base
+            if old.size < PAGE_SIZE or memcmp(h.magic, <const char*>TABLE_MAGIC,
+                                              len(TABLE_MAGIC) + 1) != 0:
+                raise TableImageError("not a zramfs slot table (bad magic)")
+            if (h.version != TABLE_VERSION or h.pointer_size != sizeof(void*)
+                    or h.zram_size != sizeof(zram) or h.slot_size != sizeof(zslot)
+                    or h.table_offset != _table_offset()):
+                raise TableImageError(f"slot table format {h.version}, this zramfs reads "
+                                      f"{TABLE_VERSION} (or another build's layout)")
+            if h.nr_pages != self.m.nr_pages:
+                raise TableImageError(f"slot table of {h.nr_pages} pages, the device has "
+                                      f"{self.m.nr_pages}")
+            if old.size < h.ac_time_offset + h.nr_pages * sizeof(uint32_t):
+                raise TableImageError("slot table truncated")
+            image = _PoolImage(pool_fd)
+            try:
+                with nogil:
+                    r = _take_over(self.m, <const zram*>(old.base + ZRAM_OFFSET),
+                                   <const zslot*>(old.base + h.table_offset),
+                                   <const uint32_t*>(old.base + h.ac_time_offset), image)
+            finally:
+                image.close()
+        finally:
+            region_close(&old)
+        return r.pages, r.lost
+
     def _stop_workers(self) -> None:
         """The compression workers stopped and joined: they use the compressor's streams."""
         if self.m.workers != NULL:
@@ -593,13 +774,11 @@ cdef class Meta:
 
     def _free_table(self) -> None:
         self._stop_workers()
-        if self.m.ac_time != NULL:
+        if self.m.evict_page != NULL:
             pthread_mutex_destroy(&self.m.evict_lock)
-        free(self.m.ac_time)
         free(self.m.evict_page)
-        free(self.m.table)
-        free(self.m)
         self.m = NULL
+        region_close(&self.region)
 
     def destroy(self) -> None:
         """Frees everything. Only once no reference is held on the meta (Disk.release)."""

@@ -8,6 +8,10 @@ zsmalloc's ideas, in userspace:
   waste least; since the pages are contiguous in our address space, objects simply cross page
   boundaries;
 - handles are indirect (a per-class handle table), so compaction moves objects freely;
+- everything lives in the pool's region (a memfd, zramfs._pages), the bookkeeping too: the
+  pool and its classes in the root, handle tables and zspage descriptors in runs of the page
+  source. Nothing is malloc'ed, so a daemon after this one finds every object through the
+  slot table's handles (zs_locate), whatever this process was doing when it ended;
 - zspages sit in fullness groups; allocation takes the fullest zspage with room;
 - one lock per class (no pool-wide lock on malloc/free/map); a pinned zspage is never a
   compaction source, so a reader's object cannot move under it.
@@ -17,15 +21,14 @@ they need; a helper given a size_class expects that class's lock held, unless it
 the lock itself. Lock order: one class lock, then the page source's; never two class locks.
 """
 from libc.stdint cimport uint32_t, int32_t, uint64_t
-from libc.stdlib cimport calloc, realloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 from zramfs.zram cimport PAGE_SIZE, za_add, za_load
 from zramfs.pthread cimport (pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
                             pthread_mutex_t, pthread_mutex_unlock)
-from zramfs.zpool cimport zpool_class_stat, zpool_driver
-from zramfs._pages cimport (PAGES_MAX_RUN, page_source, pages_alloc, pages_destroy, pages_free,
-                            pages_held, pages_init)
+from zramfs.zpool cimport ZPOOL_ARENAS, ZPOOL_ROOT, zpool_class_stat, zpool_driver
+from zramfs._pages cimport (PAGES_MAX_RUN, page_source, pages_alloc, pages_alloc_meta,
+                            pages_destroy, pages_free, pages_held, pages_init, zregion)
 
 cdef enum:
     MIN_SIZE = 32
@@ -35,9 +38,16 @@ cdef enum:
     GROUP_EMPTY = 0
     GROUP_FULL = 11
     NR_GROUPS = 12
+    # Handle tables: a directory run of DIR_PAGES pages pointing at chunks of CHUNK_PAGES, each
+    # of CHUNK_ENTRIES entries; 16M handles a class at most.
+    CHUNK_PAGES = 16
+    CHUNK_SHIFT = 12
+    CHUNK_ENTRIES = 4096        # CHUNK_PAGES * PAGE_SIZE / sizeof(hentry)
+    DIR_PAGES = 8
+    DIR_ENTRIES = 4096          # DIR_PAGES * PAGE_SIZE / sizeof(hentry*)
 
 
-ctypedef struct zspage:
+ctypedef struct zspage:   # a descriptor, from its class's slab; its slots follow it
     char* base
     zspage* prev
     zspage* next
@@ -60,12 +70,14 @@ ctypedef struct size_class:
     uint32_t pages_per_zspage
     uint32_t objs_per_zspage
     zspage* groups[NR_GROUPS]
-    hentry* handles
-    uint32_t handles_cap
+    hentry** dir               # the handle table's directory (a run), NULL until first used
+    uint32_t handles_cap       # entries in the chunks allocated so far
     uint32_t handles_free      # head of free entries, 0 if none (entry 0 is never used)
     uint32_t handles_next      # entries at or above this have never been used
     size_t zspages
     size_t obj_used
+    char* desc_free            # free zspage descriptors, linked through their first word
+    uint32_t desc_size         # a descriptor and its slots, rounded to 16 bytes
 
 ctypedef struct zs_pool:
     page_source pages
@@ -110,17 +122,45 @@ cdef inline void _regroup(size_class* c, zspage* zs) noexcept nogil:
         _link(c, zs)
 
 
+cdef inline hentry* _hentry(size_class* c, uint32_t idx) noexcept nogil:
+    return &c.dir[idx >> CHUNK_SHIFT][idx & (CHUNK_ENTRIES - 1)]
+
+
+cdef zspage* _desc_take(zs_pool* pool, size_class* c) noexcept nogil:
+    """A zeroed zspage descriptor with room for the class's slots. Class lock held. The slab's
+    runs are never given back: descriptors are few (one per zspage) and reused."""
+    cdef char* d = c.desc_free
+    cdef char* run
+    cdef int npages
+    cdef uint32_t i, n
+    if d == NULL:
+        npages = (c.desc_size + PAGE_SIZE - 1) // PAGE_SIZE
+        run = pages_alloc_meta(&pool.pages, npages)
+        if run == NULL:
+            return NULL
+        n = <uint32_t>(npages * PAGE_SIZE // c.desc_size)
+        for i in range(n - 1, -1, -1):        # the run's first descriptor ends on top
+            (<char**>(run + i * c.desc_size))[0] = c.desc_free
+            c.desc_free = run + i * c.desc_size
+        d = c.desc_free
+    c.desc_free = (<char**>d)[0]
+    memset(d, 0, c.desc_size)
+    return <zspage*>d
+
+
+cdef inline void _desc_put(size_class* c, zspage* zs) noexcept nogil:
+    (<char**>zs)[0] = c.desc_free
+    c.desc_free = <char*>zs
+
+
 cdef zspage* _zspage_new(zs_pool* pool, size_class* c) noexcept nogil:
-    cdef zspage* zs = <zspage*>calloc(1, sizeof(zspage))
+    cdef zspage* zs = _desc_take(pool, c)
     if zs == NULL:
         return NULL
-    zs.slots = <uint32_t*>calloc(c.objs_per_zspage, sizeof(uint32_t))
+    zs.slots = <uint32_t*>(<char*>zs + ((sizeof(zspage) + 15) & ~(<size_t>15)))
     zs.base = pages_alloc(&pool.pages, c.pages_per_zspage)
-    if zs.slots == NULL or zs.base == NULL:
-        if zs.base != NULL:
-            pages_free(&pool.pages, zs.base, c.pages_per_zspage)
-        free(zs.slots)
-        free(zs)
+    if zs.base == NULL:
+        _desc_put(c, zs)
         return NULL
     zs.freelist = -1
     c.zspages += 1
@@ -133,8 +173,7 @@ cdef void _zspage_release(zs_pool* pool, size_class* c, zspage* zs) noexcept nog
     _unlink(c, zs)
     pages_free(&pool.pages, zs.base, c.pages_per_zspage)
     c.zspages -= 1
-    free(zs.slots)
-    free(zs)
+    _desc_put(c, zs)
 
 
 cdef inline char* _obj_addr(size_class* c, zspage* zs, uint32_t slot) noexcept nogil:
@@ -161,22 +200,27 @@ cdef inline void _slot_put(size_class* c, zspage* zs, uint32_t slot) noexcept no
     zs.inuse -= 1
 
 
-cdef uint32_t _handle_take(size_class* c) noexcept nogil:
-    """A free entry of the class's handle table, 0 if the table cannot grow."""
+cdef uint32_t _handle_take(zs_pool* pool, size_class* c) noexcept nogil:
+    """A free entry of the class's handle table, 0 if the table cannot grow. Class lock held.
+    The table grows by chunks that never move, so an entry's address is for good."""
     cdef uint32_t idx
-    cdef uint32_t cap
-    cdef hentry* grown
+    cdef hentry* chunk
     if c.handles_free != 0:
         idx = c.handles_free
-        c.handles_free = c.handles[idx].size_or_next
+        c.handles_free = _hentry(c, idx).size_or_next
         return idx
     if c.handles_next >= c.handles_cap:
-        cap = c.handles_cap * 2 if c.handles_cap else 1024
-        grown = <hentry*>realloc(c.handles, cap * sizeof(hentry))
-        if grown == NULL:
+        if c.handles_cap >= <uint32_t>DIR_ENTRIES * CHUNK_ENTRIES:
             return 0
-        c.handles = grown
-        c.handles_cap = cap
+        if c.dir == NULL:
+            c.dir = <hentry**>pages_alloc_meta(&pool.pages, DIR_PAGES)
+            if c.dir == NULL:
+                return 0
+        chunk = <hentry*>pages_alloc_meta(&pool.pages, CHUNK_PAGES)
+        if chunk == NULL:
+            return 0
+        c.dir[c.handles_cap >> CHUNK_SHIFT] = chunk
+        c.handles_cap += CHUNK_ENTRIES
     if c.handles_next == 0:
         c.handles_next = 1
     idx = c.handles_next
@@ -193,8 +237,11 @@ cdef inline size_class* _class_for(zs_pool* pool, size_t size) noexcept nogil:
     return pool.by_size[(size - MIN_SIZE + CLASS_DELTA - 1) // CLASS_DELTA]
 
 
-cdef void* zs_create(int max_pages) noexcept nogil:
+cdef void* zs_create(int max_pages, zregion* region) noexcept nogil:
+    """The pool and its classes in the region's root, the rest of the region for arenas."""
     cdef zs_pool* pool
+    cdef char* root_end = region.base + ZPOOL_ARENAS
+    cdef size_class* next_class
     cdef int i, p, best_p
     cdef uint32_t size, objs
     cdef double waste, best_waste
@@ -202,11 +249,10 @@ cdef void* zs_create(int max_pages) noexcept nogil:
     cdef size_class* prev = NULL
     if not 1 <= max_pages <= PAGES_MAX_RUN:     # a zspage is one run of the page source
         return NULL
-    pool = <zs_pool*>calloc(1, sizeof(zs_pool))
-    if pool == NULL:
-        return NULL
-    if pages_init(&pool.pages) != 0:
-        free(pool)
+    pool = <zs_pool*>(region.base + ZPOOL_ROOT)
+    memset(pool, 0, sizeof(zs_pool))
+    next_class = <size_class*>(pool + 1)
+    if pages_init(&pool.pages, region, ZPOOL_ARENAS) != 0:
         return NULL
     # Largest first, so a size merges into the next larger class when both would hold the
     # same number of objects in the same number of pages: the larger serves both, for free.
@@ -225,11 +271,15 @@ cdef void* zs_create(int max_pages) noexcept nogil:
         if prev != NULL and prev.pages_per_zspage == <uint32_t>best_p and prev.objs_per_zspage == objs:
             pool.by_size[i] = prev
             continue
-        c = <size_class*>calloc(1, sizeof(size_class))
-        if c == NULL:
+        c = next_class
+        next_class += 1
+        if <char*>next_class > root_end:      # cannot happen with 4 KiB pages: 255 classes fit
             zs_destroy(pool)
             return NULL
+        memset(c, 0, sizeof(size_class))
         pthread_mutex_init(&c.lock, NULL)
+        c.desc_size = <uint32_t>(((sizeof(zspage) + 15) & ~(<size_t>15))
+                                 + ((objs * sizeof(uint32_t) + 15) & ~(<size_t>15)))
         c.size = size
         c.pages_per_zspage = best_p
         c.objs_per_zspage = objs
@@ -242,25 +292,12 @@ cdef void* zs_create(int max_pages) noexcept nogil:
 
 
 cdef void zs_destroy(void* p) noexcept nogil:
+    """Everything is in the region: its owner unmaps it, and with it every zspage."""
     cdef zs_pool* pool = <zs_pool*>p
-    cdef int i, g
-    cdef size_class* c
-    cdef zspage* zs
-    cdef zspage* zn
+    cdef int i
     for i in range(pool.nr_classes):
-        c = pool.classes[i]
-        for g in range(NR_GROUPS):
-            zs = c.groups[g]
-            while zs != NULL:
-                zn = zs.next
-                free(zs.slots)
-                free(zs)
-                zs = zn
-        free(c.handles)
-        pthread_mutex_destroy(&c.lock)
-        free(c)
-    pages_destroy(&pool.pages)    # unmaps the arenas, and with them every zspage
-    free(pool)
+        pthread_mutex_destroy(&pool.classes[i].lock)
+    pages_destroy(&pool.pages)
 
 
 cdef uint64_t zs_malloc(void* p, size_t size) noexcept nogil:
@@ -275,7 +312,7 @@ cdef uint64_t zs_malloc(void* p, size_t size) noexcept nogil:
         size = MIN_SIZE
     c = _class_for(pool, size)
     pthread_mutex_lock(&c.lock)
-    idx = _handle_take(c)
+    idx = _handle_take(pool, c)
     if idx == 0:
         pthread_mutex_unlock(&c.lock)
         return 0
@@ -286,15 +323,15 @@ cdef uint64_t zs_malloc(void* p, size_t size) noexcept nogil:
     if zs == NULL:
         zs = _zspage_new(pool, c)
         if zs == NULL:
-            c.handles[idx].size_or_next = c.handles_free
+            _hentry(c, idx).size_or_next = c.handles_free
             c.handles_free = idx
             pthread_mutex_unlock(&c.lock)
             return 0
     slot = _slot_take(c, zs)
     zs.slots[slot] = idx
-    c.handles[idx].zs = zs
-    c.handles[idx].slot = slot
-    c.handles[idx].size_or_next = <uint32_t>size
+    _hentry(c, idx).zs = zs
+    _hentry(c, idx).slot = slot
+    _hentry(c, idx).size_or_next = <uint32_t>size
     c.obj_used += 1
     _regroup(c, zs)
     pthread_mutex_unlock(&c.lock)
@@ -308,7 +345,7 @@ cdef void zs_free(void* p, uint64_t handle) noexcept nogil:
     cdef hentry* e
     cdef zspage* zs
     pthread_mutex_lock(&c.lock)
-    e = &c.handles[idx]
+    e = _hentry(c, idx)
     zs = e.zs
     _slot_put(c, zs, e.slot)
     e.zs = NULL
@@ -327,7 +364,7 @@ cdef char* zs_map(void* p, uint64_t handle) noexcept nogil:
     cdef hentry* e
     cdef char* addr
     pthread_mutex_lock(&c.lock)
-    e = &c.handles[<uint32_t>handle]
+    e = _hentry(c, <uint32_t>handle)
     e.zs.pins += 1
     addr = _obj_addr(c, e.zs, e.slot)
     pthread_mutex_unlock(&c.lock)
@@ -339,7 +376,7 @@ cdef void zs_unmap(void* p, uint64_t handle) noexcept nogil:
     cdef size_class* c = _class_of(pool, handle)
     cdef zspage* zs
     pthread_mutex_lock(&c.lock)
-    zs = c.handles[<uint32_t>handle].zs
+    zs = _hentry(c, <uint32_t>handle).zs
     zs.pins -= 1
     if zs.pins == 0 and zs.inuse == 0:     # its last object was freed while pinned
         _zspage_release(pool, c, zs)
@@ -350,7 +387,7 @@ cdef size_t zs_obj_size(void* p, uint64_t handle) noexcept nogil:
     cdef size_class* c = _class_of(<zs_pool*>p, handle)
     cdef size_t size
     pthread_mutex_lock(&c.lock)
-    size = c.handles[<uint32_t>handle].size_or_next
+    size = _hentry(c, <uint32_t>handle).size_or_next
     pthread_mutex_unlock(&c.lock)
     return size
 
@@ -406,8 +443,8 @@ cdef void _move_object(size_class* c, zspage* src, uint32_t sslot, zspage* dst) 
     cdef uint32_t dslot = _slot_take(c, dst)
     memcpy(_obj_addr(c, dst, dslot), _obj_addr(c, src, sslot), c.size)
     dst.slots[dslot] = idx
-    c.handles[idx].zs = dst
-    c.handles[idx].slot = dslot
+    _hentry(c, idx).zs = dst
+    _hentry(c, idx).slot = dslot
     _slot_put(c, src, sslot)
 
 
@@ -486,11 +523,50 @@ cdef int zs_class_stats(void* p, zpool_class_stat* out, int max) noexcept nogil:
     return pool.nr_classes
 
 
+cdef inline const char* _old(const void* p, ssize_t delta, const char* lo, const char* hi,
+                             size_t n) noexcept nogil:
+    """A pointer the old process stored, as mapped now, if [it, it + n) lies in [lo, hi)."""
+    cdef const char* q = <const char*>p + delta
+    if p == NULL or q < lo or q + n > hi or q + n < q:
+        return NULL
+    return q
+
+
+cdef const char* zs_locate(const char* old, ssize_t delta, const char* lo, const char* hi,
+                           uint64_t handle, size_t size) noexcept nogil:
+    """handle -> class -> handle table entry -> zspage -> object, each step checked."""
+    cdef const zs_pool* pool = <const zs_pool*>old
+    cdef uint32_t ci = <uint32_t>(handle >> 32)
+    cdef uint32_t idx = <uint32_t>handle
+    cdef const size_class* c
+    cdef const hentry* const* dir
+    cdef const hentry* chunk
+    cdef const hentry* e
+    cdef const zspage* zs
+    if <int>ci >= pool.nr_classes or pool.nr_classes > NR_SIZES:
+        return NULL
+    c = <const size_class*>_old(pool.classes[ci], delta, lo, hi, sizeof(size_class))
+    if c == NULL or idx == 0 or idx >= c.handles_next or idx >= c.handles_cap \
+            or size > c.size:
+        return NULL
+    dir = <const hentry* const*>_old(c.dir, delta, lo, hi, DIR_PAGES * PAGE_SIZE)
+    if dir == NULL:
+        return NULL
+    chunk = <const hentry*>_old(dir[idx >> CHUNK_SHIFT], delta, lo, hi, CHUNK_PAGES * PAGE_SIZE)
+    if chunk == NULL:
+        return NULL
+    e = &chunk[idx & (CHUNK_ENTRIES - 1)]
+    zs = <const zspage*>_old(e.zs, delta, lo, hi, sizeof(zspage))
+    if zs == NULL or e.slot >= c.objs_per_zspage:
+        return NULL
+    return _old(zs.base + <size_t>e.slot * c.size, delta, lo, hi, size)
+
+
 cdef zpool_driver ZSMALLOC = zpool_driver(
     name=b"zsmalloc", create=zs_create, destroy=zs_destroy, malloc=zs_malloc, free=zs_free,
     map=zs_map, unmap=zs_unmap, obj_size=zs_obj_size, total_pages=zs_total_pages,
     compact=zs_compact, pages_compacted=zs_pages_compacted, huge_class_size=zs_huge_class_size,
-    class_size=zs_class_size, class_stats=zs_class_stats,
+    class_size=zs_class_size, class_stats=zs_class_stats, locate=zs_locate,
 )
 
 

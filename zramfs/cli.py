@@ -1,7 +1,8 @@
 """The `zramfs` command. Every error is one line on stderr and exit status 1 (2 for usage),
 never a traceback.
 
-    zramfs daemon [--mountpoint DIR] [--config FILE] [--default-device]
+    zramfs daemon [--mountpoint DIR] [--config FILE] [--default-device] [--no-supervisor]
+    zramfs restart [--mountpoint DIR]
     zramfs ctl [NAME] [--find] [--size SIZE] [--algorithm ALG] [--reset] [--output COLS]
                [--bytes] [--raw] [--json]
     zramfs swapon NAME [--priority N]  /  zramfs swapoff NAME
@@ -12,12 +13,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 import trio
 
-from zramfs import config, ctl, daemon
+from zramfs import config, ctl, daemon, fdstore, supervisor
 from zramfs.config import DeviceConfig
 
 log = logging.getLogger("zramfs")
@@ -33,15 +35,44 @@ def default_device() -> DeviceConfig:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
+    mountpoint = Path(args.mountpoint or daemon.DEFAULT_MOUNTPOINT).absolute()
+    if not args.no_supervisor and "NOTIFY_SOCKET" not in os.environ:
+        # No service manager: become the small supervisor that keeps the tree across a
+        # crash or an upgrade, and serve from a child it starts (zramfs/supervisor.py).
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "zramfs.supervisor",
+                                  "--mountpoint", str(mountpoint),
+                                  "--log-level", args.log_level, "--",
+                                  sys.executable, "-m", "zramfs.cli", *args.argv])
+    inherited = fdstore.listen_fds()
     devices = config.load(Path(args.config), ram_mib=ram_mib()) if args.config else []
     settings = config.load_daemon(Path(args.config)) if args.config else config.DaemonConfig()
     if args.default_device and not any(d.id == 0 for d in devices):
         devices.insert(0, default_device())
-    mountpoint = Path(args.mountpoint or daemon.DEFAULT_MOUNTPOINT)
     opts = daemon.Options(mountpoint, devices, mlock=args.mlock,
                           force_after=args.force_after,
-                          metrics=args.metrics or settings.metrics)
-    trio.run(daemon.serve, opts)
+                          metrics=args.metrics or settings.metrics,
+                          inherited=inherited, argv=args.argv)
+    handover = trio.run(daemon.serve, opts)
+    if handover is not None:
+        daemon.continue_in_next(opts, handover)
+    return 0
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    """A graceful restart of the daemon serving the tree: SIGHUP to the pid in its pid file
+    (its supervisor's, or its own), which the daemon keeps while it serves."""
+    mountpoint = Path(args.mountpoint).absolute() if args.mountpoint else ctl.mounted_tree()
+    pid = supervisor.read_pid_file(mountpoint)
+    if pid is None:
+        raise ctl.CtlError(f"no running daemon is recorded for {mountpoint} "
+                           f"({supervisor.pid_file(mountpoint)}); under systemd: "
+                           "systemctl reload zramfs")
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as e:
+        raise ctl.CtlError(f"pid {pid}: {e.strerror}") from None
+    print(f"{mountpoint}: graceful restart of the daemon (pid {pid}) asked")
     return 0
 
 
@@ -190,7 +221,15 @@ def parser() -> argparse.ArgumentParser:
                         "(default: serve them until they are released)")
     d.add_argument("--metrics", metavar="ADDR:PORT",
                    help="serve Prometheus metrics there (e.g. 127.0.0.1:9101)")
+    d.add_argument("--no-supervisor", action="store_true",
+                   help="without systemd, serve from this process: a crash then loses the "
+                        "tree (default: a small parent keeps it and restarts the daemon)")
     d.set_defaults(func=cmd_daemon)
+
+    r = sub.add_parser("restart", parents=[where],
+                       help="graceful restart of the daemon (an upgrade): the tree, swap and "
+                            "mounts stay, I/O waits meanwhile")
+    r.set_defaults(func=cmd_restart)
 
     c = sub.add_parser("ctl", parents=[where], help="zramctl: show, set up and reset devices")
     c.add_argument("device", nargs="*", help="zramN, or its path")
@@ -247,7 +286,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    args.argv = argv              # as given: the daemon runs itself again with it
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="zramfs: %(levelname)s: %(message)s")
     try:

@@ -207,6 +207,8 @@ class Tree:
             if dev.removed:
                 raise fail(errno.ENODEV, dev.name)
             dev.openers += 1
+            if dev.state is not None:
+                dev.state.opened(dev.id, +1)
             return OpenReply(dev.disk.handle, data=True)
         mode = flags & os.O_ACCMODE
         if mode in (os.O_RDONLY, os.O_RDWR) and not node.mode & 0o444:
@@ -221,8 +223,13 @@ class Tree:
         if self.handles.pop(fh, None) is not None:
             return
         node = self.nodes.get(ino)
-        if node is not None and node.device is not None and node.attr is None:
+        # Never below 0: a file opened under a previous daemon and not in its record (a
+        # crash between the two) was not counted by this one.
+        if node is not None and node.device is not None and node.attr is None and \
+                node.device.openers > 0:
             node.device.openers -= 1
+            if node.device.state is not None:
+                node.device.state.opened(node.device.id, -1)
 
     def read(self, ino: int, fh: int, size: int, off: int) -> bytes:
         h = self.handles.get(fh)

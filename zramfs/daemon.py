@@ -7,6 +7,15 @@ workers answer device-file I/O in C and hand every other request to the trio thr
 Commands that open device files (losetup, mkswap, swapoff...) run in worker threads, so the
 trio thread stays free to answer their OPENs.
 
+Live restart (docs/design.md, "Live restart"): the /dev/fuse descriptor and what INIT agreed
+are stored with the service manager (systemd, or zramfs's own supervisor: fdstore.py) as
+soon as they exist. A daemon started with them (LISTEN_FDS) adopts the mounted tree instead of
+mounting it, and has the kernel resend the requests its predecessor read and left unanswered.
+SIGHUP is a graceful restart: the engine stops reading requests and finishes those it has,
+nothing is unmounted or undone, `_hand_over` gathers what the next daemon needs, and then
+the process exits with fdstore.HANDOVER_EXIT for its supervisor to start the next one, or,
+without one, executes itself anew with the same pid (systemd's `ExecReload=kill -HUP`).
+
 Shutdown, in order: file systems unmounted and swap turned off while the devices still serve
 (swapoff reads every swapped page back); loop devices detached; then, while anyone else still
 holds a device open (swap, a mount, a process: logged by name and pid), the daemon goes on
@@ -32,22 +41,24 @@ import contextlib
 import ctypes
 import errno
 import inspect
+import json
 import logging
 import math
 import os
+import re
 import signal
-import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
-from zramfs import _fuse, _pages, _zram, budget, loop, metrics
+from zramfs import _fuse, _pages, _zram, budget, fdstore, loop, metrics, supervisor
 from zramfs.config import DeviceConfig
 from zramfs.control import Tree
 from zramfs.device import PAGE, Devices
@@ -70,6 +81,18 @@ class Options:
     force_after: float | None = None     # seconds to wait for others to close devices;
                                          # None: as long as they hold them
     metrics: str | None = None           # ADDR:PORT of the Prometheus endpoint
+    inherited: dict[str, list[int]] = field(default_factory=dict)
+                                         # descriptors from the service manager, by name
+                                         # (fdstore.listen_fds()); serve() takes those it
+                                         # adopts out, and hands the rest on untouched
+    argv: list[str] = field(default_factory=list)   # the command line, for a re-exec
+
+
+@dataclass
+class Handover:
+    """What a graceful restart leaves for the next daemon: descriptors by name, in the order
+    they are to be passed (fdstore.exec_with_fds)."""
+    fds: dict[str, list[int]]
 
 
 class DaemonError(Exception):
@@ -131,20 +154,6 @@ class TrioBridge:
         self._closed = True
         for scope in list(self._scopes):
             scope.cancel()
-
-
-def notify_systemd(state: str) -> None:
-    """sd_notify(3) without libsystemd: a datagram to $NOTIFY_SOCKET, if we have one."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.sendto(state.encode(), path)
-    except OSError as e:
-        log.warning("cannot notify systemd: %s", e)
 
 
 # What may not run on the trio thread: opening a file (other than the kernel's own /proc and
@@ -236,25 +245,98 @@ def _check_mountpoint(mountpoint: Path) -> None:
         raise DaemonError(f"{mountpoint} is already a mount point")
 
 
+def _inherited_fuse(opts: Options) -> tuple[int, dict] | None:
+    """The FUSE connection and its INIT parameters a previous daemon stored (`fuse`,
+    `fuse-init`), taken out of opts.inherited; None where there are none. A connection
+    whose tree is no longer mounted (unmounted while no daemon ran) is dropped, from the
+    service manager's store too."""
+    fds, init_fds = opts.inherited.pop("fuse", []), opts.inherited.pop("fuse-init", [])
+    try:
+        if not fds:
+            return None
+        if len(fds) != 1 or len(init_fds) != 1:
+            raise DaemonError(f"the service manager passed {len(fds)} fuse and {len(init_fds)}"
+                              " fuse-init descriptors; expected one of each")
+        try:
+            params = fdstore.read_json(init_fds[0])
+        except (OSError, ValueError) as e:
+            raise DaemonError(f"fuse-init: unreadable INIT parameters: {e}") from None
+        if not isinstance(params, dict):
+            raise DaemonError(f"fuse-init: not INIT parameters: {params!r}")
+        if not _is_zramfs_mount(opts.mountpoint):
+            log.warning("a stored FUSE connection, but %s is not mounted any more: mounting "
+                        "afresh", opts.mountpoint)
+            fdstore.remove("fuse")
+            fdstore.remove("fuse-init")
+            os.close(fds.pop())
+            return None
+        return fds.pop(), params
+    finally:
+        for fd in fds + init_fds:
+            os.close(fd)
+
+
+def _is_zramfs_mount(mountpoint: Path) -> bool:
+    """Whether a zramfs tree is mounted at `mountpoint` (the mount table escapes blanks and
+    backslashes in octal)."""
+    unescape = partial(re.sub, r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)))
+    with open("/proc/self/mounts") as f:
+        return any(len(fs) > 2 and unescape(fs[1]) == str(mountpoint.absolute()) and
+                   fs[2] == "fuse.zramfs" for fs in (line.split() for line in f))
+
+
+def _open_session(opts: Options, bridge: TrioBridge,
+                  adopted: tuple[int, dict] | None) -> _fuse.Session:
+    """The FUSE session: a new mount, or the previous daemon's connection adopted. A new
+    mount's descriptor goes to the service manager's store at once: from here on a crash
+    keeps the tree."""
+    kw = dict(data_ops=_zram.data_ops_capsule(), attr_timeout=0.0, entry_timeout=0.0)
+    if adopted is not None:
+        fd, params = adopted
+        try:
+            return _fuse.Session.adopt(str(opts.mountpoint), fd, bridge, init=params, **kw)
+        except (KeyError, ValueError) as e:
+            os.close(fd)
+            raise DaemonError(f"fuse-init: cannot adopt the FUSE connection: {e}") from None
+    try:
+        session = _fuse.Session(str(opts.mountpoint), bridge, fsname="zramfs", **kw)
+    except OSError as e:
+        raise DaemonError(f"cannot mount {opts.mountpoint}: {e.strerror}") from None
+    fdstore.store("fuse", session.fd)
+    return session
+
+
+async def _store_init_params(session: _fuse.Session) -> None:
+    """`fuse-init`, once the kernel's INIT is answered (only a new mount has one to wait
+    for: an adopted session's were stored by the daemon that mounted)."""
+    params = await trio.to_thread.run_sync(session.wait_init)
+    if params is None:
+        return                          # closed before INIT: nothing to keep
+    fdstore.store_json("fuse-init", params)
+    log.debug("FUSE INIT parameters stored: %s", json.dumps(params))
+
+
 async def serve(opts: Options,
-                task_status: trio.TaskStatus[Tree] = trio.TASK_STATUS_IGNORED) -> None:
-    """Runs the daemon until a signal or an unmount from outside."""
+                task_status: trio.TaskStatus[Tree] = trio.TASK_STATUS_IGNORED
+                ) -> Handover | None:
+    """Runs the daemon until a signal or an unmount from outside; after SIGHUP, what the
+    next daemon needs (see continue_in_next)."""
     mountpoint = opts.mountpoint
-    _check_mountpoint(mountpoint)
+    adopted = _inherited_fuse(opts)
+    if adopted is None:
+        _check_mountpoint(mountpoint)
     swap = any(d.fs_type == "swap" for d in opts.devices)
     protect_from_reclaim(opts.mlock == "yes" or (opts.mlock == "auto" and swap))
     set_memory_budget()
     devices = Devices(mountpoint, before_init=set_memory_budget)
     tree = Tree(devices)
     bridge = TrioBridge(tree, trio.lowlevel.current_trio_token())
-    try:
-        session = _fuse.Session(str(mountpoint), bridge, data_ops=_zram.data_ops_capsule(),
-                                fsname="zramfs",
-                                attr_timeout=0.0, entry_timeout=0.0)
-    except OSError as e:
-        raise DaemonError(f"cannot mount {mountpoint}: {e.strerror}") from None
+    session = _open_session(opts, bridge, adopted)
+    if not fdstore.supervised():
+        supervisor.write_pid_file(mountpoint, os.getpid())
     loop_done = trio.Event()
     undo: list[tuple[str, Callable[[], None]]] = []
+    handover: Handover | None = None
 
     async def run_loop() -> None:
         rc = await trio.to_thread.run_sync(session.run)
@@ -262,14 +344,18 @@ async def serve(opts: Options,
         loop_done.set()
 
     failure: DaemonError | None = None
+    graceful = False
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_loop)
+            if adopted is None:
+                nursery.start_soon(_store_init_params, session)
             try:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals, \
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+                                               signal.SIGHUP) as signals, \
                         guard_trio_thread():
                     try:
-                        await _set_up(opts, devices, tree, undo)
+                        await _set_up(opts, devices, tree, undo, uses=adopted is None)
                     except DaemonError as e:
                         failure = e          # raised below, outside the nursery: one line
                     else:
@@ -279,32 +365,90 @@ async def serve(opts: Options,
                                          exporter.shutdown))
                         names = ", ".join(d.name for d in opts.devices) or "no devices"
                         log.info("serving %s (%s)", mountpoint, names)
-                        notify_systemd(f"READY=1\nSTATUS=serving {mountpoint}: {names}")
+                        fdstore.notify(f"READY=1\nSTATUS=serving {mountpoint}: {names}")
                         task_status.started(tree)
                         async with trio.open_nursery() as background:
                             background.start_soon(_watch_budget)
                             for cfg in opts.devices:
                                 for job in _maintenance(devices, cfg):
                                     background.start_soon(job)
-                            await _until_stopped(signals, loop_done)
+                            graceful = await _until_stopped(signals, loop_done)
                             background.cancel_scope.cancel()
             finally:
                 # Whatever ended us (a signal, an unmount, a failed set-up, a bug), undo it
                 # all: the FUSE loop thread cannot be abandoned, so we must make it return.
-                with trio.CancelScope(shield=True), guard_trio_thread():
-                    await _shutdown(opts, session, bridge, devices, undo, loop_done)
+                # A graceful restart undoes nothing: it only stops the loop.
+                with trio.CancelScope(shield=True), guard_trio_thread(), \
+                        trio.open_signal_receiver(signal.SIGHUP):   # too late to restart
+                    if graceful:
+                        await _stop_serving(session, bridge, loop_done)
+                        handover = _hand_over(opts, session, devices)
+                    else:
+                        await _shutdown(opts, session, bridge, devices, undo, loop_done)
     finally:
-        session.close()
-    log.info("stopped")
+        if handover is None:
+            session.close()
+            # Stopped for good: no manager may hand this connection to another daemon.
+            fdstore.remove("fuse")
+            fdstore.remove("fuse-init")
+            if not fdstore.supervised():
+                supervisor.remove_pid_file(mountpoint, os.getpid())
+    log.info("handed over" if handover is not None else "stopped")
     if failure is not None:
         raise failure
+    return handover
 
 
-async def _until_stopped(signals, loop_done: trio.Event) -> None:
+async def _stop_serving(session: _fuse.Session, bridge: TrioBridge,
+                        loop_done: trio.Event) -> None:
+    """A graceful restart's first half: no new request is read, those being served finish
+    (the trio thread answers theirs meanwhile), and the tree stays mounted."""
+    fdstore.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\n"
+                   "STATUS=handing over to the next daemon")
+    await trio.to_thread.run_sync(session.stop)
+    await loop_done.wait()
+    bridge.close()
+
+
+def _hand_over(opts: Options, session: _fuse.Session, devices: Devices) -> Handover:
+    """What the next daemon needs, by name: the FUSE connection, what INIT agreed, and every
+    descriptor this daemon was given and did not adopt. A supervisor or systemd already
+    holds the stored ones; they are also returned for a re-exec, which has no store.
+
+    The place to add the devices' memory state (store each new memfd with fdstore.store
+    under its name, and add it to the result)."""
+    params = session.init_params()
+    fds: dict[str, list[int]] = {"fuse": [session.detach()]}
+    if params is not None:
+        fds["fuse-init"] = [fdstore.memfd_with("fuse-init", json.dumps(params).encode())]
+    for name, group in opts.inherited.items():
+        fds.setdefault(name, []).extend(group)
+    return Handover(fds)
+
+
+def continue_in_next(opts: Options, handover: Handover) -> NoReturn:
+    """After serve() returned a handover: under zramfs's supervisor, exit with
+    HANDOVER_EXIT (it starts the next daemon with the stored descriptors); otherwise
+    (systemd, or no manager) execute the command anew in this process, the descriptors
+    passed as LISTEN_FDS, so that an upgraded install takes over with the same pid.
+    Outside trio.run: nothing may use a descriptor while they are moved into place."""
+    logging.shutdown()
+    if fdstore.supervised():
+        os._exit(fdstore.HANDOVER_EXIT)     # the C threads of the devices are not joined
+    fdstore.exec_with_fds([sys.executable, "-m", "zramfs.cli", *opts.argv], handover.fds)
+
+
+async def _until_stopped(signals, loop_done: trio.Event) -> bool:
+    """Until a signal or an unmount; True for SIGHUP, a graceful restart."""
+    graceful = False
+
     async with trio.open_nursery() as waiters:
         async def until_signal() -> None:
+            nonlocal graceful
             async for signum in signals:
-                log.info("%s: shutting down", signal.Signals(signum).name)
+                graceful = signum == signal.SIGHUP
+                log.info("%s: %s", signal.Signals(signum).name,
+                         "graceful restart" if graceful else "shutting down")
                 break
             waiters.cancel_scope.cancel()
 
@@ -315,6 +459,7 @@ async def _until_stopped(signals, loop_done: trio.Event) -> None:
 
         waiters.start_soon(until_signal)
         waiters.start_soon(until_unmounted)
+    return graceful
 
 
 async def _periodically(devices: Devices, cfg: DeviceConfig, interval: float, what: str,
@@ -377,8 +522,10 @@ async def _serve_metrics(address: str, devices: Devices, session: _fuse.Session)
 
 
 async def _set_up(opts: Options, devices: Devices, tree: Tree,
-                  undo: list[tuple[str, Callable[[], None]]]) -> None:
-    """Each device, then its use; every step that worked pushes its undo first."""
+                  undo: list[tuple[str, Callable[[], None]]], uses: bool = True) -> None:
+    """Each device, then its use; every step that worked pushes its undo first. Without
+    `uses` (a restarted daemon), swap and file systems are left as the kernel still has
+    them: set up again, they would be a second loop device over the same file."""
     for cfg in opts.devices:
         try:
             dev = devices.add(cfg.id)
@@ -401,7 +548,7 @@ async def _set_up(opts: Options, devices: Devices, tree: Tree,
             await dev.store("disksize", str(cfg.disksize))
         except OSError as e:
             raise DaemonError(f"{cfg.name}: {e.strerror}") from None
-        if cfg.fs_type is None:
+        if cfg.fs_type is None or not uses:
             continue
         path = opts.mountpoint / "dev" / cfg.name
         try:
@@ -424,7 +571,7 @@ async def _set_up(opts: Options, devices: Devices, tree: Tree,
 async def _shutdown(opts: Options, session: _fuse.Session, bridge: TrioBridge,
                     devices: Devices, undo: list[tuple[str, Callable[[], None]]],
                     loop_done: trio.Event) -> None:
-    notify_systemd("STOPPING=1")
+    fdstore.notify("STOPPING=1")
     for what, fn in reversed(undo):
         try:
             await trio.to_thread.run_sync(fn)

@@ -12,6 +12,10 @@ between two awaits is atomic, which is the one rule that makes the bookkeeping s
     dev = devices.add()
     dev.store("disksize", "1G")
     dev.show("mm_stat")
+
+Where the daemon keeps state for a restart (zramfs.state), `Devices(state=...)` tells it of each
+device added and removed, each setting stored and each meta made or freed; `adopt` builds a
+device back from what the daemon before this one kept.
 """
 from __future__ import annotations
 
@@ -26,8 +30,10 @@ from pathlib import Path
 import trio
 
 from zramfs import _alloc, _backing, _dedup, _tiering, _zcomp, kstrto, tiering
+from zramfs._alloc import PoolImageError
 from zramfs._backing import Backing, BackingError
-from zramfs._zram import Disk, Meta
+from zramfs._zram import Disk, Meta, TableImageError
+from zramfs.state import DeviceRecord, State, StateError
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +56,10 @@ class Device:
     """One zram device; `store`/`show` are its sysfs attributes."""
 
     def __init__(self, dev_id: int, tree: Path | None = None,
-                 before_init: Callable[[], object] | None = None, generation: int = 1) -> None:
+                 before_init: Callable[[], object] | None = None, generation: int = 1,
+                 state: State | None = None) -> None:
         self.id = dev_id
+        self.state = state             # where its settings and memory are kept for a restart
         self.name = f"zram{dev_id}"
         self.generation = generation   # tells this device from earlier ones with its id
         self.tree = tree               # the mounted tree, whose paths backing_dev refuses
@@ -95,6 +103,9 @@ class Device:
 
     def init(self, disksize: int) -> None:
         """Creates the table, pool and streams now, never on the request path (docs/design.md, hazard 4)."""
+        self._attach(self._new_meta(disksize))
+
+    def _new_meta(self, disksize: int) -> Meta:
         if self.initialised or self.busy:
             raise fail(errno.EBUSY, f"{self.name} is already initialised")
         disksize = -(-disksize // PAGE) * PAGE
@@ -109,6 +120,9 @@ class Device:
             raise fail(errno.ENOMEM, str(e)) from None
         except _zcomp.CompressorError as e:
             raise fail(errno.EINVAL, str(e)) from None
+        return meta
+
+    def _attach(self, meta: Meta) -> None:
         meta.mem_limit = self.mem_limit
         if self.dedup:
             _dedup.enable(meta)        # before attach: nothing is stored yet
@@ -116,7 +130,36 @@ class Device:
         _tiering.set_eviction(meta, self.evict)
         _tiering.set_wb_batch(meta, self.wb_batch)
         self.disk.attach(meta)
-        log.info("%s: disksize %d, %s", self.name, disksize, self.algorithm)
+        if self.state is not None:
+            self.state.keep_meta(self.id, meta.state_fds)
+        log.info("%s: disksize %d, %s", self.name, meta.disksize, self.algorithm)
+
+    async def adopt(self, record: DeviceRecord) -> None:
+        """The device as the daemon before this one left it: its settings replayed in order,
+        and at disksize its pages copied from the kept table and pool (Meta.take_over).
+        StateError when that cannot be done; the kept fds stay kept either way."""
+        for attr, text in record.settings:
+            if attr != "disksize":
+                try:
+                    await self.store(attr, text)
+                except OSError as e:
+                    raise StateError(f"{self.name}: {attr} {text!r}: {e.strerror}") from None
+                continue
+            kept = self.state.kept_pair(self.id) if self.state is not None else None
+            meta = self._new_meta(kstrto.parse_disksize(text))
+            if kept is not None:
+                try:
+                    pages, lost = await trio.to_thread.run_sync(meta.take_over, *kept)
+                except (TableImageError, PoolImageError) as e:
+                    meta.destroy()
+                    raise StateError(f"{self.name}: {e}") from None
+                log.info("%s: adopted %d pages%s", self.name, pages,
+                         f", {lost} LOST" if lost else "")
+            else:
+                log.warning("%s: no kept memory: it starts empty", self.name)
+            self._attach(meta)
+            if self.state is not None:
+                self.state.stored(self.id, attr, text)
 
     async def reset(self) -> None:
         """Stops new requests, waits for those in flight, then frees (hazard 1). The
@@ -130,6 +173,8 @@ class Device:
                 while self.disk.in_flight:
                     await trio.sleep(DRAIN_POLL)
                 meta = self.disk.release()
+                if self.state is not None:
+                    self.state.drop_meta(self.id)
                 await trio.to_thread.run_sync(meta.destroy)
             if self.backing is not None:
                 self.backing.close()
@@ -153,6 +198,8 @@ class Device:
         result = a.store(self, text)
         if result is not None:
             await result
+        if self.state is not None:
+            self.state.stored(self.id, attr, text)
 
     def _store_disksize(self, text: str) -> None:
         self.init(kstrto.parse_disksize(text))
@@ -551,7 +598,9 @@ class Devices:
     """The set of devices, with the kernel's id allocation (lowest free id first)."""
 
     def __init__(self, tree: Path | None = None,
-                 before_init: Callable[[], object] | None = None) -> None:
+                 before_init: Callable[[], object] | None = None,
+                 state: State | None = None) -> None:
+        self.state = state
         self.by_id: dict[int, Device] = {}
         self.generations: dict[int, int] = {}   # per id: how many devices have had it
         self.retiring: set[int] = set()          # ids of removed devices still draining
@@ -566,9 +615,27 @@ class Devices:
         elif dev_id in taken:
             raise fail(errno.EEXIST, f"zram{dev_id} exists")
         self.generations[dev_id] = self.generations.get(dev_id, 0) + 1
-        dev = Device(dev_id, self.tree, self.before_init, self.generations[dev_id])
+        return self._add(dev_id, self.generations[dev_id])
+
+    def _add(self, dev_id: int, generation: int) -> Device:
+        dev = Device(dev_id, self.tree, self.before_init, generation, self.state)
         self.by_id[dev_id] = dev
+        if self.state is not None:
+            self.state.added(dev_id, generation)
         log.info("%s: added", dev.name)
+        return dev
+
+    def adopt(self, record: DeviceRecord) -> Device:
+        """A device the daemon before this one had, with its id and generation (the kernel's
+        open files name it by both); its settings and pages come with Device.adopt."""
+        if self.state is not None:
+            self.generations.update(self.state.generations)
+        self.generations[record.id] = max(self.generations.get(record.id, 0),
+                                          record.generation)
+        dev = self._add(record.id, record.generation)
+        dev.openers = record.openers
+        if self.state is not None:
+            self.state.opened(record.id, record.openers)
         return dev
 
     def get(self, name: str) -> Device | None:
@@ -594,6 +661,8 @@ class Devices:
             await dev.reset()
         finally:
             self.retiring.discard(dev_id)
+            if self.state is not None:
+                self.state.removed(dev_id)
         log.info("%s: removed", dev.name)
 
     async def remove_all(self) -> None:
@@ -603,3 +672,5 @@ class Devices:
             dev.removed = True
             dev.disk.retire()
             await dev.reset()
+            if self.state is not None:
+                self.state.removed(dev.id)

@@ -8,6 +8,7 @@ cdef extern from "fuse_kernel.h" nogil:
     enum:
         FUSE_KERNEL_VERSION
         ZRAMFS_FUSE_MINOR
+        FUSE_NOTIFY_RESEND
         FUSE_NAME_OFFSET
     enum fuse_opcode:
         FUSE_LOOKUP, FUSE_FORGET, FUSE_GETATTR, FUSE_SETATTR, FUSE_READLINK, FUSE_SYMLINK,

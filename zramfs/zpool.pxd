@@ -14,6 +14,15 @@
 # (the device's per-slot lock sees to that). Everything else is the pool's business.
 from libc.stdint cimport uint32_t, uint64_t
 
+from zramfs._pages cimport zregion
+
+# Where a backend keeps what, in the region a pool lives in (a memfd: zramfs._pages): its root
+# (the pool's own struct and its classes) at ZPOOL_ROOT, below ZPOOL_ARENAS, then the page
+# source's arenas. Offset 0 holds the pool's header (zramfs._alloc).
+cdef enum:
+    ZPOOL_ROOT = 4096
+    ZPOOL_ARENAS = 131072
+
 # One size class, as a row of zsmalloc's debugfs `classes` file.
 ctypedef struct zpool_class_stat:
     uint32_t index             # (size - 32) / 16, the kernel's class number
@@ -26,8 +35,9 @@ ctypedef struct zpool_class_stat:
 
 ctypedef struct zpool_driver:
     const char* name
-    # Creation and destruction; destroy must not race with anything else on the pool.
-    void* (*create)(int max_pages_per_zspage) noexcept nogil
+    # Creation in `region` (the caller's, which outlives the pool) and destruction; destroy
+    # must not race with anything else on the pool.
+    void* (*create)(int max_pages_per_zspage, zregion* region) noexcept nogil
     void (*destroy)(void* pool) noexcept nogil
     # Object life: handle 0 means failure (size out of range or no memory).
     uint64_t (*malloc)(void* pool, size_t size) noexcept nogil
@@ -50,3 +60,9 @@ ctypedef struct zpool_driver:
     # (0 for a backend without classes): call with max 0 to size `out`. Takes each class's
     # lock in turn, so a row is consistent but rows are not a snapshot of the whole pool.
     int (*class_stats)(void* pool, zpool_class_stat* out, int max) noexcept nogil
+    # Live restart: where the object of `handle` (`size` bytes) is in a pool a process before
+    # this one left, or NULL. `old` is that pool's root as mapped now; pointers stored in it
+    # are the old process's, `delta` bytes off; nothing outside [lo, hi) is trusted or read.
+    # Reads only, no locks: the old pool is nobody's any more.
+    const char* (*locate)(const char* old, ssize_t delta, const char* lo, const char* hi,
+                          uint64_t handle, size_t size) noexcept nogil

@@ -1,0 +1,196 @@
+"""Live restart's memory side, without a mount: a device's table and pool kept in memfds and
+copied into a new meta (Meta.take_over), the device record (zramfs.state), and what is refused.
+The mount-level restarts (SIGKILL under fio, swap, ext4) are in test_restart.py."""
+from __future__ import annotations
+
+import os
+import random
+import struct
+
+import pytest
+
+from zramfs._alloc import Pool, PoolImage, PoolImageError
+from zramfs._zram import Disk, Meta, TableImageError
+from zramfs.state import DeviceRecord, Record, State, StateError
+
+PAGE = 4096
+SIZE = 32 << 20
+
+
+def page_of(rng: random.Random) -> bytes:
+    kind = rng.random()
+    if kind < 0.15:
+        return bytes([rng.randrange(256)]) * PAGE                    # same-filled
+    if kind < 0.25:
+        return rng.randbytes(PAGE)                                   # huge
+    word = b"page %d " % rng.randrange(10**6)
+    return (word * (PAGE // len(word) + 1))[:PAGE - 64] + rng.randbytes(64)
+
+
+def fill(disk: Disk, rng: random.Random, n: int) -> dict[int, bytes]:
+    """n writes, overwrites and discards at random offsets: the model of what reads back."""
+    model: dict[int, bytes] = {}
+    for _ in range(n):
+        off = rng.randrange(SIZE // PAGE) * PAGE
+        if rng.random() < 0.1:
+            disk.fallocate(0x03, off, PAGE)                          # discard
+            model[off] = bytes(PAGE)
+        else:
+            model[off] = page_of(rng)
+            disk.write(off, model[off])
+    return model
+
+
+def attached(meta: Meta) -> Disk:
+    disk = Disk()
+    disk.attach(meta)
+    return disk
+
+
+def destroy(disk: Disk) -> None:
+    disk.detach()
+    disk.release().destroy()
+
+
+@pytest.mark.parametrize("backend", ["zsmalloc", "zbud"])
+def test_take_over_copies_every_page_and_the_counters(backend: str) -> None:
+    rng = random.Random(backend)
+    old = attached(Meta(SIZE, "lz4", backend=backend, name="old"))
+    model = fill(old, rng, 4000)
+    old.meta.compact()
+    before = old.meta.mm_stat()
+    fds = [os.dup(fd) for fd in old.meta.state_fds]
+    destroy(old)                      # the old process's own mapping is gone; the fds keep it
+    new_meta = Meta(SIZE, "lz4", backend=backend, name="new")
+    try:
+        pages, lost = new_meta.take_over(*fds)
+        new = attached(new_meta)
+        assert lost == 0
+        assert pages == before[0] // PAGE                            # orig_data_size in pages
+        after = new.meta.mm_stat()
+        assert after[0] == before[0] and after[1] == before[1]       # stored, compressed
+        assert after[5] == before[5] and after[7] == before[7]       # same, huge
+        assert after[2] <= before[2]                                 # packed at least as tight
+        bad = [off for off, data in model.items() if new.read(off, PAGE) != data]
+        assert not bad, f"{len(bad)} pages differ after take_over"
+        fill(new, rng, 500)                                          # and it goes on working
+        destroy(new)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_the_old_memory_goes_once_the_last_fd_closes() -> None:
+    """The memfds hold the pages while someone keeps them, and not after."""
+    def shmem_kib() -> int:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("Shmem:"):
+                    return int(line.split()[1])
+        raise AssertionError("no Shmem in /proc/meminfo")
+
+    rng = random.Random(7)
+    start = shmem_kib()
+    disk = attached(Meta(SIZE, "lz4", name="gone"))
+    for i in range(2000):
+        disk.write(i * PAGE, rng.randbytes(PAGE))                   # ~8 MiB, incompressible
+    fds = [os.dup(fd) for fd in disk.meta.state_fds]
+    destroy(disk)
+    assert shmem_kib() - start > 6000                                # kept by the dups
+    for fd in fds:
+        os.close(fd)
+    assert shmem_kib() - start < 2000
+
+
+def test_take_over_refuses_what_it_cannot_read() -> None:
+    disk = attached(Meta(SIZE, "lz4", name="src"))
+    disk.write(0, b"x" * 100 + bytes(PAGE - 100))
+    table, pool = (os.dup(fd) for fd in disk.meta.state_fds)
+    destroy(disk)
+    junk = os.memfd_create("junk")
+    os.write(junk, b"\0" * (1 << 20))
+    try:
+        with pytest.raises(TableImageError, match="pages"):          # another disksize
+            Meta(2 * SIZE, "lz4", name="t").take_over(table, pool)
+        with pytest.raises(TableImageError, match="magic"):
+            Meta(SIZE, "lz4", name="t").take_over(junk, pool)
+        with pytest.raises(PoolImageError, match="magic"):
+            Meta(SIZE, "lz4", name="t").take_over(table, junk)
+        with pytest.raises(PoolImageError):
+            PoolImage(table)                                         # a table is no pool
+        # A pool of another format version: refused, and the fd is left as it was.
+        version_at = 16
+        saved = os.pread(pool, 4, version_at)
+        os.pwrite(pool, struct.pack("<I", 99), version_at)
+        with pytest.raises(PoolImageError, match="format 99"):
+            Meta(SIZE, "lz4", name="t").take_over(table, pool)
+        os.pwrite(pool, saved, version_at)
+        meta = Meta(SIZE, "lz4", name="t")
+        assert meta.take_over(table, pool) == (1, 0)                 # still whole
+        meta.destroy()
+    finally:
+        for fd in (table, pool, junk):
+            os.close(fd)
+
+
+def test_a_handle_that_leads_nowhere_is_not_followed() -> None:
+    """PoolImage checks every step of a handle: garbage handles give None, not a crash."""
+    with Pool("zsmalloc", "p") as pool:
+        h = pool.malloc(100)
+        pool.write(h, b"a" * 100)
+        image = PoolImage(pool.fd)
+        assert image.read(h, 100) == b"a" * 100
+        for bad in (0, 1, h + 1, h | (200 << 32), (1 << 63) | 5, h ^ (1 << 31)):
+            assert image.read(bad, 100) is None
+        assert image.read(h, 5000) is None                           # larger than its class
+        image.close()
+
+
+def test_record_survives_a_torn_write() -> None:
+    rec = Record()
+    rec.write({"n": 1})
+    rec.write({"n": 2})
+    assert Record(os.dup(rec.fd)).read() == {"n": 2}
+    # A write torn in the middle (the daemon killed in it) leaves the other half.
+    half = 1 << 20
+    os.pwrite(rec.fd, b"\xff" * 64, (rec.seq % 2) * half + 40)
+    assert Record(os.dup(rec.fd)).read() == {"n": 1}
+    os.pwrite(rec.fd, b"\xff" * 64, ((rec.seq + 1) % 2) * half + 40)
+    with pytest.raises(StateError, match="no readable"):
+        Record(os.dup(rec.fd)).read()
+    os.close(rec.fd)
+
+
+def test_state_keeps_one_complete_pair_at_every_moment() -> None:
+    kept: dict[str, int] = {}
+    log: list[str] = []
+
+    def keep(name: str, fd: int) -> None:
+        kept[name] = fd
+        log.append(f"+{name}")
+
+    def drop(name: str) -> None:
+        kept.pop(name, None)
+        log.append(f"-{name}")
+
+    state = State({}, keep, drop)
+    assert "devices" in kept
+    state.added(0, 1)
+    state.stored(0, "comp_algorithm", "zstd")
+    state.stored(0, "idle", "all")                                   # an action: not kept
+    state.stored(0, "disksize", "1G")
+    state.keep_meta(0, (10, 11))
+    state.keep_meta(0, (12, 13))
+    assert log[-4:] == ["+zram0.2.table", "+zram0.2.pool", "-zram0.1.table", "-zram0.1.pool"]
+    # A new daemon given these fds finds the newest pair and the settings in order.
+    inherited = {name: [fd] for name, fd in kept.items()}
+    inherited["devices"] = [os.dup(state.record.fd)]
+    inherited["zram0.1.table"] = [os.memfd_create("stale")]          # a pair never completed
+    successor = State(inherited, keep, drop)
+    records = successor.load()
+    assert records == [DeviceRecord(0, 1, 0, [("comp_algorithm", "zstd"), ("disksize", "1G")])]
+    assert successor.kept_pair(0) == (12, 13)
+    state.stored(0, "reset", "1")
+    state.drop_meta(0)
+    assert not [n for n in kept if n.startswith("zram0.")]
+    assert state.devices[0].settings == []

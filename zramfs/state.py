@@ -1,0 +1,219 @@
+"""What a restarted daemon adopts, and where it is kept meanwhile (live restart).
+
+The kernel keeps the FUSE connection while any process holds its /dev/fuse fd, and a memfd
+keeps its memory while any process holds it; the service manager (systemd's fd store, or
+zramfs's own supervisor, zramfs.fdstore) holds them across a restart. This module owns what
+goes in them:
+
+- `devices`: a record of every device, its id, generation, open count and the settings
+  written to it, in order (the attribute stores that shape it: comp_algorithm, mem_limit,
+  disksize...), so a new daemon replays them and gets the same devices;
+- `zram<id>.<seq>.table` and `zram<id>.<seq>.pool`: an initialised device's slot table and
+  pool (zramfs._zram.Meta.state_fds). A new daemon copies them into a fresh meta
+  (Meta.take_over), keeps the new pair under the next seq, then drops the old: at every
+  moment one complete pair is kept.
+
+The record is JSON in a memfd, in two halves written in turn, each with a sequence number and
+a CRC, so a daemon killed in the middle of a write leaves the other half whole.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+log = logging.getLogger("zramfs.state")
+
+RECORD_NAME = "devices"
+RECORD_MAGIC = b"zramfs-devices\0\0"
+RECORD_VERSION = 1
+_HALF = 1 << 20                      # each half of the record's memfd
+_HEADER = struct.Struct("<16sIIQII")  # magic, version, pad, seq, length, crc32
+_KEPT = re.compile(r"zram(\d+)\.(\d+)\.(table|pool)")
+
+# The attribute stores that shape a device; a new daemon replays them in order. Actions
+# (idle, writeback, recompress, compact, mem_used_max) are not settings; reset clears them.
+SETTINGS = frozenset({
+    "zpool", "comp_algorithm", "algorithm_params", "recomp_algorithm", "backing_dev",
+    "mem_limit", "writeback_limit", "writeback_limit_enable", "writeback_evict",
+    "compressed_writeback", "writeback_batch_size", "dedup", "disksize",
+})
+
+
+class StateError(Exception):
+    """Kept state this daemon cannot adopt (corrupt, or from an incompatible version). The fds
+    stay kept: nothing is destroyed without an explicit command."""
+
+
+@dataclass
+class DeviceRecord:
+    id: int
+    generation: int
+    openers: int = 0
+    settings: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Record:
+    """The `devices` memfd: `write(obj)` / `read()`, crash-safe (two halves)."""
+
+    def __init__(self, fd: int | None = None) -> None:
+        if fd is None:
+            fd = os.memfd_create("zramfs-devices", os.MFD_CLOEXEC)
+            os.ftruncate(fd, 2 * _HALF)
+        self.fd = fd
+        self.seq = 0
+
+    def read(self) -> dict:
+        best: tuple[int, dict] | None = None
+        for half in range(2):
+            raw = os.pread(self.fd, _HALF, half * _HALF)
+            if len(raw) < _HEADER.size:
+                continue
+            magic, version, _, seq, length, crc = _HEADER.unpack_from(raw)
+            if magic != RECORD_MAGIC:
+                continue
+            if version != RECORD_VERSION:
+                raise StateError(f"device record version {version}, this zramfs reads "
+                                 f"{RECORD_VERSION}")
+            body = raw[_HEADER.size:_HEADER.size + length]
+            if len(body) != length or zlib.crc32(body) != crc:
+                continue                    # a torn write: the other half is whole
+            if best is None or seq > best[0]:
+                try:
+                    best = (seq, json.loads(body))
+                except ValueError:
+                    continue
+        if best is None:
+            raise StateError("no readable device record")
+        self.seq = best[0]
+        return best[1]
+
+    def write(self, obj: dict) -> None:
+        body = json.dumps(obj, separators=(",", ":")).encode()
+        if _HEADER.size + len(body) > _HALF:
+            raise StateError("device record too large")
+        self.seq += 1
+        header = _HEADER.pack(RECORD_MAGIC, RECORD_VERSION, 0, self.seq, len(body),
+                              zlib.crc32(body))
+        os.pwrite(self.fd, header + body, (self.seq % 2) * _HALF)
+
+
+class State:
+    """The daemon's kept state. `keep(name, fd)` and `drop(name)` are the service manager's
+    (zramfs.fdstore's store and remove); `inherited` is what it handed this daemon."""
+
+    def __init__(self, inherited: dict[str, list[int]],
+                 keep: Callable[[str, int], None], drop: Callable[[str], None]) -> None:
+        self._keep = keep
+        self._drop = drop
+        self.inherited = inherited
+        self.devices: dict[int, DeviceRecord] = {}
+        self.generations: dict[int, int] = {}
+        self.seq: dict[int, int] = {}          # per device id: the seq of its kept pair
+        fds = inherited.get(RECORD_NAME)
+        self.adopting = bool(fds)
+        self.record = Record(fds[0] if fds else None)
+        if not fds:
+            self._keep(RECORD_NAME, self.record.fd)
+
+    # --- adoption ------------------------------------------------------------------------------
+
+    def load(self) -> list[DeviceRecord]:
+        """The devices of the daemon before, to re-create in this order. StateError if the
+        record cannot be read."""
+        obj = self.record.read()
+        try:
+            self.generations = {int(k): int(v) for k, v in obj["generations"].items()}
+            for d in obj["devices"]:
+                rec = DeviceRecord(int(d["id"]), int(d["generation"]), int(d["openers"]),
+                                   [(str(a), str(t)) for a, t in d["settings"]])
+                self.devices[rec.id] = rec
+        except (KeyError, TypeError, ValueError) as e:
+            raise StateError(f"device record unreadable: {e!r}") from None
+        return sorted(self.devices.values(), key=lambda r: r.id)
+
+    def kept_pair(self, dev_id: int) -> tuple[int, int] | None:
+        """The (table, pool) fds kept for device `dev_id`, the newest complete pair."""
+        pairs: dict[int, dict[str, int]] = {}
+        for name, fds in self.inherited.items():
+            m = _KEPT.fullmatch(name)
+            if m and int(m.group(1)) == dev_id and fds:
+                pairs.setdefault(int(m.group(2)), {})[m.group(3)] = fds[0]
+        for seq in sorted(pairs, reverse=True):
+            if len(pairs[seq]) == 2:
+                self.seq[dev_id] = seq
+                return pairs[seq]["table"], pairs[seq]["pool"]
+        return None
+
+    def forget_inherited(self, dev_id: int) -> None:
+        """Drops every pair kept for `dev_id` but the current one, and closes their fds here."""
+        current = self.seq.get(dev_id)
+        for name in list(self.inherited):
+            m = _KEPT.fullmatch(name)
+            if m and int(m.group(1)) == dev_id and int(m.group(2)) != current:
+                self._drop(name)
+                for fd in self.inherited.pop(name):
+                    os.close(fd)
+
+    # --- what the daemon tells it ----------------------------------------------------------------
+
+    def save(self) -> None:
+        self.record.write({
+            "generations": {str(k): v for k, v in self.generations.items()},
+            "devices": [{"id": r.id, "generation": r.generation, "openers": r.openers,
+                         "settings": r.settings} for r in self.devices.values()],
+        })
+
+    def added(self, dev_id: int, generation: int) -> None:
+        self.generations[dev_id] = generation
+        self.devices[dev_id] = DeviceRecord(dev_id, generation)
+        self.save()
+
+    def removed(self, dev_id: int) -> None:
+        self.devices.pop(dev_id, None)
+        self.save()
+
+    def stored(self, dev_id: int, attr: str, text: str) -> None:
+        """A store to an attribute succeeded: a setting goes in the record, reset clears."""
+        rec = self.devices.get(dev_id)
+        if rec is None:
+            return
+        if attr == "reset":
+            rec.settings.clear()
+        elif attr in SETTINGS:
+            rec.settings.append((attr, text))
+        else:
+            return
+        self.save()
+
+    def opened(self, dev_id: int, delta: int) -> None:
+        rec = self.devices.get(dev_id)
+        if rec is not None:
+            rec.openers = max(0, rec.openers + delta)
+            self.save()
+
+    def keep_meta(self, dev_id: int, fds: tuple[int, int]) -> None:
+        """An initialised device's (table, pool) fds, kept under the next seq; then the
+        previous pair goes."""
+        seq = self.seq.get(dev_id, 0) + 1
+        for kind, fd in zip(("table", "pool"), fds):
+            self._keep(f"zram{dev_id}.{seq}.{kind}", fd)
+        old = self.seq.get(dev_id)
+        self.seq[dev_id] = seq
+        if old is not None:
+            for kind in ("table", "pool"):
+                self._drop(f"zram{dev_id}.{old}.{kind}")
+        self.forget_inherited(dev_id)
+
+    def drop_meta(self, dev_id: int) -> None:
+        """The device was reset or removed: its pages are no one's any more."""
+        seq = self.seq.pop(dev_id, None)
+        if seq is not None:
+            for kind in ("table", "pool"):
+                self._drop(f"zram{dev_id}.{seq}.{kind}")
+        self.forget_inherited(dev_id)
