@@ -242,36 +242,46 @@ def test_reset_frees_the_index() -> None:
     assert meta.dedup is None
 
 
-def test_a_meta_that_holds_pages_gets_its_index_from_the_table() -> None:
-    """As after Meta.take_over: ZRAM_DEDUP slots counted, ordinary objects left alone.
-    take_over copies each slot's object, so the shared one comes back as 4 (left to do)."""
+def test_take_over_keeps_shared_objects_shared() -> None:
+    """A new daemon's meta with dedup on (enabled before Meta.take_over) copies a shared
+    object once and counts its slots from the table; one without dedup gets a copy a slot,
+    each an ordinary object (nothing ZRAM_DEDUP left for a meta without an index)."""
+    from zramfs._zram import Disk, Meta
     old = make_disk(16 * PAGE, dedup=True)
     for i in range(4):
         old.write(i * PAGE, PATTERN)
-    plain = make_disk(16 * PAGE)
-    plain.write(0, PATTERN)
-    fds = [os.dup(fd) for fd in old.meta.state_fds]
-    pfds = [os.dup(fd) for fd in plain.meta.state_fds]
-    from zramfs._zram import Disk, Meta
+    old.write(4 * PAGE, twin(4))
+    size = old.meta.mm_stat()[COMPR] - len(_lz4(twin(4)))
     try:
-        for src in (fds, pfds):
+        for dedup in (True, False):
+            fds = [os.dup(fd) for fd in old.meta.state_fds]
             meta = Meta(16 * PAGE, "lz4", name="taken")
-            assert meta.take_over(*src)[0] == (4 if src is fds else 1)
-            _dedup.enable(meta)
-            assert _dedup.check(meta) is None
-            assert _dedup.stat(meta)[::2] == ((0, 4) if src is fds else (0, 0))
-            disk = Disk()
-            disk.attach(meta)
-            disk.write(8 * PAGE, PATTERN)             # finds the adopted object, if shared
-            assert _dedup.check(meta) is None
-            assert disk.read(0, PAGE) == PATTERN == disk.read(8 * PAGE, PAGE)
-            assert _dedup.stat(meta)[::2] == ((1, 4) if src is fds else (0, 1))
-            destroy(disk)
+            try:
+                if dedup:
+                    _dedup.enable(meta)
+                assert meta.take_over(*fds) == (5, 0)
+                if dedup:
+                    _dedup.enable(meta)               # after: the counts from the table
+                    assert _dedup.check(meta) is None
+                    assert _dedup.stat(meta) == (3, 3 * size, 2)
+                    assert meta.mm_stat()[COMPR] == size + len(_lz4(twin(4)))
+                else:
+                    assert meta.mm_stat()[COMPR] == 4 * size + len(_lz4(twin(4)))
+                disk = Disk()
+                disk.attach(meta)
+                disk.write(8 * PAGE, PATTERN)
+                assert disk.read(0, 5 * PAGE) == PATTERN * 4 + twin(4)
+                for i in range(4):                     # ordinary or shared, all freed right
+                    disk.fallocate(PUNCH_HOLE, i * PAGE, PAGE)
+                assert disk.read(8 * PAGE, PAGE) == PATTERN
+                assert _dedup.check(meta) is None
+                assert _dedup.stat(meta)[::2] == ((0, 2) if dedup else (0, 0))
+                destroy(disk)
+            finally:
+                for fd in fds:
+                    os.close(fd)
     finally:
-        for fd in fds + pfds:
-            os.close(fd)
         destroy(old)
-        destroy(plain)
 
 
 # --- races -----------------------------------------------------------------------------------

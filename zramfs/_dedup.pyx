@@ -395,10 +395,13 @@ cdef class Index:
 
 def enable(Meta meta) -> None:
     """Dedup on for a meta before it is attached to its disk: it is a setting of the device's
-    creation, as the kernel's pre-init attributes. A meta that holds pages already (one taken
-    over from a previous daemon, Meta.take_over) gets its index from its slot table."""
+    creation, as the kernel's pre-init attributes. Before Meta.take_over, so that objects
+    shared in the previous daemon stay shared (and ZRAM_DEDUP slots stay counted); a meta
+    that holds pages already gets its index from its slot table."""
     cdef Index index
     if meta.dedup is not None:
+        if za_load(&meta.m.pages_stored):
+            rebuild(meta, True)
         return
     index = Index(meta.m.nr_pages)
     meta.dedup = index

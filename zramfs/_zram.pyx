@@ -557,6 +557,15 @@ ctypedef struct ztakeover:
     size_t lost               # slots whose object could not be found (should be 0)
 
 
+cdef inline uint64_t* _remap_slot(uint64_t* remap, size_t mask, uint64_t old) noexcept nogil:
+    """The (old handle, new handle) pair of `old` in an open-addressed table, or the empty
+    pair where it goes (handles are never 0)."""
+    cdef size_t i = ((old * <uint64_t>0x9E3779B97F4A7C15) >> 17) & mask
+    while remap[2 * i] != 0 and remap[2 * i] != old:
+        i = (i + 1) & mask
+    return &remap[2 * i]
+
+
 cdef ztakeover _take_over(zram* m, const zram* old, const zslot* old_table,
                           const uint32_t* old_ac, PoolImage image) noexcept nogil:
     """Fills the empty `m` from a previous daemon's table: same-filled words and written-back
@@ -565,16 +574,28 @@ cdef ztakeover _take_over(zram* m, const zram* old, const zslot* old_table,
     slot locks held by the old daemon's threads are not carried over. A write the old daemon
     had not answered is sent again by the kernel (FUSE_NOTIFY_RESEND) and rewrites its pages."""
     cdef ztakeover r
-    cdef size_t i
+    cdef size_t i, mask = 1
     cdef uint32_t flags
     cdef uint64_t handle
+    cdef uint64_t* remap = NULL
+    cdef uint64_t* pair = NULL
     cdef const char* src
     cdef char* dst
     cdef zslot* s
     r.pages = 0
     r.lost = 0
+    # Dedup (zramfs._dedup, enabled on m before this): an object several ZRAM_DEDUP slots
+    # share is copied once, its new handle found by its old one. Without dedup on m, or
+    # without memory for the map, each slot gets its own copy, an ordinary object.
+    if m.dedup != NULL:
+        while mask < 2 * m.nr_pages:
+            mask <<= 1
+        remap = <uint64_t*>calloc(2 * mask, sizeof(uint64_t))
+        mask -= 1
     for i in range(m.nr_pages):
         flags = old_table[i].flags & ~(<uint32_t>ZRAM_LOCK | ZRAM_UNDER_WB)
+        if remap == NULL:
+            flags &= ~(<uint32_t>ZRAM_DEDUP)
         s = &m.table[i]
         if flags & ZRAM_SAME:
             s.handle = old_table[i].handle
@@ -586,6 +607,18 @@ cdef ztakeover _take_over(zram* m, const zram* old, const zslot* old_table,
             s.handle = old_table[i].handle
             s.size = old_table[i].size
         elif old_table[i].size:
+            if flags & ZRAM_DEDUP:
+                pair = _remap_slot(remap, mask, old_table[i].handle)
+                if pair[1] != 0:              # copied already, for another slot
+                    s.handle = pair[1]
+                    s.size = old_table[i].size
+                    if flags & ZRAM_HUGE:
+                        za_add(&m.huge_pages, 1)
+                    s.flags = flags
+                    m.ac_time[i] = old_ac[i]
+                    za_add(&m.pages_stored, 1)
+                    r.pages += 1
+                    continue
             src = image.locate(old_table[i].handle, old_table[i].size)
             handle = m.driver.malloc(m.pool, old_table[i].size) if src != NULL else 0
             if handle == 0:
@@ -594,6 +627,9 @@ cdef ztakeover _take_over(zram* m, const zram* old, const zslot* old_table,
             dst = m.driver.map(m.pool, handle)
             memcpy(dst, src, old_table[i].size)
             m.driver.unmap(m.pool, handle)
+            if flags & ZRAM_DEDUP:
+                pair[0] = old_table[i].handle
+                pair[1] = handle
             s.handle = handle
             s.size = old_table[i].size
             za_add(&m.compr_data_size, s.size)
@@ -613,6 +649,7 @@ cdef ztakeover _take_over(zram* m, const zram* old, const zslot* old_table,
     m.invalid_io = old.invalid_io
     m.notify_free = old.notify_free
     m.evicted = old.evicted
+    free(remap)
     return r
 
 

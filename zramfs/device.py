@@ -125,7 +125,7 @@ class Device:
     def _attach(self, meta: Meta) -> None:
         meta.mem_limit = self.mem_limit
         if self.dedup:
-            _dedup.enable(meta)        # before attach: nothing is stored yet
+            _dedup.enable(meta)        # before attach (after take_over: counts from the table)
         _tiering.set_wb_limit(meta, self.wb_limit, self.wb_limit_enable)
         _tiering.set_eviction(meta, self.evict)
         _tiering.set_wb_batch(meta, self.wb_batch)
@@ -147,6 +147,8 @@ class Device:
                 continue
             kept = self.state.kept_pair(self.id) if self.state is not None else None
             meta = self._new_meta(kstrto.parse_disksize(text))
+            if self.dedup:
+                _dedup.enable(meta)    # first: take_over keeps shared objects shared
             if kept is not None:
                 try:
                     pages, lost = await trio.to_thread.run_sync(meta.take_over, *kept)
