@@ -34,6 +34,8 @@ extensions = [
     extension("_backing"),
     extension("_workers"),
     extension("_zram"),
+    # Dedup's content hash: XXH3 from libxxhash (see _dedup.pyx for why that hash).
+    extension("_dedup", "libxxhash"),
     extension("_tiering"),
     extension("_fuse"),
 ]

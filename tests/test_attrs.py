@@ -15,7 +15,7 @@ ATTRS = sorted(["algorithm_params", "comp_algorithm", "compact", "debug_stat", "
                 "mm_stat", "reset", "stat", "backing_dev", "idle", "writeback",
                 "writeback_limit", "writeback_limit_enable", "bd_stat", "recomp_algorithm",
                 "recompress", "writeback_evict", "evict_stat", "zpool",
-                "compressed_writeback", "writeback_batch_size"])
+                "compressed_writeback", "writeback_batch_size", "dedup", "dedup_stat"])
 WRITE_ONLY = {"algorithm_params", "compact", "mem_limit", "mem_used_max", "reset", "idle",
               "writeback", "recompress"}
 

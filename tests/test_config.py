@@ -223,3 +223,13 @@ def test_compression_dictionary_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r":3: \[zram0\] compression-dictionary: lz4 takes no"):
         load(write(tmp_path, "[zram0]\ncompression-algorithm = lz4\n"
                              "compression-dictionary = /x.dict\n"), ram_mib=1024)
+
+
+def test_dedup_key(tmp_path: Path) -> None:
+    assert load(write(tmp_path, "[zram0]\n"), ram_mib=1024)[0].dedup is False
+    for text, value in (("yes", True), ("no", False), ("True", True), ("off", False),
+                        ("1", True)):
+        [dev] = load(write(tmp_path, f"[zram0]\ndedup = {text}\n"), ram_mib=1024)
+        assert dev.dedup is value, text
+    with pytest.raises(ConfigError, match=r":3: \[zram0\] dedup: 'sometimes' is not yes or no"):
+        load(write(tmp_path, "[zram0]\nzram-size = 64\ndedup = sometimes\n"), ram_mib=1024)

@@ -2,6 +2,7 @@
 limits, lifetime, races."""
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import random
@@ -15,13 +16,17 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from conftest import PAGE, PUNCH_HOLE, ZERO_RANGE, attached, destroy, race
 from zramfs._backing import Backing
-from zramfs import _tiering
+from zramfs import _dedup, _tiering
 from zramfs._zram import Disk, Meta
 
 
 
-def make_disk(size: int = 64 * PAGE, algorithm: str = "lz4", **kw) -> Disk:
-    return attached(Meta(size, algorithm, name="test", **kw))
+def make_disk(size: int = 64 * PAGE, algorithm: str = "lz4", dedup: bool = False,
+              **kw) -> Disk:
+    meta = Meta(size, algorithm, name="test", **kw)
+    if dedup:
+        _dedup.enable(meta)
+    return attached(meta)
 
 
 def page_data(kind: str, seed: int, size: int) -> bytes:
@@ -151,6 +156,117 @@ class TieredDiskModel(DiskModel):
 
 TestTieredDiskModel = TieredDiskModel.TestCase
 TestTieredDiskModel.settings = settings(max_examples=40, stateful_step_count=40, deadline=None)
+
+
+# --- the same models with dedup on: few distinct pages, so twins are everywhere -----------------
+
+class DedupMixin:
+    """Pages from a handful of seeds (twins of each other, whole or partial), twin-heavy page
+    copies, and an index rebuilt from the slot table now and then. After every step the index
+    agrees with the table (each object's count is its ZRAM_DEDUP slots) and mm_stat counts a
+    shared object once."""
+
+    def _may_fail(self) -> bool:
+        """Under eviction's tiny limit a shared object cannot be evicted (that would free
+        nothing), so a write may find no room: only then may one fail."""
+        return getattr(self, "evicting", False) and _dedup.stat(self.disk.meta)[0] > 0
+
+    def _landed(self, off: int, new: bytes) -> None:
+        """After a failed write: each page of the range holds its old or its new content,
+        whole (a page is stored or not, never half), and the model follows the device."""
+        n = len(new)
+        got = self.disk.read(off, n)
+        for p in range(off // PAGE * PAGE, off + n, PAGE):
+            lo, hi = max(p, off) - off, min(p + PAGE, off + n) - off
+            assert got[lo:hi] in (new[lo:hi], self.model[off + lo : off + hi]), p
+        self.model[off : off + n] = got
+
+    def _write(self, off: int, data: bytes) -> None:
+        may_fail = self._may_fail()
+        try:
+            done = self.disk.write(off, data)
+        except OSError as e:
+            assert e.errno == errno.EIO and (may_fail or self._may_fail()), e
+            done = -1
+        if done == len(data):
+            self.model[off : off + len(data)] = data
+        else:
+            assert may_fail or self._may_fail(), f"short write of {done} bytes"
+            self._landed(off, data)
+
+    @rule(span=DiskModel.span, kind=st.sampled_from(["random", "text", "same"]),
+          seed=st.integers(0, 999))
+    def write(self, span: tuple[int, int], kind: str, seed: int) -> None:
+        off, n = span
+        self._write(off, page_data(kind, seed, n))
+
+    @rule(span=DiskModel.span, mode=st.sampled_from([PUNCH_HOLE, ZERO_RANGE]))
+    def discard(self, span: tuple[int, int], mode: int) -> None:
+        off, n = span
+        may_fail = self._may_fail()
+        try:
+            self.disk.fallocate(mode, off, n)
+        except OSError as e:                    # a partial page's zeroing found no room
+            assert e.errno == errno.EIO and may_fail, e
+            self._landed(off, bytes(n))
+        else:
+            self.model[off : off + n] = bytes(n)
+
+    @rule(src=st.integers(0, DiskModel.SIZE // PAGE - 1),
+          dst=st.integers(0, DiskModel.SIZE // PAGE - 1), n=st.integers(1, 4))
+    def copy_pages(self, src: int, dst: int, n: int) -> None:
+        n = min(n, self.SIZE // PAGE - max(src, dst))
+        self._write(dst * PAGE, self.disk.read(src * PAGE, n * PAGE))
+
+    @rule(page=st.integers(0, DiskModel.SIZE // PAGE - 4),
+          kind=st.sampled_from(["random", "text"]), seed=st.integers(0, 3), n=st.integers(1, 4))
+    def write_twins(self, page: int, kind: str, seed: int, n: int) -> None:
+        self._write(page * PAGE, page_data(kind, seed, PAGE) * n)
+
+    @rule(rehash=st.booleans())
+    def rebuild_index(self, rehash: bool) -> None:
+        _dedup.rebuild(self.disk.meta, rehash)
+
+    @invariant()
+    def index_is_the_table(self) -> None:
+        assert _dedup.check(self.disk.meta) is None, _dedup.check(self.disk.meta)
+        orig, compr, *_ = self.disk.meta.mm_stat()
+        deduplicated, saved, entries = _dedup.stat(self.disk.meta)
+        assert deduplicated + entries <= orig // PAGE
+        assert compr + saved <= orig                 # each page's object, counted per page
+
+
+class DedupDiskModel(DedupMixin, DiskModel):
+    def __init__(self) -> None:
+        RuleBasedStateMachine.__init__(self)
+        self.algorithm = "zstd" if random.random() < 0.3 else "lz4"
+        self.disk = make_disk(self.SIZE, self.algorithm, dedup=True)
+        self.model = bytearray(self.SIZE)
+
+
+class TieredDedupDiskModel(DedupMixin, TieredDiskModel):
+    """Writeback, recompression and eviction of shared and unshared objects among twins."""
+
+    @invariant()
+    def backing_blocks_add_up(self) -> None:
+        assert self.backing.bd_stat()[0] <= self.SIZE // PAGE
+        if self.evicting and not self._may_fail():   # only shared objects may hold memory
+            assert self.disk.meta.mm_stat()[2] <= 16 * PAGE
+        assert self.disk.meta.mm_stat()[0] // PAGE >= self.backing.bd_stat()[0]
+
+    def __init__(self) -> None:
+        super().__init__()
+        destroy(self.disk)
+        self.disk = make_disk(self.SIZE, "lz4", dedup=True, backing=self.backing,
+                              secondary={1: ("zstd", 19), 2: ("lz4hc", 12)},
+                              compressed_wb=random.random() < 0.5)
+
+
+TestDedupDiskModel = DedupDiskModel.TestCase
+TestDedupDiskModel.settings = settings(max_examples=50, stateful_step_count=40, deadline=None)
+TestTieredDedupDiskModel = TieredDedupDiskModel.TestCase
+TestTieredDedupDiskModel.settings = settings(max_examples=40, stateful_step_count=40,
+                                             deadline=None)
 
 
 def test_same_and_huge_pages_are_counted() -> None:

@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 
-from conftest import PAGE, Daemon, race, requires_fuse, zramfs_daemon
+from conftest import PAGE, PUNCH_HOLE, Daemon, fallocate, race, requires_fuse, zramfs_daemon
 
 ALLOWED_ERRNOS = {errno.EIO, errno.EBUSY, errno.ENOENT, errno.ENODEV, errno.EINVAL,
                   errno.ENOSPC}
@@ -54,6 +54,61 @@ def test_readers_never_see_a_mixed_page(daemon: Daemon) -> None:
     race(stop, [writer], [reader] * 3)
     assert not bad, f"a reader saw a page that was never written ({len(bad)} times)"
     assert reads[0] == 9000
+
+
+def test_twins_written_read_and_discarded_through_the_mount(daemon: Daemon) -> None:
+    """Dedup on: writers put a few patterns on pages that readers read and a discarder
+    punches, so a page is written while its twin is read, and a shared object is freed by one
+    page while another reads it. Readers see one whole pattern or zeros; the statistics add
+    up once everything has stopped."""
+    name = daemon.hot_add()
+    daemon.write(name, "dedup", "1")
+    daemon.write(name, "disksize", "1M")
+    npages = 32
+    patterns = [(bytes([i]) * 7 + b"twin" + bytes([i + 1]) * 5) * 256 for i in range(1, 5)]
+    allowed = set(patterns) | {bytes(PAGE)}
+    stop = threading.Event()
+    bad: list[int] = []
+
+    def writer(seed: int) -> None:
+        rng = random.Random(seed)
+        fd = os.open(daemon.dev(name), os.O_WRONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, PAGE)
+        try:
+            while not stop.is_set():
+                buf[:] = rng.choice(patterns)
+                os.pwritev(fd, [buf], rng.randrange(npages) * PAGE)
+        finally:
+            os.close(fd)
+
+    def discarder() -> None:
+        rng = random.Random(9)
+        while not stop.is_set():
+            fallocate(daemon.dev(name), PUNCH_HOLE, rng.randrange(npages) * PAGE, PAGE)
+
+    def reader() -> None:
+        rng = random.Random()
+        fd = os.open(daemon.dev(name), os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, PAGE)
+        try:
+            for _ in range(3000):
+                page = rng.randrange(npages)
+                os.preadv(fd, [buf], page * PAGE)
+                if buf[:] not in allowed:
+                    bad.append(page)
+                    return
+        finally:
+            os.close(fd)
+
+    race(stop, [lambda: writer(1), lambda: writer(2), discarder], [reader] * 2)
+    assert not bad, f"a reader saw a page that was never written (pages {bad})"
+    with open(daemon.dev(name), "rb") as f:
+        stored = sum(1 for _ in range(npages) if any(f.read(PAGE)))
+    dup, saved, entries = map(int, daemon.read(name, "dedup_stat").split())
+    orig, compr = daemon.mm_stat(name)[:2]
+    assert orig == stored * PAGE and dup + entries == stored and entries <= len(patterns)
+    assert compr <= entries * PAGE and saved <= dup * PAGE   # the shared objects once each
+    daemon.write(name, "reset", "1")
 
 
 def test_control_ops_against_io_cycles(daemon: Daemon) -> None:

@@ -7,6 +7,10 @@ Each walks the table without the GIL and takes one slot lock at a time; the call
 reference on the meta (Disk.call). Lock order as in _zram.pyx: a stream, then a slot lock,
 then (eviction) the eviction lock, then the allocator's and backing device's own locks.
 
+With dedup on (zramfs._dedup), an object shared by several slots is not written back,
+recompressed or evicted: moving one slot's page would free nothing. One with a single
+reference is handled as any other; its slot's reference goes with it.
+
     from zramfs import _tiering
     disk.call(_tiering.mark_idle, None)             # every stored page
     disk.call(_tiering.writeback, "idle", ())       # pages written back
@@ -19,6 +23,7 @@ from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from libc.string cimport memcpy, memset
 
+from zramfs._dedup cimport zdedup_shared
 from zramfs._backing cimport (BK_MAX_BATCH, backing_alloc, backing_free, backing_write,
                               backing_write_batch)
 from zramfs._zcomp cimport zcomp, zcomp_compress, zcomp_stream_get, zcomp_stream_put, zstream
@@ -47,10 +52,10 @@ PAGE_TYPES = {"idle": PICK_IDLE, "huge": PICK_HUGE, "huge_idle": PICK_HUGE_IDLE,
               "incompressible": PICK_INCOMPRESSIBLE}
 
 
-cdef bint _picked(zslot* s, int pick) noexcept nogil:
-    """A page with an object in the pool, of the page type `pick`."""
+cdef bint _picked(zram* m, zslot* s, int pick) noexcept nogil:
+    """A page with an object in the pool, of the page type `pick`, not shared (dedup)."""
     cdef uint32_t f = zram_slot_flags(&s.flags)
-    if not zram_slot_has_object(s, f):
+    if not zram_slot_has_object(s, f) or zdedup_shared(m, s):
         return False
     if pick == PICK_IDLE:
         return f & ZRAM_IDLE != 0
@@ -65,6 +70,11 @@ cdef bint _picked(zslot* s, int pick) noexcept nogil:
 
 # --- idle ------------------------------------------------------------------------------------
 
+cdef inline bint _stored(zslot* s) noexcept nogil:
+    """A page with an object in the pool, shared or not."""
+    return zram_slot_has_object(s, zram_slot_flags(&s.flags))
+
+
 cdef size_t _mark_idle(zram* m, uint32_t age) noexcept nogil:
     """Marks idle every stored page, or (age > 0) those not accessed for `age` seconds."""
     cdef size_t i, marked = 0
@@ -72,10 +82,10 @@ cdef size_t _mark_idle(zram* m, uint32_t age) noexcept nogil:
     cdef zslot* s
     for i in range(m.nr_pages):
         s = &m.table[i]
-        if not _picked(s, PICK_ALL):
+        if not _stored(s):
             continue
         zram_slot_lock(&s.flags)
-        if _picked(s, PICK_ALL) and (age == 0 or now - m.ac_time[i] >= age):
+        if _stored(s) and (age == 0 or now - m.ac_time[i] >= age):
             zram_slot_set_flags(&s.flags, zram_slot_flags(&s.flags) | ZRAM_IDLE)
             marked += 1
         zram_slot_unlock(&s.flags)
@@ -174,7 +184,7 @@ cdef long _writeback(zram* m, int pick, const size_t* ranges, size_t nranges,
         i = lo
         while i <= hi and i < m.nr_pages:
             s = &m.table[i]
-            if _picked(s, want):
+            if _picked(m, s, want):
                 if n == cap:
                     cap = cap * 2 if cap else 1024
                     grown = <zcandidate*>realloc(cand, cap * sizeof(zcandidate))
@@ -229,7 +239,7 @@ cdef long _writeback_batches(zram* m, int want, zcandidate* cand, size_t n,
             s = &m.table[cand[i].index]
             i += 1
             zram_slot_lock(&s.flags)
-            if _picked(s, want):
+            if _picked(m, s, want):
                 rc = _wb_prepare(m, s, pages + k * PAGE_SIZE, st, &wbs[k])
                 if rc == 0:
                     zram_slot_set_flags(&s.flags, zram_slot_flags(&s.flags) | ZRAM_UNDER_WB)
@@ -271,12 +281,12 @@ cdef long _writeback_batches(zram* m, int want, zcandidate* cand, size_t n,
 
 # --- recompression ---------------------------------------------------------------------------
 
-cdef bint _recompress_wanted(zslot* s, int pick, size_t threshold, int top) noexcept nogil:
+cdef bint _recompress_wanted(zram* m, zslot* s, int pick, size_t threshold, int top) noexcept nogil:
     """A page of the type, at least `threshold` big, not known incompressible, and not already
     compressed by the highest algorithm this run may use (`top`): as the kernel, such a page
     is passed over, not tried again (and so not counted against max_pages)."""
     cdef uint32_t f = zram_slot_flags(&s.flags)
-    return (_picked(s, pick) and s.size >= threshold and not f & ZRAM_INCOMPRESSIBLE
+    return (_picked(m, s, pick) and s.size >= threshold and not f & ZRAM_INCOMPRESSIBLE
             and <int>((f & ZRAM_PRIO_MASK) >> ZRAM_PRIO_SHIFT) < top)
 
 
@@ -329,10 +339,10 @@ cdef long _recompress(zram* m, int pick, size_t threshold, size_t max_pages, int
         if max_pages and tried >= max_pages:
             break
         s = &m.table[i]
-        if not _recompress_wanted(s, pick, threshold, top):
+        if not _recompress_wanted(m, s, pick, threshold, top):
             continue
         zram_slot_lock(&s.flags)
-        if _recompress_wanted(s, pick, threshold, top):
+        if _recompress_wanted(m, s, pick, threshold, top):
             tried += 1
             done += _recompress_locked(m, s, only, page, st)
         zram_slot_unlock(&s.flags)
@@ -370,7 +380,7 @@ cdef void _evict(zram* m, size_t excess) noexcept nogil:
         if not zram_slot_trylock(&s.flags):
             continue
         rc = 1
-        if zram_slot_has_object(s, zram_slot_flags(&s.flags)):
+        if zram_slot_has_object(s, zram_slot_flags(&s.flags)) and not zdedup_shared(m, s):
             freed += s.size
             rc = _writeback_locked(m, s, m.evict_page, m.evict_stream)
         zram_slot_unlock(&s.flags)

@@ -29,6 +29,14 @@ cdef struct zram
 # zramfs._tiering while eviction is on. Called by a writer over mem_limit, its slot lock held.
 ctypedef void (*zram_evict_fn)(zram* m, size_t excess) noexcept nogil
 
+# Dedup's hooks, set by zramfs._dedup before the device goes live and never changed after.
+# store: stores a page that is not same-filled, sharing a stored twin where there is one
+# (slot lock held; 0 or -errno). put: drops one slot's reference on a ZRAM_DEDUP object;
+# true when it was the last, so the caller frees the object (slot lock held).
+ctypedef int (*zram_dedup_store_fn)(zram* m, zslot* s, const char* page,
+                                    zstream* st) noexcept nogil
+ctypedef bint (*zram_dedup_put_fn)(zram* m, uint64_t handle) noexcept nogil
+
 cdef struct zram:
     zslot* table
     size_t nr_pages
@@ -52,6 +60,10 @@ cdef struct zram:
     pthread_mutex_t evict_lock
     zstream* evict_stream  # eviction's private stream: it must not wait for a shared one
     char* evict_page       # a page-aligned page, for eviction (evict_lock)
+    # dedup's state, owned by zramfs._dedup; NULL while dedup is off
+    void* dedup            # its index of objects (a zdedup)
+    zram_dedup_store_fn dedup_store
+    zram_dedup_put_fn dedup_put
     # mm_stat, io_stat: atomic counters
     size_t compr_data_size
     size_t pages_stored
@@ -103,6 +115,7 @@ cdef class Meta:
     cdef readonly int workers
     cdef readonly object backing
     cdef readonly dict secondary
+    cdef readonly object dedup    # zramfs._dedup's index, which frees itself; None: off
 
 
 cdef class Disk:

@@ -13,7 +13,8 @@ path but the compressed objects themselves (hazard 4).
 
 Lock order, outermost first: a compression stream (a request's shared one or a worker's
 private one, then a recompression algorithm's); a slot lock; the eviction lock (a writer over
-mem_limit evicts holding its own slot lock, and only try-locks other slots); the allocator's
+mem_limit evicts holding its own slot lock, and only try-locks other slots); dedup's index
+lock (zramfs._dedup: nothing is taken under it); the allocator's
 class locks (taken inside malloc/free/map and by the compaction eviction ends with); the
 page source's lock; the backing device's bitmap lock.
 
@@ -43,8 +44,8 @@ from zramfs._zcomp cimport (Compressor, zcomp_compress, zcomp_decompress, zcomp_
                             zcomp_stream_get, zcomp_stream_put)
 from zramfs.data_ops cimport ZRAMFS_DATA_OPS_CAPSULE, zramfs_data_ops
 from zramfs.pthread cimport pthread_mutex_destroy, pthread_mutex_init
-from zramfs.zram cimport (PAGE_SHIFT, PAGE_SIZE, ZRAM_ACCESSED, ZRAM_HUGE, ZRAM_IDLE,
-                          ZRAM_INCOMPRESSIBLE, ZRAM_LIVE, ZRAM_LOCK, ZRAM_UNDER_WB,
+from zramfs.zram cimport (PAGE_SHIFT, PAGE_SIZE, ZRAM_ACCESSED, ZRAM_DEDUP, ZRAM_HUGE,
+                          ZRAM_IDLE, ZRAM_INCOMPRESSIBLE, ZRAM_LIVE, ZRAM_LOCK, ZRAM_UNDER_WB,
                           ZRAM_WB_COMPRESSED,
                           ZRAM_PRIO_MASK, ZRAM_PRIO_SHIFT, ZRAM_SAME, ZRAM_WB, posix_memalign,
                           za_add, za_load, za_load64, za_max, za_store, za_sub, zram_get,
@@ -135,8 +136,10 @@ cdef void _drop(zram* m, uint64_t handle, uint32_t size, uint32_t flags) noexcep
         backing_free(m.backing, handle)
         za_sub(&m.pages_stored, 1)
     elif size:
-        m.driver.free(m.pool, handle)
-        za_sub(&m.compr_data_size, size)
+        # A shared object (dedup) goes with its last slot: compr_data_size counts it once.
+        if not flags & ZRAM_DEDUP or m.dedup_put(m, handle):
+            m.driver.free(m.pool, handle)
+            za_sub(&m.compr_data_size, size)
         za_sub(&m.pages_stored, 1)
         if flags & ZRAM_HUGE:
             za_sub(&m.huge_pages, 1)
@@ -259,6 +262,8 @@ cdef int _slot_store(zram* m, zslot* s, const char* page, zstream* st) noexcept 
         za_add(&m.same_pages, 1)
         za_add(&m.pages_stored, 1)
         return 0
+    if m.dedup_store != NULL:     # dedup on: zramfs._dedup stores it, or shares a twin
+        return m.dedup_store(m, s, page, st)
     n = zcomp_compress(m.comp, st, page, <int>m.huge_size - 1)
     if n <= 0:
         return zram_slot_replace(m, s, page, PAGE_SIZE, ZRAM_HUGE, True)
@@ -552,6 +557,15 @@ ctypedef struct ztakeover:
     size_t lost               # slots whose object could not be found (should be 0)
 
 
+cdef inline uint64_t* _remap_slot(uint64_t* remap, size_t mask, uint64_t old) noexcept nogil:
+    """The (old handle, new handle) pair of `old` in an open-addressed table, or the empty
+    pair where it goes (handles are never 0)."""
+    cdef size_t i = ((old * <uint64_t>0x9E3779B97F4A7C15) >> 17) & mask
+    while remap[2 * i] != 0 and remap[2 * i] != old:
+        i = (i + 1) & mask
+    return &remap[2 * i]
+
+
 cdef ztakeover _take_over(zram* m, const zram* old, const zslot* old_table,
                           const uint32_t* old_ac, PoolImage image) noexcept nogil:
     """Fills the empty `m` from a previous daemon's table: same-filled words and written-back
@@ -560,15 +574,27 @@ cdef ztakeover _take_over(zram* m, const zram* old, const zslot* old_table,
     slot locks held by the old daemon's threads are not carried over. A write the old daemon
     had not answered is sent again by the kernel (FUSE_NOTIFY_RESEND) and rewrites its pages."""
     cdef ztakeover r
-    cdef size_t i
+    cdef size_t i, mask = 1
     cdef uint32_t flags
     cdef int rc
+    cdef uint64_t* remap = NULL
+    cdef uint64_t* pair = NULL
     cdef const char* src
     cdef zslot* s
     r.pages = 0
     r.lost = 0
+    # Dedup (zramfs._dedup, enabled on m before this): an object several ZRAM_DEDUP slots
+    # share is copied once, its new handle found by its old one. Without dedup on m, or
+    # without memory for the map, each slot gets its own copy, an ordinary object.
+    if m.dedup != NULL:
+        while mask < 2 * m.nr_pages:
+            mask <<= 1
+        remap = <uint64_t*>calloc(2 * mask, sizeof(uint64_t))
+        mask -= 1
     for i in range(m.nr_pages):
         flags = old_table[i].flags & ~(<uint32_t>ZRAM_LOCK | ZRAM_UNDER_WB)
+        if remap == NULL:
+            flags &= ~(<uint32_t>ZRAM_DEDUP)
         s = &m.table[i]
         if flags & (ZRAM_SAME | ZRAM_WB):
             if flags & ZRAM_WB and (m.backing == NULL
@@ -582,6 +608,18 @@ cdef ztakeover _take_over(zram* m, const zram* old, const zslot* old_table,
             if flags & ZRAM_SAME:
                 za_add(&m.same_pages, 1)
         elif old_table[i].size:
+            if flags & ZRAM_DEDUP:
+                pair = _remap_slot(remap, mask, old_table[i].handle)
+                if pair[1] != 0:              # copied already, for another slot
+                    s.handle = pair[1]
+                    s.size = old_table[i].size
+                    if flags & ZRAM_HUGE:
+                        za_add(&m.huge_pages, 1)
+                    s.flags = flags
+                    m.ac_time[i] = old_ac[i]
+                    za_add(&m.pages_stored, 1)
+                    r.pages += 1
+                    continue
             # Into the pool by the one door, which counts what it stores.
             src = image.locate(old_table[i].handle, old_table[i].size)
             rc = -EIO
@@ -592,6 +630,9 @@ cdef ztakeover _take_over(zram* m, const zram* old, const zslot* old_table,
             if rc != 0:
                 r.lost += 1
                 continue
+            if flags & ZRAM_DEDUP:
+                pair[0] = old_table[i].handle
+                pair[1] = s.handle
         else:
             continue
         m.ac_time[i] = old_ac[i]
@@ -605,6 +646,7 @@ cdef ztakeover _take_over(zram* m, const zram* old, const zslot* old_table,
     m.invalid_io = old.invalid_io
     m.notify_free = old.notify_free
     m.evicted = old.evicted
+    free(remap)
     return r
 
 
@@ -779,6 +821,10 @@ cdef class Meta:
         self._stop_workers()
         if self.pool is not None:
             self.pool.destroy()       # frees every object at once: no need to walk the table
+        self.m.dedup_store = NULL
+        self.m.dedup_put = NULL
+        self.m.dedup = NULL
+        self.dedup = None             # its index frees itself
         if self.compressor is not None:
             self.compressor.destroy()
         for c in (self.secondary or {}).values():

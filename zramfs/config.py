@@ -3,6 +3,7 @@
     [zram0]
     zram-size = min(ram / 2, 4096)       # MiB, an expression over `ram` (MiB of RAM)
     compression-algorithm = lz4 zstd(level=9)   # then recompression algorithms, by priority
+    dedup = yes                          # identical pages share one object (zramfs)
     writeback-device = /dev/sdb2         # a block device, or a file (zramfs)
     writeback-interval = 1h              # write back pages idle that long, every hour
     swap-priority = 100
@@ -33,6 +34,8 @@ DEFAULT_SIZE = "min(ram / 2, 4096)"
 FS_TYPES = ("swap", "ext4", "ext2", "xfs")
 DAEMON_SECTION = "zramfs"               # the daemon's own settings, beside the devices
 MIB = 1 << 20
+BOOLEANS = {"yes": True, "no": False, "true": True, "false": False, "on": True, "off": False,
+            "1": True, "0": False}    # systemd's spellings of a boolean
 
 
 class ConfigError(ValueError):
@@ -47,6 +50,7 @@ class DeviceConfig:
     algorithm: str = "lz4"
     algorithm_params: dict[str, str] = field(default_factory=dict)
     zpool: str = "zsmalloc"                # the allocator backend
+    dedup: bool = False                    # identical pages share one object (zramfs's own)
     dictionary: Path | None = None         # zstd's dictionary for the primary algorithm
     recompression: list[tuple[str, dict[str, str]]] = field(default_factory=list)  # priority 1..
     writeback_device: Path | None = None
@@ -330,6 +334,10 @@ def _device(section: _Section, ram_mib: float) -> DeviceConfig:
     if text not in _alloc.BACKENDS.names():
         raise fail(where, "zpool", f"{text!r} is not one of {', '.join(_alloc.BACKENDS.names())}")
     dev.zpool = text
+    text, where = take("dedup", "no")
+    if text.lower() not in BOOLEANS:
+        raise fail(where, "dedup", f"{text!r} is not yes or no")
+    dev.dedup = BOOLEANS[text.lower()]
     text, where = take("swap-priority", "100")
     if not re.fullmatch(r"-?\d+", text) or not -1 <= int(text) <= 32767:
         raise fail(where, "swap-priority", f"{text!r} is not a priority in -1..32767")

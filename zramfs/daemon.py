@@ -595,6 +595,8 @@ async def _set_up(opts: Options, devices: Devices, tree: Tree,
             dev = devices.add(cfg.id)
             tree.add_device(dev)
             await dev.store("zpool", cfg.zpool)
+            if cfg.dedup:
+                await dev.store("dedup", "1")
             await dev.store("comp_algorithm", cfg.algorithm)
             if "level" in cfg.algorithm_params:
                 await dev.store("algorithm_params", f"level={cfg.algorithm_params['level']}")

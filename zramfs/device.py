@@ -29,7 +29,7 @@ from pathlib import Path
 
 import trio
 
-from zramfs import _alloc, _backing, _tiering, _zcomp, kstrto, tiering
+from zramfs import _alloc, _backing, _dedup, _tiering, _zcomp, kstrto, tiering
 from zramfs._alloc import PoolImageError
 from zramfs._backing import Backing, BackingError
 from zramfs._zram import Disk, Meta, TableImageError
@@ -69,6 +69,7 @@ class Device:
         self.level: int | None = None
         self.backend = DEFAULT_BACKEND   # the allocator: zsmalloc or zbud (zswap's zpool)
         self.mem_limit = 0
+        self.dedup = False             # identical pages share one object (an extension)
         self.openers = 0               # open file handles on dev/zramN
         self.busy = False              # a reset or removal is draining
         self.removed = False
@@ -123,6 +124,8 @@ class Device:
 
     def _attach(self, meta: Meta) -> None:
         meta.mem_limit = self.mem_limit
+        if self.dedup:
+            _dedup.enable(meta)        # before attach (after take_over: counts from the table)
         _tiering.set_wb_limit(meta, self.wb_limit, self.wb_limit_enable)
         _tiering.set_eviction(meta, self.evict)
         _tiering.set_wb_batch(meta, self.wb_batch)
@@ -144,6 +147,8 @@ class Device:
                 continue
             kept = self.state.kept_pair(self.id) if self.state is not None else None
             meta = self._new_meta(kstrto.parse_disksize(text))
+            if self.dedup:
+                _dedup.enable(meta)    # first: take_over keeps shared objects shared
             if kept is not None:
                 try:
                     pages, lost = await trio.to_thread.run_sync(meta.take_over, *kept)
@@ -177,6 +182,7 @@ class Device:
                 self.backing.close()
             self.algorithm, self.level, self.mem_limit = DEFAULT_ALGORITHM, None, 0
             self.backend = DEFAULT_BACKEND
+            self.dedup = False
             self._tiering_defaults()
         finally:
             self.busy = False
@@ -373,6 +379,22 @@ class Device:
             raise fail(errno.EBUSY, f"{self.name} is initialised; reset it first")
         self.compressed_wb = value
 
+    def _store_dedup(self, text: str) -> None:
+        """Before disksize only (EBUSY after), as the kernel's pre-init attributes: the
+        index is made with the slot table, and a device cannot start sharing halfway."""
+        value = kstrto.kstrtoull(text, 10) != 0
+        if self.initialised:
+            raise fail(errno.EBUSY, f"{self.name} is initialised; reset it first")
+        self.dedup = value
+
+    def dedup_stat(self) -> tuple[int, int, int]:
+        """pages_deduplicated bytes_saved hash_table_entries; zeros before disksize or
+        with dedup off."""
+        return _dedup.stat(self.meta) if self.meta is not None else (0, 0, 0)
+
+    def _show_dedup_stat(self) -> str:
+        return "{:8} {:8} {:8}\n".format(*self.dedup_stat())
+
     def _show_evict_stat(self) -> str:
         return "{:8}\n".format(self.evicted())
 
@@ -568,6 +590,9 @@ ATTRIBUTES: dict[str, Attribute] = {
                                       Device._store_compressed_writeback),
     "writeback_batch_size": Attribute(lambda d: f"{d.wb_batch}\n",
                                       Device._store_writeback_batch_size),
+    # zramfs's own: identical pages share one compressed object (a zram patch never merged).
+    "dedup": Attribute(lambda d: f"{int(d.dedup)}\n", Device._store_dedup),
+    "dedup_stat": Attribute(Device._show_dedup_stat, None),
 }
 
 

@@ -41,7 +41,7 @@ _KEPT = re.compile(r"zram(\d+)\.(\d+)\.(table|pool)")
 SETTINGS = frozenset({
     "zpool", "comp_algorithm", "algorithm_params", "recomp_algorithm", "backing_dev",
     "mem_limit", "writeback_limit", "writeback_limit_enable", "writeback_evict",
-    "compressed_writeback", "writeback_batch_size", "disksize",
+    "compressed_writeback", "writeback_batch_size", "dedup", "disksize",
 })
 
 

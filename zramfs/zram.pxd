@@ -28,6 +28,7 @@ cdef extern from "zram.h" nogil:
         ZRAM_PRIO_MASK
         ZRAM_WB_COMPRESSED
         ZRAM_UNDER_WB
+        ZRAM_DEDUP
     void zram_slot_lock(uint32_t* flags)
     void zram_slot_unlock(uint32_t* flags)
     int zram_slot_trylock(uint32_t* flags)
