@@ -1,7 +1,7 @@
 # The whole set-up on a fresh Debian machine, as root: `make run` or `make test`.
 # Both install only what is missing and say nothing when nothing is.
 
-DEBS := fuse3 pkg-config fio e2fsprogs util-linux liblz4-dev libzstd-dev linux-libc-dev
+DEBS := fuse3 pkg-config fio e2fsprogs util-linux liblz4-dev libzstd-dev liburing-dev linux-libc-dev
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed

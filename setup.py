@@ -35,7 +35,7 @@ extensions = [
     extension("_workers"),
     extension("_zram"),
     extension("_tiering"),
-    extension("_fuse"),
+    extension("_fuse", "liburing"),
 ]
 
 setup(
