@@ -40,7 +40,9 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     mountpoint = Path(args.mountpoint or daemon.DEFAULT_MOUNTPOINT)
     opts = daemon.Options(mountpoint, devices, mlock=args.mlock,
                           force_after=args.force_after,
-                          metrics=args.metrics or settings.metrics)
+                          metrics=args.metrics or settings.metrics,
+                          fuse_transport=(args.fuse_transport or settings.fuse_transport
+                                          or "classic"))
     trio.run(daemon.serve, opts)
     return 0
 
@@ -190,6 +192,11 @@ def parser() -> argparse.ArgumentParser:
                         "(default: serve them until they are released)")
     d.add_argument("--metrics", metavar="ADDR:PORT",
                    help="serve Prometheus metrics there (e.g. 127.0.0.1:9101)")
+    d.add_argument("--fuse-transport", choices=config.FUSE_TRANSPORTS, default=None,
+                   help="how requests reach the daemon: classic (/dev/fuse), io_uring "
+                        "(Linux 6.14+; switches the fuse module's enable_uring on) or auto "
+                        "(io_uring where the kernel has it). Default: the config's "
+                        "fuse-transport, else classic")
     d.set_defaults(func=cmd_daemon)
 
     c = sub.add_parser("ctl", parents=[where], help="zramctl: show, set up and reset devices")

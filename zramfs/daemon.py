@@ -70,6 +70,7 @@ class Options:
     force_after: float | None = None     # seconds to wait for others to close devices;
                                          # None: as long as they hold them
     metrics: str | None = None           # ADDR:PORT of the Prometheus endpoint
+    fuse_transport: str = "classic"      # classic, io_uring or auto (config.FUSE_TRANSPORTS)
 
 
 class DaemonError(Exception):
@@ -236,6 +237,36 @@ def _check_mountpoint(mountpoint: Path) -> None:
         raise DaemonError(f"{mountpoint} is already a mount point")
 
 
+def pick_transport(choice: str) -> str:
+    """The engine's transport for --fuse-transport `choice`: io_uring needs the kernel's FUSE
+    over io_uring (6.14+, CONFIG_FUSE_IO_URING) and its module parameter enable_uring, which
+    is switched on here if it is off (and logged: it stays on for every FUSE mount made
+    after). `auto` falls back to classic where either is missing."""
+    if choice == "classic":
+        return "classic"
+    if choice not in ("io_uring", "auto"):
+        raise DaemonError(f"FUSE transport {choice!r} is not one of classic, io_uring, auto")
+    state = _fuse.uring_param()
+    why = None
+    if state is None:
+        why = (f"this kernel has no FUSE over io_uring ({_fuse.URING_PARAM} is missing: "
+               "needs Linux 6.14+ with CONFIG_FUSE_IO_URING)")
+    elif not state:
+        try:
+            Path(_fuse.URING_PARAM).write_text("Y\n")
+        except OSError as e:
+            why = f"cannot switch on {_fuse.URING_PARAM}: {e.strerror}"
+        else:
+            log.warning("switched FUSE over io_uring on: wrote Y to %s (it stays on)",
+                        _fuse.URING_PARAM)
+    if why is None:
+        return "io_uring"
+    if choice == "io_uring":
+        raise DaemonError(f"FUSE transport io_uring: {why}")
+    log.info("FUSE transport: classic (%s)", why)
+    return "classic"
+
+
 async def serve(opts: Options,
                 task_status: trio.TaskStatus[Tree] = trio.TASK_STATUS_IGNORED) -> None:
     """Runs the daemon until a signal or an unmount from outside."""
@@ -247,10 +278,11 @@ async def serve(opts: Options,
     devices = Devices(mountpoint, before_init=set_memory_budget)
     tree = Tree(devices)
     bridge = TrioBridge(tree, trio.lowlevel.current_trio_token())
+    transport = pick_transport(opts.fuse_transport)
     try:
         session = _fuse.Session(str(mountpoint), bridge, data_ops=_zram.data_ops_capsule(),
                                 fsname="zramfs",
-                                attr_timeout=0.0, entry_timeout=0.0)
+                                attr_timeout=0.0, entry_timeout=0.0, transport=transport)
     except OSError as e:
         raise DaemonError(f"cannot mount {mountpoint}: {e.strerror}") from None
     loop_done = trio.Event()
@@ -278,6 +310,9 @@ async def serve(opts: Options,
                             undo.append((f"metrics {opts.metrics} stopped",
                                          exporter.shutdown))
                         names = ", ".join(d.name for d in opts.devices) or "no devices"
+                        # STATFS: answered in C, so INIT is done once it returns.
+                        await trio.to_thread.run_sync(os.statvfs, mountpoint)
+                        _log_transport(session, transport)
                         log.info("serving %s (%s)", mountpoint, names)
                         notify_systemd(f"READY=1\nSTATUS=serving {mountpoint}: {names}")
                         task_status.started(tree)
@@ -348,6 +383,19 @@ def _maintenance(devices: Devices, cfg: DeviceConfig) -> list[Callable[[], Any]]
         jobs.append(partial(_periodically, devices, cfg, cfg.recompress_interval,
                             "recompression", [("recompress", cfg.recompress), ("idle", "all")]))
     return jobs
+
+
+def _log_transport(session: _fuse.Session, asked: str) -> None:
+    """Which transport INIT settled on (INIT is answered by the time devices are set up)."""
+    st = session.stats()
+    if st["transport"] == "io_uring":
+        log.info("FUSE transport: io_uring, %d queues", st["ring_queues"])
+    elif asked == "io_uring":
+        err = st["ring_error"]
+        log.warning("FUSE transport: classic; io_uring was not agreed with the kernel%s",
+                    f" ({os.strerror(err)})" if err else "")
+    else:
+        log.info("FUSE transport: classic")
 
 
 def _snapshot(devices: Devices, session: _fuse.Session) -> metrics.Snapshot:
