@@ -40,6 +40,43 @@ def can_mount_fuse() -> str | None:
 requires_fuse = pytest.mark.skipif(can_mount_fuse() is not None,
                                    reason=str(can_mount_fuse()))
 
+# The engine's transports (zramfs daemon --fuse-transport); mount-level tests run on each.
+TRANSPORTS = ("classic", "io_uring")
+URING_PARAM = Path("/sys/module/fuse/parameters/enable_uring")
+
+
+def uring_unavailable() -> str | None:
+    """Why the io_uring transport cannot run here, or None."""
+    if not URING_PARAM.exists():
+        return f"no FUSE over io_uring in this kernel ({URING_PARAM} missing: needs 6.14+)"
+    if not os.access(URING_PARAM, os.W_OK):
+        return f"{URING_PARAM} is not writable"
+    return None
+
+
+@pytest.fixture(scope="session")
+def uring_param_restored() -> Iterator[None]:
+    """The fuse module's enable_uring as it was before the first io_uring test, written back
+    after the last one, pass or fail (a daemon asked for io_uring switches it on)."""
+    before = URING_PARAM.read_text().strip()
+    try:
+        yield
+    finally:
+        if URING_PARAM.read_text().strip() != before:
+            URING_PARAM.write_text(before + "\n")
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """Each FUSE transport in turn; io_uring is skipped, with the reason, where the kernel
+    lacks it."""
+    if request.param == "io_uring":
+        reason = uring_unavailable()
+        if reason:
+            pytest.skip(reason)
+        request.getfixturevalue("uring_param_restored")
+    return request.param
+
 
 def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=check, capture_output=True, text=True, **kw)
@@ -75,6 +112,7 @@ class Daemon:
         self.proc = proc
         self.log = log
         self.cleanup = cleanup
+        self.transport = "classic"
 
     def dev(self, name: str = "zram0") -> Path:
         return self.mnt / "dev" / name
@@ -232,14 +270,16 @@ def release_holders(mountpoint: Path) -> None:
 
 
 @contextlib.contextmanager
-def zramfs_daemon(*args: str, tmp: Path | None = None) -> Iterator[Daemon]:
+def zramfs_daemon(*args: str, tmp: Path | None = None,
+                  transport: str = "classic") -> Iterator[Daemon]:
     cleanup = Cleanup()
     base = Path(tempfile.mkdtemp(prefix="zramfs-test-", dir=tmp))
     mountpoint = base / "mnt"
     log = base / "daemon.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([*ZRAMFS, "--log-level", "debug", "daemon", "--mountpoint",
-                                 str(mountpoint), *args], stdout=out, stderr=subprocess.STDOUT,
+                                 str(mountpoint), "--fuse-transport", transport, *args],
+                                stdout=out, stderr=subprocess.STDOUT,
                                 cwd=ROOT)
     d = Daemon(mountpoint, proc, log, cleanup)
     try:
@@ -248,6 +288,9 @@ def zramfs_daemon(*args: str, tmp: Path | None = None) -> Iterator[Daemon]:
                  "the daemon to mount and set up")
         if proc.poll() is not None:
             raise AssertionError(f"daemon exited {proc.returncode}:\n{log.read_text()}")
+        # The transport asked for is the one serving (io_uring could fall back silently).
+        assert f"FUSE transport: {transport}".encode() in log.read_bytes(), log.read_text()
+        d.transport = transport
         yield d
     finally:
         try:
@@ -260,11 +303,12 @@ def zramfs_daemon(*args: str, tmp: Path | None = None) -> Iterator[Daemon]:
 
 
 @pytest.fixture
-def daemon() -> Iterator[Daemon]:
+def daemon(transport: str) -> Iterator[Daemon]:
+    """A daemon on each transport in turn."""
     reason = can_mount_fuse()
     if reason:
         pytest.skip(reason)
-    with zramfs_daemon() as d:
+    with zramfs_daemon(transport=transport) as d:
         yield d
         assert d.alive(), f"daemon died:\n{d.log.read_text()}"
 
