@@ -13,8 +13,8 @@ import pytest
 
 from zramfs import ctl as ctl_module
 
-from conftest import (ROOT, ZRAMFS, Daemon, Cleanup, is_mounted, requires_fuse, run,
-                      zramfs_daemon)
+from conftest import (ROOT, URING_PARAM, ZRAMFS, Daemon, Cleanup, is_mounted, requires_fuse,
+                      run, uring_unavailable, zramfs_daemon)
 
 pytestmark = requires_fuse
 
@@ -409,6 +409,42 @@ def test_metrics_config_key(tmp_path: Path) -> None:
     conf.write_text("[zramfs]\nmetrics = everywhere\n")
     with pytest.raises(config.ConfigError, match=r":2: \[zramfs\] metrics: 'everywhere' is not"):
         config.load_daemon(conf)
+
+
+def test_fuse_transport_option_and_config_key(tmp_path: Path) -> None:
+    """--fuse-transport and [zramfs] fuse-transport take classic, io_uring or auto; anything
+    else is a one-line error before anything is mounted."""
+    from zramfs import config
+    conf = tmp_path / "zramfs.conf"
+    conf.write_text("[zramfs]\nfuse-transport = io_uring\n")
+    assert config.load_daemon(conf).fuse_transport == "io_uring"
+    conf.write_text("[zramfs]\nfuse-transport = uring\n")
+    with pytest.raises(config.ConfigError,
+                       match=r":2: \[zramfs\] fuse-transport: 'uring' is not one of classic, "):
+        config.load_daemon(conf)
+    out = zramfs("daemon", "--config", str(conf), "--mountpoint", str(tmp_path / "m"),
+                 check=False)
+    assert out.returncode != 0 and "fuse-transport: 'uring' is not one of" in out.stderr
+    out = zramfs("daemon", "--fuse-transport", "uring", check=False)
+    assert out.returncode == 2 and "invalid choice: 'uring'" in out.stderr
+    assert not (tmp_path / "m").exists() or not is_mounted(tmp_path / "m")
+
+
+def test_auto_transport_takes_io_uring_where_the_kernel_has_it(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """auto: io_uring where the kernel has FUSE over io_uring, switching enable_uring on (and
+    saying so); classic where it has not."""
+    reason = uring_unavailable()
+    if reason is None:
+        request.getfixturevalue("uring_param_restored")
+        URING_PARAM.write_text("N\n")
+    with zramfs_daemon(tmp=tmp_path, transport="auto") as d:
+        log = d.log.read_text()
+        if reason is None:
+            assert f"wrote Y to {URING_PARAM}" in log and "FUSE transport: io_uring" in log
+        else:
+            assert "FUSE transport: classic" in log
+        d.write(d.device("16M"), "reset", "1")
 
 
 def test_train_dict_from_a_devices_own_pages(daemon: Daemon, tmp_path: Path) -> None:
