@@ -14,7 +14,8 @@
 #   workers run) and never takes the GIL.
 # * NR_HELPERS helper threads take the requests that need Python (LOOKUP, GETATTR...) from
 #   the queue threads and hand the answered entry back through the queue's done list and
-#   eventfd, so a queue thread never waits for the GIL.
+#   eventfd, so a queue thread never waits for the GIL. They also serve large device I/O,
+#   so the pieces of one large request run side by side.
 #
 # Where the answer goes: _reply() writes into the entry that fu_get_current() names (a
 # thread-local the queue and helper threads set around a request), or to /dev/fuse if none.
@@ -55,7 +56,8 @@ cdef extern from "fuse_uring.h" nogil:
 
 cdef enum:
     RING_DEPTH = 16          # entries per queue: requests the kernel can hand one CPU at once
-    NR_HELPERS = 4           # threads answering the Python-bound requests of all queues
+    NR_HELPERS = 4           # threads answering the Python-bound and large requests
+    LARGE_IO = 128 << 10     # a device READ/WRITE this large goes to the helpers
     # How long a queue thread looks for the next completion (yielding the CPU meanwhile)
     # before it sleeps in io_uring_enter, as the compression workers do (_workers.pyx).
     # Measured on this 2-vCPU VM (4K random I/O, 2026-11-24): 10 us and 50 us were worse than
@@ -76,6 +78,7 @@ cdef struct ring_ent_t:
     bint deferred                # handed to a helper: the helper answers it
     bint in_helper               # being answered by a helper: no further hand-off
     bint dead                    # the kernel ended it (unmount, abort): not re-armed
+    bint committed               # its command in flight is a COMMIT_AND_FETCH
     ring_ent_t* next             # the helpers' list or the queue's done list
 
 
@@ -160,7 +163,7 @@ cdef void* _helper_main(void* arg) noexcept nogil:
         op = h.opcode                      # the reply's header takes the request's place
         e.in_helper = True
         fu_set_current(e)
-        _py_request(u.s, h, e.arg, e.arglen, e.payload, e.payload)
+        _serve(u.s, h, e.arg, e.arglen, e.payload, e.payload)
         fu_set_current(NULL)
         e.in_helper = False
         _account(u.s, op, _now_ns() - e.started)
@@ -177,8 +180,20 @@ cdef void* _helper_main(void* arg) noexcept nogil:
 # --- queue threads ---------------------------------------------------------------------------
 
 cdef inline int _ring_commit(ring_queue_t* q, ring_ent_t* e) noexcept nogil:
+    e.committed = True
     return fu_prep_cmd(&q.ring, (<uring_t*>q.uring).s.fd, FUSE_IO_URING_CMD_COMMIT_AND_FETCH,
                        <uint16_t>q.qid, e.hdr.ring_ent_in_out.commit_id, NULL, e)
+
+
+cdef inline bint _large_io(session_t* s, uint32_t op, const char* arg) noexcept nogil:
+    """A device READ or WRITE of LARGE_IO or more: the kernel sends a large O_DIRECT
+    request's 256 KiB pieces all at once, to one CPU's queue; served by the helpers, they
+    run side by side (as on the classic workers) instead of one after another."""
+    if s.dops == NULL or (op != FUSE_READ and op != FUSE_WRITE):
+        return False
+    # fuse_read_in and fuse_write_in both start with fh, offset, size.
+    return ((<const fuse_read_in*>arg).fh & DATA_FH_FLAG
+            and (<const fuse_read_in*>arg).size >= LARGE_IO)
 
 
 cdef void _ring_request(ring_queue_t* q, ring_ent_t* e) noexcept nogil:
@@ -194,10 +209,11 @@ cdef void _ring_request(ring_queue_t* q, ring_ent_t* e) noexcept nogil:
         e.arg, e.arglen = e.payload, e.hdr.ring_ent_in_out.payload_sz
     else:
         e.arg, e.arglen = e.hdr.op_in, sizeof(e.hdr.op_in)
-    e.deferred = False
-    fu_set_current(e)
-    _serve(s, h, e.arg, e.arglen, e.payload, e.payload)
-    fu_set_current(NULL)
+    e.deferred = _large_io(s, op, e.arg)
+    if not e.deferred:
+        fu_set_current(e)
+        _serve(s, h, e.arg, e.arglen, e.payload, e.payload)
+        fu_set_current(NULL)
     if e.deferred:
         pthread_mutex_lock(&u.lock)
         e.next = u.work
@@ -270,6 +286,16 @@ cdef void* _queue_main(void* arg) noexcept nogil:
                 fu_prep_read(&q.ring, q.efd, &q.efd_buf, sizeof(q.efd_buf), NULL)
             elif res == 0:
                 _ring_request(q, e)
+            elif (e.committed and res != -ENOTCONN and res != -ECONNABORTED
+                  and not za_load(&s.stopping)):
+                # A refused commit (the request is gone: -ENOENT) leaves the kernel's entry
+                # stranded; the buffers are registered again as a new entry, so a queue
+                # never runs out of entries while the connection lives.
+                e.committed = False
+                if q.err == 0:
+                    q.err = res
+                fu_prep_cmd(&q.ring, s.fd, FUSE_IO_URING_CMD_REGISTER, <uint16_t>q.qid, 0,
+                            e.iov, e)
             else:
                 # -ENOTCONN: unmounted or the connection aborted; the kernel is done with
                 # the entry. Anything else (a refused REGISTER) is kept for the log.
