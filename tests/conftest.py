@@ -57,13 +57,20 @@ def uring_unavailable() -> str | None:
 @pytest.fixture(scope="session")
 def uring_param_restored() -> Iterator[None]:
     """The fuse module's enable_uring as it was before the first io_uring test, written back
-    after the last one, pass or fail (a daemon asked for io_uring switches it on)."""
+    after the last one, pass or fail (a daemon asked for io_uring switches it on). A SIGTERM
+    to pytest, which would end it without teardown, is made an interrupt meanwhile, so the
+    value is written back then too."""
     before = URING_PARAM.read_text().strip()
+    old = signal.getsignal(signal.SIGTERM)
+    if old == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         yield
     finally:
         if URING_PARAM.read_text().strip() != before:
             URING_PARAM.write_text(before + "\n")
+        if old == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, old)
 
 
 @pytest.fixture(params=TRANSPORTS)

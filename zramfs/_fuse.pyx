@@ -32,6 +32,11 @@ Threads: `max_threads` workers block in read(2) on the one /dev/fuse descriptor;
 hands each request to one of them. They run no Python but through `with gil` handlers, start
 with every signal blocked, and can be cancelled only while they wait in read(2), so a cancel
 never catches one holding the GIL or a lock.
+
+Transports: Session(transport="classic") is the above; "io_uring" adds FUSE over io_uring
+(_fuse_uring.pxi) once INIT agrees it: ordinary requests then come through ring entries,
+served by the same _serve() (a request's reply goes where _reply() finds it should), while
+INIT, FORGET and INTERRUPT stay with the /dev/fuse workers.
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ import threading
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.errno cimport (EAGAIN, ECONNABORTED, EINTR, EINVAL, EIO, ENOENT, ENOMEM, ENOSYS,
-                         ENOTCONN, EOPNOTSUPP, EPERM, EPROTO, ESHUTDOWN, errno)
+                         ENOTCONN, EOPNOTSUPP, EPERM, EPROTO, errno)
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memmove, memset, strlen
