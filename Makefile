@@ -1,11 +1,12 @@
 # The whole set-up on a fresh Debian machine, as root: `make run` or `make test`.
 # Both install only what is missing and say nothing when nothing is.
 
-DEBS := fuse3 pkg-config fio e2fsprogs util-linux liblz4-dev libzstd-dev libxxhash-dev linux-libc-dev
+DEBS := fuse3 pkg-config fio e2fsprogs util-linux linux-libc-dev \
+        liblz4-dev libzstd-dev libxxhash-dev liburing-dev
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
-SOURCES := pyproject.toml setup.py $(wildcard zramfs/*.py zramfs/*.pyx zramfs/*.pxd zramfs/*.h)
+SOURCES := pyproject.toml setup.py $(wildcard zramfs/*.py zramfs/*.pyx zramfs/*.pxi zramfs/*.pxd zramfs/*.h)
 PIP := $(VENV)/bin/pip --quiet --disable-pip-version-check
 # Passed to pytest by `make test`, e.g. make test PYTEST_ARGS='-k alloc -x'.
 PYTEST_ARGS ?=

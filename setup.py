@@ -37,7 +37,7 @@ extensions = [
     # Dedup's content hash: XXH3 from libxxhash (see _dedup.pyx for why that hash).
     extension("_dedup", "libxxhash"),
     extension("_tiering"),
-    extension("_fuse"),
+    extension("_fuse", "liburing"),
 ]
 
 setup(

@@ -43,6 +43,50 @@ def can_mount_fuse() -> str | None:
 requires_fuse = pytest.mark.skipif(can_mount_fuse() is not None,
                                    reason=str(can_mount_fuse()))
 
+# The engine's transports (zramfs daemon --fuse-transport); mount-level tests run on each.
+TRANSPORTS = ("classic", "io_uring")
+URING_PARAM = Path("/sys/module/fuse/parameters/enable_uring")
+
+
+def uring_unavailable() -> str | None:
+    """Why the io_uring transport cannot run here, or None."""
+    if not URING_PARAM.exists():
+        return f"no FUSE over io_uring in this kernel ({URING_PARAM} missing: needs 6.14+)"
+    if not os.access(URING_PARAM, os.W_OK):
+        return f"{URING_PARAM} is not writable"
+    return None
+
+
+@pytest.fixture(scope="session")
+def uring_param_restored() -> Iterator[None]:
+    """The fuse module's enable_uring as it was before the first io_uring test, written back
+    after the last one, pass or fail (a daemon asked for io_uring switches it on). A SIGTERM
+    to pytest, which would end it without teardown, is made an interrupt meanwhile, so the
+    value is written back then too."""
+    before = URING_PARAM.read_text().strip()
+    old = signal.getsignal(signal.SIGTERM)
+    if old == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if URING_PARAM.read_text().strip() != before:
+            URING_PARAM.write_text(before + "\n")
+        if old == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, old)
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """Each FUSE transport in turn; io_uring is skipped, with the reason, where the kernel
+    lacks it."""
+    if request.param == "io_uring":
+        reason = uring_unavailable()
+        if reason:
+            pytest.skip(reason)
+        request.getfixturevalue("uring_param_restored")
+    return request.param
+
 
 def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=check, capture_output=True, text=True, **kw)
@@ -91,6 +135,7 @@ class Daemon:
         self.proc = proc
         self.log = log
         self.cleanup = cleanup
+        self.transport = "classic"
 
     def dev(self, name: str = "zram0") -> Path:
         return self.mnt / "dev" / name
@@ -293,17 +338,23 @@ def wait_serving(d: Daemon, times: int = 1) -> None:
 
 @contextlib.contextmanager
 def zramfs_daemon(*args: str, tmp: Path | None = None, env: dict[str, str] | None = None,
-                  supervised: bool = False) -> Iterator[Daemon]:
-    """A daemon on a new temporary mountpoint (see start_daemon), stopped and cleaned up at
-    the end; a test that starts the next daemon on the tree sets `d.proc` to it."""
+                  supervised: bool = False, transport: str = "classic") -> Iterator[Daemon]:
+    """A daemon on a new temporary mountpoint (see start_daemon) with the FUSE `transport`,
+    stopped and cleaned up at the end; a test that starts the next daemon on the tree sets
+    `d.proc` to it."""
     cleanup = Cleanup()
     base = Path(tempfile.mkdtemp(prefix="zramfs-test-", dir=tmp))
     mountpoint = base / "mnt"
     log = base / "daemon.log"
-    d = Daemon(mountpoint, start_daemon(mountpoint, log, *args, env=env, supervised=supervised),
+    d = Daemon(mountpoint, start_daemon(mountpoint, log, "--fuse-transport", transport, *args,
+                                        env=env, supervised=supervised),
                log, cleanup)
     try:
         wait_serving(d)
+        # The transport asked for is the one serving (io_uring could fall back silently).
+        if transport != "auto":
+            assert f"FUSE transport: {transport}".encode() in log.read_bytes(), log.read_text()
+        d.transport = transport
         yield d
     finally:
         try:
@@ -317,11 +368,12 @@ def zramfs_daemon(*args: str, tmp: Path | None = None, env: dict[str, str] | Non
 
 
 @pytest.fixture
-def daemon() -> Iterator[Daemon]:
+def daemon(transport: str) -> Iterator[Daemon]:
+    """A daemon on each transport in turn."""
     reason = can_mount_fuse()
     if reason:
         pytest.skip(reason)
-    with zramfs_daemon() as d:
+    with zramfs_daemon(transport=transport) as d:
         yield d
         assert d.alive(), f"daemon died:\n{d.log.read_text()}"
 

@@ -79,8 +79,11 @@ def main() -> None:
     disk = _zram.Disk(0)
     disk.attach(_zram.Meta(64 << 20, "lz4", name="fuse-test"))
     ops = Ops(disk)
+    transport = sys.argv[2] if len(sys.argv) > 2 else "classic"
+    if transport == "io_uring" and not _fuse.uring_param():
+        raise SystemExit(f"io_uring: {_fuse.URING_PARAM} is not Y")
     session = _fuse.Session(sys.argv[1], ops, data_ops=_zram.data_ops_capsule(),
-                            attr_timeout=0, entry_timeout=0)
+                            attr_timeout=0, entry_timeout=0, transport=transport)
     ops.session = session
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=session.exit).start())
     loop = threading.Thread(target=session.run)

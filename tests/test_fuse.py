@@ -15,23 +15,27 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Daemon, is_mounted, requires_fuse, run, stop_daemon
+from conftest import ROOT, URING_PARAM, Daemon, is_mounted, requires_fuse, run, stop_daemon
 
 pytestmark = requires_fuse
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen]]:
-    """The test server mounted on a fresh directory, and its process; its log is
-    `tmp_path / "server.log"`."""
+def served(tmp_path: Path, transport: str) -> Iterator[tuple[Path, subprocess.Popen]]:
+    """The test server mounted on a fresh directory with each transport, and its process;
+    its log is `tmp_path / "server.log"`."""
+    if transport == "io_uring":
+        URING_PARAM.write_text("Y\n")            # restored by the transport fixture
     mnt = Path(tempfile.mkdtemp(prefix="zramfs-fuse-"))
     log = tmp_path / "server.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "tests/fuse_server.py"), str(mnt)],
-                                stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tests/fuse_server.py"), str(mnt),
+                                 transport], stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         with proc.stdout:
             assert proc.stdout.readline().strip() == "READY", log.read_text()
+        # INIT is answered once stats can be read: the transport asked for is serving.
+        assert stats(mnt)["transport"] == transport
         yield mnt, proc
     finally:
         stop_daemon(proc, mnt)

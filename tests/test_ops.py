@@ -13,8 +13,8 @@ import pytest
 
 from zramfs import ctl as ctl_module
 
-from conftest import (ROOT, ZRAMFS, Daemon, Cleanup, is_mounted, requires_fuse, run,
-                      zramfs_daemon)
+from conftest import (ROOT, URING_PARAM, ZRAMFS, Daemon, Cleanup, is_mounted, requires_fuse,
+                      run, uring_unavailable, zramfs_daemon)
 
 pytestmark = requires_fuse
 
@@ -45,7 +45,8 @@ def swap_priority(dev: str) -> int | None:
     return None
 
 
-def test_config_brings_up_swap_and_ext4_and_sigterm_takes_them_down(tmp_path: Path) -> None:
+def test_config_brings_up_swap_and_ext4_and_sigterm_takes_them_down(
+        tmp_path: Path, transport: str) -> None:
     fs = tmp_path / "fs"
     conf = tmp_path / "zramfs.conf"
     conf.write_text(f"""
@@ -60,7 +61,7 @@ fs-type = ext4
 mount-point = {fs}
 options = discard,noatime
 """)
-    with zramfs_daemon("--config", str(conf), tmp=tmp_path) as d:
+    with zramfs_daemon("--config", str(conf), tmp=tmp_path, transport=transport) as d:
         [swap_loop] = [lo for lo in loops_under(d.dev("zram0"))]
         [fs_loop] = loops_under(d.dev("zram1"))
         assert swap_priority(swap_loop) == 1234
@@ -243,7 +244,7 @@ def make_cgroup(cleanup: Cleanup, name: str, limit: str) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/sys/fs/cgroup/memory").is_dir(), reason="no cgroup v1 memory")
-def test_swap_through_a_daemon_under_its_own_tight_limit(tmp_path: Path) -> None:
+def test_swap_through_a_daemon_under_its_own_tight_limit(tmp_path: Path, transport: str) -> None:
     """The daemon serves swap-out while its own memory cgroup is tight: it locked its memory,
     so nothing of it is reclaimed to the swap it serves. A process pushes 384 MiB through swap
     from a 64 MiB cgroup; it finishes in bounded time with its data intact."""
@@ -251,7 +252,7 @@ def test_swap_through_a_daemon_under_its_own_tight_limit(tmp_path: Path) -> None
     conf.write_text("[zram0]\nzram-size = 1024\nswap-priority = 32000\n")
     cleanup = Cleanup()
     try:
-        with zramfs_daemon("--config", str(conf), tmp=tmp_path) as d:
+        with zramfs_daemon("--config", str(conf), tmp=tmp_path, transport=transport) as d:
             assert "memory locked (mlockall)" in d.log.read_text()
             daemon_cg = make_cgroup(cleanup, "zramfs-test-daemon", "320M")
             root = Path("/sys/fs/cgroup/memory")
@@ -278,8 +279,9 @@ def test_swap_through_a_daemon_under_its_own_tight_limit(tmp_path: Path) -> None
         cleanup.run_all()
 
 
-def test_shutdown_names_who_holds_a_device_and_waits_a_bounded_time(tmp_path: Path) -> None:
-    with zramfs_daemon("--force-after", "2", tmp=tmp_path) as d:
+def test_shutdown_names_who_holds_a_device_and_waits_a_bounded_time(
+        tmp_path: Path, transport: str) -> None:
+    with zramfs_daemon("--force-after", "2", tmp=tmp_path, transport=transport) as d:
         d.device("16M")
         loop = d.losetup("zram0")
         fd = os.open(d.dev("zram0"), os.O_RDONLY)
@@ -355,7 +357,7 @@ def free_port() -> int:
 
 
 @requires_fuse
-def test_metrics_endpoint_scraped_while_fio_runs(tmp_path: Path) -> None:
+def test_metrics_endpoint_scraped_while_fio_runs(tmp_path: Path, transport: str) -> None:
     """--metrics serves Prometheus' text format: mm_stat, io_stat and bd_stat per device, and
     the FUSE requests by type with their latency; scraped while fio writes and parsed with
     prometheus_client's own parser, the numbers agree with each other and with the tree."""
@@ -364,7 +366,8 @@ def test_metrics_endpoint_scraped_while_fio_runs(tmp_path: Path) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     port = free_port()
-    with zramfs_daemon("--metrics", f"127.0.0.1:{port}", tmp=tmp_path) as d:
+    with zramfs_daemon("--metrics", f"127.0.0.1:{port}", tmp=tmp_path,
+                       transport=transport) as d:
         name = d.device("64M")
         fio = subprocess.Popen(["fio", "--name=m", f"--filename={d.dev(name)}", "--rw=randrw",
                                 "--bs=4k", "--direct=1", "--ioengine=libaio", "--iodepth=8",
@@ -409,6 +412,42 @@ def test_metrics_config_key(tmp_path: Path) -> None:
         config.load_daemon(conf)
 
 
+def test_fuse_transport_option_and_config_key(tmp_path: Path) -> None:
+    """--fuse-transport and [zramfs] fuse-transport take classic, io_uring or auto; anything
+    else is a one-line error before anything is mounted."""
+    from zramfs import config
+    conf = tmp_path / "zramfs.conf"
+    conf.write_text("[zramfs]\nfuse-transport = io_uring\n")
+    assert config.load_daemon(conf).fuse_transport == "io_uring"
+    conf.write_text("[zramfs]\nfuse-transport = uring\n")
+    with pytest.raises(config.ConfigError,
+                       match=r":2: \[zramfs\] fuse-transport: 'uring' is not one of classic, "):
+        config.load_daemon(conf)
+    out = zramfs("daemon", "--config", str(conf), "--mountpoint", str(tmp_path / "m"),
+                 check=False)
+    assert out.returncode != 0 and "fuse-transport: 'uring' is not one of" in out.stderr
+    out = zramfs("daemon", "--fuse-transport", "uring", check=False)
+    assert out.returncode == 2 and "invalid choice: 'uring'" in out.stderr
+    assert not (tmp_path / "m").exists() or not is_mounted(tmp_path / "m")
+
+
+def test_auto_transport_takes_io_uring_where_the_kernel_has_it(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """auto: io_uring where the kernel has FUSE over io_uring, switching enable_uring on (and
+    saying so); classic where it has not."""
+    reason = uring_unavailable()
+    if reason is None:
+        request.getfixturevalue("uring_param_restored")
+        URING_PARAM.write_text("N\n")
+    with zramfs_daemon(tmp=tmp_path, transport="auto") as d:
+        log = d.log.read_text()
+        if reason is None:
+            assert f"wrote Y to {URING_PARAM}" in log and "FUSE transport: io_uring" in log
+        else:
+            assert "FUSE transport: classic" in log
+        d.write(d.device("16M"), "reset", "1")
+
+
 def test_train_dict_from_a_devices_own_pages(daemon: Daemon, tmp_path: Path) -> None:
     """`zramfs train-dict zramN -o FILE` trains a zstd dictionary on the device's stored
     pages; a device given it holds the same pages in less memory. An empty device has
@@ -440,7 +479,7 @@ def test_train_dict_from_a_devices_own_pages(daemon: Daemon, tmp_path: Path) -> 
 
 
 @requires_fuse
-def test_daemon_runs_a_zram_generator_file_as_it_is(tmp_path: Path) -> None:
+def test_daemon_runs_a_zram_generator_file_as_it_is(tmp_path: Path, transport: str) -> None:
     """A zram-generator.conf as people have it (obsolete keys, a recompression policy group,
     zram-generator's own fs-type and options): the daemon takes it unchanged and sets up
     what it says."""
@@ -450,7 +489,7 @@ def test_daemon_runs_a_zram_generator_file_as_it_is(tmp_path: Path) -> None:
                     "compression-algorithm = lz4 zstd(level=3) (type=idle)\n"
                     f"fs-type = ext4\nmount-point = {mnt}\noptions = discard,noatime\n"
                     "host-memory-limit = none\n")
-    with zramfs_daemon("--config", str(conf), tmp=tmp_path) as d:
+    with zramfs_daemon("--config", str(conf), tmp=tmp_path, transport=transport) as d:
         assert int(d.read("zram0", "disksize")) == 64 << 20        # min(ram * 0.01, 64)
         assert d.read("zram0", "comp_algorithm") == "[lz4] lz4hc zstd \n"
         assert d.read("zram0", "recomp_algorithm") == "#1: lz4 lz4hc [zstd] \n"

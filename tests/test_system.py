@@ -252,11 +252,12 @@ def test_swap_in_memory_cgroup_round_trips_and_discards(daemon: Daemon, tmp_path
 
 
 @requires_fuse
-def test_sigkill_under_bound_loop_device_fails_io_and_cleans_up(tmp_path: Path) -> None:
+def test_sigkill_under_bound_loop_device_fails_io_and_cleans_up(
+        tmp_path: Path, transport: str) -> None:
     """Killing the daemon with SIGKILL while a loop device is bound to one of its device files
     makes I/O on the loop device fail at once instead of hanging, and the loop device and the
     mount can still be taken down."""
-    with zramfs_daemon(tmp=tmp_path) as d:
+    with zramfs_daemon(tmp=tmp_path, transport=transport) as d:
         name = d.device("64M", "lz4")
         loop = d.losetup(name)
         # It works before the kill.

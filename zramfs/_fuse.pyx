@@ -32,6 +32,11 @@ Threads: `max_threads` workers block in read(2) on the one /dev/fuse descriptor;
 hands each request to one of them. They run no Python but through `with gil` handlers, start
 with every signal blocked, and can be cancelled only while they wait in read(2), so a cancel
 never catches one holding the GIL or a lock.
+
+Transports: Session(transport="classic") is the above; "io_uring" adds FUSE over io_uring
+(_fuse_uring.pxi) once INIT agrees it: ordinary requests then come through ring entries,
+served by the same _serve() (a request's reply goes where _reply() finds it should), while
+INIT, FORGET and INTERRUPT stay with the /dev/fuse workers.
 """
 from __future__ import annotations
 
@@ -45,17 +50,18 @@ import threading
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.pycapsule cimport PyCapsule_GetPointer
-from libc.errno cimport (EAGAIN, EINTR, EINVAL, EIO, ENOENT, ENOMEM, ENOSYS, EOPNOTSUPP,
-                         EPERM, EPROTO, errno)
+from libc.errno cimport (EAGAIN, ECONNABORTED, EINTR, EINVAL, EIO, ENOENT, ENOMEM, ENOSYS,
+                         ENOTCONN, EOPNOTSUPP, EPERM, EPROTO, errno)
 from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcpy, memset, strlen
+from libc.string cimport memcpy, memmove, memset, strlen
 from posix.fcntl cimport O_DIRECT
 
 from zramfs.data_ops cimport ZRAMFS_DATA_OPS_CAPSULE, zramfs_data_ops
 from zramfs.fuse_kernel cimport *          # the protocol's structs, opcodes and flag bits
 from zramfs.pthread cimport (pthread_cond_broadcast, pthread_cond_destroy, pthread_cond_init,
-                            pthread_cond_t, pthread_join, pthread_mutex_destroy,
+                            pthread_cond_signal, pthread_cond_t, pthread_cond_wait,
+                            pthread_join, pthread_mutex_destroy,
                             pthread_mutex_init, pthread_mutex_lock, pthread_mutex_t,
                             pthread_mutex_unlock, pthread_t, zram_thread_start_stack)
 from zramfs.zram cimport za_add, za_load, za_max, za_or, za_store
@@ -171,6 +177,16 @@ cdef struct session_t:
     int nr_workers
     worker_t* workers
     stats_t st
+    # The io_uring transport (_fuse_uring.pxi): asked for, queues (possible CPUs), its state
+    # once INIT agreed it (uring_t*, lock), whether it served, why it could not (-errno).
+    bint want_uring
+    int nr_queues
+    void* uring
+    bint uring_used
+    int uring_error
+
+
+include "_fuse_uring.pxi"
 
 
 # --- replies ---------------------------------------------------------------------------------
@@ -179,9 +195,14 @@ cdef void _reply(session_t* s, uint64_t unique, int err, const void* data,
                  size_t size) noexcept nogil:
     """One reply: the header and `size` bytes of `data`, in one writev. A write that fails
     (the request was interrupted and is gone: ENOENT; the connection ended) changes nothing
-    here: the kernel has already finished with the request."""
+    here: the kernel has already finished with the request. A request that came through an
+    io_uring entry is answered in the entry (committed by its queue thread)."""
     cdef fuse_out_header h
     cdef iovec iov[2]
+    cdef void* ent = fu_get_current()
+    if ent != NULL:
+        _ring_reply(<ring_ent_t*>ent, unique, err, data, size)
+        return
     h.len = <uint32_t>(sizeof(fuse_out_header) + size)
     h.error = -err
     h.unique = unique
@@ -215,6 +236,11 @@ cdef void _init(session_t* s, fuse_in_header* h, const char* arg) noexcept nogil
     if i.flags & FUSE_INIT_EXT:
         offered |= (<uint64_t>i.flags2) << 32
     agreed = offered & WANTED
+    if s.want_uring and offered & FUSE_OVER_IO_URING:
+        # Asked only if every queue's ring is ready to register once INIT is answered: from
+        # then on the kernel holds every request until all queues have entries.
+        if _uring_prepare(s) == 0:
+            agreed |= FUSE_OVER_IO_URING
     s.flags = agreed
     s.proto_minor = i.minor
     o.max_readahead = 0                       # data files are direct I/O: no page cache
@@ -233,6 +259,9 @@ cdef void _init(session_t* s, fuse_in_header* h, const char* arg) noexcept nogil
     o.time_gran = 1
     _py_init(s, i, offered, agreed)
     _reply(s, h.unique, 0, &o, sizeof(o))
+    if agreed & FUSE_OVER_IO_URING:
+        s.uring_used = True
+        _uring_go(s)
 
 
 cdef void _py_init(session_t* s, const fuse_init_in* i, uint64_t offered,
@@ -246,7 +275,10 @@ cdef void _py_init(session_t* s, const fuse_init_in* i, uint64_t offered,
     info = {"proto": (i.major, i.minor), "offered_flags": i.flags, "flags": agreed,
             "max_write": s.max_io, "max_read": s.max_io, "max_background": s.max_background,
             "direct_io_allow_mmap": bool(agreed & FUSE_DIRECT_IO_ALLOW_MMAP),
-            "has_resend": bool(agreed & FUSE_HAS_RESEND)}
+            "has_resend": bool(agreed & FUSE_HAS_RESEND),
+            "io_uring": bool(agreed & FUSE_OVER_IO_URING),
+            "io_uring_offered": bool(i.flags & FUSE_INIT_EXT and
+                                     ((<uint64_t>i.flags2) << 32) & FUSE_OVER_IO_URING)}
     log.debug("FUSE init: %s", info)
     try:
         fn = _handler(s, "init")
@@ -328,18 +360,26 @@ cdef void _data_fallocate(session_t* s, fuse_in_header* h,
 # --- dispatch --------------------------------------------------------------------------------
 
 cdef void _dispatch(session_t* s, char* req, size_t n, char* scratch) noexcept nogil:
-    """One request, `n` bytes at `req`, answered (or not, for those that take no answer)."""
+    """One request read from /dev/fuse, `n` bytes at `req`, answered (or not, for those that
+    take no answer)."""
     cdef fuse_in_header* h = <fuse_in_header*>req
     cdef char* arg = req + sizeof(fuse_in_header)
+    if n < sizeof(fuse_in_header) or h.len != n:
+        return                                     # not a request: nothing to answer
+    _serve(s, h, arg, n - sizeof(fuse_in_header), arg + sizeof(fuse_write_in), scratch)
+
+
+cdef void _serve(session_t* s, fuse_in_header* h, char* arg, size_t arglen, char* data,
+                 char* scratch) noexcept nogil:
+    """One request of either transport: its header, its first argument (`arglen` bytes at
+    `arg`), a WRITE's data, and `scratch` (max_io bytes) for the reply's data."""
     cdef uint32_t op = h.opcode
     cdef fuse_open_out oo
     cdef fuse_statfs_out so
-    if n < sizeof(fuse_in_header) or h.len != n:
-        return                                     # not a request: nothing to answer
     if op == FUSE_READ and s.dops != NULL and (<fuse_read_in*>arg).fh & DATA_FH_FLAG:
         _data_read(s, h, <fuse_read_in*>arg, scratch)
     elif op == FUSE_WRITE and s.dops != NULL and (<fuse_write_in*>arg).fh & DATA_FH_FLAG:
-        _data_write(s, h, <fuse_write_in*>arg, arg + sizeof(fuse_write_in))
+        _data_write(s, h, <fuse_write_in*>arg, data)
     elif op == FUSE_FALLOCATE and s.dops != NULL and (<fuse_fallocate_in*>arg).fh & DATA_FH_FLAG:
         _data_fallocate(s, h, <fuse_fallocate_in*>arg)
     elif op == FUSE_FALLOCATE:
@@ -366,7 +406,8 @@ cdef void _dispatch(session_t* s, char* req, size_t n, char* scratch) noexcept n
         _reply(s, h.unique, 0, &so, sizeof(so))
     elif (op == FUSE_LOOKUP or op == FUSE_GETATTR or op == FUSE_SETATTR or op == FUSE_OPEN
           or op == FUSE_RELEASE or op == FUSE_READDIR or op == FUSE_READ or op == FUSE_WRITE):
-        _py_request(s, h, arg, n - sizeof(fuse_in_header), scratch)
+        if not _ring_defer():                      # io_uring: a helper thread calls it
+            _py_request(s, h, arg, arglen, data, scratch)
     else:
         _reply_err(s, h.unique, ENOSYS)
 
@@ -464,7 +505,7 @@ cdef str _name(const char* p, size_t room):
 
 
 cdef void _py_request(session_t* s, fuse_in_header* h, char* arg, size_t arglen,
-                      char* scratch) noexcept with gil:
+                      const char* data, char* scratch) noexcept with gil:
     cdef uint32_t op = h.opcode
     cdef str opname = OPCODE_NAMES[op]          # the ops method of the same name
     cdef fuse_entry_out eo
@@ -537,9 +578,9 @@ cdef void _py_request(session_t* s, fuse_in_header* h, char* arg, size_t arglen,
             outlen = len(keep)
         elif op == FUSE_WRITE:
             wi = <const fuse_write_in*>arg
-            data = PyBytes_FromStringAndSize(arg + sizeof(fuse_write_in), wi.size)
             memset(&wo, 0, sizeof(wo))
-            wo.size = int(fn(h.nodeid, wi.fh, data, wi.offset))
+            wo.size = int(fn(h.nodeid, wi.fh, PyBytes_FromStringAndSize(data, wi.size),
+                             wi.offset))
             out, outlen = <const char*>&wo, sizeof(wo)
     except BaseException as e:
         err = _errno_of(opname, e)
@@ -600,6 +641,31 @@ OPCODE_NAMES = {FUSE_LOOKUP: "lookup", FUSE_FORGET: "forget", FUSE_GETATTR: "get
                 FUSE_INTERRUPT: "interrupt", FUSE_BATCH_FORGET: "batch_forget",
                 FUSE_FALLOCATE: "fallocate"}
 LATENCY_BUCKETS = [2 ** b / 1e6 for b in range(NR_BUCKETS - 1)]   # seconds; then +Inf
+
+
+# --- transports ------------------------------------------------------------------------------
+
+TRANSPORTS = ("classic", "io_uring")
+URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
+
+
+def possible_cpus() -> int:
+    """CPUs the kernel may ever run (/sys/devices/system/cpu/possible, e.g. "0-3"): the
+    io_uring transport needs a queue for each."""
+    try:
+        text = open("/sys/devices/system/cpu/possible").read().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    return max(int(part.rpartition("-")[2]) for part in text.split(",")) + 1
+
+
+def uring_param() -> bool | None:
+    """The fuse module's enable_uring: True, False, or None where the kernel has no FUSE
+    over io_uring (no CONFIG_FUSE_IO_URING, or older than 6.14)."""
+    try:
+        return open(URING_PARAM).read().strip() in ("Y", "1")
+    except OSError:
+        return None
 
 
 # --- mounting --------------------------------------------------------------------------------
@@ -711,9 +777,13 @@ cdef class Session:
     def __init__(self, mountpoint: str, ops: object, *, data_ops: object = None,
                  fsname: str = "zramfs", options: tuple = (), allow_other: bool = False,
                  max_io: int = 256 << 10, max_threads: int = 8, max_background: int = 128,
-                 attr_timeout: float = 1.0, entry_timeout: float = 1.0) -> None:
+                 attr_timeout: float = 1.0, entry_timeout: float = 1.0,
+                 transport: str = "classic") -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"FUSE transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
         self._configure(mountpoint, ops, data_ops, max_io, max_threads, max_background,
                         attr_timeout, entry_timeout)
+        self.s.want_uring = transport == "io_uring"
         opts = ["default_permissions", f"max_read={max_io}"]
         if allow_other:
             opts.append("allow_other")
@@ -737,6 +807,7 @@ cdef class Session:
         # A request: its header, a WRITE's own header, and up to max_write of data.
         self.s.request_size = max_io + 4096
         self.s.nr_workers = max_threads
+        self.s.nr_queues = possible_cpus()
         if data_ops is not None:
             self.s.dops = <const zramfs_data_ops*>PyCapsule_GetPointer(
                 data_ops, ZRAMFS_DATA_OPS_CAPSULE)
@@ -755,6 +826,9 @@ cdef class Session:
         cdef Session self
         if init.get("version") != INIT_PARAMS_VERSION or init.get("major") != FUSE_KERNEL_VERSION:
             raise ValueError(f"INIT parameters of another version: {init!r}")
+        if init["flags"] & FUSE_OVER_IO_URING:
+            raise ValueError("a connection served over io_uring cannot be adopted: its rings "
+                             "died with the daemon that registered them")
         self = Session.__new__(Session)
         self._configure(mountpoint, ops, data_ops, init["max_write"], max_threads,
                         init["max_background"], attr_timeout, entry_timeout)
@@ -839,6 +913,7 @@ cdef class Session:
                     pthread_join(s.workers[i].thread, NULL)
                 free(s.workers[i].request)
                 free(s.workers[i].scratch)
+            _uring_stop(s)
         free(s.workers)
         s.workers = NULL
         return rc
@@ -899,6 +974,9 @@ cdef class Session:
             "data_ops_with_gil": za_load(&s.data_ops_with_gil),
             "py_calls": s.py_calls,
             "flags": self.s.flags,
+            "transport": "io_uring" if self.s.uring_used else "classic",
+            "ring_queues": self.s.nr_queues if self.s.uring_used else 0,
+            "ring_error": -self.s.uring_error,
         }
 
     def requests(self) -> dict[str, tuple[int, float, list[int]]]:

@@ -55,6 +55,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     opts = daemon.Options(mountpoint, devices, mlock=args.mlock,
                           force_after=args.force_after,
                           metrics=args.metrics or settings.metrics,
+                          fuse_transport=(args.fuse_transport or settings.fuse_transport
+                                          or "classic"),
                           inherited=inherited, argv=args.argv)
     handover = trio.run(daemon.serve, opts)
     if handover is not None:
@@ -227,6 +229,11 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--no-supervisor", action="store_true",
                    help="without systemd, serve from this process: a crash then loses the "
                         "tree (default: a small parent keeps it and restarts the daemon)")
+    d.add_argument("--fuse-transport", choices=config.FUSE_TRANSPORTS, default=None,
+                   help="how requests reach the daemon: classic (/dev/fuse), io_uring "
+                        "(Linux 6.14+; switches the fuse module's enable_uring on) or auto "
+                        "(io_uring where the kernel has it). Default: the config's "
+                        "fuse-transport, else classic")
     d.set_defaults(func=cmd_daemon)
 
     r = sub.add_parser("restart", parents=[where],

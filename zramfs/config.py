@@ -400,6 +400,10 @@ def _sections(path: Path) -> dict[str, _Section]:
 class DaemonConfig:
     """The [zramfs] section: the daemon's settings that are no device's."""
     metrics: str | None = None            # ADDR:PORT of the Prometheus endpoint
+    fuse_transport: str | None = None     # classic, io_uring or auto (None: not set here)
+
+
+FUSE_TRANSPORTS = ("classic", "io_uring", "auto")
 
 
 def load_daemon(path: Path = DEFAULT_PATH) -> DaemonConfig:
@@ -408,6 +412,12 @@ def load_daemon(path: Path = DEFAULT_PATH) -> DaemonConfig:
     section = _sections(path).get(DAEMON_SECTION)
     settings = DaemonConfig()
     for key, (value, where) in (section.keys.items() if section else ()):
+        if key == "fuse-transport":
+            if value not in FUSE_TRANSPORTS:
+                raise ConfigError(f"{where}: [{DAEMON_SECTION}] fuse-transport: {value!r} is not "
+                                  f"one of {', '.join(FUSE_TRANSPORTS)}")
+            settings.fuse_transport = value
+            continue
         if key != "metrics":
             raise ConfigError(f"{where}: [{DAEMON_SECTION}] {key}: unknown key")
         try:

@@ -83,6 +83,7 @@ class Options:
     force_after: float | None = None     # seconds to wait for others to close devices;
                                          # None: as long as they hold them
     metrics: str | None = None           # ADDR:PORT of the Prometheus endpoint
+    fuse_transport: str = "classic"      # classic, io_uring or auto (config.FUSE_TRANSPORTS)
     inherited: dict[str, list[int]] = field(default_factory=dict)
                                          # descriptors from the service manager, by name
                                          # (fdstore.listen_fds()); serve() takes those it
@@ -288,11 +289,11 @@ def _is_zramfs_mount(mountpoint: Path) -> bool:
                    fs[2] == "fuse.zramfs" for fs in (line.split() for line in f))
 
 
-def _open_session(opts: Options, bridge: TrioBridge,
-                  adopted: tuple[int, dict] | None) -> _fuse.Session:
-    """The FUSE session: a new mount, or the previous daemon's connection adopted. A new
-    mount's descriptor goes to the service manager's store at once: from here on a crash
-    keeps the tree."""
+def _open_session(opts: Options, bridge: TrioBridge, adopted: tuple[int, dict] | None,
+                  transport: str) -> _fuse.Session:
+    """The FUSE session: a new mount, or the previous daemon's connection adopted (always
+    classic). A new classic mount's descriptor goes to the service manager's store at once:
+    from here on a crash keeps the tree."""
     kw = dict(data_ops=_zram.data_ops_capsule(), attr_timeout=0.0, entry_timeout=0.0)
     if adopted is not None:
         fd, params = adopted
@@ -302,10 +303,12 @@ def _open_session(opts: Options, bridge: TrioBridge,
             os.close(fd)
             raise DaemonError(f"fuse-init: cannot adopt the FUSE connection: {e}") from None
     try:
-        session = _fuse.Session(str(opts.mountpoint), bridge, fsname="zramfs", **kw)
+        session = _fuse.Session(str(opts.mountpoint), bridge, fsname="zramfs",
+                                transport=transport, **kw)
     except OSError as e:
         raise DaemonError(f"cannot mount {opts.mountpoint}: {e.strerror}") from None
-    fdstore.store("fuse", session.fd)
+    if transport == "classic":
+        fdstore.store("fuse", session.fd)
     return session
 
 
@@ -317,6 +320,49 @@ async def _store_init_params(session: _fuse.Session) -> None:
         return                          # closed before INIT: nothing to keep
     fdstore.store_json("fuse-init", params)
     log.debug("FUSE INIT parameters stored: %s", json.dumps(params))
+def _keep_nothing(name: str, fd: int) -> None:
+    """The fd store of a daemon that keeps nothing for the next (io_uring)."""
+
+
+def _pick_transport(choice: str, adopting: bool) -> str:
+    """pick_transport's answer, but classic for an adopted connection: a stored connection
+    is always a classic one (an io_uring daemon stores none)."""
+    if not adopting:
+        return pick_transport(choice)
+    if choice == "io_uring":
+        log.warning("FUSE transport: classic for the adopted connection (live restart is "
+                    "the classic transport's); a fresh mount gets io_uring")
+    return "classic"
+
+
+def pick_transport(choice: str) -> str:
+    """The engine's transport for --fuse-transport `choice`: io_uring needs the kernel's FUSE
+    over io_uring (6.14+, CONFIG_FUSE_IO_URING) and its module parameter enable_uring, which
+    is switched on here if it is off (and logged: it stays on for every FUSE mount made
+    after). `auto` falls back to classic where either is missing."""
+    if choice == "classic":
+        return "classic"
+    if choice not in ("io_uring", "auto"):
+        raise DaemonError(f"FUSE transport {choice!r} is not one of classic, io_uring, auto")
+    state = _fuse.uring_param()
+    why = None
+    if state is None:
+        why = (f"this kernel has no FUSE over io_uring ({_fuse.URING_PARAM} is missing: "
+               "needs Linux 6.14+ with CONFIG_FUSE_IO_URING)")
+    elif not state:
+        try:
+            Path(_fuse.URING_PARAM).write_text("Y\n")
+        except OSError as e:
+            why = f"cannot switch on {_fuse.URING_PARAM}: {e.strerror}"
+        else:
+            log.warning("switched FUSE over io_uring on: wrote Y to %s (it stays on)",
+                        _fuse.URING_PARAM)
+    if why is None:
+        return "io_uring"
+    if choice == "io_uring":
+        raise DaemonError(f"FUSE transport io_uring: {why}")
+    log.info("FUSE transport: classic (%s)", why)
+    return "classic"
 
 
 async def serve(opts: Options,
@@ -331,11 +377,15 @@ async def serve(opts: Options,
     swap = any(d.fs_type == "swap" for d in opts.devices)
     protect_from_reclaim(opts.mlock == "yes" or (opts.mlock == "auto" and swap))
     set_memory_budget()
-    state = State(_take_state_fds(opts), fdstore.store, fdstore.remove)
+    transport = _pick_transport(opts.fuse_transport, adopted is not None)
+    # Live restart is the classic transport's: with io_uring nothing is kept for a next
+    # daemon, and a crash or restart loses the tree as before.
+    keep = fdstore.store if transport == "classic" else _keep_nothing
+    state = State(_take_state_fds(opts), keep, fdstore.remove)
     devices = Devices(mountpoint, before_init=set_memory_budget, state=state)
     tree = Tree(devices)
     bridge = TrioBridge(tree, trio.lowlevel.current_trio_token())
-    session = _open_session(opts, bridge, adopted)
+    session = _open_session(opts, bridge, adopted, transport)
     if not fdstore.supervised():
         supervisor.write_pid_file(mountpoint, os.getpid())
     loop_done = trio.Event()
@@ -368,7 +418,7 @@ async def serve(opts: Options,
                 raise
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_loop)
-            if adopted is None:
+            if adopted is None and transport == "classic":
                 nursery.start_soon(_store_init_params, session)
             try:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
@@ -384,6 +434,9 @@ async def serve(opts: Options,
                             undo.append((f"metrics {opts.metrics} stopped",
                                          exporter.shutdown))
                         names = ", ".join(d.name for d in opts.devices) or "no devices"
+                        # STATFS: answered in C, so INIT is done once it returns.
+                        await trio.to_thread.run_sync(os.statvfs, mountpoint)
+                        _log_transport(session, transport)
                         log.info("serving %s (%s)", mountpoint, names)
                         fdstore.notify(f"READY=1\nSTATUS=serving {mountpoint}: {names}")
                         task_status.started(tree)
@@ -392,7 +445,8 @@ async def serve(opts: Options,
                             for cfg in opts.devices:
                                 for job in _maintenance(devices, cfg):
                                     background.start_soon(job)
-                            graceful = await _until_stopped(signals, loop_done)
+                            graceful = await _until_stopped(signals, loop_done,
+                                                            restartable=transport == "classic")
                             background.cancel_scope.cancel()
             finally:
                 # Whatever ended us (a signal, an unmount, a failed set-up, a bug), undo it
@@ -483,14 +537,19 @@ def continue_in_next(opts: Options, handover: Handover) -> NoReturn:
     fdstore.exec_with_fds([sys.executable, "-m", "zramfs.cli", *opts.argv], handover.fds)
 
 
-async def _until_stopped(signals, loop_done: trio.Event) -> bool:
-    """Until a signal or an unmount; True for SIGHUP, a graceful restart."""
+async def _until_stopped(signals, loop_done: trio.Event, restartable: bool) -> bool:
+    """Until a signal or an unmount; True for SIGHUP, a graceful restart (ignored, with a
+    log line, where the transport cannot hand its connection over)."""
     graceful = False
 
     async with trio.open_nursery() as waiters:
         async def until_signal() -> None:
             nonlocal graceful
             async for signum in signals:
+                if signum == signal.SIGHUP and not restartable:
+                    log.warning("SIGHUP: no graceful restart on the io_uring transport "
+                                "(live restart is the classic transport's); still serving")
+                    continue
                 graceful = signum == signal.SIGHUP
                 log.info("%s: %s", signal.Signals(signum).name,
                          "graceful restart" if graceful else "shutting down")
@@ -538,6 +597,19 @@ def _maintenance(devices: Devices, cfg: DeviceConfig) -> list[Callable[[], Any]]
         jobs.append(partial(_periodically, devices, cfg, cfg.recompress_interval,
                             "recompression", [("recompress", cfg.recompress), ("idle", "all")]))
     return jobs
+
+
+def _log_transport(session: _fuse.Session, asked: str) -> None:
+    """Which transport INIT settled on (INIT is answered by the time devices are set up)."""
+    st = session.stats()
+    if st["transport"] == "io_uring":
+        log.info("FUSE transport: io_uring, %d queues", st["ring_queues"])
+    elif asked == "io_uring":
+        err = st["ring_error"]
+        log.warning("FUSE transport: classic; io_uring was not agreed with the kernel%s",
+                    f" ({os.strerror(err)})" if err else "")
+    else:
+        log.info("FUSE transport: classic")
 
 
 def _snapshot(devices: Devices, session: _fuse.Session) -> metrics.Snapshot:

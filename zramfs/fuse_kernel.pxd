@@ -123,3 +123,17 @@ cdef extern from "fuse_kernel.h" nogil:
         uint32_t namelen
         uint32_t type
     size_t FUSE_DIRENT_ALIGN(size_t x)
+
+    # FUSE over io_uring (7.42): the flag, the two commands and an entry's header buffer.
+    uint64_t FUSE_OVER_IO_URING
+    enum:
+        FUSE_IO_URING_CMD_REGISTER
+        FUSE_IO_URING_CMD_COMMIT_AND_FETCH
+    struct fuse_uring_ent_in_out:
+        uint64_t flags
+        uint64_t commit_id
+        uint32_t payload_sz
+    struct fuse_uring_req_header:
+        char in_out[128]
+        char op_in[128]
+        fuse_uring_ent_in_out ring_ent_in_out
