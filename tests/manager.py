@@ -1,0 +1,143 @@
+"""The service manager's part in live restart, played by the tests as systemd plays it
+(sd_notify FDSTORE, LISTEN_FDS), and what tests of restarts share: a call that may wait in
+the kernel, a request the daemon cannot answer yet, the serving daemons counted in the log."""
+from __future__ import annotations
+
+import array
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from conftest import Cleanup, Daemon, wait_for
+
+FUSE_HAS_RESEND = 1 << 39
+
+
+class Manager:
+    """The service manager's side of sd_notify(3), as systemd plays it for a unit: a
+    NOTIFY_SOCKET (abstract) whose FDSTORE=1 descriptors it keeps by FDNAME, one entry a
+    name, and FDSTOREREMOVE=1."""
+
+    def __init__(self, cleanup: Cleanup) -> None:
+        name = f"zramfs-test-manager-{os.getpid()}-{os.urandom(4).hex()}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock.bind("\0" + name)
+        self.address = "@" + name
+        self.store: dict[str, int] = {}
+        self.messages: list[str] = []
+        cleanup.push("the manager's descriptors closed", self.close)
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, NOTIFY_SOCKET=self.address)
+
+    def pump(self, timeout: float = 0.1) -> None:
+        """Takes the messages that come within `timeout`."""
+        self.sock.settimeout(timeout)
+        while True:
+            try:
+                data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(64 * 4),
+                                                    socket.MSG_CMSG_CLOEXEC)
+            except TimeoutError:
+                return
+            fds = array.array("i")
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+            text = data.decode()
+            self.messages.append(text)
+            fields = dict(line.partition("=")[::2] for line in text.splitlines())
+            if fields.get("FDSTOREREMOVE") == "1" and fields["FDNAME"] in self.store:
+                os.close(self.store.pop(fields["FDNAME"]))
+            if fields.get("FDSTORE") == "1":
+                assert len(fds) == 1, text
+                if fields["FDNAME"] in self.store:
+                    os.close(self.store.pop(fields["FDNAME"]))
+                self.store[fields["FDNAME"]] = fds.pop()
+            for fd in fds:
+                os.close(fd)
+            self.sock.settimeout(0.01)
+
+    def wait(self, cond: Callable[[], bool], what: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}: {self.messages}")
+            self.pump()
+
+    def said(self, line: str) -> bool:
+        return any(line in m.splitlines() for m in self.messages)
+
+    def close(self) -> None:
+        for fd in self.store.values():
+            os.close(fd)
+        self.store.clear()
+        self.sock.close()
+
+
+class Call:
+    """fn() in a thread of its own: a request that may wait in the kernel."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self._out: list = []
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], object]) -> None:
+        try:
+            self._out.append((True, fn()))
+        except BaseException as e:
+            self._out.append((False, e))
+
+    @property
+    def done(self) -> bool:
+        return bool(self._out)
+
+    def result(self, timeout: float) -> object:
+        self._thread.join(timeout)
+        if not self._out:
+            raise AssertionError("the call is still waiting")
+        ok, value = self._out[0]
+        if not ok:
+            raise value
+        return value
+
+
+def waiting_in(pid: int, wchan: str) -> bool:
+    """Whether a thread of `pid` sleeps in kernel function `wchan`."""
+    try:
+        return any(Path(f"/proc/{pid}/task/{t}/wchan").read_text() == wchan
+                   for t in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return False
+
+
+def stuck_request(d: Daemon, tmp_path: Path) -> tuple[str, Call]:
+    """A request the daemon has read and cannot answer yet: a zstd dictionary on a FIFO of a
+    new device, whose open waits for a writer. The device's name and the waiting call."""
+    name = d.hot_add()
+    d.write(name, "comp_algorithm", "zstd")
+    fifo = tmp_path / "dict.fifo"
+    os.mkfifo(fifo)
+    call = Call(lambda: d.write(name, "algorithm_params", f"dict={fifo}"))
+    wait_for(lambda: waiting_in(d.proc.pid, "wait_for_partner"), 30,
+             "the daemon to wait on the FIFO")
+    return name, call
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def servings(d: Daemon) -> int:
+    """How many daemons have come to serve the tree (the daemon's own log line)."""
+    return d.log.read_text().count("INFO: serving ")
