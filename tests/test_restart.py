@@ -23,6 +23,7 @@ from conftest import (PAGE, ZRAMFS, Cleanup, is_mounted, requires_fuse, run, sta
                       wait_for, zramfs_daemon)
 from manager import (FUSE_HAS_RESEND, Call, Manager, alive, children, servings,
                      stuck_request)
+from zramfs import loop
 
 pytestmark = requires_fuse
 
@@ -174,3 +175,34 @@ def test_a_graceful_restart_does_not_wait_for_a_stuck_request(tmp_path: Path) ->
             stuck.result(10)
         assert e.value.errno == errno.EBADF         # the new daemon's answer, not a hang
         assert int(d.read("zram0", "disksize")) > 0
+
+
+def test_after_a_restart_sigterm_takes_down_the_swap_and_mount_set_up_before(
+        tmp_path: Path) -> None:
+    """The config's swap and ext4 were set up by the first daemon; the second (after SIGHUP)
+    leaves them as they are, and its SIGTERM undoes them as the first would have."""
+    fs = tmp_path / "fs"
+    conf = tmp_path / "zramfs.conf"
+    conf.write_text(f"[zram0]\nzram-size = 64\n\n"
+                    f"[zram1]\nzram-size = 64\nfs-type = ext4\nmount-point = {fs}\n")
+    with zramfs_daemon("--config", str(conf), tmp=tmp_path) as d:
+        [swap_loop] = loop.loops_of(d.dev("zram0"))
+        [fs_loop] = loop.loops_of(d.dev("zram1"))
+        (fs / "kept").write_text("across the restart\n")
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: servings(d) == 2 or not d.alive(), 60, "the daemon to serve again")
+        assert d.alive(), d.log.read_text()
+        # The same loop devices: nothing set up twice.
+        assert loop.loops_of(d.dev("zram0")) == [swap_loop]
+        assert loop.loops_of(d.dev("zram1")) == [fs_loop]
+        assert (fs / "kept").read_text() == "across the restart\n"
+        d.proc.terminate()
+        assert d.proc.wait(60) == 0, d.log.read_text()
+        assert swap_loop not in loop.swaps()
+        assert not is_mounted(fs) and not is_mounted(d.mnt)
+        assert not loop.loops_of(d.dev("zram0")) and not loop.loops_of(d.dev("zram1"))
+        log = d.log.read_text()
+        restarted = log.index("adopted the FUSE connection")
+        assert log.index(f"swapoff {swap_loop}", restarted) < log.index("zram0: reset", restarted)
+        assert log.index(f"umount {fs}", restarted) < log.index(f"losetup -d {fs_loop}",
+                                                                restarted)

@@ -656,12 +656,15 @@ async def _adopt(state: State, devices: Devices, tree: Tree) -> None:
 async def _set_up(opts: Options, devices: Devices, tree: Tree,
                   undo: list[tuple[str, Callable[[], None]]], uses: bool = True) -> None:
     """Each device of the config that is not one adopted already (_adopt), and its use; every
-    step that worked pushes its undo first. Without `uses` (a restarted daemon), swap and file systems are left as the kernel
-    still has them: set up again, they would be a second loop device over the same file."""
+    step that worked pushes its undo first. Without `uses` (a restarted daemon), swap and file
+    systems are left as the kernel still has them (set up again, they would be a second loop
+    device over the same file), and their undo is taken over from the daemon before."""
     adopted = set(devices.by_id)
     for cfg in opts.devices:
         if cfg.id in adopted:
             log.info("%s: adopted as it was; its config applies after a reset", cfg.name)
+            if cfg.fs_type is not None and not uses:
+                _take_over_use(opts.mountpoint / "dev" / cfg.name, cfg, undo)
             continue
         try:
             dev = devices.add(cfg.id)
@@ -702,6 +705,25 @@ async def _set_up(opts: Options, devices: Devices, tree: Tree,
                 log.info("%s: %s on %s at %s", cfg.name, cfg.fs_type, lo, cfg.mount_point)
         except loop.UseError as e:
             raise DaemonError(f"{cfg.name}: {e}") from None
+
+
+def _take_over_use(path: Path, cfg: DeviceConfig,
+                   undo: list[tuple[str, Callable[[], None]]]) -> None:
+    """The undo of the config's use of `path` that an earlier daemon set up and the kernel
+    still has (its loop device, and the swap on it or the mount at cfg.mount_point): a stop
+    after a restart undoes it as the daemon that set it up would have."""
+    swaps, mounts = loop.swaps(), loop.mounts()
+    for lo in loop.loops_of(path):
+        if cfg.fs_type == "swap" and lo in swaps:
+            what, fn = f"swapoff {lo}", partial(loop.swapoff, lo)
+        elif cfg.fs_type != "swap" and Path(mounts.get(lo, "")) == cfg.mount_point:
+            what, fn = f"umount {cfg.mount_point}", partial(loop.umount, cfg.mount_point)
+        else:
+            continue                # someone else's loop device: theirs to undo
+        undo.append((f"losetup -d {lo}", partial(loop.unbind, lo)))
+        undo.append((what, fn))
+        log.info("%s: %s on %s, set up by the daemon before; undone at stop", cfg.name,
+                 "swap" if cfg.fs_type == "swap" else cfg.fs_type, lo)
 
 
 async def _shutdown(opts: Options, session: _fuse.Session, bridge: TrioBridge,
