@@ -206,3 +206,58 @@ def test_after_a_restart_sigterm_takes_down_the_swap_and_mount_set_up_before(
         assert log.index(f"swapoff {swap_loop}", restarted) < log.index("zram0: reset", restarted)
         assert log.index(f"umount {fs}", restarted) < log.index(f"losetup -d {fs_loop}",
                                                                 restarted)
+
+
+def test_kept_state_refused_is_held_until_told_to_try_again_or_give_up(
+        tmp_path: Path, cleanup: Cleanup) -> None:
+    """A daemon that cannot adopt the kept state (here: a table whose magic is not ours)
+    says why, serves nothing and keeps it all, the tree mounted and its requests waiting.
+    SIGHUP tries again (the state mended, it adopts: nothing was lost); SIGTERM gives up."""
+    mgr = Manager(cleanup)
+    with zramfs_daemon("--default-device", env=mgr.env(), tmp=tmp_path) as d:
+        mgr.wait(lambda: any(n.endswith(".table") for n in mgr.store) and mgr.said("READY=1"),
+                 "the device's table stored and READY")
+        data = os.urandom(PAGE // 4) * 4
+        dev = os.open(d.dev("zram0"), os.O_RDWR)
+        os.pwrite(dev, data, 3 * PAGE)
+        os.close(dev)
+        [table] = [fd for name, fd in mgr.store.items() if name.endswith(".table")]
+        magic = os.pread(table, 8, 0)
+
+        def restart_refused(times: int) -> None:
+            os.pwrite(table, b"notours!", 0)
+            d.proc.kill()
+            d.proc.wait(10)
+            mgr.pump()
+            d.proc = start_daemon(d.mnt, d.log, "--default-device", env=mgr.env(),
+                                  listen_fds=list(mgr.store.items()))
+            mgr.wait(lambda: d.log.read_text().count("ERROR: holding ") == times
+                     or not d.alive(), "the daemon to refuse and hold")
+
+        restart_refused(1)
+        kept = set(mgr.store)
+        log = d.log.read_text()
+        assert "cannot adopt the kept state" in log and "table" in log, log
+        assert d.alive() and is_mounted(d.mnt)
+        waiting = Call(lambda: os.stat(d.dev("zram0")).st_size)
+        time.sleep(0.5)
+        assert not waiting.done                      # held, not failed
+        os.pwrite(table, magic, 0)                   # mended (as by a fixed daemon)
+        d.proc.send_signal(signal.SIGHUP)
+        mgr.wait(lambda: servings(d) == 2 or not d.alive(), "the daemon to try again")
+        assert d.alive(), d.log.read_text()
+        assert waiting.result(10) > 0
+        dev = os.open(d.dev("zram0"), os.O_RDONLY)
+        assert os.pread(dev, PAGE, 3 * PAGE) == data
+        os.close(dev)
+        assert {n for n in mgr.store if not n.startswith("zram")} == \
+            {n for n in kept if not n.startswith("zram")}
+
+        # Refused again, and told to give up: unmounted, and nothing left kept.
+        [table] = [fd for name, fd in mgr.store.items() if name.endswith(".table")]
+        restart_refused(2)
+        d.proc.terminate()
+        mgr.wait(lambda: d.proc.poll() is not None, "the daemon to give up")
+        assert d.proc.wait(1) == 65, d.log.read_text()
+        assert not is_mounted(d.mnt)
+        mgr.wait(lambda: not mgr.store, "FDSTOREREMOVE of everything kept")

@@ -303,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="zramfs: %(levelname)s: %(message)s")
     try:
         return args.func(args)
+    except daemon.StateRefused as e:
+        print(f"zramfs: {e}", file=sys.stderr)
+        return daemon.STATE_REFUSED_EXIT
     except (daemon.DaemonError, config.ConfigError, ctl.CtlError) as e:
         print(f"zramfs: {e}", file=sys.stderr)
         return 1

@@ -103,6 +103,15 @@ class DaemonError(Exception):
     """The daemon cannot start (bad mountpoint, mount failed, set-up failed)."""
 
 
+class StateRefused(DaemonError):
+    """The kept state (zramfs.state) is not one this daemon can adopt: corrupt, or of another
+    version. The daemon holds it and the tree (see _hold), and exits with STATE_REFUSED_EXIT
+    once told to give them up."""
+
+
+STATE_REFUSED_EXIT = 65     # EX_DATAERR: the kept state was refused and then given up
+
+
 class TrioBridge:
     """`bridge.<op>(*args)`, called in a FUSE worker thread, runs `handler.<op>(*args)` on the
     trio thread and waits for it (blocking a worker is fine; it waits without the GIL).
@@ -410,12 +419,17 @@ async def serve(opts: Options,
             try:
                 with guard_trio_thread():
                     await _adopt(state, devices, tree)
-            except DaemonError:
-                # Refused: the tree, its connection and the kept state stay as they are, for
-                # a daemon that can adopt them; the requests wait in the kernel meanwhile.
-                handover = Handover({})
-                os.close(session.detach())
-                raise
+            except StateRefused as e:
+                # The tree, its connection and the kept state stay as they are, and the
+                # requests wait in the kernel, until someone says: try again (an upgraded
+                # daemon), or give it all up.
+                log.error("%s", e)
+                if not await _hold(mountpoint, e):
+                    state.give_up()
+                    raise
+                handover = _hand_over(opts, session, state)
+                log.info("handed over")
+                return handover
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_loop)
             if adopted is None and transport == "classic":
@@ -649,8 +663,24 @@ async def _adopt(state: State, devices: Devices, tree: Tree) -> None:
             await dev.adopt(record)
         state.adopted()
     except StateError as e:
-        raise DaemonError(f"cannot adopt the kept state: {e}; it stays kept (the service "
-                          "manager holds it) until the daemon is stopped") from None
+        raise StateRefused(f"cannot adopt the kept state: {e}") from None
+
+
+async def _hold(mountpoint: Path, refused: StateRefused) -> bool:
+    """After a refused adoption: serves nothing and keeps everything (the connection, whose
+    requests wait in the kernel, and the kept state) until a signal. True for SIGHUP (try
+    again: a graceful restart, e.g. into a fixed or upgraded daemon), False for SIGTERM or
+    SIGINT (give it all up: the tree is unmounted and the kept state let go)."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        log.error("holding %s and its kept state, serving nothing: SIGHUP (zramfs restart, "
+                  "systemctl reload zramfs) tries again, SIGTERM gives them up", mountpoint)
+        fdstore.notify(f"READY=1\nSTATUS=holding {mountpoint}, serving nothing: {refused}; "
+                       "reload to try again, stop to give it up")
+        async for signum in signals:
+            log.info("%s: %s", signal.Signals(signum).name,
+                     "trying again" if signum == signal.SIGHUP else "giving the tree up")
+            return signum == signal.SIGHUP
+    return False
 
 
 async def _set_up(opts: Options, devices: Devices, tree: Tree,

@@ -135,6 +135,9 @@ class State:
     def current(self) -> dict[str, int]:
         """What this daemon keeps now, by name (for a re-exec, which has no manager)."""
         out = {RECORD_NAME: self.record.fd}
+        if self._replaying:     # not adopted (yet, or refused): all that was given stays kept
+            out.update({name: fds[0] for name, fds in self.inherited.items()
+                        if _KEPT.fullmatch(name)})
         out.update(self._pairs)
         return out
 
@@ -185,6 +188,15 @@ class State:
         everything stays kept."""
         if not self._replaying:
             self._drop_now(RECORD_NAME)
+
+    def give_up(self) -> None:
+        """After a refused adoption, told to stop: nothing kept is wanted any more, and the
+        manager forgets it all."""
+        names = [RECORD_NAME, *self.inherited, *self._pairs, *self._deferred]
+        self._replaying = False
+        self._deferred = []
+        for name in dict.fromkeys(names):
+            self._let_go(name)
 
     def _let_go(self, name: str) -> None:
         """The manager forgets `name` and an fd of it inherited here is closed; while the
