@@ -57,6 +57,7 @@ cdef char* pages_alloc(page_source* ps, int npages) noexcept nogil
 # budget but not counted in pages_held, as the kernel's mem_used_total counts zspages only.
 # Never given back.
 cdef char* pages_alloc_meta(page_source* ps, int npages) noexcept nogil
+cdef char* pages_alloc_sparse(page_source* ps, int npages) noexcept nogil
 # Gives a run from pages_alloc back, with its length.
 cdef void pages_free(page_source* ps, char* addr, int npages) noexcept nogil
 

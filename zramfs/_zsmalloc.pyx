@@ -28,6 +28,7 @@ from zramfs.pthread cimport (pthread_mutex_destroy, pthread_mutex_init, pthread_
                             pthread_mutex_t, pthread_mutex_unlock)
 from zramfs.zpool cimport ZPOOL_ARENAS, ZPOOL_ROOT, zpool_class_stat, zpool_driver
 from zramfs._pages cimport (PAGES_MAX_RUN, page_source, pages_alloc, pages_alloc_meta,
+                            pages_alloc_sparse,
                             pages_destroy, pages_free, pages_held, pages_init, zregion)
 
 cdef enum:
@@ -213,10 +214,10 @@ cdef uint32_t _handle_take(zs_pool* pool, size_class* c) noexcept nogil:
         if c.handles_cap >= <uint32_t>DIR_ENTRIES * CHUNK_ENTRIES:
             return 0
         if c.dir == NULL:
-            c.dir = <hentry**>pages_alloc_meta(&pool.pages, DIR_PAGES)
+            c.dir = <hentry**>pages_alloc_sparse(&pool.pages, DIR_PAGES)
             if c.dir == NULL:
                 return 0
-        chunk = <hentry*>pages_alloc_meta(&pool.pages, CHUNK_PAGES)
+        chunk = <hentry*>pages_alloc_sparse(&pool.pages, CHUNK_PAGES)
         if chunk == NULL:
             return 0
         c.dir[c.handles_cap >> CHUNK_SHIFT] = chunk
