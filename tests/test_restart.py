@@ -261,3 +261,35 @@ def test_kept_state_refused_is_held_until_told_to_try_again_or_give_up(
         assert d.proc.wait(1) == 65, d.log.read_text()
         assert not is_mounted(d.mnt)
         mgr.wait(lambda: not mgr.store, "FDSTOREREMOVE of everything kept")
+
+
+def test_a_changed_config_applies_at_restart_only_to_devices_not_in_use(
+        tmp_path: Path) -> None:
+    """The config is read again at a restart. Both devices' algorithm changed: zram0, swap
+    in use, keeps its settings (the log says what it left); zram1, its swap taken down by
+    hand, is set up as the config now says, swap and all. SIGTERM then undoes both."""
+    conf = tmp_path / "zramfs.conf"
+    config = "[zram0]\nzram-size = 64\n\n[zram1]\nzram-size = 64\n"
+    conf.write_text(config)
+    with zramfs_daemon("--config", str(conf), tmp=tmp_path) as d:
+        [kept_loop] = loop.loops_of(d.dev("zram0"))
+        [old_loop] = loop.loops_of(d.dev("zram1"))
+        loop.swapoff(old_loop)
+        loop.unbind(old_loop)
+        conf.write_text(config.replace("zram-size = 64\n",
+                                       "zram-size = 64\ncompression-algorithm = zstd\n"))
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: servings(d) == 2 or not d.alive(), 60, "the daemon to serve again")
+        assert d.alive(), d.log.read_text()
+        log = d.log.read_text()
+        assert ("zram0: adopted as it was, in use: the config's comp_algorithm=zstd apply "
+                "after a reset") in log, log
+        assert "zram1: not in use, and the config now says comp_algorithm=zstd" in log, log
+        assert "[lz4]" in d.read("zram0", "comp_algorithm")
+        assert "[zstd]" in d.read("zram1", "comp_algorithm")
+        assert loop.loops_of(d.dev("zram0")) == [kept_loop]
+        [new_loop] = loop.loops_of(d.dev("zram1"))
+        assert new_loop in loop.swaps()
+        d.proc.terminate()
+        assert d.proc.wait(60) == 0, d.log.read_text()
+        assert not loop.loops_of(d.dev("zram0")) and not loop.loops_of(d.dev("zram1"))

@@ -439,7 +439,7 @@ async def serve(opts: Options,
                                                signal.SIGHUP) as signals, \
                         guard_trio_thread():
                     try:
-                        await _set_up(opts, devices, tree, undo, uses=adopted is None)
+                        await _set_up(opts, devices, tree, undo)
                     except DaemonError as e:
                         failure = e          # raised below, outside the nursery: one line
                     else:
@@ -684,42 +684,44 @@ async def _hold(mountpoint: Path, refused: StateRefused) -> bool:
 
 
 async def _set_up(opts: Options, devices: Devices, tree: Tree,
-                  undo: list[tuple[str, Callable[[], None]]], uses: bool = True) -> None:
-    """Each device of the config that is not one adopted already (_adopt), and its use; every
-    step that worked pushes its undo first. Without `uses` (a restarted daemon), swap and file
-    systems are left as the kernel still has them (set up again, they would be a second loop
-    device over the same file), and their undo is taken over from the daemon before."""
-    adopted = set(devices.by_id)
+                  undo: list[tuple[str, Callable[[], None]]]) -> None:
+    """Each device of the config and its use; every step that worked pushes its undo first.
+    A device adopted from the daemon before (_adopt) is kept as it is, with its swap or file
+    system (their undo taken over), unless the config now says otherwise and nothing uses
+    it: then it is set up anew. What a device in use keeps against the config is logged."""
     for cfg in opts.devices:
-        if cfg.id in adopted:
-            log.info("%s: adopted as it was; its config applies after a reset", cfg.name)
-            if cfg.fs_type is not None and not uses:
-                _take_over_use(opts.mountpoint / "dev" / cfg.name, cfg, undo)
-            continue
+        path = opts.mountpoint / "dev" / cfg.name
+        dev = devices.by_id.get(cfg.id)
+        if dev is not None:
+            kept = devices.state.devices[cfg.id].settings if devices.state else []
+            left = _config_left(cfg, kept)
+            if not left:
+                log.info("%s: adopted as it was", cfg.name)
+            elif dev.openers or dev.busy or loop.loops_of(path):
+                log.warning("%s: adopted as it was, in use: the config's %s apply after a "
+                            "reset", cfg.name, ", ".join(left))
+            else:
+                log.warning("%s: not in use, and the config now says %s: set up anew, its "
+                            "pages dropped", cfg.name, ", ".join(left))
+                try:
+                    await dev.store("reset", "1")
+                except OSError as e:
+                    raise DaemonError(f"{cfg.name}: reset: {e.strerror}") from None
+                dev = None
+            if dev is not None:
+                if cfg.fs_type is not None:
+                    _take_over_use(path, cfg, undo)
+                continue
         try:
-            dev = devices.add(cfg.id)
-            tree.add_device(dev)
-            await dev.store("zpool", cfg.zpool)
-            if cfg.dedup:
-                await dev.store("dedup", "1")
-            await dev.store("comp_algorithm", cfg.algorithm)
-            if "level" in cfg.algorithm_params:
-                await dev.store("algorithm_params", f"level={cfg.algorithm_params['level']}")
-            if cfg.dictionary is not None:
-                await dev.store("algorithm_params", f"dict={cfg.dictionary}")
-            for prio, (name, params) in enumerate(cfg.recompression, 1):
-                level = f" level={params['level']}" if "level" in params else ""
-                await dev.store("recomp_algorithm", f"algo={name} priority={prio}{level}")
-            if cfg.writeback_device is not None:
-                await dev.store("backing_dev", str(cfg.writeback_device))
-            if cfg.mem_limit:
-                await dev.store("mem_limit", str(cfg.mem_limit))
-            await dev.store("disksize", str(cfg.disksize))
+            if cfg.id not in devices.by_id:
+                tree.add_device(devices.add(cfg.id))
+            dev = devices.by_id[cfg.id]
+            for attr, value in _config_settings(cfg):
+                await dev.store(attr, value)
         except OSError as e:
             raise DaemonError(f"{cfg.name}: {e.strerror}") from None
-        if cfg.fs_type is None or not uses:
+        if cfg.fs_type is None:
             continue
-        path = opts.mountpoint / "dev" / cfg.name
         try:
             lo = await trio.to_thread.run_sync(loop.bind, path)
             undo.append((f"losetup -d {lo}", lambda lo=lo: loop.unbind(lo)))
@@ -735,6 +737,45 @@ async def _set_up(opts: Options, devices: Devices, tree: Tree,
                 log.info("%s: %s on %s at %s", cfg.name, cfg.fs_type, lo, cfg.mount_point)
         except loop.UseError as e:
             raise DaemonError(f"{cfg.name}: {e}") from None
+
+
+def _config_settings(cfg: DeviceConfig) -> list[tuple[str, str]]:
+    """The attribute stores that set up the config's device, in order (disksize last)."""
+    out = [("zpool", cfg.zpool), ("dedup", "1" if cfg.dedup else "0"),
+           ("comp_algorithm", cfg.algorithm)]
+    if "level" in cfg.algorithm_params:
+        out.append(("algorithm_params", f"level={cfg.algorithm_params['level']}"))
+    if cfg.dictionary is not None:
+        out.append(("algorithm_params", f"dict={cfg.dictionary}"))
+    for prio, (name, params) in enumerate(cfg.recompression, 1):
+        level = f" level={params['level']}" if "level" in params else ""
+        out.append(("recomp_algorithm", f"algo={name} priority={prio}{level}"))
+    if cfg.writeback_device is not None:
+        out.append(("backing_dev", str(cfg.writeback_device)))
+    if cfg.mem_limit:
+        out.append(("mem_limit", str(cfg.mem_limit)))
+    out.append(("disksize", str(cfg.disksize)))
+    return out
+
+
+def _config_left(cfg: DeviceConfig, kept: list[tuple[str, str]]) -> list[str]:
+    """What the config sets that a kept device's settings (zramfs.state, in order) do not
+    have, as "attr=value": by the last value of each attribute, and by the set of values for
+    those written several times (algorithm_params, recomp_algorithm). Changes made at run time
+    to attributes the config leaves alone are not the config's to undo."""
+    def values(settings: list[tuple[str, str]]) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for attr, value in settings:
+            if attr in ("algorithm_params", "recomp_algorithm"):
+                out.setdefault(attr, set()).add(value)
+            else:
+                out[attr] = value
+        return out
+    have = values(kept)
+    have.setdefault("dedup", "0")
+    have.setdefault("zpool", "zsmalloc")
+    return [f"{attr}={' '.join(sorted(v)) if isinstance(v, set) else v}"
+            for attr, v in values(_config_settings(cfg)).items() if have.get(attr) != v]
 
 
 def _take_over_use(path: Path, cfg: DeviceConfig,
