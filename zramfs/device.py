@@ -155,8 +155,13 @@ class Device:
                 except (TableImageError, PoolImageError) as e:
                     meta.destroy()
                     raise StateError(f"{self.name}: {e}") from None
-                log.info("%s: adopted %d pages%s", self.name, pages,
-                         f", {lost} LOST" if lost else "")
+                if lost:
+                    # A page not copied would read back as zeros: hold it all instead (the
+                    # kept pair stays), for memory to be freed or the fault to be fixed.
+                    meta.destroy()
+                    raise StateError(f"{self.name}: {lost} of {pages + lost} pages could not "
+                                     "be copied (no memory, or a pointer out of bounds)")
+                log.info("%s: adopted %d pages", self.name, pages)
             else:
                 log.warning("%s: no kept memory: it starts empty", self.name)
             self._attach(meta)
