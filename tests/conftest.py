@@ -294,10 +294,14 @@ def release_holders(mountpoint: Path) -> None:
 
 # Runs a command with descriptors at 3, 4, ... and LISTEN_PID = its own pid, as systemd
 # starts a service with its stored descriptors: argv is N, N source fds, then the command.
+# The sources (pass_fds: inheritable) are closed, or the command would hold them too: a
+# restarted daemon would keep its predecessor's pool memfd, all its memory, for its life.
 _LISTEN_SHIM = """
 import fcntl, os, sys
 n = int(sys.argv[1]); fds = [int(a) for a in sys.argv[2:2 + n]]; cmd = sys.argv[2 + n:]
 high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3 + n) for fd in fds]
+for fd in set(fds) - set(range(3, 3 + n)):
+    os.close(fd)
 for i, fd in enumerate(high):
     os.dup2(fd, 3 + i)
 os.environ["LISTEN_PID"] = str(os.getpid())

@@ -83,8 +83,9 @@ def test_kept_memory_stays_with_the_fd_and_freed_pages_go_back() -> None:
         disk.write(i * PAGE, rng.randbytes(PAGE))                   # ~8 MiB, incompressible
     full = resident(pool_fd)
     assert full > 7 << 20
-    disk.fallocate(0x03, 0, 1000 * PAGE)                             # discard half
-    assert resident(pool_fd) < full - (3 << 20)
+    disk.fallocate(0x03, 0, 1000 * PAGE)                             # discard half: 3.9 MiB
+    # Less the populator's reserve, which may fill meanwhile (2 MiB made resident ahead).
+    assert resident(pool_fd) < full - (3 << 20) + (2 << 20)
     kept = os.dup(pool_fd)
     destroy(disk)
     try:

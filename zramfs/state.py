@@ -118,9 +118,11 @@ class State:
         self._pairs: dict[str, int] = {}       # the kept pairs' names and fds (the metas')
         fds = inherited.get(RECORD_NAME)
         self.adopting = bool(fds)
-        # While the devices are re-created from the record, it is not written and nothing
-        # kept is dropped (the drops wait in _deferred): a failed adoption leaves all that the
-        # daemon before left, for a fixed daemon to adopt.
+        # While the devices are re-created from the record, it is not written, nothing kept
+        # is dropped (the drops wait in _deferred) and the new pairs are not stored yet: a
+        # failed adoption leaves the store as the daemon before left it, for a fixed daemon
+        # to adopt, and no copy of a device taken over before the failure (a supervisor
+        # restarting a refused daemon every second would add one each time).
         self._replaying = self.adopting
         self._deferred: list[str] = []
         self.record = Record(fds[0] if fds else None)
@@ -135,10 +137,11 @@ class State:
     def current(self) -> dict[str, int]:
         """What this daemon keeps now, by name (for a re-exec, which has no manager)."""
         out = {RECORD_NAME: self.record.fd}
-        if self._replaying:     # not adopted (yet, or refused): all that was given stays kept
+        if self._replaying:     # not adopted (yet, or refused): what was given, not copies
             out.update({name: fds[0] for name, fds in self.inherited.items()
                         if _KEPT.fullmatch(name)})
-        out.update(self._pairs)
+        else:
+            out.update(self._pairs)
         return out
 
     # --- adoption ------------------------------------------------------------------------------
@@ -174,9 +177,11 @@ class State:
 
     def adopted(self) -> None:
         """Every device of the record is re-created: from now on the record follows them. The
-        drops that waited go now, with every pair inherited and not adopted (the pairs just
-        copied, and those of devices no longer in the record)."""
+        new pairs are stored now, then the drops that waited go, with every pair inherited and
+        not adopted (the pairs just copied, and those of devices no longer in the record)."""
         self._replaying = False
+        for name, fd in self._pairs.items():     # the copies, kept before the originals go
+            self._keep(name, fd)
         waited = self._deferred + [name for name in self.inherited if _KEPT.fullmatch(name)]
         self._deferred = []
         for name in dict.fromkeys(waited):
@@ -251,7 +256,8 @@ class State:
         previous pair goes."""
         seq = self.seq.get(dev_id, 0) + 1
         for kind, fd in zip(("table", "pool"), fds):
-            self._keep(f"zram{dev_id}.{seq}.{kind}", fd)
+            if not self._replaying:               # else adopted() stores it
+                self._keep(f"zram{dev_id}.{seq}.{kind}", fd)
             self._pairs[f"zram{dev_id}.{seq}.{kind}"] = fd
         old = self.seq.get(dev_id)
         self.seq[dev_id] = seq
