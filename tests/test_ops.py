@@ -13,8 +13,8 @@ import pytest
 
 from zramfs import ctl as ctl_module
 
-from conftest import (ROOT, URING_PARAM, ZRAMFS, Daemon, Cleanup, is_mounted, requires_fuse,
-                      run, uring_unavailable, zramfs_daemon)
+from conftest import (PAGE, ROOT, URING_PARAM, ZRAMFS, Cleanup, Daemon, is_mounted,
+                      requires_fuse, run, uring_unavailable, zramfs_daemon)
 
 pytestmark = requires_fuse
 
@@ -390,6 +390,8 @@ def test_metrics_endpoint_scraped_while_fio_runs(tmp_path: Path, transport: str)
             assert samples[("zramfs_disksize_bytes", dev)] == 64 << 20
             assert ("zramfs_io_stat_failed_writes_total", dev) in samples
             assert ("zramfs_bd_stat_count_pages", dev) in samples
+            assert samples[("zramfs_dedup_stat_pages_deduplicated", dev)] == 0   # dedup off
+            assert ("zramfs_dedup_stat_bytes_saved_bytes", dev) in samples
             writes = samples[("zramfs_requests_total", (("op", "write"),))]
             assert writes > 0
             count = samples[("zramfs_request_duration_seconds_count", (("op", "write"),))]
@@ -399,6 +401,24 @@ def test_metrics_endpoint_scraped_while_fio_runs(tmp_path: Path, transport: str)
         # After fio, the last scrape and the tree say the same.
         assert samples[("zramfs_mm_stat_orig_data_size_bytes", dev)] == mm[0]
         assert samples[("zramfs_mm_stat_mem_used_total_bytes", dev)] == mm[2]
+        # dedup_stat: a device with dedup on, the same page written at three offsets.
+        twin = d.hot_add()
+        d.write(twin, "dedup", "1")
+        d.write(twin, "disksize", str(16 << 20))
+        fd = os.open(d.dev(twin), os.O_WRONLY)
+        try:
+            page = os.urandom(PAGE // 2) * 2
+            for i in range(3):
+                os.pwrite(fd, page, i * PAGE)
+        finally:
+            os.close(fd)
+        text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(text) for s in f.samples}
+        shared = [int(x) for x in d.read(twin, "dedup_stat").split()]
+        assert shared[0] == 2
+        assert samples[("zramfs_dedup_stat_pages_deduplicated", (("device", twin),))] == 2
+        assert samples[("zramfs_dedup_stat_bytes_saved_bytes", (("device", twin),))] == shared[1]
 
 
 def test_metrics_config_key(tmp_path: Path) -> None:

@@ -634,7 +634,7 @@ def _snapshot(devices: Devices, session: _fuse.Session) -> metrics.Snapshot:
             name=dev.name, disksize=dev.disksize, mm_stat=dev.mm_stat(),
             io_stat=dev.io_stat(), bd_stat=dev.bd_stat(),
             bd_blocks=dev.backing.nr_blocks if dev.backing is not None else 0,
-            evicted=dev.evicted()))
+            evicted=dev.evicted(), dedup_stat=dev.dedup_stat()))
     return snap
 
 

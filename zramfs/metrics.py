@@ -5,6 +5,7 @@ standard client library (prometheus_client), per device and per FUSE request typ
     zramfs_io_stat_failed_writes_total{device="zram0"}        io_stat's, as counters
     zramfs_bd_stat_count_pages{device="zram0"}                bd_stat's, and the capacity
     zramfs_evicted_pages_total{device="zram0"}                zswap-style eviction
+    zramfs_dedup_stat_pages_deduplicated{device="zram0"}      dedup_stat's, one gauge each
     zramfs_requests_total{op="write"}                         the FUSE engine's requests
     zramfs_request_duration_seconds_bucket{op="write",le=...} and their latency
 
@@ -24,6 +25,7 @@ from prometheus_client.registry import CollectorRegistry
 MM_STAT = ("orig_data_size", "compr_data_size", "mem_used_total", "mem_limit", "mem_used_max",
            "same_pages", "pages_compacted", "huge_pages", "huge_pages_since")
 IO_STAT = ("failed_reads", "failed_writes", "invalid_io", "notify_free")
+DEDUP_STAT = (("pages_deduplicated", ""), ("bytes_saved", "bytes"), ("hash_table_entries", ""))
 
 
 @dataclass
@@ -35,6 +37,7 @@ class DeviceStats:
     bd_stat: tuple[int, int, int]
     bd_blocks: int                        # the backing device's capacity, 4 KiB blocks
     evicted: int
+    dedup_stat: tuple[int, int, int] = (0, 0, 0)
 
 
 @dataclass
@@ -88,6 +91,12 @@ class Collector:
             bd_writes.add_metric([d.name], d.bd_stat[2])
             evicted.add_metric([d.name], d.evicted)
         yield from (disksize, bd_count, bd_blocks, bd_reads, bd_writes, evicted)
+        for i, (name, unit) in enumerate(DEDUP_STAT):
+            m = GaugeMetricFamily(f"zramfs_dedup_stat_{name}", f"dedup_stat's {name}",
+                                  labels=device, unit=unit)
+            for d in snap.devices:
+                m.add_metric([d.name], d.dedup_stat[i])
+            yield m
         requests = CounterMetricFamily("zramfs_requests", "FUSE requests served", labels=["op"])
         latency = HistogramMetricFamily("zramfs_request_duration", "FUSE request latency",
                                         labels=["op"], unit="seconds")
