@@ -30,7 +30,7 @@ import pytest
 
 from conftest import (Cleanup, Daemon, requires_fuse, run, start_daemon, swap_used_kib,
                       wait_for, zramfs_daemon)
-from manager import Manager, servings
+from manager import Call, Manager, servings
 from test_system import (CGROUP_MEMORY, HERE, HOG_LIMIT, MiB, end_process,
                          memory_cgroup_of, remove_cgroup, sha256, swapoff_if_on,
                          umount_if_mounted)
@@ -113,13 +113,26 @@ def when_busy(mgr: Manager, loop: str, timeout: float = 10) -> None:
 
 @contextlib.contextmanager
 def let_go_if_down(d: Daemon, mgr: Manager) -> Iterator[None]:
-    """If the test fails while no daemon serves, the manager closes what it keeps: the FUSE
-    connection ends, so the I/O waiting in the kernel fails and the clean-up can take swap,
-    mounts and loop devices down instead of waiting for a daemon that never comes."""
+    """If the test fails, what tells why is printed (the daemon's log, the kernel's I/O
+    errors, the devices' io_stat); if no daemon serves then, the manager closes what it
+    keeps: the FUSE connection ends, so the I/O waiting in the kernel fails and the clean-up
+    can take swap, mounts and loop devices down instead of waiting for a daemon that never
+    comes."""
     try:
         yield
     except BaseException:
-        if not d.alive():
+        print(f"the daemon's log, to the end:\n{tail(d.log, 200)}")
+        kernel = run("dmesg", check=False).stdout.splitlines()
+        print("the kernel's last I/O errors:\n" + "\n".join(
+            line for line in kernel[-200:] if "error" in line.lower()))
+        if d.alive():
+            call = Call(lambda: {name: d.read(name, "io_stat").split()
+                                 for name in os.listdir(d.mnt / "sys/block")})
+            try:
+                print(f"io_stat: {call.result(5)}")
+            except AssertionError:
+                print("io_stat: no answer")
+        else:
             mgr.close()
         raise
 
