@@ -69,7 +69,7 @@ def restart(d: Daemon, mgr: Manager, loop: str, how: signal.Signals,
     SIGKILL is a crash: the test, as systemd's Restart=on-failure, starts the next daemon
     with what the dead one stored (`args` are its arguments). SIGHUP is an upgrade: a daemon
     without a supervisor executes itself anew, the same pid. A daemon that does not come to
-    serve is killed (see let_go_if_down)."""
+    serve is killed, and the connection aborted if it cannot die (see abort)."""
     before = servings(d)
     busy = in_flight(loop)
     start = time.monotonic()
@@ -84,7 +84,11 @@ def restart(d: Daemon, mgr: Manager, loop: str, how: signal.Signals,
               SERVE_BOUND)
     except AssertionError:
         d.proc.kill()
-        d.proc.wait(30)
+        try:
+            d.proc.wait(10)
+        except subprocess.TimeoutExpired:       # a thread of it waits in the kernel
+            abort(d, mgr)
+            d.proc.wait(30)
         raise AssertionError(f"no daemon serves {SERVE_BOUND} s after {how.name}:\n"
                              f"{tail(d.log)}") from None
     pause = time.monotonic() - start
@@ -112,12 +116,10 @@ def when_busy(mgr: Manager, loop: str, timeout: float = 10) -> None:
 
 
 @contextlib.contextmanager
-def let_go_if_down(d: Daemon, mgr: Manager) -> Iterator[None]:
+def abort_if_down(d: Daemon, mgr: Manager) -> Iterator[None]:
     """If the test fails, what tells why is printed (the daemon's log, the kernel's I/O
-    errors, the devices' io_stat); if no daemon serves then, the manager closes what it
-    keeps: the FUSE connection ends, so the I/O waiting in the kernel fails and the clean-up
-    can take swap, mounts and loop devices down instead of waiting for a daemon that never
-    comes."""
+    errors, the devices' io_stat), and if no daemon answers then, the connection is aborted
+    (see abort)."""
     try:
         yield
     except BaseException:
@@ -125,16 +127,24 @@ def let_go_if_down(d: Daemon, mgr: Manager) -> Iterator[None]:
         kernel = run("dmesg", check=False).stdout.splitlines()
         print("the kernel's last I/O errors:\n" + "\n".join(
             line for line in kernel[-200:] if "error" in line.lower()))
-        if d.alive():
-            call = Call(lambda: {name: d.read(name, "io_stat").split()
-                                 for name in os.listdir(d.mnt / "sys/block")})
-            try:
-                print(f"io_stat: {call.result(5)}")
-            except AssertionError:
-                print("io_stat: no answer")
-        else:
-            mgr.close()
+        call = Call(lambda: {name: d.read(name, "io_stat").split()
+                             for name in os.listdir(d.mnt / "sys/block")})
+        try:
+            print(f"io_stat: {call.result(5)}")
+        except AssertionError:
+            print("io_stat: no answer: the FUSE connection is aborted")
+            abort(d, mgr)
         raise
+
+
+def abort(d: Daemon, mgr: Manager) -> None:
+    """Ends the tree's FUSE connection: the manager lets go of what it keeps, and umount -f
+    aborts the connection (fs/fuse's umount_begin), which a daemon thread stuck in the
+    kernel may still hold open. Every request waiting in the kernel fails, so the clean-up
+    can take swap, mounts and loop devices down instead of waiting for a daemon that never
+    answers."""
+    mgr.close()
+    run("umount", "-f", str(d.mnt), check=False, timeout=60)
 
 
 def stop(d: Daemon, mgr: Manager) -> None:
@@ -207,7 +217,7 @@ def test_fio_verifies_across_ten_kills(tmp_path: Path, cleanup: Cleanup,
     rng = random.Random(seed)
     print(f"random seed {seed}")
     mgr = Manager(cleanup)
-    with zramfs_daemon(env=mgr.env(), tmp=tmp_path) as d, let_go_if_down(d, mgr):
+    with zramfs_daemon(env=mgr.env(), tmp=tmp_path) as d, abort_if_down(d, mgr):
         name = d.device(f"{2 * FIO_JOB_MIB + 64}M", "lz4")
         loop = d.losetup(name)
         work = tmp_path / "fio"
@@ -314,7 +324,7 @@ def test_swap_in_a_memory_cgroup_lives_through_a_kill_and_an_upgrade(
     daemon, some of them written through the first; the process finds them all as written."""
     mgr = Manager(cleanup)
     args = ("--fuse-transport", "classic", "--mlock", "yes")    # as with a swap device
-    with zramfs_daemon(*args[2:], env=mgr.env(), tmp=tmp_path) as d, let_go_if_down(d, mgr):
+    with zramfs_daemon(*args[2:], env=mgr.env(), tmp=tmp_path) as d, abort_if_down(d, mgr):
         name = d.device("1G", "lz4")
         loop = d.losetup(name)
         run("mkswap", loop, timeout=60)
@@ -469,7 +479,7 @@ def test_ext4_copy_lives_through_kills_and_upgrades(tmp_path: Path, cleanup: Cle
     sums = generate_tree(src, rng)
     mgr = Manager(cleanup)
     args = ("--fuse-transport", "classic")
-    with zramfs_daemon(env=mgr.env(), tmp=tmp_path) as d, let_go_if_down(d, mgr):
+    with zramfs_daemon(env=mgr.env(), tmp=tmp_path) as d, abort_if_down(d, mgr):
         name = d.device("2G", "lz4")
         loop = d.losetup(name)
         run("mkfs.ext4", "-q", loop, timeout=120)
