@@ -240,7 +240,7 @@ def test_fio_verifies_across_ten_kills(tmp_path: Path, cleanup: Cleanup,
         pauses: list[float] = []
         busy = 0                                # kills with requests in flight
         while len(pauses) < FIO_KILLS:
-            idle(mgr, rng.uniform(0.2, 2.5))
+            idle(mgr, rng.uniform(0.2, 1.5))
             if fio.poll() is not None:          # done before the kills: check it, and again
                 check_fio(fio, out)
                 fio, out = next_fio()
