@@ -883,6 +883,10 @@ cdef class Session:
                 if s.workers[i].request == NULL or s.workers[i].scratch == NULL:
                     rc = -ENOMEM
                     break
+                # Resident before the first read(2): the kernel ends with EIO a request whose
+                # copy into this buffer faults while the process is being killed (a crash
+                # during a live restart), instead of leaving it for the next daemon.
+                memset(s.workers[i].request, 0, s.request_size)
                 pthread_mutex_lock(&s.lock)
                 s.running += 1
                 pthread_mutex_unlock(&s.lock)
