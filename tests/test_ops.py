@@ -366,6 +366,13 @@ def test_metrics_endpoint_scraped_while_fio_runs(tmp_path: Path, transport: str)
     from prometheus_client.parser import text_string_to_metric_families
 
     port = free_port()
+
+    def scrape() -> dict:
+        """One scrape, parsed: (name, sorted labels) -> value."""
+        text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}
+
     with zramfs_daemon("--metrics", f"127.0.0.1:{port}", tmp=tmp_path,
                        transport=transport) as d:
         name = d.device("64M")
@@ -377,14 +384,12 @@ def test_metrics_endpoint_scraped_while_fio_runs(tmp_path: Path, transport: str)
                                cwd=tmp_path)
         try:
             time.sleep(1)
-            scrapes = [urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()]
+            scrapes = [scrape()]
         finally:
             assert fio.wait(60) == 0
-        scrapes.append(urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
+        scrapes.append(scrape())
         mm = [int(x) for x in d.read(name, "mm_stat").split()]
-        for text in scrapes:
-            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                       for f in text_string_to_metric_families(text) for s in f.samples}
+        for samples in scrapes:
             dev = (("device", name),)
             assert samples[("zramfs_mm_stat_orig_data_size_bytes", dev)] > 0
             assert samples[("zramfs_disksize_bytes", dev)] == 64 << 20
@@ -412,9 +417,7 @@ def test_metrics_endpoint_scraped_while_fio_runs(tmp_path: Path, transport: str)
                 os.pwrite(fd, page, i * PAGE)
         finally:
             os.close(fd)
-        text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for f in text_string_to_metric_families(text) for s in f.samples}
+        samples = scrape()
         shared = [int(x) for x in d.read(twin, "dedup_stat").split()]
         assert shared[0] == 2
         assert samples[("zramfs_dedup_stat_pages_deduplicated", (("device", twin),))] == 2
