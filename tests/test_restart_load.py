@@ -35,9 +35,9 @@ from conftest import (PAGE, Cleanup, Daemon, requires_fuse, run, start_daemon,
                       swap_used_kib, wait_for, zramfs_daemon)
 from manager import Call, Manager, servings
 from memhog import page
-from test_system import (CGROUP_MEMORY, HERE, HOG_LIMIT, MiB, end_process,
-                         memory_cgroup_of, remove_cgroup, sha256, swapoff_if_on,
-                         umount_if_mounted)
+from test_system import (CGROUP_MEMORY, HERE, HOG_LIMIT, MiB, end_process, memory_cgroup,
+                         memory_cgroup_of, remove_cgroup, sha256, start_in_cgroup,
+                         swapoff_if_on, umount_if_mounted)
 
 pytestmark = [requires_fuse, pytest.mark.slow]
 
@@ -340,24 +340,11 @@ def test_swap_in_a_memory_cgroup_lives_through_a_kill_and_an_upgrade(
         run("swapon", "-p", str(SWAP_PRIORITY), loop, timeout=60)
         d.cleanup.push(f"swapoff {loop}", lambda: swapoff_if_on(loop))
 
-        cgroup = CGROUP_MEMORY / f"zramfs-test-restart-{os.getpid()}"
-        cgroup.mkdir()
-        d.cleanup.push(f"rmdir {cgroup}", lambda: remove_cgroup(cgroup))
-        (cgroup / "memory.limit_in_bytes").write_text(str(HOG_LIMIT))
-        if (cgroup / "memory.swappiness").exists():
-            (cgroup / "memory.swappiness").write_text("100")
-
-        # The shell puts itself (the process, nothing else) into the cgroup and becomes it.
+        cgroup = memory_cgroup(d.cleanup, "zramfs-test-restart")
         out, err = tmp_path / "hog.out", tmp_path / "hog.err"
-        with open(out, "wb") as o, open(err, "wb") as e:
-            hog = subprocess.Popen(
-                ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$0" "$@"',
-                 sys.executable, "-c", HOLDER, str(HERE), str(SWAP_HOG_MIB)],
-                stdin=subprocess.PIPE, stdout=o, stderr=e, cwd=tmp_path)
-        d.cleanup.push(f"kill the holder {hog.pid}", lambda: (end_process(hog),
-                                                               hog.stdin.close()))
-        wait_for(lambda: hog.poll() is not None or str(hog.pid) in
-                 (cgroup / "cgroup.procs").read_text().split(), 10, "the holder to join")
+        hog = start_in_cgroup(d.cleanup, cgroup,
+                              [sys.executable, "-c", HOLDER, str(HERE), str(SWAP_HOG_MIB)],
+                              tmp_path, stdin=subprocess.PIPE)
 
         def outside() -> None:
             assert memory_cgroup_of(d.proc.pid) != "/" + cgroup.name, "the daemon is in it"
@@ -564,13 +551,10 @@ def test_a_graceful_restart_in_a_tight_cgroup_with_swap_on_its_own_device(
     mgr = Manager(cleanup)
     args = ("--fuse-transport", "classic", "--mlock", "yes")
     with zramfs_daemon(*args[2:], env=mgr.env(), tmp=tmp_path) as d, abort_if_down(d, mgr):
-        cgroup = CGROUP_MEMORY / f"zramfs-test-restart-daemon-{os.getpid()}"
-        cgroup.mkdir()
-        d.cleanup.push(f"rmdir {cgroup}", lambda: remove_cgroup(cgroup))
+        cgroup = memory_cgroup(d.cleanup, "zramfs-test-restart-daemon", DAEMON_LIMIT)
         d.cleanup.push("the daemon back to the root cgroup",
                        lambda: d.alive() and (CGROUP_MEMORY / "cgroup.procs").write_text(
                            str(d.proc.pid)))
-        (cgroup / "memory.limit_in_bytes").write_text(str(DAEMON_LIMIT))
         (cgroup / "cgroup.procs").write_text(str(d.proc.pid))   # before the pool exists
         name = d.device("1G", "lz4")
         fd = os.open(d.dev(name), os.O_RDWR)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (Daemon, is_mounted, requires_fuse, run, swap_is_on,
+from conftest import (Cleanup, Daemon, is_mounted, requires_fuse, run, swap_is_on,
                       swap_used_kib, wait_for, zramfs_daemon)
 
 MiB = 1 << 20
@@ -113,6 +113,32 @@ def remove_cgroup(path: Path) -> None:
         path.rmdir()
 
 
+def memory_cgroup(cleanup: Cleanup, name: str, limit: int = HOG_LIMIT) -> Path:
+    """A new memory cgroup of `limit` bytes that swaps readily, removed at cleanup."""
+    cgroup = CGROUP_MEMORY / f"{name}-{os.getpid()}"
+    cgroup.mkdir()
+    cleanup.push(f"rmdir {cgroup}", lambda: remove_cgroup(cgroup))
+    (cgroup / "memory.limit_in_bytes").write_text(str(limit))
+    if (cgroup / "memory.swappiness").exists():
+        (cgroup / "memory.swappiness").write_text("100")
+    return cgroup
+
+
+def start_in_cgroup(cleanup: Cleanup, cgroup: Path, argv: list[str], tmp_path: Path,
+                    **popen: object) -> subprocess.Popen:
+    """`argv` in `cgroup` (a shell puts itself, nothing else, there and becomes it), its
+    output in tmp_path's hog.out and hog.err, ended at cleanup; waits until it has joined."""
+    with open(tmp_path / "hog.out", "wb") as o, open(tmp_path / "hog.err", "wb") as e:
+        proc = subprocess.Popen(
+            ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$0" "$@"', *argv],
+            stdout=o, stderr=e, cwd=tmp_path, **popen)
+    cleanup.push(f"kill {proc.pid}", lambda: (end_process(proc),
+                                              proc.stdin and proc.stdin.close()))
+    wait_for(lambda: proc.poll() is not None or str(proc.pid) in
+             (cgroup / "cgroup.procs").read_text().split(), 10, f"{proc.pid} to join {cgroup}")
+    return proc
+
+
 def memory_cgroup_of(pid: int) -> str:
     for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)
@@ -194,24 +220,10 @@ def test_swap_in_memory_cgroup_round_trips_and_discards(daemon: Daemon, tmp_path
               if line.split()[0] != loop]
     assert all(int(f[4]) < 32767 for f in others), f"another swap outranks ours: {others}"
 
-    cgroup = CGROUP_MEMORY / f"zramfs-test-{os.getpid()}"
-    cgroup.mkdir()
-    daemon.cleanup.push(f"rmdir {cgroup}", lambda: remove_cgroup(cgroup))
-    (cgroup / "memory.limit_in_bytes").write_text(str(HOG_LIMIT))
-    if (cgroup / "memory.swappiness").exists():
-        (cgroup / "memory.swappiness").write_text("100")
-
-    # The shell puts itself (the child, nothing else) into the cgroup and becomes memhog.
+    cgroup = memory_cgroup(daemon.cleanup, "zramfs-test")
     out, err = tmp_path / "hog.out", tmp_path / "hog.err"
-    with open(out, "wb") as o, open(err, "wb") as e:
-        hog = subprocess.Popen(
-            ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$0" "$@"',
-             sys.executable, str(HERE / "memhog.py"), str(HOG_MIB)],
-            stdout=o, stderr=e, cwd=tmp_path)
-    daemon.cleanup.push(f"kill memhog {hog.pid}", lambda: end_process(hog))
-
-    wait_for(lambda: hog.poll() is not None or str(hog.pid) in
-             (cgroup / "cgroup.procs").read_text().split(), 10, "memhog to join its cgroup")
+    hog = start_in_cgroup(daemon.cleanup, cgroup,
+                          [sys.executable, str(HERE / "memhog.py"), str(HOG_MIB)], tmp_path)
     assert memory_cgroup_of(daemon.proc.pid) != "/" + cgroup.name, "the daemon is in the cgroup"
 
     max_stored = max_swap_kib = 0
