@@ -30,6 +30,7 @@ import pytest
 from conftest import (PAGE, PUNCH_HOLE, Cleanup, Daemon, fallocate, is_mounted, requires_fuse,
                       start_daemon, zramfs_daemon)
 from manager import Call, Manager, servings
+from zramfs._alloc import POOL_VERSION
 
 pytestmark = requires_fuse
 
@@ -153,7 +154,8 @@ DAMAGE: dict[str, tuple[list[Spoil], str]] = {
                     "cannot adopt the kept state: zram1: not a zramfs slot table (bad magic)"),
     "pool version": ([Spoil(lambda mgr: kept_name(mgr, "zram1", "pool"), VERSION_AT, 4,
                             version_99)],
-                     "cannot adopt the kept state: zram1: pool format 99, this zramfs reads 1"),
+                     "cannot adopt the kept state: zram1: pool format 99, this zramfs reads "
+                     f"{POOL_VERSION}"),
     # The first bytes of each half's JSON: both CRCs fail, as after two torn writes.
     "record torn": ([Spoil(record, half + RECORD_BODY, 8, flipped)
                      for half in (0, RECORD_HALF)],

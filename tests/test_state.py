@@ -1,5 +1,6 @@
 """Live restart's memory side, without a mount: a device's table and pool kept in memfds and
-copied into a new meta (Meta.take_over), the device record (zramfs.state), and what is refused.
+adopted in place by a new meta (Meta(kept=...)) or copied into one (Meta.take_over), the device
+record (zramfs.state), and what is refused.
 The mount-level restarts (SIGKILL under fio, swap, ext4) are in test_restart.py."""
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import struct
 import pytest
 
 from conftest import attached, destroy
-from zramfs._alloc import Pool, PoolImage, PoolImageError
+from zramfs._alloc import Pool, PoolImage, PoolImageError, PoolInPlaceError
 from zramfs._zram import Disk, Meta, TableImageError
 from zramfs.state import DeviceRecord, Record, State, StateError
 
@@ -68,6 +69,120 @@ def test_take_over_copies_every_page_and_the_counters(backend: str) -> None:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def test_adoption_in_place_keeps_every_page_and_the_counters() -> None:
+    """Three restarts: each new meta maps the kept memfds again (the same files, nothing
+    copied) and holds what the one before held, in the same memory; and it goes on working."""
+    rng = random.Random(3)
+    disk = attached(Meta(SIZE, "lz4", name="gen0"))
+    model = fill(disk, rng, 4000)
+    disk.meta.compact()
+    first = [os.fstat(fd).st_ino for fd in disk.meta.state_fds]
+    for gen in range(1, 4):
+        before = disk.meta.mm_stat()
+        fds = [os.dup(fd) for fd in disk.meta.state_fds]
+        destroy(disk)                  # the old process's mapping is gone; the fds keep it
+        try:
+            meta = Meta(SIZE, "lz4", name=f"gen{gen}", kept=tuple(fds))
+        finally:
+            for fd in fds:
+                os.close(fd)
+        disk = attached(meta)
+        assert [os.fstat(fd).st_ino for fd in meta.state_fds] == first
+        assert meta.adopted.lost == 0 and meta.adopted.pages == before[0] // PAGE
+        after = meta.mm_stat()
+        for field in (0, 1, 2, 4, 5, 7):   # stored, compressed, used, max used, same, huge
+            assert after[field] == before[field], (gen, field, before, after)
+        bad = [off for off, data in model.items() if disk.read(off, PAGE) != data]
+        assert not bad, f"{len(bad)} pages differ after adoption {gen}"
+        model.update(fill(disk, rng, 500))
+    destroy(disk)
+
+
+def test_adoption_frees_objects_no_slot_names() -> None:
+    """A write that never reached the slot table leaves an object nobody names: adoption
+    gives it back, its zspage with it when it was the last, and reuses the room."""
+    with Pool("zsmalloc", "p") as pool:
+        handles = [pool.malloc(size) for size in (100, 100, 3000, 3000, 700) for _ in range(200)]
+        for h in handles:
+            pool.write(h, h.to_bytes(8, "little") * 8)
+        used = pool.total_pages
+        fd = os.dup(pool.fd)
+    # The first 60 objects of each size: the zspages of the other 140 end up empty.
+    kept = [h for g in range(5) for h in handles[g * 200:g * 200 + 60]] + handles[:5]
+    try:
+        adopted = Pool.adopt(fd, kept, "q")
+    finally:
+        os.close(fd)
+    with adopted:
+        assert sum(r.obj_used for r in adopted.class_stats()) == len(set(kept))
+        assert adopted.total_pages < used * 0.5
+        for h in set(kept):
+            assert adopted.read(h)[:64] == h.to_bytes(8, "little") * 8
+        for h in set(kept):
+            adopted.free(h)
+        assert adopted.total_pages == 0
+        fresh = [adopted.malloc(200) for _ in range(1000)]
+        for h in fresh:
+            adopted.write(h, b"n" * 200)
+        assert all(adopted.read(h)[:200] == b"n" * 200 for h in fresh)
+
+
+def test_adoption_in_place_refuses_what_it_cannot_trust() -> None:
+    """A handle that leads nowhere is refused before anything is changed; a pool still mapped
+    in this process (its address taken) or of a backend that cannot be adopted in place is
+    left to be copied."""
+    with Pool("zsmalloc", "p") as pool:
+        h = pool.malloc(100)
+        pool.write(h, b"a" * 100)
+        fd = os.dup(pool.fd)
+        with pytest.raises(PoolInPlaceError, match="taken"):
+            Pool.adopt(fd, [h])
+    try:
+        for bad in (h + 1, h | (200 << 32), h ^ (1 << 31)):
+            with pytest.raises(PoolImageError, match="damaged"):
+                Pool.adopt(fd, [h, bad])
+        with Pool.adopt(fd, [h]) as again:                    # nothing was changed
+            assert again.read(h)[:100] == b"a" * 100
+    finally:
+        os.close(fd)
+    with Pool("zbud", "z") as pool:
+        fd = os.dup(pool.fd)
+    try:
+        with pytest.raises(PoolInPlaceError, match="zbud"):
+            Pool.adopt(fd, [])
+    finally:
+        os.close(fd)
+    with Pool("zsmalloc", "e") as pool:                      # one that never held anything
+        fd = os.dup(pool.fd)
+    try:
+        with Pool.adopt(fd, []) as empty:
+            assert empty.total_pages == 0
+            assert empty.read(empty.malloc(10))[:1] == b"\0"
+    finally:
+        os.close(fd)
+
+
+def test_adoption_leaves_a_sparse_table_sparse() -> None:
+    """Slots never written are holes in the table's memfd; adopting reads only the rest."""
+    disk = attached(Meta(1 << 30, "lz4", name="sparse"))
+    for i in range(0, 1 << 30, 64 << 20):
+        disk.write(i, b"s" * 100 + bytes(PAGE - 100))
+    fds = [os.dup(fd) for fd in disk.meta.state_fds]
+    destroy(disk)
+    try:
+        meta = Meta(1 << 30, "lz4", name="sparse2", kept=tuple(fds))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    disk = attached(meta)
+    try:
+        assert meta.adopted == (16, 0, 0)
+        assert os.fstat(meta.state_fds[0]).st_blocks * 512 < 1 << 20   # of 4 MiB of slots
+        assert disk.read(64 << 20, PAGE)[:100] == b"s" * 100
+    finally:
+        destroy(disk)
 
 
 def test_kept_memory_stays_with_the_fd_and_freed_pages_go_back() -> None:

@@ -43,5 +43,14 @@ cdef class PoolImage:
     cdef zregion region
     cdef const zpool_driver* driver
     cdef ssize_t delta
+    cdef char* old_base            # where the process that made the pool had it
     cdef readonly str backend
     cdef const char* locate(self, uint64_t handle, size_t size) noexcept nogil
+
+
+# Live restart in place: the pool kept in memfd `fd`, mapped again where the process that made
+# it had it and made this one's, with the objects `handles` name (the slot table's, repeats
+# allowed) and no other (zpool_driver.adopt). Raises PoolImageError for a pool that cannot be
+# adopted (damaged, another format), PoolInPlaceError for one that must be copied instead
+# (its backend cannot, or its address is taken in this process).
+cdef Pool pool_adopt(int fd, const uint64_t* handles, size_t n, str name)

@@ -8,8 +8,10 @@ picks a backend by name and pins it while a pool uses it, the names of live pool
 the owner the device holds and the face tests and tools use. Everything here runs under the
 GIL; `Pool` drops it around each driver call, so threads really run in parallel.
 
-A pool lives in a region of its own, a memfd (zramfs._pages) with a header at offset 0: keep
-`Pool.fd` across a restart and a later daemon opens it as a `PoolImage` to copy the objects out.
+A pool lives in a region of its own, a memfd (zramfs._pages) with a header at offset 0, mapped
+in an address range of its own: keep `Pool.fd` across a restart and a later daemon maps it at
+the same address and adopts it as it is (`pool_adopt`), or, where it cannot, opens it as a
+`PoolImage` to copy the objects out.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from zramfs.zram cimport PAGE_SIZE
 from zramfs.zpool cimport ZPOOL_ARENAS, ZPOOL_ROOT, zpool_class_stat, zpool_driver
 from zramfs._pages cimport PAGES_MAX_RUN      # every backend's zspage (or page) is one run
-from zramfs._pages cimport region_close, region_create, region_map, zregion
+from zramfs._pages cimport (region_adopt, region_close, region_create, region_map,
+                            region_populate, zregion)
 from zramfs._zsmalloc cimport zsmalloc_driver
 from zramfs._zbud cimport zbud_driver
 
@@ -36,7 +39,7 @@ PAGE = PAGE_SIZE
 DEFAULT_MAX_PAGES_PER_ZSPAGE = 8
 # The header's magic and version: a later daemon adopts only a pool of the same layout.
 POOL_MAGIC = b"zramfs-pool"
-POOL_VERSION = 1
+POOL_VERSION = 2
 _ARENA = 64 << 20
 
 
@@ -118,7 +121,7 @@ cdef class Pool:
         self.backend = backend
         self._live = set()
         region_name = f"zramfs-pool:{name}".encode()
-        rc = region_create(&self.region, region_name, size)
+        rc = region_create(&self.region, region_name, size, True)
         if rc != 0:
             self._unpin()
             raise OSError(-rc, f"cannot make a region of {size} bytes for the pool")
@@ -137,6 +140,24 @@ cdef class Pool:
             self._unpin()
             raise MemoryError("cannot create pool")
         self.name = _claim_name(name)
+
+    @staticmethod
+    def adopt(int fd, handles, str name="zram") -> Pool:
+        """`pool_adopt` for tests and tools: the kept pool in `fd` with the objects of
+        `handles` (a sequence of ints), which its Python methods then take."""
+        cdef size_t i, n = len(handles)
+        cdef uint64_t* hs = <uint64_t*>malloc((n + 1) * sizeof(uint64_t))
+        cdef Pool p
+        if hs == NULL:
+            raise MemoryError("no memory for the handles")
+        try:
+            for i in range(n):
+                hs[i] = handles[i]
+            p = pool_adopt(fd, hs, n, name)
+        finally:
+            free(hs)
+        p._live = set(handles)
+        return p
 
     @property
     def fd(self) -> int:
@@ -298,6 +319,45 @@ class PoolImageError(Exception):
     """The fd holds no pool this version can adopt."""
 
 
+class PoolInPlaceError(Exception):
+    """The kept pool cannot be adopted in place here: its backend cannot, or its address is
+    taken in this process. It can still be copied out (PoolImage)."""
+
+
+cdef Pool pool_adopt(int fd, const uint64_t* handles, size_t n, str name):
+    cdef PoolImage image = PoolImage(fd)
+    cdef const zpool_driver* driver = image.driver
+    cdef char* base = image.old_base
+    cdef str backend = image.backend
+    cdef const char* why
+    cdef Pool p
+    cdef int rc
+    image.close()
+    if driver.adopt == NULL:
+        raise PoolInPlaceError(f"a {backend} pool is copied, not adopted in place")
+    p = Pool.__new__(Pool)
+    p.driver = driver
+    p.backend = backend
+    p._live = set()
+    BACKENDS.pin(backend)
+    p._pin = backend
+    rc = region_adopt(&p.region, fd, base)
+    if rc != 0:
+        p._unpin()
+        raise PoolInPlaceError(f"its address {<uint64_t>base:#x} is taken in this process: "
+                               f"{os.strerror(-rc)}")
+    with nogil:
+        why = driver.adopt(&p.region, handles, n, &p.impl)
+    if why != NULL:
+        region_close(&p.region)
+        p._unpin()
+        raise PoolImageError(f"pool damaged: {why.decode()}")
+    with nogil:
+        region_populate(&p.region, ZPOOL_ARENAS)
+    p.name = _claim_name(name)
+    return p
+
+
 cdef class PoolImage:
     """`PoolImage(fd)`: the pool a process before this one left in the memfd `fd` (a dup is
     kept; `close()` drops it). Raises PoolImageError for anything but a pool of this layout."""
@@ -334,6 +394,7 @@ cdef class PoolImage:
         self.backend = backend
         self.driver = b.driver
         self.delta = <ssize_t>(self.region.base - <char*>h.base)
+        self.old_base = <char*>h.base
 
     cdef const char* locate(self, uint64_t handle, size_t size) noexcept nogil:
         if self.region.base == NULL:

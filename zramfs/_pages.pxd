@@ -20,7 +20,12 @@ ctypedef struct zregion:
     size_t size
 
 # A new memfd of `size` bytes (sparse: nothing is resident until touched), mapped; 0 or -errno.
-cdef int region_create(zregion* r, const char* name, size_t size) noexcept nogil
+# `placed`: mapped in an area of its own where a later process can map it at the same address
+# (region_adopt), if there is room there.
+cdef int region_create(zregion* r, const char* name, size_t size, bint placed) noexcept nogil
+# An existing memfd mapped whole and writable at exactly `base`: 0, -EEXIST when something of
+# this process is there already, or another -errno. Takes no ownership of fd, as region_map.
+cdef int region_adopt(zregion* r, int fd, char* base) noexcept nogil
 # An existing memfd mapped whole (read-only unless `writable`); 0 or -errno. Takes no ownership
 # of fd: region_close closes a dup.
 cdef int region_map(zregion* r, int fd, bint writable) noexcept nogil
@@ -28,10 +33,19 @@ cdef int region_map(zregion* r, int fd, bint writable) noexcept nogil
 cdef void region_close(zregion* r) noexcept nogil
 # Gives the range's memory back to the OS (a hole in the memfd); keeps the range mapped.
 cdef void region_punch(zregion* r, char* addr, size_t length) noexcept nogil
+# Maps into this process the pages from `first` on that are in memory (not holes, not swapped
+# out), so that they are locked under mlockall and counted in its RSS.
+cdef void region_populate(zregion* r, size_t first) noexcept nogil
+
+# A run of pages a backend holds, for adoption (pages_adopt).
+ctypedef struct pages_run:
+    char* addr
+    size_t npages
 
 ctypedef struct page_source:
     pthread_mutex_t lock
     zregion* region               # where the arenas are carved from, [first, region.size)
+    size_t first
     size_t carved                 # offset in the region of the next arena
     char* bump
     char* bump_end
@@ -51,6 +65,14 @@ cdef int pages_init(page_source* ps, zregion* region, size_t first) noexcept nog
 # Stops the populator and forgets the freed runs; the arenas stay in the region, whose owner
 # unmaps them. Nothing else may use ps, then or after.
 cdef void pages_destroy(page_source* ps) noexcept nogil
+# Live restart: a page source a process before this one left in `region`, mapped at its old
+# address, made this one's. pages_runs_sound sorts `runs` (every run the backend holds, its
+# bookkeeping's too) and checks them against the arenas, reading only: 0 if sound, else -1.
+# pages_adopt then frees every other page of the arenas (-1 when the populator cannot start).
+cdef int pages_runs_sound(const page_source* ps, zregion* region, pages_run* runs,
+                          size_t n) noexcept nogil
+cdef int pages_adopt(page_source* ps, zregion* region, const pages_run* runs, size_t n,
+                     size_t held, size_t meta) noexcept nogil
 # A run of 1..PAGES_MAX_RUN contiguous pages, or NULL.
 cdef char* pages_alloc(page_source* ps, int npages) noexcept nogil
 # The same, for the backend's bookkeeping (handle tables, zspage descriptors): charged to the

@@ -20,7 +20,7 @@ together (the daemon sets it from its cgroup's limit and the machine's RAM, zram
 run past it is refused, so a write fails as one over mem_limit does, instead of the OOM killer
 ending the daemon and every device with it.
 """
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport malloc, free, qsort
 from libc.string cimport memset
 
 from zramfs.zram cimport PAGE_SIZE, za_add, za_load, za_store, za_sub
@@ -37,8 +37,15 @@ cdef extern from *:
     #include <unistd.h>
     #include <sys/mman.h>
     #include <sys/stat.h>
+    #include <stdlib.h>
+    #ifndef MADV_POPULATE_READ
+    #define MADV_POPULATE_READ 22
+    #endif
     #ifndef MADV_POPULATE_WRITE
     #define MADV_POPULATE_WRITE 23
+    #endif
+    #ifndef MAP_FIXED_NOREPLACE
+    #define MAP_FIXED_NOREPLACE 0x100000
     #endif
     /* The calling thread only runs on a CPU that nothing else wants. */
     static void ps_sched_idle(void) {
@@ -61,15 +68,25 @@ cdef extern from *:
     int fstat(int fd, stat* st) nogil
     int errno
     void* MAP_FAILED
-    int PROT_READ, PROT_WRITE, MAP_SHARED, MAP_NORESERVE
-    int MADV_POPULATE_WRITE, MFD_CLOEXEC, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_KEEP_SIZE
-    int F_DUPFD_CLOEXEC
+    int PROT_READ, PROT_WRITE, MAP_SHARED, MAP_NORESERVE, MAP_FIXED_NOREPLACE
+    int MADV_POPULATE_WRITE, MADV_POPULATE_READ, MFD_CLOEXEC, FALLOC_FL_PUNCH_HOLE
+    int FALLOC_FL_KEEP_SIZE, F_DUPFD_CLOEXEC, SEEK_DATA, SEEK_HOLE, EEXIST
+    long lseek(int fd, long offset, int whence) nogil
+    int mincore(void* addr, size_t length, unsigned char* vec) nogil
 
 cdef enum:
     ARENA_PAGES = 16384     # 64 MiB of address space a time
     PREFAULT_PAGES = 64     # fresh arena pages made resident ahead, in one madvise
     RESERVE_PAGES = 512     # the populator keeps this much of the arena resident ahead
     POPULATE_PAGES = 32     # ... this much at a time
+
+# Where placed regions (a pool's) are mapped: a fixed stretch of address space that the kernel's
+# own choices (the executable and its heap near 85 TiB, mmap and the stack below 128 TiB) leave
+# alone on x86-64, so a restarted daemon finds a kept pool's address still free and maps it
+# there again, every pointer in it good as it is (zramfs._alloc, Pool.adopt).
+cdef size_t PLACE_START = <size_t>32 << 40
+cdef size_t PLACE_END = <size_t>64 << 40
+cdef size_t PLACE_ALIGN = <size_t>1 << 30
 
 
 cdef struct extent:
@@ -96,7 +113,7 @@ cdef bint _charge(int npages) noexcept nogil:
 
 # --- regions ---------------------------------------------------------------------------------
 
-cdef int region_create(zregion* r, const char* name, size_t size) noexcept nogil:
+cdef int region_create(zregion* r, const char* name, size_t size, bint placed) noexcept nogil:
     cdef int err
     r.base = NULL
     r.size = size
@@ -108,7 +125,52 @@ cdef int region_create(zregion* r, const char* name, size_t size) noexcept nogil
         close(r.fd)
         r.fd = -1
         return -err
+    if placed and _region_place(r) == 0:
+        return 0
     return _region_mmap(r, True)
+
+
+cdef int _region_place(zregion* r) noexcept nogil:
+    """Maps r at the first free place of the placed area; -1 if there is none (the caller
+    maps it anywhere)."""
+    cdef size_t step = (r.size + PLACE_ALIGN - 1) & ~(<size_t>PLACE_ALIGN - 1)
+    cdef size_t addr = PLACE_START
+    while addr + r.size <= PLACE_END:
+        if region_map_at(r, r.fd, <char*>addr) == 0:
+            return 0
+        addr += step
+    return -1
+
+
+cdef int region_map_at(zregion* r, int fd, char* base) noexcept nogil:
+    cdef void* p = mmap(base, r.size, PROT_READ | PROT_WRITE,
+                        MAP_SHARED | MAP_NORESERVE | MAP_FIXED_NOREPLACE, fd, 0)
+    if p == MAP_FAILED:
+        return -errno
+    if p != <void*>base:            # a kernel before 4.17 takes the flag as a hint
+        munmap(p, r.size)
+        return -EEXIST
+    r.base = base
+    return 0
+
+
+cdef int region_adopt(zregion* r, int fd, char* base) noexcept nogil:
+    cdef stat st
+    cdef int rc
+    r.base = NULL
+    r.fd = fcntl(fd, F_DUPFD_CLOEXEC, 3)
+    if r.fd < 0:
+        return -errno
+    if fstat(r.fd, &st) != 0 or st.st_size <= 0:
+        close(r.fd)
+        r.fd = -1
+        return -22          # EINVAL: not a region
+    r.size = <size_t>st.st_size
+    rc = region_map_at(r, r.fd, base)
+    if rc != 0:
+        close(r.fd)
+        r.fd = -1
+    return rc
 
 
 cdef int region_map(zregion* r, int fd, bint writable) noexcept nogil:
@@ -153,6 +215,42 @@ cdef void region_punch(zregion* r, char* addr, size_t length) noexcept nogil:
               <long>length)     # a hint, as MADV_DONTNEED was: errors leave the pages in use
 
 
+cdef void region_populate(zregion* r, size_t first) noexcept nogil:
+    """Maps the region's pages from `first` on that are in memory into this process: the
+    memfd's data (lseek SEEK_DATA/SEEK_HOLE), less what is swapped out (mincore). Mapped, they
+    count in the process's RSS and are locked under mlockall; a swapped-out page is left to
+    fault in when it is used, as reading it now could wait on a swap device this very daemon
+    serves. Holes stay holes: a read fault would fill them."""
+    cdef long off = <long>first, end, stop = <long>r.size
+    cdef size_t npages, i, j
+    cdef unsigned char* vec
+    while off < stop:
+        off = lseek(r.fd, off, SEEK_DATA)
+        if off < 0:
+            return          # ENXIO: no data past off
+        end = lseek(r.fd, off, SEEK_HOLE)
+        if end < 0 or end > stop:
+            end = stop
+        npages = <size_t>(end - off) // PAGE_SIZE
+        vec = <unsigned char*>malloc(npages)
+        if vec == NULL:
+            return
+        if mincore(r.base + off, <size_t>(end - off), vec) == 0:
+            i = 0
+            while i < npages:
+                if not vec[i] & 1:
+                    i += 1
+                    continue
+                j = i
+                while j < npages and vec[j] & 1:
+                    j += 1
+                madvise(r.base + off + i * PAGE_SIZE, (j - i) * PAGE_SIZE,
+                        MADV_POPULATE_READ)         # a hint: errors ignored
+                i = j
+        free(vec)
+        off = end
+
+
 # --- the page source -------------------------------------------------------------------------
 
 cdef void* _populator_main(void* arg) noexcept nogil:
@@ -188,6 +286,7 @@ cdef void* _populator_main(void* arg) noexcept nogil:
 cdef int pages_init(page_source* ps, zregion* region, size_t first) noexcept nogil:
     memset(ps, 0, sizeof(page_source))
     ps.region = region
+    ps.first = first
     ps.carved = first
     if pthread_mutex_init(&ps.lock, NULL) != 0:
         return -1
@@ -322,6 +421,91 @@ cdef void pages_free(page_source* ps, char* addr, int npages) noexcept nogil:
     ps.pages_held -= npages
     pthread_mutex_unlock(&ps.lock)
     za_sub(&_pages_all, npages)
+
+
+cdef int _run_order(const void* a, const void* b) noexcept nogil:
+    cdef char* x = (<const pages_run*>a).addr
+    cdef char* y = (<const pages_run*>b).addr
+    return -1 if x < y else (1 if x > y else 0)
+
+
+cdef char* _swept_to(const page_source* ps, zregion* region) noexcept nogil:
+    """The end of the arena space a pool in `region` has used: past it, nothing was ever
+    handed out."""
+    return ps.bump if ps.bump != NULL else region.base + ps.carved
+
+
+cdef int pages_runs_sound(const page_source* ps, zregion* region, pages_run* runs,
+                          size_t n) noexcept nogil:
+    """Sorts runs by address; 0 if every run is within the arenas a page source left in
+    `region` (at its old address) and no two overlap, else -1. Reads only."""
+    cdef char* lo = region.base + ps.carved
+    cdef char* hi
+    cdef char* end
+    cdef size_t i
+    cdef size_t arena = <size_t>ARENA_PAGES * PAGE_SIZE
+    if ps.carved > region.size or ps.carved < ps.first \
+            or (ps.carved - ps.first) % arena:
+        return -1
+    if ps.bump != NULL and not (region.base + ps.first <= ps.bump <= ps.bump_end
+                                and ps.bump_end == region.base + ps.carved):
+        return -1
+    hi = _swept_to(ps, region)
+    lo = region.base + ps.first
+    qsort(runs, n, sizeof(pages_run), _run_order)
+    for i in range(n):
+        end = runs[i].addr + runs[i].npages * PAGE_SIZE
+        if runs[i].npages == 0 or runs[i].addr < lo or end > hi \
+                or (runs[i].addr - region.base) % PAGE_SIZE:
+            return -1
+        lo = end
+    return 0
+
+
+cdef int pages_adopt(page_source* ps, zregion* region, const pages_run* runs, size_t n,
+                     size_t held, size_t meta) noexcept nogil:
+    """A page source left in `region` by a process before this one, made this process's: its
+    lock and populator anew; every page of its arenas that no run of `runs` (sorted, sound:
+    pages_runs_sound) holds given back and kept as freed runs; `held` + `meta` pages counted
+    as pages_held and meta_pages, and in the budget (even past it: they are held already).
+    What the old process was doing is forgotten, and what it had half done is freed: the
+    runs are the backend's truth. 0, or -1 when the thread cannot be had."""
+    cdef char* at = region.base + ps.first
+    cdef char* end = _swept_to(ps, region)
+    cdef size_t i
+    ps.region = region
+    ps.populated = ps.bump
+    ps.populator_asleep = False
+    ps.stop = False
+    for i in range(PAGES_MAX_RUN + 1):
+        ps.runs[i] = NULL
+    for i in range(n + 1):
+        _sweep(ps, at, runs[i].addr if i < n else end)
+        if i < n:
+            at = runs[i].addr + runs[i].npages * PAGE_SIZE
+    ps.pages_held = held
+    ps.meta_pages = meta
+    za_add(&_pages_all, held + meta)
+    if pthread_mutex_init(&ps.lock, NULL) != 0:
+        return -1
+    pthread_cond_init(&ps.want, NULL)
+    if zram_thread_start(&ps.populator, _populator_main, ps) != 0:
+        pthread_cond_destroy(&ps.want)
+        pthread_mutex_destroy(&ps.lock)
+        return -1
+    return 0
+
+
+cdef void _sweep(page_source* ps, char* start, char* end) noexcept nogil:
+    """[start, end) is nobody's: a hole in the memfd, kept as freed runs."""
+    cdef int n
+    if start >= end:
+        return
+    region_punch(ps.region, start, <size_t>(end - start))
+    while start < end:
+        n = min(<int>((end - start) // PAGE_SIZE), PAGES_MAX_RUN)
+        _push_run(ps, start, n)
+        start += <size_t>n * PAGE_SIZE
 
 
 def set_budget(size_t pages) -> None:

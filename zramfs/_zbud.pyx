@@ -226,7 +226,7 @@ cdef zpool_driver ZBUD = zpool_driver(
     map=zbud_map, unmap=zbud_unmap, obj_size=zbud_obj_size, total_pages=zbud_total_pages,
     compact=zbud_compact, pages_compacted=zbud_pages_compacted,
     huge_class_size=zbud_huge_class_size, class_size=zbud_class_size,
-    class_stats=zbud_class_stats, locate=zbud_locate,
+    class_stats=zbud_class_stats, locate=zbud_locate, adopt=NULL,
 )
 
 

@@ -116,6 +116,10 @@ cdef class Meta:
     cdef readonly object backing
     cdef readonly dict secondary
     cdef readonly object dedup    # zramfs._dedup's index, which frees itself; None: off
+    cdef readonly object adopted  # what a meta adopted in place holds (Adopted); None: new
+
+    cdef zram _adopt_kept(self, int table_fd, int pool_fd, size_t nr_pages, str name) except *
+    cdef object _recount(self, const zram* old)
 
 
 cdef class Disk:

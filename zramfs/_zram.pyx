@@ -36,7 +36,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.pycapsule cimport PyCapsule_New
 
-from zramfs._alloc cimport Pool, PoolImage
+from zramfs._alloc cimport Pool, PoolImage, pool_adopt
 from zramfs._backing cimport Backing, backing_free, backing_read, backing_take
 from zramfs._pages cimport region_close, region_create, region_map, zregion
 from zramfs._workers cimport zjob, zworkers_run, zworkers_start, zworkers_stop
@@ -53,7 +53,8 @@ from zramfs.zram cimport (PAGE_SHIFT, PAGE_SIZE, ZRAM_ACCESSED, ZRAM_DEDUP, ZRAM
                           zram_set_live, zram_slot_flags, zram_slot_lock, zram_slot_set_flags,
                           zram_slot_unlock)
 
-from zramfs._alloc import Pool as _Pool, PoolImage as _PoolImage, PoolImageError
+from zramfs._alloc import (Pool as _Pool, PoolImage as _PoolImage, PoolImageError,
+                           PoolInPlaceError)
 from zramfs._workers import default_workers
 from zramfs._zcomp import Compressor as _Compressor
 
@@ -62,6 +63,7 @@ cdef extern from *:
     #include <stdint.h>
     #include <time.h>
     #include <linux/falloc.h>
+    #include <unistd.h>
     static inline uint32_t zram_now_s(void) {
         struct timespec t;
         clock_gettime(CLOCK_MONOTONIC_COARSE, &t);
@@ -85,6 +87,8 @@ cdef extern from *:
     void za_store32(uint32_t* p, uint32_t v) nogil
     int FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
     size_t SIZE_MAX
+    long lseek(int fd, long offset, int whence) nogil
+    int SEEK_DATA, SEEK_HOLE
 
 cdef enum:
     SECTOR_SHIFT = 9
@@ -654,6 +658,56 @@ class TableImageError(Exception):
     """The fd holds no slot table this version can adopt, or one of another size."""
 
 
+cdef const ztable_header* _table_header(zregion* r, size_t nr_pages) except NULL:
+    """The header of a kept slot table mapped in `r`, checked: TableImageError if it is no
+    table of this layout for a device of `nr_pages`."""
+    cdef const ztable_header* h = <const ztable_header*>r.base
+    if r.size < PAGE_SIZE or memcmp(h.magic, <const char*>TABLE_MAGIC,
+                                    len(TABLE_MAGIC) + 1) != 0:
+        raise TableImageError("not a zramfs slot table (bad magic)")
+    if (h.version != TABLE_VERSION or h.pointer_size != sizeof(void*)
+            or h.zram_size != sizeof(zram) or h.slot_size != sizeof(zslot)
+            or h.table_offset != _table_offset()):
+        raise TableImageError(f"slot table format {h.version}, this zramfs reads "
+                              f"{TABLE_VERSION} (or another build's layout)")
+    if h.nr_pages != nr_pages:
+        raise TableImageError(f"slot table of {h.nr_pages} pages, the device has {nr_pages}")
+    if h.ac_time_offset != _ac_time_offset(nr_pages) \
+            or r.size < h.ac_time_offset + h.nr_pages * sizeof(uint32_t):
+        raise TableImageError("slot table truncated")
+    return h
+
+
+cdef size_t _stored_slots(const zregion* r, size_t i, size_t* end) noexcept nogil:
+    """The next run of slots from `i` on that the table's memfd has pages for, [first, *end);
+    first == *end == nr_pages when there is none. A slot in a hole was never written: reading
+    it would make the page resident for nothing (a shared-memory read fault allocates)."""
+    cdef const ztable_header* h = <const ztable_header*>r.base
+    cdef size_t offset = h.table_offset, nr = h.nr_pages
+    cdef long data, hole
+    end[0] = nr
+    if i >= nr:
+        return nr
+    data = lseek(r.fd, <long>(offset + i * sizeof(zslot)), SEEK_DATA)
+    if data < 0 or <size_t>data >= offset + nr * sizeof(zslot):
+        return nr
+    hole = lseek(r.fd, data, SEEK_HOLE)
+    if hole >= 0 and <size_t>hole < offset + nr * sizeof(zslot):
+        end[0] = (<size_t>hole - offset + sizeof(zslot) - 1) // sizeof(zslot)
+    return max(i, (<size_t>data - offset) // sizeof(zslot))
+
+
+cdef inline bint _kept_object(const zslot* s) noexcept nogil:
+    """A kept slot names an object of the pool."""
+    return s.size != 0 and not s.flags & (ZRAM_SAME | ZRAM_WB)
+
+
+Adopted = namedtuple("Adopted", "pages lost shared")
+Adopted.__doc__ = """What a meta adopted in place holds: pages kept, pages lost (written back
+to blocks the backing device cannot give again), and slots marked as sharing an object
+(ZRAM_DEDUP: the device must have dedup on)."""
+
+
 # --- Python faces ----------------------------------------------------------------------------
 
 Stats = namedtuple("Stats", "mm_stat io_stat streams backend pool evicted")
@@ -673,11 +727,16 @@ cdef class Meta:
     def __init__(self, size_t disksize, str algorithm="lz4", level=None, *,
                  str backend="zsmalloc", str name="zram", streams=None,
                  int max_pages_per_zspage=8, workers=None, Backing backing=None,
-                 dict secondary=None, dict dictionaries=None, bint compressed_wb=False):
+                 dict secondary=None, dict dictionaries=None, bint compressed_wb=False,
+                 tuple kept=None):
         """`backing`: the writeback device (the caller's to close, after destroy).
         `secondary`: recompression algorithms, {priority: (name, level or None)}.
         `dictionaries`: zstd dictionaries, {priority: bytes}, 0 for the primary algorithm.
-        `compressed_wb`: writeback writes objects as stored (decompressed when read back)."""
+        `compressed_wb`: writeback writes objects as stored (decompressed when read back).
+        `kept`: the (table, pool) fds a daemon before this one kept (state_fds): the device
+        is adopted in place, its memory mapped again and nothing copied (`adopted` says what
+        it holds). TableImageError/PoolImageError for kept state this daemon cannot adopt,
+        PoolInPlaceError for a pool to copy instead (take_over)."""
         cdef Compressor comp
         cdef int nr_workers = default_workers() if workers is None else workers
         if disksize == 0 or disksize % PAGE_SIZE:
@@ -686,21 +745,32 @@ cdef class Meta:
             raise ValueError("workers must be 0 or more")
         cdef size_t nr_pages = disksize >> PAGE_SHIFT
         cdef ztable_header* h
-        # A memfd, sparse: untouched slots cost nothing. Kept across a restart (take_over).
-        rc = region_create(&self.region, f"zramfs-table:{name}".encode(),
-                           _ac_time_offset(nr_pages) + nr_pages * sizeof(uint32_t))
-        if rc != 0:
-            raise MemoryError(f"no memory for a slot table of {nr_pages} pages: "
-                              f"{os.strerror(-rc)}")
+        cdef zram old
+        self.adopted = None
+        if kept is not None:
+            old = self._adopt_kept(kept[0], kept[1], nr_pages, name)
+            if self.pool.backend != backend:
+                self.pool.destroy()
+                region_close(&self.region)
+                raise PoolImageError(f"a {self.pool.backend} pool, the device's zpool is "
+                                     f"{backend}")
+        else:
+            # A memfd, sparse: untouched slots cost nothing. Kept across a restart.
+            rc = region_create(&self.region, f"zramfs-table:{name}".encode(),
+                               _ac_time_offset(nr_pages) + nr_pages * sizeof(uint32_t), False)
+            if rc != 0:
+                raise MemoryError(f"no memory for a slot table of {nr_pages} pages: "
+                                  f"{os.strerror(-rc)}")
+            h = <ztable_header*>self.region.base
+            strncpy(h.magic, TABLE_MAGIC, sizeof(h.magic))
+            h.version = TABLE_VERSION
+            h.pointer_size = sizeof(void*)
+            h.nr_pages = nr_pages
+            h.zram_size = sizeof(zram)
+            h.slot_size = sizeof(zslot)
+            h.table_offset = _table_offset()
+            h.ac_time_offset = _ac_time_offset(nr_pages)
         h = <ztable_header*>self.region.base
-        strncpy(h.magic, TABLE_MAGIC, sizeof(h.magic))
-        h.version = TABLE_VERSION
-        h.pointer_size = sizeof(void*)
-        h.nr_pages = nr_pages
-        h.zram_size = sizeof(zram)
-        h.slot_size = sizeof(zslot)
-        h.table_offset = _table_offset()
-        h.ac_time_offset = _ac_time_offset(nr_pages)
         self.m = <zram*>(self.region.base + ZRAM_OFFSET)
         self.disksize = disksize
         self.secondary = {}
@@ -713,7 +783,8 @@ cdef class Meta:
             raise MemoryError("no memory for the eviction page")
         pthread_mutex_init(&self.m.evict_lock, NULL)
         try:
-            self.pool = _Pool(backend, name, max_pages_per_zspage)
+            if self.pool is None:
+                self.pool = _Pool(backend, name, max_pages_per_zspage)
             # One private stream a worker, and one for eviction.
             dictionaries = dictionaries or {}
             self.compressor = _Compressor(algorithm, level, streams,
@@ -747,6 +818,111 @@ cdef class Meta:
                 self.destroy()
                 raise MemoryError(f"cannot start {nr_workers} compression workers")
         self.workers = nr_workers
+        if kept is not None:
+            self.adopted = self._recount(&old)
+
+    cdef zram _adopt_kept(self, int table_fd, int pool_fd, size_t nr_pages, str name) except *:
+        """The kept slot table mapped in place, and the kept pool adopted with the objects its
+        slots name (pool_adopt); then, and only then, the table made this meta's: the old
+        process's zram struct cleared (returned: the counters a recount cannot give), the
+        slot locks its threads held released, its writebacks in flight forgotten. On failure
+        nothing kept is changed."""
+        cdef const ztable_header* h
+        cdef zslot* table
+        cdef uint64_t* handles
+        cdef size_t i, end, n = 0
+        cdef zram old
+        rc = region_map(&self.region, table_fd, True)
+        if rc != 0:
+            raise TableImageError(f"fd {table_fd} is not a slot table: {os.strerror(-rc)}")
+        try:
+            h = _table_header(&self.region, nr_pages)
+            table = <zslot*>(self.region.base + h.table_offset)
+            handles = <uint64_t*>malloc((nr_pages + 1) * sizeof(uint64_t))
+            if handles == NULL:
+                raise MemoryError(f"no memory for the handles of {nr_pages} pages")
+            try:
+                i = _stored_slots(&self.region, 0, &end)
+                while i < end:
+                    if _kept_object(&table[i]):
+                        handles[n] = table[i].handle
+                        n += 1
+                    i += 1
+                    if i == end:
+                        i = _stored_slots(&self.region, i, &end)
+                self.pool = pool_adopt(pool_fd, handles, n, name)
+            finally:
+                free(handles)
+        except BaseException:
+            region_close(&self.region)
+            raise
+        memcpy(&old, self.region.base + ZRAM_OFFSET, sizeof(zram))
+        memset(self.region.base + ZRAM_OFFSET, 0, sizeof(zram))
+        i = _stored_slots(&self.region, 0, &end)
+        while i < end:
+            if table[i].flags & (ZRAM_LOCK | ZRAM_UNDER_WB):
+                table[i].flags &= ~(<uint32_t>ZRAM_LOCK | ZRAM_UNDER_WB)
+            i += 1
+            if i == end:
+                i = _stored_slots(&self.region, i, &end)
+        return old
+
+    cdef object _recount(self, const zram* old):
+        """mm_stat's counters from the adopted table (written-back blocks taken again from the
+        backing device), the rest from the old process's struct; what was adopted."""
+        cdef zram* m = self.m
+        cdef zslot* s
+        cdef size_t i, end, shared = 0, lost = 0, mask = 1
+        cdef uint64_t* seen = NULL
+        cdef uint64_t* pair
+        i = _stored_slots(&self.region, 0, &end)
+        while i < end:
+            shared += (m.table[i].flags & ZRAM_DEDUP) != 0
+            i += 1
+            if i == end:
+                i = _stored_slots(&self.region, i, &end)
+        if shared:
+            # A shared object counts once in compr_data_size: its handle is marked when seen.
+            while mask < 2 * shared:
+                mask <<= 1
+            seen = <uint64_t*>calloc(2 * mask, sizeof(uint64_t))
+            if seen == NULL:
+                raise MemoryError("no memory to count the shared objects")
+            mask -= 1
+        i = _stored_slots(&self.region, 0, &end)
+        while i < end:
+            s = &m.table[i]
+            if s.flags & ZRAM_SAME:
+                m.pages_stored += 1
+                m.same_pages += 1
+            elif s.flags & ZRAM_WB:
+                if m.backing != NULL and backing_take(m.backing, s.handle):
+                    m.pages_stored += 1
+                else:
+                    lost += 1
+            elif s.size:
+                m.pages_stored += 1
+                if s.flags & ZRAM_HUGE:
+                    m.huge_pages += 1
+                if s.flags & ZRAM_DEDUP:
+                    pair = _remap_slot(seen, mask, s.handle)
+                    if pair[0] == 0:
+                        pair[0] = s.handle
+                        m.compr_data_size += s.size
+                else:
+                    m.compr_data_size += s.size
+            i += 1
+            if i == end:
+                i = _stored_slots(&self.region, i, &end)
+        free(seen)
+        m.max_used_pages = max(old.max_used_pages, m.driver.total_pages(m.pool))
+        m.huge_pages_since = old.huge_pages_since
+        m.failed_reads = old.failed_reads
+        m.failed_writes = old.failed_writes
+        m.invalid_io = old.invalid_io
+        m.notify_free = old.notify_free
+        m.evicted = old.evicted
+        return Adopted(pages=m.pages_stored, lost=lost, shared=shared)
 
     def __cinit__(self):
         self.region.fd = -1
@@ -773,20 +949,7 @@ cdef class Meta:
         if rc != 0:
             raise TableImageError(f"fd {table_fd} is not a slot table: {os.strerror(-rc)}")
         try:
-            h = <const ztable_header*>old.base
-            if old.size < PAGE_SIZE or memcmp(h.magic, <const char*>TABLE_MAGIC,
-                                              len(TABLE_MAGIC) + 1) != 0:
-                raise TableImageError("not a zramfs slot table (bad magic)")
-            if (h.version != TABLE_VERSION or h.pointer_size != sizeof(void*)
-                    or h.zram_size != sizeof(zram) or h.slot_size != sizeof(zslot)
-                    or h.table_offset != _table_offset()):
-                raise TableImageError(f"slot table format {h.version}, this zramfs reads "
-                                      f"{TABLE_VERSION} (or another build's layout)")
-            if h.nr_pages != self.m.nr_pages:
-                raise TableImageError(f"slot table of {h.nr_pages} pages, the device has "
-                                      f"{self.m.nr_pages}")
-            if old.size < h.ac_time_offset + h.nr_pages * sizeof(uint32_t):
-                raise TableImageError("slot table truncated")
+            h = _table_header(&old, self.m.nr_pages)
             image = _PoolImage(pool_fd)
             try:
                 with nogil:

@@ -66,3 +66,10 @@ ctypedef struct zpool_driver:
     # Reads only, no locks: the old pool is nobody's any more.
     const char* (*locate)(const char* old, ssize_t delta, const char* lo, const char* hi,
                           uint64_t handle, size_t size) noexcept nogil
+    # Live restart in place: the pool a process before this one left in `region`, mapped
+    # again at its old address, made this process's, keeping the objects `handles` (the
+    # slot table's, repeats allowed) name and freeing the rest. NULL and *pool set, or why
+    # not, with the pool's data unchanged. NULL for a backend that cannot (callers copy the
+    # objects out with locate instead).
+    const char* (*adopt)(zregion* region, const uint64_t* handles, size_t n,
+                         void** pool) noexcept nogil
