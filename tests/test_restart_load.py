@@ -11,8 +11,8 @@ devices become one through loop). It also puts the block layer between the I/O a
 daemon: requests split to the loop device's limits, and a queue that waits in FUSE across
 the restart.
 
-The last test is a known hazard, a strict xfail: adopting in a memory cgroup that cannot
-hold two copies of the pools, with swap on the daemon's own device, deadlocks.
+The last test restarts a daemon in a memory cgroup that could not hold two copies of its pools,
+with swap on its own device: adoption in place copies nothing, and locks the kept pages again.
 """
 from __future__ import annotations
 
@@ -529,25 +529,32 @@ def test_ext4_copy_lives_through_kills_and_upgrades(tmp_path: Path, cleanup: Cle
         stop(d, mgr)
 
 
-# --- a known hazard -------------------------------------------------------------------------
+# --- a tight cgroup --------------------------------------------------------------------------
 
 DAEMON_LIMIT = 256 * MiB   # the daemon's memory cgroup: room for its pools once, not twice
 FILL_MIB = 480             # memhog's pages written to the device: a pool of about 150 MiB
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "zramfs bug: a restarted daemon copies the kept pools into new ones, so adopting needs "
-    "two copies of them in its memory cgroup; the kept pages, locked by no process after "
-    "the exec, are reclaimed to the swap on the very device, and reading them back waits "
-    "for the daemon that is reading them"))
+def pool_locked(pid: int) -> int:
+    """Bytes of the process's pool memfds that are mapped in it and locked (smaps "Locked":
+    resident pages of mlocked mappings; VmLck counts whole mappings, resident or not)."""
+    total, in_pool = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if not line[0].isupper():                     # a mapping's first line: its range
+            in_pool = "memfd:zramfs-pool:" in line
+        elif in_pool and line.startswith("Locked:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
 def test_a_graceful_restart_in_a_tight_cgroup_with_swap_on_its_own_device(
         tmp_path: Path, cleanup: Cleanup) -> None:
-    """The daemon in a 256 MiB memory cgroup (its pools' budget 192 MiB), about 150 MiB in
-    the pool of one device, swap on a loop device over another (nothing swapped yet): a
-    graceful restart must come to serve, its pages intact. Seen instead: the adopting daemon waits
-    in the kernel for a page of the kept pool that reclaim is writing to that swap (this
-    file's swap test stalled the same way once, in a full run). The deadlock is bounded
-    here by `restart`'s bound and undone by `abort`."""
+    """The daemon (mlockall) in a 256 MiB memory cgroup (its pools' budget 192 MiB), about
+    150 MiB in the pool of one device, swap on a loop device over another: a graceful restart
+    comes to serve with its pages intact and locked again. When a restarted daemon copied the
+    kept pools, adopting needed two copies in the cgroup, and reclaim wrote kept pages (locked
+    by no process after the exec) to that swap, which waited for the very daemon that was
+    reading them: a deadlock, bounded here by `restart`'s bound and undone by `abort`."""
     mgr = Manager(cleanup)
     args = ("--fuse-transport", "classic", "--mlock", "yes")
     with zramfs_daemon(*args[2:], env=mgr.env(), tmp=tmp_path) as d, abort_if_down(d, mgr):
@@ -569,7 +576,12 @@ def test_a_graceful_restart_in_a_tight_cgroup_with_swap_on_its_own_device(
         print(f"pool {d.mm_stat(name)[2] // MiB} MiB, the daemon's cgroup "
               f"{int((cgroup / 'memory.usage_in_bytes').read_text()) // MiB} MiB")
 
+        used = d.mm_stat(name)[2]
         restart(d, mgr, loop, signal.SIGHUP, bound=20)
+        locked = pool_locked(d.proc.pid)
+        print(f"after the restart: {locked // MiB} MiB locked, the daemon's cgroup "
+              f"{int((cgroup / 'memory.usage_in_bytes').read_text()) // MiB} MiB")
+        assert locked >= used, f"{locked // MiB} MiB locked of a pool of {used // MiB} MiB"
         for i in range(0, pages, pages // 64):
             assert os.pread(fd, PAGE, i * PAGE) == page(i), f"page {i}"
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import trio
 
 from zramfs import _alloc, _backing, _dedup, _tiering, _zcomp, kstrto, tiering
-from zramfs._alloc import PoolImageError
+from zramfs._alloc import PoolImageError, PoolInPlaceError
 from zramfs._backing import Backing, BackingError
 from zramfs._zram import Disk, Meta, TableImageError
 from zramfs.state import DeviceRecord, State, StateError
@@ -105,7 +105,9 @@ class Device:
         """Creates the table, pool and streams now, never on the request path (docs/design.md, hazard 4)."""
         self._attach(self._new_meta(disksize))
 
-    def _new_meta(self, disksize: int) -> Meta:
+    def _new_meta(self, disksize: int, kept: tuple[int, int] | None = None) -> Meta:
+        """A meta of the device's settings: new, or the `kept` (table, pool) fds adopted in
+        place (Meta's `kept`)."""
         if self.initialised or self.busy:
             raise fail(errno.EBUSY, f"{self.name} is already initialised")
         disksize = -(-disksize // PAGE) * PAGE
@@ -115,7 +117,7 @@ class Device:
             meta = Meta(disksize, self.algorithm, self.level, backend=self.backend,
                         name=self.name, backing=self.backing, secondary=self.secondary,
                         dictionaries={p: data for p, (_, data) in self.dictionaries.items()},
-                        compressed_wb=self.compressed_wb)
+                        compressed_wb=self.compressed_wb, kept=kept)
         except MemoryError as e:
             raise fail(errno.ENOMEM, str(e)) from None
         except _zcomp.CompressorError as e:
@@ -136,8 +138,9 @@ class Device:
 
     async def adopt(self, record: DeviceRecord) -> None:
         """The device as the daemon before this one left it: its settings replayed in order,
-        and at disksize its pages copied from the kept table and pool (Meta.take_over).
-        StateError when that cannot be done; the kept fds stay kept either way."""
+        and at disksize its kept table and pool adopted in place (Meta(kept=...)), or copied
+        where the pool cannot be (Meta.take_over). StateError when neither can be done; the
+        kept fds stay kept either way."""
         for attr, text in record.settings:
             if attr != "disksize":
                 try:
@@ -146,27 +149,55 @@ class Device:
                     raise StateError(f"{self.name}: {attr} {text!r}: {e.strerror}") from None
                 continue
             kept = self.state.kept_pair(self.id) if self.state is not None else None
-            meta = self._new_meta(kstrto.parse_disksize(text))
-            if self.dedup:
-                _dedup.enable(meta)    # first: take_over keeps shared objects shared
+            disksize = kstrto.parse_disksize(text)
             if kept is not None:
-                try:
-                    pages, lost = await trio.to_thread.run_sync(meta.take_over, *kept)
-                except (TableImageError, PoolImageError) as e:
-                    meta.destroy()
-                    raise StateError(f"{self.name}: {e}") from None
-                if lost:
-                    # A page not copied would read back as zeros: hold it all instead (the
-                    # kept pair stays), for memory to be freed or the fault to be fixed.
-                    meta.destroy()
-                    raise StateError(f"{self.name}: {lost} of {pages + lost} pages could not "
-                                     "be copied (no memory, or a pointer out of bounds)")
-                log.info("%s: adopted %d pages", self.name, pages)
+                meta = await trio.to_thread.run_sync(self._adopt_meta, disksize, kept)
             else:
                 log.warning("%s: no kept memory: it starts empty", self.name)
+                meta = self._new_meta(disksize)
             self._attach(meta)
             if self.state is not None:
                 self.state.stored(self.id, attr, text)
+
+    def _adopt_meta(self, disksize: int, kept: tuple[int, int]) -> Meta:
+        """The kept device in a meta: in place, else copied. StateError if neither."""
+        try:
+            try:
+                meta = self._new_meta(disksize, kept)
+            except PoolInPlaceError as e:
+                log.warning("%s: the kept pool is copied, not adopted in place: %s",
+                            self.name, e)
+                return self._copied_meta(disksize, kept)
+        except (TableImageError, PoolImageError) as e:
+            raise StateError(f"{self.name}: {e}") from None
+        except OSError as e:
+            raise StateError(f"{self.name}: {e.strerror}") from None
+        pages, lost, shared = meta.adopted
+        if lost or (shared and not self.dedup):
+            meta.destroy()
+            raise StateError(f"{self.name}: {lost} of {pages + lost} pages are on blocks of "
+                             "the backing device it cannot give again" if lost else
+                             f"{self.name}: {shared} slots share objects and dedup is off")
+        log.info("%s: adopted %d pages in place", self.name, pages)
+        return meta
+
+    def _copied_meta(self, disksize: int, kept: tuple[int, int]) -> Meta:
+        meta = self._new_meta(disksize)
+        if self.dedup:
+            _dedup.enable(meta)    # first: take_over keeps shared objects shared
+        try:
+            pages, lost = meta.take_over(*kept)
+        except BaseException:
+            meta.destroy()
+            raise
+        if lost:
+            # A page not copied would read back as zeros: hold it all instead (the kept pair
+            # stays), for memory to be freed or the fault to be fixed.
+            meta.destroy()
+            raise StateError(f"{self.name}: {lost} of {pages + lost} pages could not be "
+                             "copied (no memory, or a pointer out of bounds)")
+        log.info("%s: adopted %d pages, copied", self.name, pages)
+        return meta
 
     async def reset(self) -> None:
         """Stops new requests, waits for those in flight, then frees (hazard 1). The
