@@ -12,7 +12,7 @@ so the page source's own lock is innermost.
 Freed runs go back to the OS at once (a hole punched in the memfd: shared memory ignores
 MADV_DONTNEED, and locked memory refuses it) and are kept, by length, for reuse; their bookkeeping
 lives outside them so that keeping them costs no resident memory. A populator thread keeps up
-to RESERVE_PAGES (2 MiB) of fresh arena resident ahead of use: in the process's RSS, not in
+to RESERVE_PAGES (1 MiB) of fresh arena resident ahead of use: in the process's RSS, not in
 mem_used_total.
 
 Above the page sources, one budget for the whole process: the pages every pool may hold
@@ -77,7 +77,7 @@ cdef extern from *:
 cdef enum:
     ARENA_PAGES = 16384     # 64 MiB of address space a time
     PREFAULT_PAGES = 64     # fresh arena pages made resident ahead, in one madvise
-    RESERVE_PAGES = 512     # the populator keeps this much of the arena resident ahead
+    RESERVE_PAGES = 256     # the populator keeps this much of the arena resident ahead
     POPULATE_PAGES = 32     # ... this much at a time
 
 # Where placed regions (a pool's) are mapped: a fixed stretch of address space that the kernel's

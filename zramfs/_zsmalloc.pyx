@@ -20,7 +20,7 @@ Every function here runs without the GIL. The driver's functions (zs_*) take the
 they need; a helper given a size_class expects that class's lock held, unless it says it takes
 the lock itself. Lock order: one class lock, then the page source's; never two class locks.
 """
-from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 
@@ -49,16 +49,15 @@ cdef enum:
     DIR_ENTRIES = 4096          # DIR_PAGES * PAGE_SIZE / sizeof(hentry*)
 
 
-ctypedef struct zspage:   # a descriptor, from its class's slab; its slots follow it
+ctypedef struct zspage:   # a descriptor, from its class's slab; its slots follow it (_slots)
     char* base
     zspage* prev
     zspage* next
-    uint32_t* slots        # per object slot: the class-local handle index using it, 0 if free
     int32_t freelist       # freed slots; the link to the next is kept in the freed object
-    uint32_t bump          # slots at or above this have never been handed out
-    uint32_t inuse
     int32_t pins           # readers/writers between map and unmap; compaction skips pinned
-    int group
+    uint16_t bump          # slots at or above this have never been handed out
+    uint16_t inuse
+    uint8_t group
 
 ctypedef struct hentry:    # one per handle: where its object is now
     zspage* zs
@@ -80,7 +79,7 @@ ctypedef struct size_class:
     size_t obj_used
     zspage* desc_free          # free zspage descriptors (base NULL), linked through `next`
     desc_run* desc_runs        # every run descriptors were carved from, newest first
-    uint32_t desc_size         # a descriptor and its slots, rounded to 16 bytes
+    uint32_t desc_size         # a descriptor and its slots, rounded to 8 bytes
 
 ctypedef struct desc_run:      # the head of a run of descriptors, which follow it
     desc_run* next
@@ -134,6 +133,16 @@ cdef inline hentry* _hentry(size_class* c, uint32_t idx) noexcept nogil:
     return &c.dir[idx >> CHUNK_SHIFT][idx & (CHUNK_ENTRIES - 1)]
 
 
+cdef inline uint32_t _header_size() noexcept nogil:
+    """A descriptor's own bytes, before its slots."""
+    return <uint32_t>((sizeof(zspage) + 7) & ~(<size_t>7))
+
+
+cdef inline uint32_t* _slots(zspage* zs) noexcept nogil:
+    """Per object slot of the zspage: the class-local handle index using it, 0 if free."""
+    return <uint32_t*>(<char*>zs + _header_size())
+
+
 cdef inline zspage* _desc_at(size_class* c, desc_run* run, uint32_t i) noexcept nogil:
     return <zspage*>(<char*>run + sizeof(desc_run) + <size_t>i * c.desc_size)
 
@@ -173,7 +182,6 @@ cdef zspage* _zspage_new(zs_pool* pool, size_class* c) noexcept nogil:
     cdef zspage* zs = _desc_take(pool, c)
     if zs == NULL:
         return NULL
-    zs.slots = <uint32_t*>(<char*>zs + ((sizeof(zspage) + 15) & ~(<size_t>15)))
     zs.base = pages_alloc(&pool.pages, c.pages_per_zspage)
     if zs.base == NULL:
         _desc_put(c, zs)
@@ -212,7 +220,7 @@ cdef inline uint32_t _slot_take(size_class* c, zspage* zs) noexcept nogil:
 cdef inline void _slot_put(size_class* c, zspage* zs, uint32_t slot) noexcept nogil:
     memcpy(_obj_addr(c, zs, slot), &zs.freelist, sizeof(int32_t))
     zs.freelist = <int32_t>slot
-    zs.slots[slot] = 0
+    _slots(zs)[slot] = 0
     zs.inuse -= 1
 
 
@@ -294,8 +302,7 @@ cdef void* zs_create(int max_pages, zregion* region) noexcept nogil:
             return NULL
         memset(c, 0, sizeof(size_class))
         pthread_mutex_init(&c.lock, NULL)
-        c.desc_size = <uint32_t>(((sizeof(zspage) + 15) & ~(<size_t>15))
-                                 + ((objs * sizeof(uint32_t) + 15) & ~(<size_t>15)))
+        c.desc_size = _header_size() + <uint32_t>((objs * sizeof(uint32_t) + 7) & ~(<size_t>7))
         c.size = size
         c.pages_per_zspage = best_p
         c.objs_per_zspage = objs
@@ -344,7 +351,7 @@ cdef uint64_t zs_malloc(void* p, size_t size) noexcept nogil:
             pthread_mutex_unlock(&c.lock)
             return 0
     slot = _slot_take(c, zs)
-    zs.slots[slot] = idx
+    _slots(zs)[slot] = idx
     _hentry(c, idx).zs = zs
     _hentry(c, idx).slot = slot
     _hentry(c, idx).size_or_next = <uint32_t>size
@@ -455,10 +462,10 @@ cdef zspage* _compact_dst(size_class* c, zspage* src) noexcept nogil:
 
 
 cdef void _move_object(size_class* c, zspage* src, uint32_t sslot, zspage* dst) noexcept nogil:
-    cdef uint32_t idx = src.slots[sslot]
+    cdef uint32_t idx = _slots(src)[sslot]
     cdef uint32_t dslot = _slot_take(c, dst)
     memcpy(_obj_addr(c, dst, dslot), _obj_addr(c, src, sslot), c.size)
-    dst.slots[dslot] = idx
+    _slots(dst)[dslot] = idx
     _hentry(c, idx).zs = dst
     _hentry(c, idx).slot = dslot
     _slot_put(c, src, sslot)
@@ -485,7 +492,7 @@ cdef size_t _compact_class(zs_pool* pool, size_class* c) noexcept nogil:
             dst = _compact_dst(c, src)
             if dst == NULL:
                 break
-            while src.slots[slot] == 0:
+            while _slots(src)[slot] == 0:
                 slot += 1
             _move_object(c, src, slot, dst)
             _regroup(c, dst)
@@ -588,10 +595,6 @@ cdef const char* zs_locate(const char* old, ssize_t delta, const char* lo, const
 # is given back, and everything else (the groups, free lists, counts, the page source's freed
 # runs) is rebuilt from them. All is checked before anything is changed.
 
-cdef inline uint32_t _header_size() noexcept nogil:
-    return <uint32_t>((sizeof(zspage) + 15) & ~(<size_t>15))
-
-
 cdef inline bint _in(const void* p, size_t n, const char* lo, const char* hi) noexcept nogil:
     cdef const char* q = <const char*>p
     return q >= lo and q + n <= hi and q + n >= q
@@ -604,7 +607,7 @@ cdef inline bint _marked(uint8_t** marks, uint32_t ci, uint32_t idx) noexcept no
 cdef inline bint _slot_named(size_class* c, uint8_t** marks, zspage* zs,
                              uint32_t slot) noexcept nogil:
     """The slot holds an object a handle of the slot table names (and the handle says so)."""
-    cdef uint32_t idx = zs.slots[slot]
+    cdef uint32_t idx = _slots(zs)[slot]
     cdef hentry* e
     if idx == 0 or idx >= c.handles_next or not _marked(marks, c.index, idx):
         return False
@@ -632,7 +635,7 @@ cdef const char* _check_classes(zs_pool* pool, zregion* region) noexcept nogil:
             return "a size class has a size out of range"
         objs = c.pages_per_zspage * PAGE_SIZE // c.size
         if c.objs_per_zspage != objs or c.desc_size != _header_size() + (
-                (objs * sizeof(uint32_t) + 15) & ~(<size_t>15)):
+                (objs * sizeof(uint32_t) + 7) & ~(<size_t>7)):
             return "a size class does not add up"
         if c.handles_next > c.handles_cap or c.handles_cap > <uint32_t>DIR_ENTRIES * CHUNK_ENTRIES \
                 or c.handles_cap % CHUNK_ENTRIES:
@@ -680,8 +683,7 @@ cdef const char* _check_descriptors(zs_pool* pool, zregion* region) noexcept nog
                 if zs.base == NULL:
                     continue
                 if not _in(zs.base, <size_t>c.pages_per_zspage * PAGE_SIZE, lo, hi) \
-                        or (zs.base - lo) % PAGE_SIZE or zs.bump > c.objs_per_zspage \
-                        or <char*>zs.slots != <char*>zs + _header_size():
+                        or (zs.base - lo) % PAGE_SIZE or zs.bump > c.objs_per_zspage:
                     return "a zspage descriptor is damaged"
                 zs.pins = -1 - i
             run = run.next
@@ -709,8 +711,8 @@ cdef const char* _mark_handles(zs_pool* pool, zregion* region, const uint64_t* h
             return "a slot's handle is not in its handle table"
         e = _hentry(c, idx)
         zs = e.zs
-        if not _in(zs, sizeof(zspage), lo, hi) or (<size_t>zs) % 16 or zs.pins != -1 - <int>ci \
-                or e.slot >= zs.bump or zs.slots[e.slot] != idx \
+        if not _in(zs, c.desc_size, lo, hi) or (<size_t>zs) % 8 or zs.pins != -1 - <int>ci \
+                or e.slot >= zs.bump or _slots(zs)[e.slot] != idx \
                 or not 1 <= e.size_or_next <= c.size:
             return "a slot's handle leads to no object"
         marks[ci][idx >> 3] |= <uint8_t>(1 << (idx & 7))
@@ -788,7 +790,7 @@ cdef void _rebuild_class(size_class* c, uint8_t** marks) noexcept nogil:
                 else:
                     memcpy(_obj_addr(c, zs, s), &zs.freelist, sizeof(int32_t))
                     zs.freelist = <int32_t>s
-                    zs.slots[s] = 0
+                    _slots(zs)[s] = 0
             if zs.inuse == 0:          # its pages are not a live run: swept by pages_adopt
                 _desc_put(c, zs)
                 continue
