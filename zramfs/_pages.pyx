@@ -154,9 +154,9 @@ cdef int region_map_at(zregion* r, int fd, char* base) noexcept nogil:
     return 0
 
 
-cdef int region_adopt(zregion* r, int fd, char* base) noexcept nogil:
+cdef int _region_open(zregion* r, int fd) noexcept nogil:
+    """r holds a dup of the memfd `fd` and its size, not yet mapped; 0 or -errno."""
     cdef stat st
-    cdef int rc
     r.base = NULL
     r.fd = fcntl(fd, F_DUPFD_CLOEXEC, 3)
     if r.fd < 0:
@@ -166,25 +166,22 @@ cdef int region_adopt(zregion* r, int fd, char* base) noexcept nogil:
         r.fd = -1
         return -22          # EINVAL: not a region
     r.size = <size_t>st.st_size
-    rc = region_map_at(r, r.fd, base)
-    if rc != 0:
-        close(r.fd)
-        r.fd = -1
+    return 0
+
+
+cdef int region_adopt(zregion* r, int fd, char* base) noexcept nogil:
+    cdef int rc = _region_open(r, fd)
+    if rc == 0:
+        rc = region_map_at(r, r.fd, base)
+        if rc != 0:
+            close(r.fd)
+            r.fd = -1
     return rc
 
 
 cdef int region_map(zregion* r, int fd, bint writable) noexcept nogil:
-    cdef stat st
-    r.base = NULL
-    r.fd = fcntl(fd, F_DUPFD_CLOEXEC, 3)
-    if r.fd < 0:
-        return -errno
-    if fstat(r.fd, &st) != 0 or st.st_size <= 0:
-        close(r.fd)
-        r.fd = -1
-        return -22          # EINVAL: not a region
-    r.size = <size_t>st.st_size
-    return _region_mmap(r, writable)
+    cdef int rc = _region_open(r, fd)
+    return rc if rc != 0 else _region_mmap(r, writable)
 
 
 cdef int _region_mmap(zregion* r, bint writable) noexcept nogil:

@@ -641,8 +641,14 @@ cdef ztakeover _take_over(zram* m, const zram* old, const zslot* old_table,
             continue
         m.ac_time[i] = old_ac[i]
         r.pages += 1
-    # What cannot be recounted from the table is the old daemon's to hand on (the copies
-    # above counted as new huge pages: the old count replaces that).
+    # The copies above counted as new huge pages: the old count replaces that.
+    _hand_on_counters(m, old)
+    free(remap)
+    return r
+
+
+cdef void _hand_on_counters(zram* m, const zram* old) noexcept nogil:
+    """What cannot be recounted from the table is the old daemon's to hand on."""
     m.max_used_pages = max(old.max_used_pages, m.driver.total_pages(m.pool))
     m.huge_pages_since = old.huge_pages_since
     m.failed_reads = old.failed_reads
@@ -650,8 +656,6 @@ cdef ztakeover _take_over(zram* m, const zram* old, const zslot* old_table,
     m.invalid_io = old.invalid_io
     m.notify_free = old.notify_free
     m.evicted = old.evicted
-    free(remap)
-    return r
 
 
 class TableImageError(Exception):
@@ -915,13 +919,7 @@ cdef class Meta:
             if i == end:
                 i = _stored_slots(&self.region, i, &end)
         free(seen)
-        m.max_used_pages = max(old.max_used_pages, m.driver.total_pages(m.pool))
-        m.huge_pages_since = old.huge_pages_since
-        m.failed_reads = old.failed_reads
-        m.failed_writes = old.failed_writes
-        m.invalid_io = old.invalid_io
-        m.notify_free = old.notify_free
-        m.evicted = old.evicted
+        _hand_on_counters(m, old)
         return Adopted(pages=m.pages_stored, lost=lost, shared=shared)
 
     def __cinit__(self):
