@@ -436,12 +436,12 @@ cdef int pages_runs_sound(const page_source* ps, zregion* region, pages_run* run
                           size_t n) noexcept nogil:
     """Sorts runs by address; 0 if every run is within the arenas a page source left in
     `region` (at its old address) and no two overlap, else -1. Reads only."""
-    cdef char* lo = region.base + ps.carved
+    cdef char* lo
     cdef char* hi
     cdef char* end
     cdef size_t i
     cdef size_t arena = <size_t>ARENA_PAGES * PAGE_SIZE
-    if ps.carved > region.size or ps.carved < ps.first \
+    if ps.carved > region.size or ps.carved < ps.first or ps.first % PAGE_SIZE \
             or (ps.carved - ps.first) % arena:
         return -1
     if ps.bump != NULL and not (region.base + ps.first <= ps.bump <= ps.bump_end
