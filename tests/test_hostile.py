@@ -373,18 +373,15 @@ for i in range(chunks):
     except OSError as e:
         print("w", i, "err", e.errno, flush=True)
         continue
-    if n != MiB:
-        print("w", i, "short", n, flush=True)
-        continue
-    written[i] = hashlib.sha256(data).hexdigest()
-    print("w", i, "ok", flush=True)
-for i, digest in written.items():
+    written[i] = (n, hashlib.sha256(data[:n]).hexdigest())
+    print("w", i, "ok" if n == MiB else "short", n, flush=True)
+for i, (size, digest) in written.items():
     try:
         n = os.preadv(fd, [buf], i * MiB)
     except OSError as e:
         print("r", i, "err", e.errno, flush=True)
         continue
-    ok = n == MiB and hashlib.sha256(buf).hexdigest() == digest
+    ok = n == MiB and hashlib.sha256(buf[:size]).hexdigest() == digest
     print("r", i, "ok" if ok else "bad", flush=True)
 os.close(fd)
 print("done", flush=True)
@@ -428,7 +425,8 @@ def test_memory_exhaustion_fails_writes_with_eio_and_the_daemon_lives(tmp_path: 
             lines = [line.split() for line in out_path.read_text().splitlines()]
             writes = {int(f[1]): f[2:] for f in lines if f[0] == "w"}
             reads = {int(f[1]): f[2:] for f in lines if f[0] == "r"}
-            ok = sorted(i for i, r in writes.items() if r == ["ok"])
+            ok = sorted(i for i, r in writes.items() if r[0] == "ok")
+            short = sorted(i for i, r in writes.items() if r[0] == "short")
             errors = {r[1] for r in writes.values() if r[0] == "err"}
             oom = (cg / "memory.oom_control").read_text().replace("\n", ", ")
             state = (f"{len(ok)} chunks written, write errors "
@@ -438,12 +436,15 @@ def test_memory_exhaustion_fails_writes_with_eio_and_the_daemon_lives(tmp_path: 
 
             assert d.alive(), f"the daemon died: {state}"
             assert errors == {str(errno.EIO)}, f"writes past the budget must fail EIO: {state}"
-            assert not [r for r in writes.values() if r[0] == "short"], state
+            # A 1 MiB write goes to the daemon as several requests (max_write); the kernel
+            # reports the bytes of those done before the first that failed: a short write,
+            # whose bytes must then read back as any others.
+            assert all(int(writes[i][1]) % PAGE == 0 for i in short), state
             assert len(ok) >= 16, f"hardly anything was written before the failures: {state}"
             failed_writes = int(guarded(d, lambda: d.read(name, "io_stat"), "io_stat")
                                 .split()[1])
             assert failed_writes > 0, f"io_stat counts no failed writes: {state}"
-            bad = {i: reads.get(i) for i in ok if reads.get(i) != ["ok"]}
+            bad = {i: reads.get(i) for i in ok + short if reads.get(i) != ["ok"]}
             assert not bad, f"chunks that were written do not read back: {bad}; {state}"
             assert "done" in out_path.read_text()
             assert d.alive(), f"the daemon died reading back: {state}"
