@@ -285,6 +285,12 @@ cdef int pages_init(page_source* ps, zregion* region, size_t first) noexcept nog
     ps.region = region
     ps.first = first
     ps.carved = first
+    return _start(ps)
+
+
+cdef int _start(page_source* ps) noexcept nogil:
+    """The page source's lock, its condition and its populator thread, made; 0, or -1 (and
+    none of them) when the lock or the thread cannot be had."""
     if pthread_mutex_init(&ps.lock, NULL) != 0:
         return -1
     pthread_cond_init(&ps.want, NULL)
@@ -466,7 +472,8 @@ cdef int pages_adopt(page_source* ps, zregion* region, const pages_run* runs, si
     pages_runs_sound) holds given back and kept as freed runs; `held` + `meta` pages counted
     as pages_held and meta_pages, and in the budget (even past it: they are held already).
     What the old process was doing is forgotten, and what it had half done is freed: the
-    runs are the backend's truth. 0, or -1 when the thread cannot be had."""
+    runs are the backend's truth. 0, or -1 when the thread cannot be had (and then nothing
+    is freed or counted)."""
     cdef char* at = region.base + ps.first
     cdef char* end = _swept_to(ps, region)
     cdef size_t i
@@ -476,6 +483,10 @@ cdef int pages_adopt(page_source* ps, zregion* region, const pages_run* runs, si
     ps.stop = False
     for i in range(PAGES_MAX_RUN + 1):
         ps.runs[i] = NULL
+    if _start(ps) != 0:
+        return -1
+    # The populator reads only the bump and what it populated, under the lock; the freed
+    # runs, made here without it, are the allocators' (none runs yet).
     for i in range(n + 1):
         _sweep(ps, at, runs[i].addr if i < n else end)
         if i < n:
@@ -483,13 +494,6 @@ cdef int pages_adopt(page_source* ps, zregion* region, const pages_run* runs, si
     ps.pages_held = held
     ps.meta_pages = meta
     za_add(&_pages_all, held + meta)
-    if pthread_mutex_init(&ps.lock, NULL) != 0:
-        return -1
-    pthread_cond_init(&ps.want, NULL)
-    if zram_thread_start(&ps.populator, _populator_main, ps) != 0:
-        pthread_cond_destroy(&ps.want)
-        pthread_mutex_destroy(&ps.lock)
-        return -1
     return 0
 
 
