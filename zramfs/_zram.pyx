@@ -828,13 +828,12 @@ cdef class Meta:
     cdef zram _adopt_kept(self, int table_fd, int pool_fd, size_t nr_pages, str name) except *:
         """The kept slot table mapped in place, and the kept pool adopted with the objects its
         slots name (pool_adopt); then, and only then, the table made this meta's: the old
-        process's zram struct cleared (returned: the counters a recount cannot give), the
-        slot locks its threads held released, its writebacks in flight forgotten. On failure
-        nothing kept is changed."""
+        process's zram struct cleared (returned: the counters a recount cannot give; _recount
+        releases the slot locks). On failure nothing kept is changed."""
         cdef const ztable_header* h
         cdef zslot* table
         cdef uint64_t* handles
-        cdef size_t i, end, n = 0
+        cdef size_t i, first, end, n = 0
         cdef zram old
         rc = region_map(&self.region, table_fd, True)
         if rc != 0:
@@ -846,14 +845,13 @@ cdef class Meta:
             if handles == NULL:
                 raise MemoryError(f"no memory for the handles of {nr_pages} pages")
             try:
-                i = _stored_slots(&self.region, 0, &end)
-                while i < end:
-                    if _kept_object(&table[i]):
-                        handles[n] = table[i].handle
-                        n += 1
-                    i += 1
-                    if i == end:
-                        i = _stored_slots(&self.region, i, &end)
+                first = _stored_slots(&self.region, 0, &end)
+                while first < end:
+                    for i in range(first, end):
+                        if _kept_object(&table[i]):
+                            handles[n] = table[i].handle
+                            n += 1
+                    first = _stored_slots(&self.region, end, &end)
                 self.pool = pool_adopt(pool_fd, handles, n, name)
             finally:
                 free(handles)
@@ -862,29 +860,26 @@ cdef class Meta:
             raise
         memcpy(&old, self.region.base + ZRAM_OFFSET, sizeof(zram))
         memset(self.region.base + ZRAM_OFFSET, 0, sizeof(zram))
-        i = _stored_slots(&self.region, 0, &end)
-        while i < end:
-            if table[i].flags & (ZRAM_LOCK | ZRAM_UNDER_WB):
-                table[i].flags &= ~(<uint32_t>ZRAM_LOCK | ZRAM_UNDER_WB)
-            i += 1
-            if i == end:
-                i = _stored_slots(&self.region, i, &end)
         return old
 
     cdef object _recount(self, const zram* old):
         """mm_stat's counters from the adopted table (written-back blocks taken again from the
-        backing device), the rest from the old process's struct; what was adopted."""
+        backing device), the rest from the old process's struct; what was adopted. First the
+        slot locks the old process's threads held are released and its writebacks in flight
+        forgotten (nothing uses the table before this)."""
         cdef zram* m = self.m
         cdef zslot* s
-        cdef size_t i, end, shared = 0, lost = 0, mask = 1
+        cdef size_t i, first, end, shared = 0, lost = 0, mask = 1
         cdef uint64_t* seen = NULL
         cdef uint64_t* pair
-        i = _stored_slots(&self.region, 0, &end)
-        while i < end:
-            shared += (m.table[i].flags & ZRAM_DEDUP) != 0
-            i += 1
-            if i == end:
-                i = _stored_slots(&self.region, i, &end)
+        first = _stored_slots(&self.region, 0, &end)
+        while first < end:
+            for i in range(first, end):
+                s = &m.table[i]
+                if s.flags & (ZRAM_LOCK | ZRAM_UNDER_WB):
+                    s.flags &= ~(<uint32_t>ZRAM_LOCK | ZRAM_UNDER_WB)
+                shared += (s.flags & ZRAM_DEDUP) != 0
+            first = _stored_slots(&self.region, end, &end)
         if shared:
             # A shared object counts once in compr_data_size: its handle is marked when seen.
             while mask < 2 * shared:
@@ -893,31 +888,30 @@ cdef class Meta:
             if seen == NULL:
                 raise MemoryError("no memory to count the shared objects")
             mask -= 1
-        i = _stored_slots(&self.region, 0, &end)
-        while i < end:
-            s = &m.table[i]
-            if s.flags & ZRAM_SAME:
-                m.pages_stored += 1
-                m.same_pages += 1
-            elif s.flags & ZRAM_WB:
-                if m.backing != NULL and backing_take(m.backing, s.handle):
+        first = _stored_slots(&self.region, 0, &end)
+        while first < end:
+            for i in range(first, end):
+                s = &m.table[i]
+                if s.flags & ZRAM_SAME:
                     m.pages_stored += 1
-                else:
-                    lost += 1
-            elif s.size:
-                m.pages_stored += 1
-                if s.flags & ZRAM_HUGE:
-                    m.huge_pages += 1
-                if s.flags & ZRAM_DEDUP:
-                    pair = _remap_slot(seen, mask, s.handle)
-                    if pair[0] == 0:
-                        pair[0] = s.handle
+                    m.same_pages += 1
+                elif s.flags & ZRAM_WB:
+                    if m.backing != NULL and backing_take(m.backing, s.handle):
+                        m.pages_stored += 1
+                    else:
+                        lost += 1
+                elif s.size:
+                    m.pages_stored += 1
+                    if s.flags & ZRAM_HUGE:
+                        m.huge_pages += 1
+                    if s.flags & ZRAM_DEDUP:
+                        pair = _remap_slot(seen, mask, s.handle)
+                        if pair[0] == 0:
+                            pair[0] = s.handle
+                            m.compr_data_size += s.size
+                    else:
                         m.compr_data_size += s.size
-                else:
-                    m.compr_data_size += s.size
-            i += 1
-            if i == end:
-                i = _stored_slots(&self.region, i, &end)
+            first = _stored_slots(&self.region, end, &end)
         free(seen)
         _hand_on_counters(m, old)
         return Adopted(pages=m.pages_stored, lost=lost, shared=shared)
