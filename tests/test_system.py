@@ -298,6 +298,18 @@ def test_sigkill_under_bound_loop_device_fails_io_and_cleans_up(
 # --- fio ---------------------------------------------------------------------------------------
 
 
+def fio_verified(work: Path, jobs: int, *args: str) -> str:
+    """fio with `args`, run in the empty directory `work`: it must exit 0 with `jobs` jobs
+    each without error, no verify failure, and no file left in `work`. Its output."""
+    r = run("fio", *args, check=False, cwd=work, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, f"fio exited {r.returncode}:\n{out}"
+    assert not re.search(r"verify.*(bad|fail|mismatch)|bad magic|crc32c.*wanted", out, re.I), out
+    assert len(re.findall(r"\berr= *0\b", out)) == jobs, out
+    assert list(work.iterdir()) == [], "fio left files behind"
+    return out
+
+
 @pytest.mark.slow
 def test_fio_verify_through_loop_device(daemon: Daemon, tmp_path: Path) -> None:
     """fio writes 256 MiB at random in 4 KiB blocks (depth 16, libaio, O_DIRECT) and 256 MiB
@@ -309,19 +321,14 @@ def test_fio_verify_through_loop_device(daemon: Daemon, tmp_path: Path) -> None:
     work.mkdir()
     common = [f"--filename={loop}", "--ioengine=libaio", "--direct=1", "--verify=crc32c",
               "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--size=256M"]
-    r = run("fio", *common,
-            "--name=rand4k", "--rw=randwrite", "--bs=4k", "--iodepth=16", "--offset=0",
-            "--name=seq1m", "--stonewall", "--rw=write", "--bs=1M", "--iodepth=4",
-            "--offset=256M",
-            check=False, cwd=work, timeout=600)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, f"fio exited {r.returncode}:\n{out}"
-    assert not re.search(r"verify.*(bad|fail|mismatch)|bad magic|crc32c.*wanted", out, re.I), out
-    assert len(re.findall(r"\berr= *0\b", out)) == 2, out
+    out = fio_verified(work, 2, *common,
+                       "--name=rand4k", "--rw=randwrite", "--bs=4k", "--iodepth=16",
+                       "--offset=0",
+                       "--name=seq1m", "--stonewall", "--rw=write", "--bs=1M", "--iodepth=4",
+                       "--offset=256M")
     # The verify phase read every block back: 64 Ki reads of 4 KiB, 256 of 1 MiB.
     issued = re.findall(r"issued rwts: total=(\d+),(\d+)", out)
     assert issued == [("65536", "65536"), ("256", "256")], out
-    assert list(work.iterdir()) == [], "fio left files behind"
 
     mm = daemon.mm_stat(name)
     assert mm[ORIG_DATA_SIZE] == 512 * MiB, f"mm_stat {mm}: not the 512 MiB fio wrote"
@@ -345,21 +352,15 @@ def test_fio_verify_on_a_dedup_device(daemon: Daemon, tmp_path: Path) -> None:
     pattern = "--verify_pattern=0x7a72616d2d6465647570212a"        # "zram-dedup!*"
     common = [f"--filename={loop}", "--ioengine=libaio", "--direct=1", "--do_verify=1",
               "--verify_fatal=1", "--verify_state_save=0", "--size=64M", "--offset=0"]
-    r = run("fio", *common,
-            "--name=twins", "--rw=randwrite", "--bs=4k", "--iodepth=16", "--verify=pattern",
-            pattern,
-            "--name=unique", "--stonewall", "--rw=randwrite", "--bs=4k", "--iodepth=16",
-            "--verify=crc32c", "--dedupe_percentage=50",
-            "--name=twins-again", "--stonewall", "--rw=write", "--bs=1M", "--iodepth=4",
-            "--verify=pattern", pattern,
-            check=False, cwd=work, timeout=600)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, f"fio exited {r.returncode}:\n{out}"
-    assert not re.search(r"verify.*(bad|fail|mismatch)|bad magic|crc32c.*wanted", out, re.I), out
-    assert len(re.findall(r"\berr= *0\b", out)) == 3, out
+    out = fio_verified(work, 3, *common,
+                       "--name=twins", "--rw=randwrite", "--bs=4k", "--iodepth=16",
+                       "--verify=pattern", pattern,
+                       "--name=unique", "--stonewall", "--rw=randwrite", "--bs=4k",
+                       "--iodepth=16", "--verify=crc32c", "--dedupe_percentage=50",
+                       "--name=twins-again", "--stonewall", "--rw=write", "--bs=1M",
+                       "--iodepth=4", "--verify=pattern", pattern)
     issued = re.findall(r"issued rwts: total=(\d+),(\d+)", out)
     assert issued == [("16384", "16384"), ("16384", "16384"), ("64", "64")], out
-    assert list(work.iterdir()) == [], "fio left files behind"
 
     mm = daemon.mm_stat(name)
     dup, saved, entries = map(int, daemon.read(name, "dedup_stat").split())
