@@ -23,7 +23,8 @@ ctypedef struct zcomp_ops:
     int level_default
     int level_min
     int level_max
-    void* (*ctx_create)() noexcept nogil
+    # A stream's context, bound to `comp`'s level and dictionary (made before the streams).
+    void* (*ctx_create)(const zcomp* comp) noexcept nogil
     void (*ctx_destroy)(void* ctx) noexcept nogil
     # Returns the compressed length, or 0 if it does not fit dst_cap (store the page raw).
     # `comp` gives the level and the dictionary, if any.

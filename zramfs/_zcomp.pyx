@@ -39,31 +39,49 @@ cdef extern from "lz4hc.h" nogil:
     int LZ4_compress_HC_extStateHC(void* state, const char* src, char* dst, int src_size,
                                    int dst_capacity, int level)
 
+cdef extern from *:
+    """
+    #define ZSTD_STATIC_LINKING_ONLY     /* ZSTD_c_format: frames without their magic number */
+    #include <zstd.h>
+    """
+
 cdef extern from "zstd.h" nogil:
     ctypedef struct ZSTD_CCtx:
         pass
     ctypedef struct ZSTD_DCtx:
         pass
-    ZSTD_CCtx* ZSTD_createCCtx()
-    size_t ZSTD_freeCCtx(ZSTD_CCtx*)
-    ZSTD_DCtx* ZSTD_createDCtx()
-    size_t ZSTD_freeDCtx(ZSTD_DCtx*)
-    size_t ZSTD_compressCCtx(ZSTD_CCtx*, void* dst, size_t dst_capacity, const void* src,
-                             size_t src_size, int level)
-    size_t ZSTD_decompressDCtx(ZSTD_DCtx*, void* dst, size_t dst_capacity, const void* src,
-                               size_t src_size)
     ctypedef struct ZSTD_CDict:
         pass
     ctypedef struct ZSTD_DDict:
         pass
+    ctypedef enum ZSTD_cParameter:
+        ZSTD_c_compressionLevel
+        ZSTD_c_contentSizeFlag
+        ZSTD_c_checksumFlag
+        ZSTD_c_dictIDFlag
+        ZSTD_c_format
+    ctypedef enum ZSTD_dParameter:
+        ZSTD_d_format
+    enum:
+        ZSTD_f_zstd1
+        ZSTD_f_zstd1_magicless
+        ZSTD_MAGICNUMBER
+    ZSTD_CCtx* ZSTD_createCCtx()
+    size_t ZSTD_freeCCtx(ZSTD_CCtx*)
+    ZSTD_DCtx* ZSTD_createDCtx()
+    size_t ZSTD_freeDCtx(ZSTD_DCtx*)
+    size_t ZSTD_CCtx_setParameter(ZSTD_CCtx*, ZSTD_cParameter, int value)
+    size_t ZSTD_DCtx_setParameter(ZSTD_DCtx*, ZSTD_dParameter, int value)
+    size_t ZSTD_CCtx_refCDict(ZSTD_CCtx*, const ZSTD_CDict*)
+    size_t ZSTD_DCtx_refDDict(ZSTD_DCtx*, const ZSTD_DDict*)
+    size_t ZSTD_compress2(ZSTD_CCtx*, void* dst, size_t dst_capacity, const void* src,
+                          size_t src_size)
+    size_t ZSTD_decompressDCtx(ZSTD_DCtx*, void* dst, size_t dst_capacity, const void* src,
+                               size_t src_size)
     ZSTD_CDict* ZSTD_createCDict(const void* dict, size_t size, int level)
     size_t ZSTD_freeCDict(ZSTD_CDict*)
     ZSTD_DDict* ZSTD_createDDict(const void* dict, size_t size)
     size_t ZSTD_freeDDict(ZSTD_DDict*)
-    size_t ZSTD_compress_usingCDict(ZSTD_CCtx*, void* dst, size_t dst_capacity,
-                                    const void* src, size_t src_size, const ZSTD_CDict*)
-    size_t ZSTD_decompress_usingDDict(ZSTD_DCtx*, void* dst, size_t dst_capacity,
-                                      const void* src, size_t src_size, const ZSTD_DDict*)
     unsigned ZSTD_getDictID_fromDict(const void* dict, size_t size)
     unsigned ZSTD_isError(size_t)
 
@@ -79,11 +97,11 @@ class CompressorError(ValueError):
 # fio's 50 %-compressible data it is 40 % slower (1.1 vs 1.6-1.8 GB/s). The variant that has
 # both, LZ4_compress_fast_extState_fastReset, is not exported by Debian's liblz4.
 
-cdef void* lz4_create() noexcept nogil:
+cdef void* lz4_create(const zcomp* comp) noexcept nogil:
     return malloc(LZ4_sizeofState())
 
 
-cdef void* lz4hc_create() noexcept nogil:
+cdef void* lz4hc_create(const zcomp* comp) noexcept nogil:
     return malloc(LZ4_sizeofStateHC())
 
 
@@ -107,21 +125,46 @@ cdef int lz4_decompress(const zcomp* comp, void* ctx, const char* src, int n,
 
 
 # --- zstd: a compression and a decompression context ----------------------------------------
+# Objects land in 16-byte size classes, so every byte of a frame's header counts: frames are
+# written without the magic number (ZSTD_f_zstd1_magicless, 4 bytes) and without the content
+# size (always a page: 2 bytes, less the window byte it then takes), and without a checksum.
+# The dictionary's id stays in each frame: zstd refuses a page compressed with another
+# dictionary rather than decode it wrongly. Frames with their magic (written before, or kept
+# from an older daemon) still read back: a magicless frame cannot start with the magic, whose
+# first byte would be a frame header with its reserved bit set.
 
 ctypedef struct zstd_ctx:
     ZSTD_CCtx* cctx
     ZSTD_DCtx* dctx
+    bint magicless             # the format dctx is set to
 
 
-cdef void* zstd_create() noexcept nogil:
+cdef bint zstd_ok(size_t rc) noexcept nogil:
+    return not ZSTD_isError(rc)
+
+
+cdef void* zstd_create(const zcomp* comp) noexcept nogil:
+    """Both contexts, their parameters set once: the level or the prepared dictionary (whose
+    CDict carries the level), then the lean frame format."""
     cdef zstd_ctx* z = <zstd_ctx*>calloc(1, sizeof(zstd_ctx))
     if z == NULL:
         return NULL
     z.cctx = ZSTD_createCCtx()
     z.dctx = ZSTD_createDCtx()
-    if z.cctx == NULL or z.dctx == NULL:
+    if (z.cctx == NULL or z.dctx == NULL
+            or not zstd_ok(ZSTD_CCtx_setParameter(z.cctx, ZSTD_c_compressionLevel, comp.level))
+            or not zstd_ok(ZSTD_CCtx_setParameter(z.cctx, ZSTD_c_contentSizeFlag, 0))
+            or not zstd_ok(ZSTD_CCtx_setParameter(z.cctx, ZSTD_c_checksumFlag, 0))
+            or not zstd_ok(ZSTD_CCtx_setParameter(z.cctx, ZSTD_c_dictIDFlag, 1))
+            or not zstd_ok(ZSTD_CCtx_setParameter(z.cctx, ZSTD_c_format, ZSTD_f_zstd1_magicless))
+            or not zstd_ok(ZSTD_DCtx_setParameter(z.dctx, ZSTD_d_format, ZSTD_f_zstd1_magicless))
+            or (comp.cdict != NULL and not zstd_ok(
+                ZSTD_CCtx_refCDict(z.cctx, <const ZSTD_CDict*>comp.cdict)))
+            or (comp.ddict != NULL and not zstd_ok(
+                ZSTD_DCtx_refDDict(z.dctx, <const ZSTD_DDict*>comp.ddict)))):
         zstd_destroy(z)
         return NULL
+    z.magicless = True
     return z
 
 
@@ -136,23 +179,28 @@ cdef void zstd_destroy(void* ctx) noexcept nogil:
 
 cdef int zstd_compress(const zcomp* comp, void* ctx, const char* src, char* dst,
                        int cap) noexcept nogil:
-    cdef size_t n
-    if comp.cdict != NULL:
-        n = ZSTD_compress_usingCDict((<zstd_ctx*>ctx).cctx, dst, cap, src, PAGE_SIZE,
-                                     <const ZSTD_CDict*>comp.cdict)
-    else:
-        n = ZSTD_compressCCtx((<zstd_ctx*>ctx).cctx, dst, cap, src, PAGE_SIZE, comp.level)
+    cdef size_t n = ZSTD_compress2((<zstd_ctx*>ctx).cctx, dst, cap, src, PAGE_SIZE)
     return 0 if ZSTD_isError(n) else <int>n
+
+
+cdef bint zstd_framed(const char* src, int n) noexcept nogil:
+    """A frame with zstd's magic number (little-endian 0xFD2FB528) in front."""
+    cdef const unsigned char* b = <const unsigned char*>src
+    return (n >= 4 and (b[0] | (<unsigned>b[1] << 8) | (<unsigned>b[2] << 16)
+                        | (<unsigned>b[3] << 24)) == ZSTD_MAGICNUMBER)
 
 
 cdef int zstd_decompress(const zcomp* comp, void* ctx, const char* src, int n,
                          char* dst) noexcept nogil:
+    cdef zstd_ctx* z = <zstd_ctx*>ctx
+    cdef bint magicless = not zstd_framed(src, n)
     cdef size_t out
-    if comp.ddict != NULL:
-        out = ZSTD_decompress_usingDDict((<zstd_ctx*>ctx).dctx, dst, PAGE_SIZE, src, n,
-                                         <const ZSTD_DDict*>comp.ddict)
-    else:
-        out = ZSTD_decompressDCtx((<zstd_ctx*>ctx).dctx, dst, PAGE_SIZE, src, n)
+    if magicless != z.magicless:
+        if ZSTD_isError(ZSTD_DCtx_setParameter(
+                z.dctx, ZSTD_d_format, ZSTD_f_zstd1_magicless if magicless else ZSTD_f_zstd1)):
+            return -1
+        z.magicless = magicless
+    out = ZSTD_decompressDCtx(z.dctx, dst, PAGE_SIZE, src, n)
     return 0 if not ZSTD_isError(out) and out == PAGE_SIZE else -1
 
 
@@ -235,33 +283,38 @@ cdef void _zcomp_free(zcomp* comp) noexcept nogil:
     free(comp)
 
 
-cdef zcomp* _zcomp_create(const zcomp_ops* ops, int level, int nr, int nr_private) noexcept nogil:
+cdef zcomp* _zcomp_create(const zcomp_ops* ops, int level) noexcept nogil:
+    """A compressor without streams yet: its dictionary, if any, comes first, since each
+    stream's context is bound to it when made."""
     cdef zcomp* comp = <zcomp*>calloc(1, sizeof(zcomp))
-    cdef int i
-    cdef zstream* s
     if comp == NULL:
         return NULL
     comp.ops = ops
     comp.level = level
+    return comp
+
+
+cdef int _zcomp_add_streams(zcomp* comp, int nr, int nr_private) noexcept nogil:
+    """`nr` shared and `nr_private` private streams: 0, or -1 (the caller frees comp)."""
+    cdef int i
+    cdef zstream* s
     comp.streams = <zstream*>calloc(nr + nr_private, sizeof(zstream))
     if comp.streams == NULL:
-        _zcomp_free(comp)
-        return NULL
+        return -1
     comp.nr_streams = nr
     comp.nr_private = nr_private
     for i in range(nr + nr_private):
         s = &comp.streams[i]
         pthread_mutex_init(&s.lock, NULL)
-        s.ctx = ops.ctx_create()
+        s.ctx = comp.ops.ctx_create(comp)
         if posix_memalign(<void**>&s.buffer, PAGE_SIZE, ZCOMP_BUFFER) != 0:
             s.buffer = NULL
         # Page-aligned: it is also the bounce buffer of O_DIRECT reads from a backing device.
         if posix_memalign(<void**>&s.page, PAGE_SIZE, PAGE_SIZE) != 0:
             s.page = NULL
         if s.ctx == NULL or s.buffer == NULL or s.page == NULL:
-            _zcomp_free(comp)
-            return NULL
-    return comp
+            return -1
+    return 0
 
 
 def parse_level(name: str, params: dict[str, str]) -> int | None:
@@ -316,21 +369,28 @@ cdef class Compressor:
         cdef _Algorithm a = ALGORITHMS.pin(name)
         cdef int lvl = a.ops.level_default if level is None else level
         cdef int nr = default_streams() if streams is None else streams
+        cdef int rc
         if not a.ops.level_min <= lvl <= a.ops.level_max or nr < 1 or private_streams < 0:
             ALGORITHMS.unpin(name)
             raise CompressorError(f"bad level {lvl} or streams {nr} for {name}")
-        with nogil:
-            self.comp = _zcomp_create(a.ops, lvl, nr, private_streams)
+        self.comp = _zcomp_create(a.ops, lvl)
         if self.comp == NULL:
             ALGORITHMS.unpin(name)
-            raise MemoryError(f"cannot set up {nr} {name} streams")
-        if dictionary is not None:
-            why = _prepare_dictionary(self.comp, name, dictionary)
-            if why is not None:
+            raise MemoryError(f"cannot set up {name}")
+        why = None if dictionary is None else _prepare_dictionary(self.comp, name, dictionary)
+        if why is None:
+            with nogil:
+                rc = _zcomp_add_streams(self.comp, nr, private_streams)
+            if rc != 0:
                 _zcomp_free(self.comp)
                 self.comp = NULL
                 ALGORITHMS.unpin(name)
-                raise CompressorError(why)
+                raise MemoryError(f"cannot set up {nr} {name} streams")
+        else:
+            _zcomp_free(self.comp)
+            self.comp = NULL
+            ALGORITHMS.unpin(name)
+            raise CompressorError(why)
         self.name = name
         self.level = lvl
         self.streams = nr
