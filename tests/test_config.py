@@ -38,8 +38,10 @@ def test_algorithms() -> None:
     assert parse_algorithm(" zstd(level=7) ") == [("zstd", {"level": "7"})]
     assert parse_algorithm("lz4 zstd(level=19) lz4hc") == \
         [("lz4", {}), ("zstd", {"level": "19"}), ("lz4hc", {})]
-    for bad in ("lzo-rle", "zstd(dict=/x)", "zstd(level=x)", "lz4 zstd (type=idle)", "",
-                "lz4 zstd zstd lz4hc lz4"):
+    assert parse_algorithm("lz4 zstd(level=19, dict=/etc/pages.dict)") == \
+        [("lz4", {}), ("zstd", {"level": "19", "dict": "/etc/pages.dict"})]
+    for bad in ("lzo-rle", "zstd(dict=x.dict)", "lz4(dict=/x)", "zstd(level=x)",
+                "zstd(window=9)", "lz4 zstd (type=idle)", "", "lz4 zstd zstd lz4hc lz4"):
         with pytest.raises(ValueError):
             parse_algorithm(bad)
 
@@ -222,6 +224,13 @@ def test_compression_dictionary_key(tmp_path: Path) -> None:
     assert dev.dictionary == Path("/etc/zramfs/pages.dict")
     with pytest.raises(ConfigError, match=r":3: \[zram0\] compression-dictionary: lz4 takes no"):
         load(write(tmp_path, "[zram0]\ncompression-algorithm = lz4\n"
+                             "compression-dictionary = /x.dict\n"), ram_mib=1024)
+    [dev] = load(write(tmp_path, "[zram0]\ncompression-algorithm = zstd(dict=/a.dict) "
+                                 "zstd(level=19,dict=/b.dict)\n"), ram_mib=1024)
+    assert dev.dictionary == Path("/a.dict") and dev.algorithm_params == {}
+    assert dev.recompression == [("zstd", {"level": "19", "dict": "/b.dict"})]
+    with pytest.raises(ConfigError, match="compression-algorithm already gives dict=/a.dict"):
+        load(write(tmp_path, "[zram0]\ncompression-algorithm = zstd(dict=/a.dict)\n"
                              "compression-dictionary = /x.dict\n"), ram_mib=1024)
 
 

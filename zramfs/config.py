@@ -52,7 +52,8 @@ class DeviceConfig:
     zpool: str = "zsmalloc"                # the allocator backend
     dedup: bool = False                    # identical pages share one object (zramfs's own)
     dictionary: Path | None = None         # zstd's dictionary for the primary algorithm
-    recompression: list[tuple[str, dict[str, str]]] = field(default_factory=list)  # priority 1..
+    # Recompression algorithms, priority 1 first, each with its level and dict, if given.
+    recompression: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     writeback_device: Path | None = None
     writeback_interval: float = 0.0        # seconds; 0: no periodic idle writeback
     writeback_idle_age: float = 0.0        # seconds; 0: pages idle for a whole interval
@@ -161,18 +162,24 @@ _WORDS = re.compile(r"[^\s(]+(?:\([^)]*\))?|\([^)]*\)")
 
 
 def _one_algorithm(word: str) -> tuple[str, dict[str, str]]:
-    """`zstd(level=9)` -> ("zstd", {"level": "9"}), the name and level checked by the
-    compressors themselves (zramfs._zcomp), so a config that loads also sets up."""
+    """`zstd(level=19,dict=/etc/pages.dict)` -> ("zstd", {"level": "19", "dict":
+    "/etc/pages.dict"}), the name and level checked by the compressors themselves
+    (zramfs._zcomp), so a config that loads also sets up; a dictionary (zstd's, an absolute
+    path) is read only when the device is set up, as `algorithm_params dict=` reads it."""
     known = _zcomp.ALGORITHMS.names()
     m = re.fullmatch(r"([a-z0-9-]+)(?:\(([^)]*)\))?", word)
     if m is None or m.group(1) not in known:
         raise ValueError(f"unknown algorithm {word!r} (known: {', '.join(known)})")
     params: dict[str, str] = {}
     for item in filter(None, (p.strip() for p in (m.group(2) or "").split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or key.strip() != "level":
-            raise ValueError(f"bad parameter {item!r} (known: level=N)")
-        params["level"] = value.strip()
+        key, sep, value = (s.strip() for s in item.partition("="))
+        if not sep or key not in ("level", "dict"):
+            raise ValueError(f"bad parameter {item!r} (known: level=N, dict=PATH)")
+        if key == "dict" and not value.startswith("/"):
+            raise ValueError(f"dict={value}: not an absolute path")
+        if key == "dict" and m.group(1) != "zstd":
+            raise ValueError(f"{m.group(1)} takes no dictionary")
+        params[key] = value
     try:
         _zcomp.parse_level(m.group(1), params)
     except _zcomp.CompressorError as e:
@@ -323,12 +330,17 @@ def _device(section: _Section, ram_mib: float) -> DeviceConfig:
                 raise ValueError(f"({dev.recompress}) needs a recompression algorithm")
     except ValueError as e:
         raise fail(where, "compression-algorithm", str(e)) from None
+    if "dict" in dev.algorithm_params:
+        dev.dictionary = Path(dev.algorithm_params.pop("dict"))
     text, where = take("compression-dictionary")
     if text is not None:
         if not text.startswith("/"):
             raise fail(where, "compression-dictionary", f"{text!r} is not an absolute path")
         if dev.algorithm != "zstd":
             raise fail(where, "compression-dictionary", f"{dev.algorithm} takes no dictionary")
+        if dev.dictionary is not None:
+            raise fail(where, "compression-dictionary",
+                       f"compression-algorithm already gives dict={dev.dictionary}")
         dev.dictionary = Path(text)
     text, where = take("zpool", "zsmalloc")
     if text not in _alloc.BACKENDS.names():

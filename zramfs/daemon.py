@@ -750,6 +750,8 @@ def _config_settings(cfg: DeviceConfig) -> list[tuple[str, str]]:
     for prio, (name, params) in enumerate(cfg.recompression, 1):
         level = f" level={params['level']}" if "level" in params else ""
         out.append(("recomp_algorithm", f"algo={name} priority={prio}{level}"))
+        if "dict" in params:
+            out.append(("algorithm_params", f"priority={prio} dict={params['dict']}"))
     if cfg.writeback_device is not None:
         out.append(("backing_dev", str(cfg.writeback_device)))
     if cfg.mem_limit:
