@@ -122,3 +122,28 @@ def test_a_dictionary_shrinks_small_pages(pages: list[bytes], trained: bytes) ->
     finally:
         plain.destroy()
         with_dict.destroy()
+
+
+def test_a_large_dictionary_in_tables_it_can_fill() -> None:
+    """A 1 MiB dictionary at level 19: zstd sizes its tables for a 2 MiB window (a CDict of
+    about 33 MiB); cut to what the dictionary and a page can fill, it takes less than half
+    that, and the frames are as small as with zstd's own tables (the zstandard package's,
+    whose frames differ only by the 4-byte magic)."""
+    data = corpus.build(16 << 20)
+    pages = [data[i:i + PAGE] for i in range(0, len(data), PAGE)]
+    trained = zstandard.train_dictionary(1 << 20, pages).as_bytes()
+    c = Compressor("zstd", 19, streams=1, dictionary=trained)
+    theirs = zstandard.ZstdCompressor(level=19, dict_data=zstandard.ZstdCompressionDict(trained),
+                                      write_content_size=False)
+    try:
+        assert 0 < c.dictionary_memory < 16 << 20
+        ours = total = 0
+        for page in pages[1::32]:
+            frame = c.compress(page)
+            if frame is not None:
+                assert c.decompress(frame) == page
+                ours += len(frame) + len(MAGIC)
+                total += len(theirs.compress(page))
+        assert ours <= total * 1.001, (ours, total)
+    finally:
+        c.destroy()
