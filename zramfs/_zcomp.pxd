@@ -59,6 +59,7 @@ cdef zstream* zcomp_private_stream(zcomp* comp, int i) noexcept nogil
 
 cdef class Compressor:
     cdef zcomp* comp
+    cdef bytes dictionary      # zstd's, which comp's CDict and DDict refer to, not copy
     cdef readonly str name
     cdef readonly int level
     cdef readonly int streams

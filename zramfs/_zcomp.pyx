@@ -89,7 +89,7 @@ cdef extern from "zstd.h" nogil:
     ctypedef struct ZSTD_customMem:
         pass
     ctypedef enum ZSTD_dictLoadMethod_e:
-        ZSTD_dlm_byCopy
+        ZSTD_dlm_byRef
     ctypedef enum ZSTD_dictContentType_e:
         ZSTD_dct_auto
     enum:
@@ -102,7 +102,7 @@ cdef extern from "zstd.h" nogil:
                                           ZSTD_compressionParameters params, ZSTD_customMem mem)
     size_t ZSTD_sizeof_CDict(const ZSTD_CDict*)
     size_t ZSTD_freeCDict(ZSTD_CDict*)
-    ZSTD_DDict* ZSTD_createDDict(const void* dict, size_t size)
+    ZSTD_DDict* ZSTD_createDDict_byReference(const void* dict, size_t size)
     size_t ZSTD_freeDDict(ZSTD_DDict*)
     unsigned ZSTD_getDictID_fromDict(const void* dict, size_t size)
     unsigned ZSTD_isError(size_t)
@@ -377,7 +377,8 @@ cdef ZSTD_compressionParameters _page_dict_params(int level, size_t dict_size) n
 
 
 cdef str _prepare_dictionary(zcomp* comp, str name, bytes dictionary):
-    """zstd's CDict (at the compressor's level) and DDict, made once; why not, or None."""
+    """zstd's CDict (at the compressor's level) and DDict, made once; why not, or None. Both
+    refer to `dictionary`, which the caller keeps until comp is freed (one copy, not three)."""
     cdef const char* d = dictionary
     cdef size_t n = len(dictionary)
     if name != "zstd":
@@ -385,9 +386,9 @@ cdef str _prepare_dictionary(zcomp* comp, str name, bytes dictionary):
     if n == 0:
         return "an empty dictionary"
     with nogil:
-        comp.cdict = ZSTD_createCDict_advanced(d, n, ZSTD_dlm_byCopy, ZSTD_dct_auto,
+        comp.cdict = ZSTD_createCDict_advanced(d, n, ZSTD_dlm_byRef, ZSTD_dct_auto,
                                                _page_dict_params(comp.level, n), ZSTD_defaultCMem)
-        comp.ddict = ZSTD_createDDict(d, n)
+        comp.ddict = ZSTD_createDDict_byReference(d, n)
         comp.dict_id = ZSTD_getDictID_fromDict(d, n)
     if comp.cdict == NULL or comp.ddict == NULL:
         return "not a zstd dictionary"
@@ -419,6 +420,7 @@ cdef class Compressor:
         if self.comp == NULL:
             ALGORITHMS.unpin(name)
             raise MemoryError(f"cannot set up {name}")
+        self.dictionary = dictionary
         why = None if dictionary is None else _prepare_dictionary(self.comp, name, dictionary)
         if why is None:
             with nogil:
@@ -454,6 +456,7 @@ cdef class Compressor:
             with nogil:
                 _zcomp_free(self.comp)
             self.comp = NULL
+            self.dictionary = None          # after its CDict and DDict are gone
             ALGORITHMS.unpin(self.name)
 
     def __dealloc__(self):
