@@ -528,6 +528,21 @@ class Device:
         return " ".join(f"{v:8}" for v in self.disk.stat()) + "\n"
 
 
+def tree_dev(tree: Path) -> int | None:
+    """The device number of the file system mounted at `tree`, from /proc/self/mountinfo:
+    never a stat of the tree, which waits for the daemon to answer (and while it adopts
+    devices at a restart, it does not)."""
+    with open("/proc/self/mountinfo") as f:
+        lines = f.read().splitlines()
+    for line in reversed(lines):             # the last mount at a path is the one seen there
+        fields = line.split()
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        if point == str(tree):
+            major, minor = fields[2].split(":")
+            return os.makedev(int(major), int(minor))
+    return None
+
+
 def inside_tree(path: str, tree: Path | None) -> bool:
     """The path lies inside the daemon's own tree, or is a loop device over a file in it.
     Worker threads only: a path in the tree needs the trio thread to answer."""
@@ -535,7 +550,7 @@ def inside_tree(path: str, tree: Path | None) -> bool:
         return False
     try:
         st = os.stat(path)
-        if st.st_dev == os.stat(tree).st_dev:
+        if st.st_dev == tree_dev(tree):
             return True
     except OSError:
         return False                       # the caller's open says what is wrong
