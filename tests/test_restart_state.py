@@ -334,3 +334,49 @@ def test_ten_restarts_keep_the_data_and_cost_no_memory(tmp_path: Path, cleanup: 
         os.close(fd)
         closed[0] = True
         stop(d, mgr)
+
+
+def test_pages_written_with_a_dictionary_read_back_after_it_changes_or_goes(
+        tmp_path: Path, cleanup: Cleanup) -> None:
+    """zstd with a dictionary at a dict= path: the dictionary is kept beside the device's
+    pages (zramfs.state's `dicts`). A restart that finds another dictionary at the path (one
+    trained anew) writes with it and still reads the pages written with the first, by the id
+    each frame names; one that finds a dictionary with a kept one's id but other bytes there
+    uses the kept copy (an id is all a frame names); one that finds none there uses the kept
+    copies. Every page reads back after each."""
+    import zstandard
+    from zramfs import corpus
+    mgr = Manager(cleanup)
+    data = corpus.build(8 << 20, ("/usr/lib/python3.11",))
+    pages = [data[i:i + PAGE] for i in range(0, len(data), PAGE)]
+    path = tmp_path / "pages.dict"
+    path.write_bytes(zstandard.train_dictionary(16 << 10, pages[0::2], dict_id=1111).as_bytes())
+    half = len(data) // 2
+    with zramfs_daemon(env=mgr.env(), tmp=tmp_path) as d:
+        mgr.pump()
+        name = d.hot_add()
+        d.write(name, "comp_algorithm", "zstd")
+        d.write(name, "algorithm_params", f"dict={path}")
+        d.write(name, "disksize", "16M")
+        with open(d.dev(name), "r+b", buffering=0) as f:
+            f.write(data[:half])
+        mgr.pump()
+        kept_name(mgr, name, "dicts")
+        path.write_bytes(zstandard.train_dictionary(16 << 10, pages[1::2],
+                                                    dict_id=2222).as_bytes())
+        restart_gracefully(d, mgr)
+        with open(d.dev(name), "r+b", buffering=0) as f:
+            assert f.read(half) == data[:half]
+            f.seek(half)
+            f.write(data[half:])
+        path.write_bytes(zstandard.train_dictionary(16 << 10, pages[::3], dict_id=1111).as_bytes())
+        restart_gracefully(d, mgr)
+        with open(d.dev(name), "rb", buffering=0) as f:
+            assert f.read(len(data)) == data
+        assert "another dictionary with id 1111" in d.log.read_text()
+        path.unlink()
+        restart_killed(d, mgr)
+        with open(d.dev(name), "rb", buffering=0) as f:
+            assert f.read(len(data)) == data
+        assert "the copy kept from before the restart is used" in d.log.read_text()
+        stop(d, mgr)

@@ -148,3 +148,26 @@ def test_a_large_dictionary_in_tables_it_can_fill() -> None:
         assert ours <= total * 1.001, (ours, total)
     finally:
         c.destroy()
+
+
+def test_older_dictionaries_read_the_pages_written_with_them(pages: list[bytes],
+                                                              trained: bytes) -> None:
+    """A compressor given `older` dictionaries reads the frames written with any of them, by
+    the id each names, and writes with its own; one without them refuses those frames."""
+    other = zstandard.train_dictionary(16 << 10, pages[1::2], dict_id=4242).as_bytes()
+    first = Compressor("zstd", 3, streams=1, dictionary=trained)
+    now = Compressor("zstd", 3, streams=1, dictionary=other, older=(trained,))
+    alone = Compressor("zstd", 3, streams=1, dictionary=other)
+    try:
+        from zramfs._zcomp import dictionary_id
+        assert dictionary_id(other) == 4242 == now.dict_id != first.dict_id
+        for page in pages[:64]:
+            old, new = first.compress(page), now.compress(page)
+            if old is None:
+                continue
+            assert now.decompress(old) == page and now.decompress(new) == page
+            with pytest.raises(CompressorError):
+                alone.decompress(old)
+    finally:
+        for c in (first, now, alone):
+            c.destroy()

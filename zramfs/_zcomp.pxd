@@ -47,6 +47,8 @@ cdef struct zcomp:
     void* cdict                # a dictionary prepared for compression at `level`, or NULL
     void* ddict                # ... and for decompression
     unsigned int dict_id       # its id (0: none)
+    void** older               # DDicts of dictionaries pages may have been compressed with
+    int nr_older               # before (a restart that loaded another): decompression only
     int nr_streams             # shared: borrowed with zcomp_stream_get/put
     int nr_private             # after them: one per owner thread, zcomp_private_stream
     zstream* streams
@@ -60,6 +62,7 @@ cdef zstream* zcomp_private_stream(zcomp* comp, int i) noexcept nogil
 cdef class Compressor:
     cdef zcomp* comp
     cdef bytes dictionary      # zstd's, which comp's CDict and DDict refer to, not copy
+    cdef tuple older           # ... and those comp.older's DDicts refer to
     cdef readonly str name
     cdef readonly int level
     cdef readonly int streams

@@ -54,6 +54,8 @@ cdef extern from "zstd.h" nogil:
         pass
     ctypedef struct ZSTD_DDict:
         pass
+    ctypedef struct ZSTD_frameHeader:
+        unsigned dictID
     ctypedef enum ZSTD_cParameter:
         ZSTD_c_compressionLevel
         ZSTD_c_contentSizeFlag
@@ -73,11 +75,8 @@ cdef extern from "zstd.h" nogil:
     size_t ZSTD_CCtx_setParameter(ZSTD_CCtx*, ZSTD_cParameter, int value)
     size_t ZSTD_DCtx_setParameter(ZSTD_DCtx*, ZSTD_dParameter, int value)
     size_t ZSTD_CCtx_refCDict(ZSTD_CCtx*, const ZSTD_CDict*)
-    size_t ZSTD_DCtx_refDDict(ZSTD_DCtx*, const ZSTD_DDict*)
     size_t ZSTD_compress2(ZSTD_CCtx*, void* dst, size_t dst_capacity, const void* src,
                           size_t src_size)
-    size_t ZSTD_decompressDCtx(ZSTD_DCtx*, void* dst, size_t dst_capacity, const void* src,
-                               size_t src_size)
     ctypedef struct ZSTD_compressionParameters:
         unsigned windowLog
         unsigned chainLog
@@ -101,6 +100,11 @@ cdef extern from "zstd.h" nogil:
                                           ZSTD_dictLoadMethod_e load, ZSTD_dictContentType_e kind,
                                           ZSTD_compressionParameters params, ZSTD_customMem mem)
     size_t ZSTD_sizeof_CDict(const ZSTD_CDict*)
+    size_t ZSTD_getFrameHeader_advanced(ZSTD_frameHeader* header, const void* src, size_t size,
+                                        int format)
+    unsigned ZSTD_getDictID_fromDDict(const ZSTD_DDict*)
+    size_t ZSTD_decompress_usingDDict(ZSTD_DCtx*, void* dst, size_t dst_capacity,
+                                      const void* src, size_t src_size, const ZSTD_DDict*)
     size_t ZSTD_freeCDict(ZSTD_CDict*)
     ZSTD_DDict* ZSTD_createDDict_byReference(const void* dict, size_t size)
     size_t ZSTD_freeDDict(ZSTD_DDict*)
@@ -167,7 +171,7 @@ cdef bint zstd_ok(size_t rc) noexcept nogil:
 
 cdef void* zstd_create(const zcomp* comp) noexcept nogil:
     """Both contexts, their parameters set once: the level or the prepared dictionary (whose
-    CDict carries the level), then the lean frame format."""
+    CDict carries the level), then the lean frame format. The DDict is picked per frame."""
     cdef zstd_ctx* z = <zstd_ctx*>calloc(1, sizeof(zstd_ctx))
     if z == NULL:
         return NULL
@@ -181,9 +185,7 @@ cdef void* zstd_create(const zcomp* comp) noexcept nogil:
             or not zstd_ok(ZSTD_CCtx_setParameter(z.cctx, ZSTD_c_format, ZSTD_f_zstd1_magicless))
             or not zstd_ok(ZSTD_DCtx_setParameter(z.dctx, ZSTD_d_format, ZSTD_f_zstd1_magicless))
             or (comp.cdict != NULL and not zstd_ok(
-                ZSTD_CCtx_refCDict(z.cctx, <const ZSTD_CDict*>comp.cdict)))
-            or (comp.ddict != NULL and not zstd_ok(
-                ZSTD_DCtx_refDDict(z.dctx, <const ZSTD_DDict*>comp.ddict)))):
+                ZSTD_CCtx_refCDict(z.cctx, <const ZSTD_CDict*>comp.cdict)))):
         zstd_destroy(z)
         return NULL
     z.magicless = True
@@ -212,6 +214,24 @@ cdef bint zstd_framed(const char* src, int n) noexcept nogil:
                         | (<unsigned>b[3] << 24)) == ZSTD_MAGICNUMBER)
 
 
+cdef const ZSTD_DDict* zstd_ddict_for(const zcomp* comp, const char* src, int n,
+                                      bint magicless) noexcept nogil:
+    """The DDict of the dictionary a frame names: the compressor's own, or one of the older
+    ones. A frame naming none (id 0) gets the own one, as a raw-content dictionary has no id;
+    a frame naming one the compressor lacks gets NULL, and zstd refuses it."""
+    cdef ZSTD_frameHeader h
+    cdef int i
+    if ZSTD_getFrameHeader_advanced(&h, src, n, ZSTD_f_zstd1_magicless if magicless
+                                    else ZSTD_f_zstd1) != 0:
+        return <const ZSTD_DDict*>comp.ddict      # zstd reports the bad header itself
+    if h.dictID == 0 or h.dictID == comp.dict_id:
+        return <const ZSTD_DDict*>comp.ddict
+    for i in range(comp.nr_older):
+        if ZSTD_getDictID_fromDDict(<const ZSTD_DDict*>comp.older[i]) == h.dictID:
+            return <const ZSTD_DDict*>comp.older[i]
+    return NULL
+
+
 cdef int zstd_decompress(const zcomp* comp, void* ctx, const char* src, int n,
                          char* dst) noexcept nogil:
     cdef zstd_ctx* z = <zstd_ctx*>ctx
@@ -222,7 +242,8 @@ cdef int zstd_decompress(const zcomp* comp, void* ctx, const char* src, int n,
                 z.dctx, ZSTD_d_format, ZSTD_f_zstd1_magicless if magicless else ZSTD_f_zstd1)):
             return -1
         z.magicless = magicless
-    out = ZSTD_decompressDCtx(z.dctx, dst, PAGE_SIZE, src, n)
+    out = ZSTD_decompress_usingDDict(z.dctx, dst, PAGE_SIZE, src, n,
+                                     zstd_ddict_for(comp, src, n, magicless))
     return 0 if not ZSTD_isError(out) and out == PAGE_SIZE else -1
 
 
@@ -302,6 +323,9 @@ cdef void _zcomp_free(zcomp* comp) noexcept nogil:
         ZSTD_freeCDict(<ZSTD_CDict*>comp.cdict)
     if comp.ddict != NULL:
         ZSTD_freeDDict(<ZSTD_DDict*>comp.ddict)
+    for i in range(comp.nr_older):
+        ZSTD_freeDDict(<ZSTD_DDict*>comp.older[i])
+    free(comp.older)
     free(comp)
 
 
@@ -337,6 +361,11 @@ cdef int _zcomp_add_streams(zcomp* comp, int nr, int nr_private) noexcept nogil:
         if s.ctx == NULL or s.buffer == NULL or s.page == NULL:
             return -1
     return 0
+
+
+def dictionary_id(bytes data) -> int:
+    """A zstd dictionary's id (0: none, or a raw-content dictionary)."""
+    return ZSTD_getDictID_fromDict(<const char*>data, len(data))
 
 
 def parse_level(name: str, params: dict[str, str]) -> int | None:
@@ -395,6 +424,23 @@ cdef str _prepare_dictionary(zcomp* comp, str name, bytes dictionary):
     return None
 
 
+cdef str _prepare_older(zcomp* comp, str name, tuple older):
+    """DDicts of the `older` dictionaries (bytes each), for decompression only; they refer
+    to the bytes, which the caller keeps until comp is freed. Why not, or None."""
+    cdef bytes d
+    if name != "zstd":
+        return f"{name} takes no dictionary"
+    comp.older = <void**>calloc(len(older), sizeof(void*))
+    if comp.older == NULL:
+        return "no memory for the older dictionaries"
+    for d in older:
+        comp.older[comp.nr_older] = ZSTD_createDDict_byReference(<const char*>d, len(d))
+        if comp.older[comp.nr_older] == NULL:
+            return "an older dictionary is not a zstd dictionary"
+        comp.nr_older += 1
+    return None
+
+
 cdef class Compressor:
     """One device's compressor: `Compressor("zstd", level=5, streams=4)`.
 
@@ -402,13 +448,15 @@ cdef class Compressor:
     compression workers), outside the shared set that requests borrow from.
 
     `dictionary`: zstd's, as the kernel's `algorithm_params dict=PATH` gives one: prepared
-    once here (a CDict at the level, a DDict), never on the request path.
+    once here (a CDict at the level, a DDict), never on the request path. `older`: zstd
+    dictionaries pages may have been compressed with before this one (a live restart that
+    found another at the path), read with by the id each frame names, never written with.
 
     `compress`/`decompress` are for tests and tools; the device uses `comp` without the GIL.
     """
 
     def __init__(self, name: str, level: int | None = None, streams: int | None = None,
-                 int private_streams=0, bytes dictionary=None):
+                 int private_streams=0, bytes dictionary=None, tuple older=()):
         cdef _Algorithm a = ALGORITHMS.pin(name)
         cdef int lvl = a.ops.level_default if level is None else level
         cdef int nr = default_streams() if streams is None else streams
@@ -420,8 +468,10 @@ cdef class Compressor:
         if self.comp == NULL:
             ALGORITHMS.unpin(name)
             raise MemoryError(f"cannot set up {name}")
-        self.dictionary = dictionary
+        self.dictionary, self.older = dictionary, older
         why = None if dictionary is None else _prepare_dictionary(self.comp, name, dictionary)
+        if why is None and older:
+            why = _prepare_older(self.comp, name, older)
         if why is None:
             with nogil:
                 rc = _zcomp_add_streams(self.comp, nr, private_streams)
@@ -456,7 +506,7 @@ cdef class Compressor:
             with nogil:
                 _zcomp_free(self.comp)
             self.comp = NULL
-            self.dictionary = None          # after its CDict and DDict are gone
+            self.dictionary = self.older = None     # after the CDict and DDicts are gone
             ALGORITHMS.unpin(self.name)
 
     def __dealloc__(self):

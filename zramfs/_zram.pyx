@@ -731,11 +731,13 @@ cdef class Meta:
     def __init__(self, size_t disksize, str algorithm="lz4", level=None, *,
                  str backend="zsmalloc", str name="zram", streams=None,
                  int max_pages_per_zspage=8, workers=None, Backing backing=None,
-                 dict secondary=None, dict dictionaries=None, bint compressed_wb=False,
-                 tuple kept=None):
+                 dict secondary=None, dict dictionaries=None, tuple older=(),
+                 bint compressed_wb=False, tuple kept=None):
         """`backing`: the writeback device (the caller's to close, after destroy).
         `secondary`: recompression algorithms, {priority: (name, level or None)}.
         `dictionaries`: zstd dictionaries, {priority: bytes}, 0 for the primary algorithm.
+        `older`: zstd dictionaries (bytes) the kept pages may have been compressed with, which
+        every zstd compressor reads with (by the id a frame names) and none writes with.
         `compressed_wb`: writeback writes objects as stored (decompressed when read back).
         `kept`: the (table, pool) fds a daemon before this one kept (state_fds): the device
         is adopted in place, its memory mapped again and nothing copied (`adopted` says what
@@ -793,12 +795,14 @@ cdef class Meta:
             dictionaries = dictionaries or {}
             self.compressor = _Compressor(algorithm, level, streams,
                                           private_streams=nr_workers + 1,
-                                          dictionary=dictionaries.get(0))
+                                          dictionary=dictionaries.get(0),
+                                          older=older if algorithm == "zstd" else ())
             for prio, (sname, slevel) in sorted((secondary or {}).items()):
                 if not 1 <= prio <= 3:
                     raise ValueError(f"recompression priority {prio} is not 1..3")
                 self.secondary[prio] = _Compressor(sname, slevel, 2,
-                                                   dictionary=dictionaries.get(prio))
+                                                   dictionary=dictionaries.get(prio),
+                                                   older=older if sname == "zstd" else ())
         except BaseException:
             self.destroy()
             raise

@@ -33,7 +33,7 @@ from zramfs import _alloc, _backing, _dedup, _tiering, _zcomp, kstrto, tiering
 from zramfs._alloc import PoolImageError, PoolInPlaceError
 from zramfs._backing import Backing, BackingError
 from zramfs._zram import Disk, Meta, TableImageError
-from zramfs.state import DeviceRecord, State, StateError
+from zramfs.state import DECODE_ONLY, DeviceRecord, State, StateError
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,10 @@ class Device:
         self.backing: Backing | None = None
         self.secondary: dict[int, tuple[str, int | None]] = {}   # priority -> (name, level)
         self.dictionaries: dict[int, tuple[str, bytes]] = {}     # priority -> (path, content)
+        # What a daemon before this one kept (state.kept_dictionaries), while adopting: by
+        # priority, the copy used where a dict= path no longer reads; and every one, for the
+        # pages written with them.
+        self.kept_dictionaries: list[tuple[int, bytes]] = []
         self.wb_limit = 0              # pages, while wb_limit_enable
         self.wb_limit_enable = False
         self.evict = False             # zswap-style eviction over mem_limit (an extension)
@@ -117,12 +121,23 @@ class Device:
             meta = Meta(disksize, self.algorithm, self.level, backend=self.backend,
                         name=self.name, backing=self.backing, secondary=self.secondary,
                         dictionaries={p: data for p, (_, data) in self.dictionaries.items()},
+                        older=tuple(d for _, d in self._older_dictionaries()),
                         compressed_wb=self.compressed_wb, kept=kept)
         except MemoryError as e:
             raise fail(errno.ENOMEM, str(e)) from None
         except _zcomp.CompressorError as e:
             raise fail(errno.EINVAL, str(e)) from None
         return meta
+
+    def _older_dictionaries(self) -> list[tuple[int, bytes]]:
+        """The kept dictionaries no algorithm writes with now, each once: (DECODE_ONLY,
+        bytes)."""
+        current = [data for _, data in self.dictionaries.values()]
+        older: list[bytes] = []
+        for _, data in self.kept_dictionaries:
+            if data not in current and data not in older:
+                older.append(data)
+        return [(DECODE_ONLY, data) for data in older]
 
     def _attach(self, meta: Meta) -> None:
         meta.mem_limit = self.mem_limit
@@ -133,7 +148,9 @@ class Device:
         _tiering.set_wb_batch(meta, self.wb_batch)
         self.disk.attach(meta)
         if self.state is not None:
-            self.state.keep_meta(self.id, meta.state_fds)
+            self.state.keep_meta(self.id, meta.state_fds,
+                                 [(p, data) for p, (_, data) in sorted(self.dictionaries.items())]
+                                 + self._older_dictionaries())
         log.info("%s: disksize %d, %s", self.name, meta.disksize, self.algorithm)
 
     async def adopt(self, record: DeviceRecord) -> None:
@@ -141,6 +158,8 @@ class Device:
         and at disksize its kept table and pool adopted in place (Meta(kept=...)), or copied
         where the pool cannot be (Meta.take_over). StateError when neither can be done; the
         kept fds stay kept either way."""
+        if self.state is not None and self.state.kept_pair(self.id) is not None:
+            self.kept_dictionaries = self.state.kept_dictionaries(self.id)
         for attr, text in record.settings:
             if attr != "disksize":
                 try:
@@ -156,6 +175,7 @@ class Device:
                 log.warning("%s: no kept memory: it starts empty", self.name)
                 meta = self._new_meta(disksize)
             self._attach(meta)
+            self.kept_dictionaries = []
             if self.state is not None:
                 self.state.stored(self.id, attr, text)
 
@@ -297,8 +317,12 @@ class Device:
                 data = await trio.to_thread.run_sync(read_outside_tree, params["dict"],
                                                      self.tree)
             except OSError as e:
-                log.warning("%s: dict %s refused: %s", self.name, params["dict"], e.strerror)
-                raise fail(e.errno or errno.EINVAL, f"{params['dict']}: {e.strerror}") from None
+                data = self._kept_dictionary(prio, params["dict"], e.strerror)
+                if data is None:
+                    log.warning("%s: dict %s refused: %s", self.name, params["dict"], e.strerror)
+                    raise fail(e.errno or errno.EINVAL,
+                               f"{params['dict']}: {e.strerror}") from None
+            data = self._unclashing(prio, params["dict"], data)
             if self.initialised:              # disksize was written meanwhile
                 raise fail(errno.EBUSY, f"{self.name} is initialised; reset it first")
             self.dictionaries[prio] = (params["dict"], data)
@@ -308,6 +332,29 @@ class Device:
             self.level = level
         else:
             self.secondary[prio] = (names[prio], level)
+
+    def _kept_dictionary(self, prio: int, path: str, why: str) -> bytes | None:
+        """While adopting: the kept copy of the dictionary of `prio`, where its path no longer
+        reads (None: no copy)."""
+        data = next((d for p, d in self.kept_dictionaries if p == prio), None)
+        if data is not None:
+            log.warning("%s: dict %s: %s; the copy kept from before the restart is used",
+                        self.name, path, why)
+        return data
+
+    def _unclashing(self, prio: int, path: str, data: bytes) -> bytes:
+        """`data`, or while adopting the kept copy of the dictionary of `prio` where `data`
+        is another dictionary with an id a kept one has: a frame names its dictionary by id
+        alone, so two with one id would read pages wrongly."""
+        new_id = _zcomp.dictionary_id(data)
+        for _, kept in self.kept_dictionaries:
+            if kept != data and new_id and _zcomp.dictionary_id(kept) == new_id:
+                data = self._kept_dictionary(prio, path, f"another dictionary with id {new_id}")
+                if data is None:
+                    raise fail(errno.EINVAL, f"{path}: another dictionary with id {new_id} "
+                               "wrote this device's pages")
+                return data
+        return data
 
     # --- tiering (zram.rst's writeback and recompression) --------------------------------------
 

@@ -11,7 +11,9 @@ goes in them:
 - `zram<id>.<seq>.table` and `zram<id>.<seq>.pool`: an initialised device's slot table and
   pool (zramfs._zram.Meta.state_fds). A new daemon copies them into a fresh meta
   (Meta.take_over), keeps the new pair under the next seq, then drops the old: at every
-  moment one complete pair is kept.
+  moment one complete pair is kept;
+- `zram<id>.<seq>.dicts`, beside a pair: the zstd dictionaries its pages may be compressed
+  with, so that a new daemon reads them back whatever is at the `dict=` paths by then.
 
 The record is JSON in a memfd, in two halves written in turn, each with a sequence number and
 a CRC, so a daemon killed in the middle of a write leaves the other half whole.
@@ -27,6 +29,8 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from zramfs import fdstore
+
 log = logging.getLogger("zramfs.state")
 
 RECORD_NAME = "devices"
@@ -34,7 +38,10 @@ RECORD_MAGIC = b"zramfs-devices\0\0"
 RECORD_VERSION = 1
 _HALF = 1 << 20                      # each half of the record's memfd
 _HEADER = struct.Struct("<16sIIQII")  # magic, version, pad, seq, length, crc32
-_KEPT = re.compile(r"zram(\d+)\.(\d+)\.(table|pool)")
+_KEPT = re.compile(r"zram(\d+)\.(\d+)\.(table|pool|dicts)")
+DICTS_MAGIC = b"zramfs-dicts\0\0\0\0"
+_DICT = struct.Struct("<II")          # a kept dictionary's priority and length, then its bytes
+DECODE_ONLY = 255                     # the priority of a dictionary no algorithm writes with
 
 # The attribute stores that shape a device; a new daemon replays them in order. Actions
 # (idle, writeback, recompress, compact, mem_used_max) are not settings; reset clears them.
@@ -116,6 +123,7 @@ class State:
         self.generations: dict[int, int] = {}
         self.seq: dict[int, int] = {}          # per device id: the seq of its kept pair
         self._pairs: dict[str, int] = {}       # the kept pairs' names and fds (the metas')
+        self._own: dict[str, int] = {}         # of those, the fds this module made (dicts)
         fds = inherited.get(RECORD_NAME)
         self.adopting = bool(fds)
         # While the devices are re-created from the record, it is not written, nothing kept
@@ -168,10 +176,35 @@ class State:
             if m and int(m.group(1)) == dev_id and fds:
                 pairs.setdefault(int(m.group(2)), {})[m.group(3)] = fds[0]
         for seq in sorted(pairs, reverse=True):
-            if len(pairs[seq]) == 2:
+            if "table" in pairs[seq] and "pool" in pairs[seq]:
                 self.seq[dev_id] = seq
                 return pairs[seq]["table"], pairs[seq]["pool"]
         return None
+
+    def kept_dictionaries(self, dev_id: int) -> list[tuple[int, bytes]]:
+        """The dictionaries kept beside device `dev_id`'s pair (kept_pair picks it), as
+        (priority, bytes): DECODE_ONLY for those no algorithm wrote with any more. StateError
+        if they cannot be read."""
+        fds = self.inherited.get(f"zram{dev_id}.{self.seq.get(dev_id)}.dicts")
+        if not fds:
+            return []
+        try:
+            data = os.pread(fds[0], os.fstat(fds[0]).st_size, 0)
+        except OSError as e:
+            raise StateError(f"zram{dev_id}: kept dictionaries: {e.strerror}") from None
+        if not data.startswith(DICTS_MAGIC):
+            raise StateError(f"zram{dev_id}: kept dictionaries: not zramfs's")
+        out, at = [], len(DICTS_MAGIC)
+        while at < len(data):
+            if at + _DICT.size > len(data):
+                raise StateError(f"zram{dev_id}: kept dictionaries: cut short")
+            prio, n = _DICT.unpack_from(data, at)
+            at += _DICT.size
+            if at + n > len(data):
+                raise StateError(f"zram{dev_id}: kept dictionaries: cut short")
+            out.append((prio, data[at:at + n]))
+            at += n
+        return out
 
     # --- what the daemon tells it ----------------------------------------------------------------
 
@@ -213,6 +246,8 @@ class State:
         self._pairs.pop(name, None)
         for fd in self.inherited.pop(name, []):
             os.close(fd)
+        if name in self._own:
+            os.close(self._own.pop(name))
 
     def save(self) -> None:
         if self._replaying:
@@ -251,23 +286,35 @@ class State:
             rec.openers = max(0, rec.openers + delta)
             self.save()
 
-    def keep_meta(self, dev_id: int, fds: tuple[int, int]) -> None:
-        """An initialised device's (table, pool) fds, kept under the next seq; then the
-        previous pair goes."""
+    def keep_meta(self, dev_id: int, fds: tuple[int, int],
+                  dictionaries: list[tuple[int, bytes]] | None = None) -> None:
+        """An initialised device's (table, pool) fds, and the dictionaries its pages may be
+        compressed with ((priority, bytes), as kept_dictionaries gives them), kept under the
+        next seq; then the previous ones go."""
         seq = self.seq.get(dev_id, 0) + 1
-        for kind, fd in zip(("table", "pool"), fds):
+        kept = list(zip(("table", "pool"), fds))
+        if dictionaries:
+            data = DICTS_MAGIC + b"".join(_DICT.pack(prio, len(d)) + d for prio, d in dictionaries)
+            fd = fdstore.memfd_with(f"zram{dev_id}-dicts", data)
+            self._own[f"zram{dev_id}.{seq}.dicts"] = fd
+            kept.append(("dicts", fd))
+        for kind, fd in kept:
             if not self._replaying:               # else adopted() stores it
                 self._keep(f"zram{dev_id}.{seq}.{kind}", fd)
             self._pairs[f"zram{dev_id}.{seq}.{kind}"] = fd
         old = self.seq.get(dev_id)
         self.seq[dev_id] = seq
         if old is not None:
-            for kind in ("table", "pool"):
-                self._let_go(f"zram{dev_id}.{old}.{kind}")
+            self._let_go_seq(dev_id, old)
 
     def drop_meta(self, dev_id: int) -> None:
         """The device was reset or removed: its pages are no one's any more."""
         seq = self.seq.pop(dev_id, None)
         if seq is not None:
-            for kind in ("table", "pool"):
-                self._let_go(f"zram{dev_id}.{seq}.{kind}")
+            self._let_go_seq(dev_id, seq)
+
+    def _let_go_seq(self, dev_id: int, seq: int) -> None:
+        for kind in ("table", "pool", "dicts"):
+            name = f"zram{dev_id}.{seq}.{kind}"
+            if kind != "dicts" or name in self._pairs or name in self.inherited:
+                self._let_go(name)
