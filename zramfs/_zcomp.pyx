@@ -387,14 +387,15 @@ def parse_level(name: str, params: dict[str, str]) -> int | None:
 
 
 cdef ZSTD_compressionParameters _page_dict_params(int level, size_t dict_size) noexcept nogil:
-    """zstd's parameters for one page after a dictionary of `dict_size`, with the binary-tree
-    strategies' (btlazy2 and up: zstd's higher levels) tables cut to what a dictionary and a page
-    can fill. zstd sizes them for its window, which it rounds up past the dictionary (a 1 MiB
-    one at level 19: a 2 MiB window, tables of 32 MiB); a tree of 2**chainLog entries holds
-    2**(chainLog-1) positions, so one bit over the dictionary's size holds it all (a page's
-    own positions push out the dictionary's oldest), and a hash of a quarter of that finds the
-    same matches: on the bench's corpus, objects the same size to 0.001 % (levels 16 and 19,
-    dictionaries of 110 KiB to 1 MiB), the 1 MiB dictionary at level 19 in 11 MiB."""
+    """zstd's parameters for one page after a dictionary of `dict_size`, with the tables of
+    the binary-tree strategies (btlazy2 and up: zstd's higher levels) cut to what a
+    dictionary and a page can fill. zstd sizes them for its window, which it rounds up past
+    the dictionary (a 1 MiB one at level 19: a 2 MiB window, tables of 32 MiB); a tree of
+    2**chainLog entries holds 2**(chainLog-1) positions, so one bit over the dictionary's size
+    holds it all (a page's own positions push out the dictionary's oldest), and a hash of a
+    quarter of that finds the same matches: on the bench's corpus, objects the same size to
+    0.001 % (levels 16 and 19, dictionaries of 110 KiB to 1 MiB), the 1 MiB dictionary's
+    CDict at level 19 in 10 MiB."""
     cdef ZSTD_compressionParameters p = ZSTD_getCParams(level, PAGE_SIZE, dict_size)
     cdef unsigned bits = 1
     if p.strategy >= ZSTD_btlazy2:
