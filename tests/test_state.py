@@ -13,7 +13,7 @@ import pytest
 from conftest import attached, destroy
 from zramfs._alloc import Pool, PoolImage, PoolImageError, PoolInPlaceError
 from zramfs._zram import Disk, Meta, TableImageError
-from zramfs.state import DeviceRecord, Record, State, StateError
+from zramfs.state import DECODE_ONLY, DeviceRecord, Record, State, StateError
 
 PAGE = 4096
 SIZE = 32 << 20
@@ -301,3 +301,33 @@ def test_state_keeps_one_complete_pair_at_every_moment() -> None:
     state.drop_meta(0)
     assert not [n for n in kept if n.startswith("zram0.")]
     assert state.devices[0].settings == []
+
+
+def test_state_keeps_the_dictionaries_beside_the_pair() -> None:
+    """A device's dictionaries are kept with its pair ((priority, bytes); DECODE_ONLY for
+    one no algorithm writes with), go with it, and read back in a successor; a kept set
+    that is not whole is refused."""
+    kept: dict[str, int] = {}
+    state = State({}, lambda name, fd: kept.__setitem__(name, fd),
+                  lambda name: kept.pop(name, None))
+    state.added(0, 1)
+    dictionaries = [(0, b"first" * 100), (DECODE_ONLY, b"older" * 50)]
+    state.keep_meta(0, (10, 11), dictionaries)
+    state.keep_meta(0, (12, 13), dictionaries)
+    assert sorted(n for n in kept if n.startswith("zram0.")) == \
+        ["zram0.2.dicts", "zram0.2.pool", "zram0.2.table"]
+    inherited = {name: [fd] for name, fd in kept.items()}
+    successor = State(inherited, lambda name, fd: None, lambda name: None)
+    assert successor.kept_pair(0) == (12, 13)
+    assert successor.kept_dictionaries(0) == dictionaries
+    fd = inherited["zram0.2.dicts"][0]
+    data = os.pread(fd, 1 << 20, 0)
+    for damaged in (b"x" + data[1:], data[:-1]):
+        spoiled = os.memfd_create("spoiled")
+        os.write(spoiled, damaged)
+        inherited["zram0.2.dicts"] = [spoiled]
+        with pytest.raises(StateError, match="kept dictionaries"):
+            successor.kept_dictionaries(0)
+        os.close(spoiled)
+    state.drop_meta(0)
+    assert not [n for n in kept if n.startswith("zram0.")]
