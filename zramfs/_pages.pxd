@@ -33,6 +33,10 @@ cdef int region_map(zregion* r, int fd, bint writable) noexcept nogil
 cdef void region_close(zregion* r) noexcept nogil
 # Gives the range's memory back to the OS (a hole in the memfd); keeps the range mapped.
 cdef void region_punch(zregion* r, char* addr, size_t length) noexcept nogil
+# The next run of the memfd's data (not holes) within [start, limit): its first byte, and in
+# *end the byte after it; limit, with *end == limit, when there is none.
+cdef size_t region_data_run(const zregion* r, size_t start, size_t limit,
+                            size_t* end) noexcept nogil
 # Maps into this process the pages from `first` on that are in memory (not holes, not swapped
 # out), so that they are locked under mlockall and counted in its RSS.
 cdef void region_populate(zregion* r, size_t first) noexcept nogil

@@ -212,27 +212,36 @@ cdef void region_punch(zregion* r, char* addr, size_t length) noexcept nogil:
               <long>length)     # a hint, as MADV_DONTNEED was: errors leave the pages in use
 
 
+cdef size_t region_data_run(const zregion* r, size_t start, size_t limit,
+                            size_t* end) noexcept nogil:
+    cdef long data, hole
+    end[0] = limit
+    if start >= limit:
+        return limit
+    data = lseek(r.fd, <long>start, SEEK_DATA)
+    if data < 0 or <size_t>data >= limit:
+        return limit        # ENXIO: no data past start
+    hole = lseek(r.fd, data, SEEK_HOLE)
+    if hole >= 0 and <size_t>hole < limit:
+        end[0] = <size_t>hole
+    return <size_t>data
+
+
 cdef void region_populate(zregion* r, size_t first) noexcept nogil:
     """Maps the region's pages from `first` on that are in memory into this process: the
-    memfd's data (lseek SEEK_DATA/SEEK_HOLE), less what is swapped out (mincore). Mapped, they
-    count in the process's RSS and are locked under mlockall; a swapped-out page is left to
-    fault in when it is used, as reading it now could wait on a swap device this very daemon
-    serves. Holes stay holes: a read fault would fill them."""
-    cdef long off = <long>first, end, stop = <long>r.size
-    cdef size_t npages, i, j
+    memfd's data (region_data_run), less what is swapped out (mincore). Mapped, they count in
+    the process's RSS and are locked under mlockall; a swapped-out page is left to fault in
+    when it is used, as reading it now could wait on a swap device this very daemon serves.
+    Holes stay holes: a read fault would fill them."""
+    cdef size_t end, npages, i, j
+    cdef size_t off = region_data_run(r, first, r.size, &end)
     cdef unsigned char* vec
-    while off < stop:
-        off = lseek(r.fd, off, SEEK_DATA)
-        if off < 0:
-            return          # ENXIO: no data past off
-        end = lseek(r.fd, off, SEEK_HOLE)
-        if end < 0 or end > stop:
-            end = stop
-        npages = <size_t>(end - off) // PAGE_SIZE
+    while off < r.size:
+        npages = (end - off) // PAGE_SIZE
         vec = <unsigned char*>malloc(npages)
         if vec == NULL:
             return
-        if mincore(r.base + off, <size_t>(end - off), vec) == 0:
+        if mincore(r.base + off, end - off, vec) == 0:
             i = 0
             while i < npages:
                 if not vec[i] & 1:
@@ -245,7 +254,7 @@ cdef void region_populate(zregion* r, size_t first) noexcept nogil:
                         MADV_POPULATE_READ)         # a hint: errors ignored
                 i = j
         free(vec)
-        off = end
+        off = region_data_run(r, end, r.size, &end)
 
 
 # --- the page source -------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from cpython.pycapsule cimport PyCapsule_New
 
 from zramfs._alloc cimport Pool, PoolImage, pool_adopt
 from zramfs._backing cimport Backing, backing_free, backing_read, backing_take
-from zramfs._pages cimport region_close, region_create, region_map, zregion
+from zramfs._pages cimport region_close, region_create, region_data_run, region_map, zregion
 from zramfs._workers cimport zjob, zworkers_run, zworkers_start, zworkers_stop
 from zramfs._zcomp cimport (Compressor, zcomp_compress, zcomp_decompress, zcomp_private_stream,
                             zcomp_stream_get, zcomp_stream_put)
@@ -63,7 +63,6 @@ cdef extern from *:
     #include <stdint.h>
     #include <time.h>
     #include <linux/falloc.h>
-    #include <unistd.h>
     static inline uint32_t zram_now_s(void) {
         struct timespec t;
         clock_gettime(CLOCK_MONOTONIC_COARSE, &t);
@@ -87,8 +86,6 @@ cdef extern from *:
     void za_store32(uint32_t* p, uint32_t v) nogil
     int FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
     size_t SIZE_MAX
-    long lseek(int fd, long offset, int whence) nogil
-    int SEEK_DATA, SEEK_HOLE
 
 cdef enum:
     SECTOR_SHIFT = 9
@@ -688,17 +685,12 @@ cdef size_t _stored_slots(const zregion* r, size_t i, size_t* end) noexcept nogi
     it would make the page resident for nothing (a shared-memory read fault allocates)."""
     cdef const ztable_header* h = <const ztable_header*>r.base
     cdef size_t offset = h.table_offset, nr = h.nr_pages
-    cdef long data, hole
-    end[0] = nr
-    if i >= nr:
+    cdef size_t limit = offset + nr * sizeof(zslot), stop
+    cdef size_t data = region_data_run(r, offset + min(i, nr) * sizeof(zslot), limit, &stop)
+    end[0] = (stop - offset + sizeof(zslot) - 1) // sizeof(zslot)
+    if data == limit:
         return nr
-    data = lseek(r.fd, <long>(offset + i * sizeof(zslot)), SEEK_DATA)
-    if data < 0 or <size_t>data >= offset + nr * sizeof(zslot):
-        return nr
-    hole = lseek(r.fd, data, SEEK_HOLE)
-    if hole >= 0 and <size_t>hole < offset + nr * sizeof(zslot):
-        end[0] = (<size_t>hole - offset + sizeof(zslot) - 1) // sizeof(zslot)
-    return max(i, (<size_t>data - offset) // sizeof(zslot))
+    return max(i, (data - offset) // sizeof(zslot))
 
 
 cdef inline bint _kept_object(const zslot* s) noexcept nogil:
