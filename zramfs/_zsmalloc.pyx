@@ -143,6 +143,21 @@ cdef inline uint32_t* _slots(zspage* zs) noexcept nogil:
     return <uint32_t*>(<char*>zs + _header_size())
 
 
+cdef inline uint32_t _desc_size(uint32_t objs) noexcept nogil:
+    """A descriptor and the slots of a zspage of `objs` objects, rounded to 8 bytes."""
+    return _header_size() + <uint32_t>((objs * sizeof(uint32_t) + 7) & ~(<size_t>7))
+
+
+cdef inline uint32_t _desc_run_pages(size_class* c) noexcept nogil:
+    """The pages of one of the class's descriptor runs: its head and at least one descriptor."""
+    return <uint32_t>((sizeof(desc_run) + c.desc_size + PAGE_SIZE - 1) // PAGE_SIZE)
+
+
+cdef inline uint32_t _desc_run_count(size_class* c, uint32_t npages) noexcept nogil:
+    """The descriptors a run of `npages` pages holds."""
+    return <uint32_t>((npages * PAGE_SIZE - sizeof(desc_run)) // c.desc_size)
+
+
 cdef inline zspage* _desc_at(size_class* c, desc_run* run, uint32_t i) noexcept nogil:
     return <zspage*>(<char*>run + sizeof(desc_run) + <size_t>i * c.desc_size)
 
@@ -156,12 +171,12 @@ cdef zspage* _desc_take(zs_pool* pool, size_class* c) noexcept nogil:
     cdef desc_run* run
     cdef int npages, i
     if d == NULL:
-        npages = (sizeof(desc_run) + c.desc_size + PAGE_SIZE - 1) // PAGE_SIZE
+        npages = _desc_run_pages(c)
         run = <desc_run*>pages_alloc_meta(&pool.pages, npages)
         if run == NULL:
             return NULL
         run.npages = npages
-        run.ndesc = <uint32_t>((npages * PAGE_SIZE - sizeof(desc_run)) // c.desc_size)
+        run.ndesc = _desc_run_count(c, npages)
         run.next = c.desc_runs
         c.desc_runs = run
         for i in range(<int>run.ndesc - 1, -1, -1):     # the run's first descriptor on top
@@ -302,7 +317,7 @@ cdef void* zs_create(int max_pages, zregion* region) noexcept nogil:
             return NULL
         memset(c, 0, sizeof(size_class))
         pthread_mutex_init(&c.lock, NULL)
-        c.desc_size = _header_size() + <uint32_t>((objs * sizeof(uint32_t) + 7) & ~(<size_t>7))
+        c.desc_size = _desc_size(objs)
         c.size = size
         c.pages_per_zspage = best_p
         c.objs_per_zspage = objs
@@ -634,8 +649,7 @@ cdef const char* _check_classes(zs_pool* pool, zregion* region) noexcept nogil:
         if not MIN_SIZE <= c.size <= PAGE_SIZE or not 1 <= c.pages_per_zspage <= PAGES_MAX_RUN:
             return "a size class has a size out of range"
         objs = c.pages_per_zspage * PAGE_SIZE // c.size
-        if c.objs_per_zspage != objs or c.desc_size != _header_size() + (
-                (objs * sizeof(uint32_t) + 7) & ~(<size_t>7)):
+        if c.objs_per_zspage != objs or c.desc_size != _desc_size(objs):
             return "a size class does not add up"
         if c.handles_next > c.handles_cap or c.handles_cap > <uint32_t>DIR_ENTRIES * CHUNK_ENTRIES \
                 or c.handles_cap % CHUNK_ENTRIES:
@@ -668,12 +682,11 @@ cdef const char* _check_descriptors(zs_pool* pool, zregion* region) noexcept nog
     cdef int i
     for i in range(pool.nr_classes):
         c = pool.classes[i]
-        npages = (sizeof(desc_run) + c.desc_size + PAGE_SIZE - 1) // PAGE_SIZE
+        npages = _desc_run_pages(c)
         run = c.desc_runs
         while run != NULL:
             if not _in(run, npages * PAGE_SIZE, lo, hi) or (<char*>run - lo) % PAGE_SIZE \
-                    or run.npages != npages \
-                    or run.ndesc != (npages * PAGE_SIZE - sizeof(desc_run)) // c.desc_size:
+                    or run.npages != npages or run.ndesc != _desc_run_count(c, npages):
                 return "a zspage descriptor run is damaged or outside the arenas"
             if budget < npages:
                 return "the zspage descriptor runs loop"
