@@ -45,7 +45,6 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import threading
@@ -292,9 +291,8 @@ def _inherited_fuse(opts: Options) -> tuple[int, dict] | None:
 def _is_zramfs_mount(mountpoint: Path) -> bool:
     """Whether a zramfs tree is mounted at `mountpoint` (the mount table escapes blanks and
     backslashes in octal)."""
-    unescape = partial(re.sub, r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)))
     with open("/proc/self/mounts") as f:
-        return any(len(fs) > 2 and unescape(fs[1]) == str(mountpoint.absolute()) and
+        return any(len(fs) > 2 and loop.mount_path(fs[1]) == str(mountpoint.absolute()) and
                    fs[2] == "fuse.zramfs" for fs in (line.split() for line in f))
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import trio
 
-from zramfs import _alloc, _backing, _dedup, _tiering, _zcomp, kstrto, tiering
+from zramfs import _alloc, _backing, _dedup, _tiering, _zcomp, kstrto, loop, tiering
 from zramfs._alloc import PoolImageError, PoolInPlaceError
 from zramfs._backing import Backing, BackingError
 from zramfs._zram import Disk, Meta, TableImageError
@@ -583,8 +583,7 @@ def tree_dev(tree: Path) -> int | None:
         lines = f.read().splitlines()
     for line in reversed(lines):             # the last mount at a path is the one seen there
         fields = line.split()
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-        if point == str(tree):
+        if loop.mount_path(fields[4]) == str(tree):
             major, minor = fields[2].split(":")
             return os.makedev(int(major), int(minor))
     return None

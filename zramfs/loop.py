@@ -8,6 +8,7 @@ These call util-linux and e2fsprogs; each failure is a `UseError` with the tool'
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -53,6 +54,12 @@ def swaps() -> dict[str, int]:
     """Active swap devices and their priorities."""
     lines = Path("/proc/swaps").read_text().splitlines()[1:]
     return {f[0]: int(f[4]) for f in (line.split() for line in lines)}
+
+
+def mount_path(field: str) -> str:
+    """A path as the mount tables (/proc/mounts, mountinfo) write it, with the blanks and
+    backslashes they escape in octal put back."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
 
 
 def mounts() -> dict[str, str]:
