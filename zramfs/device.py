@@ -158,7 +158,8 @@ class Device:
         and at disksize its kept table and pool adopted in place (Meta(kept=...)), or copied
         where the pool cannot be (Meta.take_over). StateError when neither can be done; the
         kept fds stay kept either way."""
-        if self.state is not None and self.state.kept_pair(self.id) is not None:
+        kept = self.state.kept_pair(self.id) if self.state is not None else None
+        if kept is not None:
             self.kept_dictionaries = self.state.kept_dictionaries(self.id)
         for attr, text in record.settings:
             if attr != "disksize":
@@ -167,7 +168,6 @@ class Device:
                 except OSError as e:
                     raise StateError(f"{self.name}: {attr} {text!r}: {e.strerror}") from None
                 continue
-            kept = self.state.kept_pair(self.id) if self.state is not None else None
             disksize = kstrto.parse_disksize(text)
             if kept is not None:
                 meta = await trio.to_thread.run_sync(self._adopt_meta, disksize, kept)
