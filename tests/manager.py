@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import array
 import os
+import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import Cleanup, Daemon, wait_for
+from conftest import Cleanup, Daemon, is_mounted, wait_for
 
 FUSE_HAS_RESEND = 1 << 39
 
@@ -103,6 +104,16 @@ class Call:
         if not ok:
             raise value
         return value
+
+
+def stop(d: Daemon, mgr: Manager) -> None:
+    """A normal stop of the last daemon: SIGTERM, the manager pumped meanwhile; exit 0, the
+    tree unmounted, and nothing left in the store (FDSTOREREMOVE of everything kept)."""
+    d.proc.send_signal(signal.SIGTERM)
+    mgr.wait(lambda: d.proc.poll() is not None, "the daemon to stop", 60)
+    assert d.proc.returncode == 0, d.log.read_text()
+    assert not is_mounted(d.mnt)
+    mgr.wait(lambda: not mgr.store, "FDSTOREREMOVE of everything kept")
 
 
 def waiting_in(pid: int, wchan: str) -> bool:

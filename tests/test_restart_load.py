@@ -33,7 +33,7 @@ import pytest
 
 from conftest import (PAGE, Cleanup, Daemon, requires_fuse, run, start_daemon,
                       swap_used_kib, wait_for, zramfs_daemon)
-from manager import Call, Manager, servings
+from manager import Call, Manager, servings, stop
 from memhog import page
 from test_system import (CGROUP_MEMORY, HERE, HOG_LIMIT, MiB, end_process, memory_cgroup,
                          memory_cgroup_of, remove_cgroup, sha256, start_in_cgroup,
@@ -152,15 +152,6 @@ def abort(d: Daemon, mgr: Manager) -> None:
     answers."""
     mgr.close()
     run("umount", "-f", str(d.mnt), check=False, timeout=60)
-
-
-def stop(d: Daemon, mgr: Manager) -> None:
-    """SIGTERM to the last daemon, the manager pumped meanwhile: a normal stop, which takes
-    everything out of the store."""
-    d.proc.send_signal(signal.SIGTERM)
-    until(mgr, lambda: d.proc.poll() is not None, "the daemon to stop", 60)
-    assert d.proc.returncode == 0, tail(d.log)
-    until(mgr, lambda: not mgr.store, "FDSTOREREMOVE of everything kept", 10)
 
 
 def tail(log: Path, lines: int = 60) -> str:

@@ -29,7 +29,7 @@ import pytest
 
 from conftest import (PAGE, PUNCH_HOLE, Cleanup, Daemon, fallocate, is_mounted, requires_fuse,
                       start_daemon, zramfs_daemon)
-from manager import Call, Manager, servings
+from manager import Call, Manager, servings, stop
 from zramfs._alloc import POOL_VERSION
 
 pytestmark = requires_fuse
@@ -113,15 +113,6 @@ def wait_serving_again(d: Daemon, mgr: Manager, count: int) -> None:
         raise AssertionError(f"no daemon serves:\n{d.log.read_text()}") from None
     assert d.alive(), d.log.read_text()
     mgr.pump()
-
-
-def stop(d: Daemon, mgr: Manager) -> None:
-    """A normal stop: exit 0, unmounted, nothing left in the store."""
-    d.proc.send_signal(signal.SIGTERM)
-    mgr.wait(lambda: d.proc.poll() is not None, "the daemon to stop", 60)
-    assert d.proc.returncode == 0, d.log.read_text()
-    assert not is_mounted(d.mnt)
-    mgr.wait(lambda: not mgr.store, "FDSTOREREMOVE of everything kept")
 
 
 # --- refusal -----------------------------------------------------------------------------------
