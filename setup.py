@@ -37,6 +37,8 @@ extensions = [
     # Dedup's content hash: XXH3 from libxxhash (see _dedup.pyx for why that hash).
     extension("_dedup", "libxxhash"),
     extension("_tiering"),
+    # The memory keeper of a live restart (keeper.h).
+    extension("_keeper"),
     extension("_fuse", "liburing"),
 ]
 

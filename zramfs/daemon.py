@@ -33,12 +33,12 @@ less a margin for its own working set (zramfs.budget); a write past it fails as 
 mem_limit does (EIO, failed_writes), so the OOM killer never has to end the daemon.
 
 Swap safety (docs/design.md, hazard 6): the kernel swaps out through this process, so it must never wait on
-reclaim of its own memory: mlockall, PR_SET_IO_FLUSHER and oom_score_adj -1000.
+reclaim of its own memory: mlockall, PR_SET_IO_FLUSHER and oom_score_adj -1000, and a keeper
+that holds the locked memory across a restart (zramfs.reclaim).
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import inspect
 import json
@@ -57,7 +57,7 @@ from typing import Any, NoReturn
 
 import trio
 
-from zramfs import _fuse, _pages, _zram, budget, fdstore, loop, metrics, supervisor
+from zramfs import _fuse, _pages, _zram, budget, fdstore, loop, metrics, reclaim, supervisor
 from zramfs.config import DeviceConfig
 from zramfs.control import Tree
 from zramfs.device import PAGE, Devices
@@ -68,10 +68,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MOUNTPOINT = Path("/run/zramfs")
 BUDGET_POLL = 2.0         # seconds between looks at the memory budget
 HANDOVER_GRACE = 10.0     # seconds a graceful restart waits for the requests being served
-
-
-PR_SET_IO_FLUSHER = 57
-MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
 
 
 @dataclass
@@ -229,23 +225,6 @@ async def _watch_budget() -> None:
         await trio.sleep(BUDGET_POLL)
 
 
-def protect_from_reclaim(mlock: bool) -> None:
-    """Hazard 6. Called before any thread starts: PR_SET_IO_FLUSHER is per thread and new
-    threads inherit it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    try:
-        Path("/proc/self/oom_score_adj").write_text("-1000")
-    except OSError as e:
-        log.warning("cannot set oom_score_adj: %s", e.strerror)
-    if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
-        log.warning("cannot set PR_SET_IO_FLUSHER: %s", os.strerror(ctypes.get_errno()))
-    if mlock:
-        # ONFAULT: lock pages as they are touched, so reserved arenas cost nothing until used.
-        if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
-            raise DaemonError(f"mlockall: {os.strerror(ctypes.get_errno())}")
-        log.info("memory locked (mlockall)")
-
-
 def _check_mountpoint(mountpoint: Path) -> None:
     try:
         mountpoint.mkdir(parents=True, exist_ok=True)
@@ -381,13 +360,18 @@ async def serve(opts: Options,
     adopted = _inherited_fuse(opts)
     if adopted is None:
         _check_mountpoint(mountpoint)
-    swap = any(d.fs_type == "swap" for d in opts.devices)
-    protect_from_reclaim(opts.mlock == "yes" or (opts.mlock == "auto" and swap))
-    set_memory_budget()
     transport = _pick_transport(opts.fuse_transport, adopted is not None)
     # Live restart is the classic transport's: with io_uring nothing is kept for a next
     # daemon, and a crash or restart loses the tree as before.
     keep = fdstore.store if transport == "classic" else _keep_nothing
+    # Locked before anything is adopted: the adopted pages are locked as they are mapped.
+    swap = (any(d.fs_type == "swap" for d in opts.devices) or reclaim.KEEPER_NAME in opts.inherited
+            or (adopted is not None and bool(reclaim.swap_users(mountpoint))))
+    try:
+        reclaim.protect(opts.mlock == "yes" or (opts.mlock == "auto" and swap), keep)
+    except reclaim.LockError as e:
+        raise DaemonError(str(e)) from None
+    set_memory_budget()
     state = State(_take_state_fds(opts), keep, fdstore.remove)
     devices = Devices(mountpoint, before_init=set_memory_budget, state=state)
     tree = Tree(devices)
@@ -417,6 +401,7 @@ async def serve(opts: Options,
             try:
                 with guard_trio_thread():
                     await _adopt(state, devices, tree)
+                reclaim.end_predecessor(opts.inherited)
             except StateRefused as e:
                 # The tree, its connection and the kept state stay as they are, and the
                 # requests wait in the kernel, until someone says: try again (an upgraded
@@ -424,6 +409,7 @@ async def serve(opts: Options,
                 log.error("%s", e)
                 if not await _hold(mountpoint, e):
                     state.give_up()
+                    reclaim.end_predecessor(opts.inherited)
                     raise
                 handover = _hand_over(opts, session, state)
                 log.info("handed over")
@@ -454,6 +440,8 @@ async def serve(opts: Options,
                         task_status.started(tree)
                         async with trio.open_nursery() as background:
                             background.start_soon(_watch_budget)
+                            if opts.mlock == "auto" and not reclaim.locked():
+                                background.start_soon(reclaim.watch_swaps, mountpoint, keep)
                             for cfg in opts.devices:
                                 for job in _maintenance(devices, cfg):
                                     background.start_soon(job)
@@ -481,6 +469,8 @@ async def serve(opts: Options,
             # Stopped for good: no manager may hand this connection to another daemon.
             fdstore.remove("fuse")
             fdstore.remove("fuse-init")
+            fdstore.remove(reclaim.KEEPER_NAME)
+            reclaim.stop()
             state.stop()
             if not fdstore.supervised():
                 supervisor.remove_pid_file(mountpoint, os.getpid())
@@ -522,6 +512,7 @@ def _hand_over(opts: Options, session: _fuse.Session, state: State) -> Handover:
         fds["fuse-init"] = [fdstore.memfd_with("fuse-init", json.dumps(params).encode())]
     for name, fd in state.current().items():
         fds[name] = [os.dup(fd)]
+    fds.update(reclaim.keeper_fds())
     for name, group in opts.inherited.items():
         fds.setdefault(name, []).extend(group)
     return Handover(fds, session)
