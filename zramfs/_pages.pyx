@@ -232,6 +232,8 @@ cdef void region_populate(zregion* r, size_t first) noexcept nogil:
     memfd's data (region_data_run), less what is swapped out (mincore). Mapped, they count in
     the process's RSS and are locked under mlockall; a swapped-out page is left to fault in
     when it is used, as reading it now could wait on a swap device this very daemon serves.
+    mincore counts a page still in the swap cache as in memory: what keeps kept pages from
+    getting there in the first place is the old daemon's keeper (zramfs.reclaim).
     Holes stay holes: a read fault would fill them."""
     cdef size_t end, npages, i, j
     cdef size_t off = region_data_run(r, first, r.size, &end)

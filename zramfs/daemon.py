@@ -368,7 +368,8 @@ async def serve(opts: Options,
     swap = (any(d.fs_type == "swap" for d in opts.devices) or reclaim.KEEPER_NAME in opts.inherited
             or (adopted is not None and bool(reclaim.swap_users(mountpoint))))
     try:
-        reclaim.protect(opts.mlock == "yes" or (opts.mlock == "auto" and swap), keep)
+        reclaim.protect(opts.mlock == "yes" or (opts.mlock == "auto" and swap),
+                        keep if transport == "classic" else None)
     except reclaim.LockError as e:
         raise DaemonError(str(e)) from None
     set_memory_budget()
@@ -441,7 +442,8 @@ async def serve(opts: Options,
                         async with trio.open_nursery() as background:
                             background.start_soon(_watch_budget)
                             if opts.mlock == "auto" and not reclaim.locked():
-                                background.start_soon(reclaim.watch_swaps, mountpoint, keep)
+                                background.start_soon(reclaim.watch_swaps, mountpoint,
+                                                      keep if transport == "classic" else None)
                             for cfg in opts.devices:
                                 for job in _maintenance(devices, cfg):
                                     background.start_soon(job)

@@ -53,8 +53,10 @@ def locked() -> bool:
     return _locked
 
 
-def protect(mlock: bool, keep: Callable[[str, int], object]) -> None:
-    """Called before any thread starts: PR_SET_IO_FLUSHER is per thread."""
+def protect(mlock: bool, keep: Callable[[str, int], object] | None) -> None:
+    """Called before any thread starts: PR_SET_IO_FLUSHER is per thread. `keep` stores a
+    descriptor with the service manager; None where nothing is kept for a next daemon (then
+    there is no keeper either)."""
     try:
         Path("/proc/self/oom_score_adj").write_text("-1000")
     except OSError as e:
@@ -65,8 +67,9 @@ def protect(mlock: bool, keep: Callable[[str, int], object]) -> None:
         lock(keep)
 
 
-def lock(keep: Callable[[str, int], object]) -> None:
-    """Locks this process's memory, now and for good, and starts its keeper (once)."""
+def lock(keep: Callable[[str, int], object] | None) -> None:
+    """Locks this process's memory, now and for good, and starts its keeper (once) where
+    there will be a next daemon to end it (`keep`)."""
     global _locked, _keeper_pid, _keeper_fd
     if _locked:
         return
@@ -74,6 +77,8 @@ def lock(keep: Callable[[str, int], object]) -> None:
         raise LockError(f"mlockall: {os.strerror(ctypes.get_errno())}")
     _locked = True
     log.info("memory locked (mlockall)")
+    if keep is None:
+        return
     try:
         _keeper_pid = _keeper.start(KEEPER_GRACE)
         _keeper_fd = os.pidfd_open(_keeper_pid)
@@ -150,7 +155,7 @@ def _next_swap_users(mountpoint: Path, timeout: float) -> list[str]:
     return users
 
 
-async def watch_swaps(mountpoint: Path, keep: Callable[[str, int], object]) -> None:
+async def watch_swaps(mountpoint: Path, keep: Callable[[str, int], object] | None) -> None:
     """--mlock auto: the lock as soon as a device of this tree is swap."""
     while not _locked:
         users = await trio.to_thread.run_sync(_next_swap_users, mountpoint, SWAPS_POLL,
