@@ -24,6 +24,7 @@ from conftest import (PAGE, ZRAMFS, Cleanup, is_mounted, requires_fuse, run, sta
 from manager import (FUSE_HAS_RESEND, Call, Manager, alive, children, servings,
                      stuck_request)
 from zramfs import loop
+from zramfs.supervisor import pid_file
 
 pytestmark = requires_fuse
 
@@ -293,3 +294,39 @@ def test_a_changed_config_applies_at_restart_only_to_devices_not_in_use(
         d.proc.terminate()
         assert d.proc.wait(60) == 0, d.log.read_text()
         assert not loop.loops_of(d.dev("zram0")) and not loop.loops_of(d.dev("zram1"))
+
+
+def test_a_second_daemon_refused_on_the_same_mountpoint_touches_nothing_of_the_first(
+        tmp_path: Path) -> None:
+    """A second `zramfs daemon` on a mountpoint in use, with its supervisor or without, is
+    refused and leaves the first as it was: its pid file (`zramfs restart` still finds it),
+    its tree and its pages."""
+    with zramfs_daemon("--default-device", tmp=tmp_path, supervised=True) as d:
+        sup = d.proc
+        data = os.urandom(PAGE // 2) * 2
+        dev = os.open(d.dev("zram0"), os.O_RDWR)
+        try:
+            os.pwrite(dev, data, 0)
+        finally:
+            os.close(dev)
+        # Written once the daemon says READY=1, just after its "serving" line.
+        wait_for(lambda: pid_file(d.mnt).exists(), 10, "the supervisor's pid file")
+        before = pid_file(d.mnt).read_text()
+        assert before == f"{sup.pid}\n"
+        for extra in ([], ["--no-supervisor"]):
+            second = run(*ZRAMFS, "daemon", "--mountpoint", str(d.mnt), "--default-device",
+                         *extra, check=False, timeout=60,
+                         env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"})
+            assert second.returncode != 0, second.stderr
+            assert "already a mount point" in second.stderr, second.stderr
+            assert pid_file(d.mnt).read_text() == before, extra
+        out = run(*ZRAMFS, "restart", "--mountpoint", str(d.mnt))
+        assert f"pid {sup.pid}" in out.stdout
+        wait_for(lambda: servings(d) == 2 or sup.poll() is not None, 60,
+                 "the first daemon to restart")
+        assert sup.poll() is None, d.log.read_text()
+        dev = os.open(d.dev("zram0"), os.O_RDONLY)
+        try:
+            assert os.pread(dev, PAGE, 0) == data
+        finally:
+            os.close(dev)
