@@ -330,3 +330,45 @@ def test_a_second_daemon_refused_on_the_same_mountpoint_touches_nothing_of_the_f
             assert os.pread(dev, PAGE, 0) == data
         finally:
             os.close(dev)
+
+
+def test_sighup_with_the_supervisor_gone_is_refused_and_the_daemon_serves_on(
+        tmp_path: Path, cleanup: Cleanup) -> None:
+    """The supervisor killed, its child serves on; a SIGHUP then has nobody to hand over to:
+    the daemon says so and keeps serving, the tree and the pages as they were. SIGTERM
+    still stops it cleanly."""
+    with zramfs_daemon("--default-device", tmp=tmp_path, supervised=True) as d:
+        sup = d.proc
+        wait_for(lambda: len(children(sup.pid)) == 1, 30, "the serving child")
+        [child] = children(sup.pid)
+        cleanup.push("the orphaned daemon killed", lambda: alive(child) and
+                     os.kill(child, signal.SIGKILL))
+        data = os.urandom(PAGE // 2) * 2
+        dev = os.open(d.dev("zram0"), os.O_RDWR)
+        closed = [False]
+        d.cleanup.push("close zram0", lambda: closed[0] or os.close(dev))
+        os.pwrite(dev, data, 5 * PAGE)
+
+        sup.kill()
+        sup.wait(10)
+        assert alive(child) and os.pread(dev, PAGE, 5 * PAGE) == data
+        os.kill(child, signal.SIGHUP)
+        wait_for(lambda: "SIGHUP refused" in d.log.read_text() or not alive(child), 30,
+                 "the daemon to refuse the SIGHUP")
+        time.sleep(0.5)
+        assert alive(child), d.log.read_text()
+        log = d.log.read_text()
+        assert f"SIGHUP refused, going on as before: the supervisor (pid {sup.pid}) is gone" \
+            in log, log
+        assert "handed over" not in log
+        assert is_mounted(d.mnt)
+        assert os.pread(dev, PAGE, 5 * PAGE) == data
+        os.pwrite(dev, data[::-1], 6 * PAGE)
+        assert os.pread(dev, PAGE, 6 * PAGE) == data[::-1]
+        assert int(d.read("zram0", "disksize")) > 0
+
+        os.close(dev)
+        closed[0] = True
+        os.kill(child, signal.SIGTERM)
+        wait_for(lambda: not alive(child), 60, "the daemon to stop")
+        assert not is_mounted(d.mnt)

@@ -562,6 +562,8 @@ async def _until_stopped(signals, loop_done: trio.Event, restartable: bool) -> b
                     log.warning("SIGHUP: no graceful restart on the io_uring transport "
                                 "(live restart is the classic transport's); still serving")
                     continue
+                if signum == signal.SIGHUP and _handover_refused():
+                    continue
                 graceful = signum == signal.SIGHUP
                 log.info("%s: %s", signal.Signals(signum).name,
                          "graceful restart" if graceful else "shutting down")
@@ -675,10 +677,22 @@ async def _hold(mountpoint: Path, refused: StateRefused) -> bool:
         fdstore.notify(f"READY=1\nSTATUS=holding {mountpoint}, serving nothing: {refused}; "
                        "reload to try again, stop to give it up")
         async for signum in signals:
+            if signum == signal.SIGHUP and _handover_refused():
+                continue
             log.info("%s: %s", signal.Signals(signum).name,
                      "trying again" if signum == signal.SIGHUP else "giving the tree up")
             return signum == signal.SIGHUP
     return False
+
+
+def _handover_refused() -> bool:
+    """A SIGHUP's probe (fdstore.handover_refused), before anything is stopped: where no one
+    could take the descriptors over, the restart is refused with a log line and the daemon
+    goes on as it was, never exiting with devices in use."""
+    why = fdstore.handover_refused()
+    if why is not None:
+        log.warning("SIGHUP refused, going on as before: %s", why)
+    return why is not None
 
 
 async def _set_up(opts: Options, devices: Devices, tree: Tree,
