@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +40,6 @@ PAGE = kstrto.PAGE_SIZE
 DEFAULT_ALGORITHM = "lz4"
 DEFAULT_BACKEND = "zsmalloc"
 DRAIN_POLL = 0.001
-INT_MAX = 2**31 - 1
 WB_BATCH = 32                  # writeback_batch_size's default, as the kernel's
 WB_BATCH_MAX = _backing.MAX_BATCH   # writes in flight at once, at most
 AGE_MAX = 2**32 - 1           # idle ages are kept in 32 bits of seconds
@@ -739,16 +737,11 @@ class Devices:
                  record.openers)
         return dev
 
-    def get(self, name: str) -> Device | None:
-        m = re.fullmatch(r"zram(0|[1-9][0-9]*)", name)
-        return self.by_id.get(int(m.group(1))) if m else None
-
     async def remove(self, text: str) -> None:
-        """hot_remove: the kernel's kstrtoint (ERANGE past INT_MAX), ENODEV for an unknown
-        id, EBUSY while open or draining."""
-        dev_id = kstrto.kstrtoull(text, 10)
-        if dev_id > INT_MAX:
-            raise fail(errno.ERANGE, f"no device id is {dev_id}")
+        """hot_remove: the id as the kernel reads it (kstrto.parse_device_id), ENODEV for an
+        unknown id, EBUSY while open or draining. The device leaves by_id before it drains;
+        the tree follows by_id (control.Tree.sync_devices), never parsing the id again."""
+        dev_id = kstrto.parse_device_id(text)
         dev = self.by_id.get(dev_id)
         if dev is None:
             raise fail(errno.ENODEV, f"no device zram{dev_id}")
