@@ -120,7 +120,8 @@ def test_comp_algorithm_and_params(daemon: Daemon) -> None:
     daemon.write(name, "comp_algorithm", "zstd\n")
     assert daemon.read(name, "comp_algorithm") == "lz4 lz4hc [zstd] \n"
     assert errno_of(lambda: daemon.write(name, "comp_algorithm", "lzo-rle")) == errno.EINVAL
-    for bad in ("level=99", "level=x", "algo=lz4 level=3", "priority=1 level=3"):
+    for bad in ("level=99", "level=x", "algo=lz4 level=3", "priority=1 level=3",
+                "level=1_0", "level=\u0663", "priority=0_0 level=3"):   # kstrtoint's, not int()
         assert errno_of(lambda: daemon.write(name, "algorithm_params", bad)) == errno.EINVAL, bad
     daemon.write(name, "algorithm_params", "algo=zstd level=9")
     assert errno_of(lambda: daemon.read(name, "algorithm_params")) == errno.EACCES

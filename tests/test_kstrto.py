@@ -192,3 +192,23 @@ def test_mem_used_max_takes_only_zero() -> None:
     parse_mem_used_max("0\n")
     for text in ("1", "", "x", "18446744073709551616", BIG):
         assert errno_of(lambda: parse_mem_used_max(text)) == errno.EINVAL
+
+
+@pytest.mark.parametrize("bad", ["1_0", "\u0663", "\uff13"])
+def test_the_numbers_of_key_value_attributes_are_kstrtos(bad: str) -> None:
+    """writeback, idle, recompress, recomp_algorithm and the config's levels read their
+    numbers with kstrto, as the kernel's stores do: int() would take '1_0' as 10 and
+    non-ASCII digits as ASCII ones."""
+    from zramfs import config, tiering
+    for parse, text in ((tiering.parse_writeback, f"page_index={bad}"),
+                        (tiering.parse_writeback, f"page_indexes=0-{bad}"),
+                        (tiering.parse_idle, bad),
+                        (tiering.parse_recompress, f"type=idle max_pages={bad}"),
+                        (tiering.parse_recomp_algorithm, f"algo=zstd level={bad}"),
+                        (tiering.parse_recomp_algorithm, f"algo=zstd priority={bad}")):
+        with pytest.raises(ValueError):
+            parse(text)
+    with pytest.raises(ValueError, match="level must be an integer"):
+        config.parse_algorithm(f"zstd(level={bad})")
+    assert tiering.parse_recomp_algorithm("algo=zstd level=-3")[2] == -3
+    assert tiering.parse_writeback("page_indexes=+1-2").ranges == [(1, 2)]

@@ -298,14 +298,16 @@ class Device:
             params[key] = value
         names = {0: self.algorithm} | {p: n for p, (n, _) in self.secondary.items()}
         if "priority" in params:
-            prio = int(params["priority"]) if params["priority"].isdigit() else -1
+            prio = kstrto.kstrtoint(params["priority"], 10)     # its errno, as the kernel's
         else:
             prio = next((p for p, n in names.items() if n == params.get("algo", self.algorithm)),
                         -1)
         if prio not in names or params.get("algo", names.get(prio)) != names.get(prio):
             raise fail(errno.EINVAL, f"no algorithm matches {text.strip()!r}")
+        level = kstrto.kstrtoint(params["level"], 10) if "level" in params else None
         try:
-            level = _zcomp.parse_level(names[prio], params)
+            if level is not None:
+                _zcomp.check_level(names[prio], level)
         except _zcomp.CompressorError as e:
             raise fail(errno.EINVAL, str(e)) from None
         if "dict" in params:
@@ -494,7 +496,7 @@ class Device:
             if name not in _zcomp.ALGORITHMS.names():
                 raise ValueError(f"unknown compression algorithm {name!r}")
             if level is not None:
-                _zcomp.parse_level(name, {"level": str(level)})
+                _zcomp.check_level(name, level)
         except (ValueError, _zcomp.CompressorError) as e:
             raise fail(errno.EINVAL, str(e)) from None
         self.secondary[prio] = (name, level)
