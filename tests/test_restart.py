@@ -372,3 +372,68 @@ def test_sighup_with_the_supervisor_gone_is_refused_and_the_daemon_serves_on(
         os.kill(child, signal.SIGTERM)
         wait_for(lambda: not alive(child), 60, "the daemon to stop")
         assert not is_mounted(d.mnt)
+
+
+def test_the_metrics_port_taken_during_a_restart_costs_no_device(tmp_path: Path) -> None:
+    """Whoever binds the metrics port in the gap of a `zramfs restart` only delays the
+    metrics: the new daemon serves every device with its pages, says why there are no
+    metrics yet, and serves them once the port is free again."""
+    import socket
+    from urllib.request import urlopen
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with zramfs_daemon("--default-device", "--metrics", f"127.0.0.1:{port}", tmp=tmp_path,
+                       supervised=True) as d:
+        sup = d.proc
+        name = d.device("64M")
+        data = os.urandom(PAGE // 2) * 2
+        for dev_name in ("zram0", name):
+            fd = os.open(d.dev(dev_name), os.O_RDWR)
+            try:
+                os.pwrite(fd, data, 7 * PAGE)
+            finally:
+                os.close(fd)
+        wait_for(lambda: pid_file(d.mnt).exists(), 10, "the supervisor's pid file")
+        assert b"zramfs_requests_total" in urlopen(f"http://127.0.0.1:{port}/metrics",
+                                                   timeout=10).read()
+
+        taker = socket.socket()
+        # As the daemon's own listener: past the TIME_WAIT of the scrape above.
+        taker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            run(*ZRAMFS, "restart", "--mountpoint", str(d.mnt))
+
+            def take() -> bool:
+                try:
+                    taker.bind(("127.0.0.1", port))
+                except OSError:
+                    return False
+                taker.listen()
+                return True
+            wait_for(take, 30, "the old daemon to let the port go")
+            wait_for(lambda: servings(d) == 2 or sup.poll() is not None, 60,
+                     "the next daemon to serve")
+            assert sup.poll() is None, d.log.read_text()
+            log = d.log.read_text()
+            assert (f"metrics 127.0.0.1:{port}: cannot listen: Address already in use"
+                    in log), log
+            assert sorted(os.listdir(d.mnt / "dev")) == sorted(["zram0", name])
+            for dev_name in ("zram0", name):
+                fd = os.open(d.dev(dev_name), os.O_RDONLY)
+                try:
+                    assert os.pread(fd, PAGE, 7 * PAGE) == data, dev_name
+                finally:
+                    os.close(fd)
+        finally:
+            taker.close()
+
+        def scraped() -> bool:
+            try:
+                return b"zramfs_disksize_bytes" in urlopen(
+                    f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+            except OSError:
+                return False
+        wait_for(scraped, 30, "the metrics once the port is free")
+        assert d.log.read_text().count(f"metrics on http://127.0.0.1:{port}/metrics") == 2

@@ -378,6 +378,11 @@ async def serve(opts: Options,
     """Runs the daemon until a signal or an unmount from outside; after SIGHUP, what the
     next daemon needs (see continue_in_next)."""
     mountpoint = opts.mountpoint
+    if opts.metrics:
+        try:
+            metrics.parse_address(opts.metrics)
+        except ValueError as e:
+            raise DaemonError(f"metrics: {e}") from None
     adopted = _inherited_fuse(opts)
     if adopted is None:
         _check_mountpoint(mountpoint)
@@ -441,18 +446,19 @@ async def serve(opts: Options,
                     except DaemonError as e:
                         failure = e          # raised below, outside the nursery: one line
                     else:
-                        if opts.metrics:
-                            exporter = await _serve_metrics(opts.metrics, devices, session)
-                            undo.append((f"metrics {opts.metrics} stopped",
-                                         exporter.shutdown))
                         names = ", ".join(d.name for d in opts.devices) or "no devices"
                         # STATFS: answered in C, so INIT is done once it returns.
                         await trio.to_thread.run_sync(os.statvfs, mountpoint)
                         _log_transport(session, transport)
-                        log.info("serving %s (%s)", mountpoint, names)
-                        fdstore.notify(f"READY=1\nSTATUS=serving {mountpoint}: {names}")
-                        task_status.started(tree)
                         async with trio.open_nursery() as background:
+                            if opts.metrics:
+                                # Not data: a port it cannot listen on is retried meanwhile.
+                                await background.start(
+                                    metrics.serve, opts.metrics,
+                                    partial(_snapshot, devices, session))
+                            log.info("serving %s (%s)", mountpoint, names)
+                            fdstore.notify(f"READY=1\nSTATUS=serving {mountpoint}: {names}")
+                            task_status.started(tree)
                             background.start_soon(_watch_budget)
                             for cfg in opts.devices:
                                 for job in _maintenance(devices, cfg):
@@ -636,20 +642,6 @@ def _snapshot(devices: Devices, session: _fuse.Session) -> metrics.Snapshot:
             bd_blocks=dev.backing.nr_blocks if dev.backing is not None else 0,
             evicted=dev.evicted(), dedup_stat=dev.dedup_stat()))
     return snap
-
-
-async def _serve_metrics(address: str, devices: Devices, session: _fuse.Session) -> object:
-    """The Prometheus endpoint, in the client library's own thread; a scrape asks the trio
-    thread for its numbers."""
-    token = trio.lowlevel.current_trio_token()
-    try:
-        server = await trio.to_thread.run_sync(
-            metrics.serve, address,
-            lambda: trio.from_thread.run_sync(_snapshot, devices, session, trio_token=token))
-    except (OSError, ValueError) as e:
-        raise DaemonError(f"metrics {address}: {e}") from None
-    log.info("metrics on http://%s/metrics", address)
-    return server
 
 
 async def _adopt(state: State, devices: Devices, tree: Tree) -> None:
