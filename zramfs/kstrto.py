@@ -3,7 +3,8 @@
 Two parsers read every number zram takes:
 
 - `kstrtoull` (lib/kstrtox.c) is strict: an optional '+', digits, at most one newline, nothing
-  else. Bad text is EINVAL, a value past 2**64 - 1 is ERANGE.
+  else. Bad text is EINVAL, a value past 2**64 - 1 is ERANGE. Its siblings narrow it
+  (`kstrtoul`, `kstrtou16`) or take a '-' (`kstrtoll`, `kstrtoint`).
 - `memparse` (lib/cmdline.c) is lax: simple_strtoull, then one K/M/G/T/P/E suffix; whatever
   follows is ignored. In C it never fails: no digits gives 0, and a value past 64 bits wraps.
 
@@ -272,8 +273,8 @@ def parse_reset(text: str) -> None:
 
 def parse_device_id(text: str) -> int:
     """hot_remove_store: kstrtoint in base 10, its errno passed on (ERANGE past INT_MAX); a
-    negative id is EINVAL. The one reading of an id written to the tree: what the removal
-    removes is what the tree drops."""
+    negative id is EINVAL. The one reading of an id written to the tree (the tree itself
+    parses none: it follows the devices)."""
     dev_id = kstrtoint(text, 10)
     if dev_id < 0:
         raise fail(errno.EINVAL, f"{text[:40]!r}: a device id is not negative")
