@@ -5,6 +5,7 @@ import errno
 import mmap
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -58,6 +59,43 @@ def test_hot_add_lowest_free_id_and_hot_remove(daemon: Daemon) -> None:
     assert sorted(os.listdir(daemon.mnt / "dev")) == ["zram0", "zram1"]
 
 
+def test_hot_remove_reads_the_id_as_a_c_string_and_leaves_no_ghost(daemon: Daemon) -> None:
+    """sysfs hands a store a NUL-terminated buffer, so the kernel's hot_remove reads "1\\0" as
+    "1" and removes zram1. Here too, wholly: the device and every node of it go, and the id
+    is free again for a hot_add that works (it once left the directories of a device
+    already gone, and a disksize there made every later hot_add fail)."""
+    def write(text: bytes) -> None:
+        fd = os.open(daemon.mnt / "sys/class/zram-control/hot_remove", os.O_WRONLY)
+        try:
+            assert os.write(fd, text) == len(text)
+        finally:
+            os.close(fd)
+
+    def nodes(name: str) -> list[Path]:
+        return [p for p in (daemon.dev(name), daemon.mnt / "sys/block" / name,
+                            daemon.mnt / "sys/kernel/debug/zram" / name) if p.exists()]
+
+    assert [daemon.hot_add() for _ in range(3)] == ["zram0", "zram1", "zram2"]
+    daemon.write("zram1", "disksize", "16M")
+    for text, name in ((b"1\0", "zram1"), (b"2\0junk", "zram2")):
+        write(text)
+        assert nodes(name) == [], name
+        assert errno_of(lambda: daemon.write(name, "disksize", "16M")) == errno.ENOENT
+    assert errno_of(lambda: write(b"\0")) == errno.EINVAL
+    assert errno_of(lambda: write(b"\x001")) == errno.EINVAL
+    assert nodes("zram0") and sorted(os.listdir(daemon.mnt / "dev")) == ["zram0"]
+    assert daemon.hot_add() == "zram1"
+    daemon.write("zram1", "disksize", "16M")
+    data = os.urandom(PAGE // 2) * 2
+    fd = os.open(daemon.dev("zram1"), os.O_RDWR)
+    try:
+        os.pwrite(fd, data, 0)
+        assert os.pread(fd, PAGE, 0) == data
+    finally:
+        os.close(fd)
+    assert daemon.hot_add() == "zram2"
+
+
 def test_disksize(daemon: Daemon) -> None:
     name = daemon.hot_add()
     assert daemon.read(name, "disksize") == "0\n"
@@ -82,7 +120,8 @@ def test_comp_algorithm_and_params(daemon: Daemon) -> None:
     daemon.write(name, "comp_algorithm", "zstd\n")
     assert daemon.read(name, "comp_algorithm") == "lz4 lz4hc [zstd] \n"
     assert errno_of(lambda: daemon.write(name, "comp_algorithm", "lzo-rle")) == errno.EINVAL
-    for bad in ("level=99", "level=x", "algo=lz4 level=3", "priority=1 level=3"):
+    for bad in ("level=99", "level=x", "algo=lz4 level=3", "priority=1 level=3",
+                "level=1_0", "level=\u0663", "priority=0_0 level=3"):   # kstrtoint's, not int()
         assert errno_of(lambda: daemon.write(name, "algorithm_params", bad)) == errno.EINVAL, bad
     daemon.write(name, "algorithm_params", "algo=zstd level=9")
     assert errno_of(lambda: daemon.read(name, "algorithm_params")) == errno.EACCES

@@ -9,10 +9,10 @@ from collections.abc import Callable
 import pytest
 
 from zramfs import kstrto
-from zramfs.kstrto import (DISKSIZE_MAX, MEM_LIMIT_MAX, U64_MAX, kstrtou16, kstrtoul, kstrtoull,
-                           memparse, parse_disksize, parse_mem_limit, parse_mem_used_max,
-                           parse_reset, parse_size, parse_writeback_limit,
-                           parse_writeback_limit_enable)
+from zramfs.kstrto import (DISKSIZE_MAX, MEM_LIMIT_MAX, U64_MAX, kstrtoint, kstrtoll,
+                           kstrtou16, kstrtoul, kstrtoull, memparse, parse_device_id,
+                           parse_disksize, parse_mem_limit, parse_mem_used_max, parse_reset,
+                           parse_size, parse_writeback_limit, parse_writeback_limit_enable)
 
 BIG = "9" * 5000
 
@@ -62,6 +62,32 @@ def test_kstrtoull_bases() -> None:
 def test_nul_ends_the_text_as_in_c() -> None:
     assert kstrtoull("1\0junk") == 1
     assert memparse("2K\0junk") == 2048
+
+
+def test_signed_types() -> None:
+    """kstrtoll: one '-' or '+', then kstrtoull's rules; the range of a long long, and
+    kstrtoint's of an int."""
+    assert kstrtoll("-5") == -5 and kstrtoll("+5") == 5 and kstrtoll("-0") == 0
+    assert kstrtoll("-9223372036854775808") == -2**63
+    assert kstrtoll("9223372036854775807\n") == 2**63 - 1
+    assert kstrtoll("-0x10") == -16 and kstrtoint("-010") == -8
+    for text in ("9223372036854775808", "-9223372036854775809", "-" + BIG):
+        assert errno_of(lambda: kstrtoll(text)) == errno.ERANGE, text
+    for text in ("", "-", "--1", "-+1", "+-1", " -1", "-1 ", "\u0661", "1_0"):
+        assert errno_of(lambda: kstrtoll(text)) == errno.EINVAL, text
+    assert kstrtoint("2147483647") == 2**31 - 1 and kstrtoint("-2147483648") == -2**31
+    assert errno_of(lambda: kstrtoint("2147483648")) == errno.ERANGE
+    assert errno_of(lambda: kstrtoint("-2147483649")) == errno.ERANGE
+
+
+def test_device_id_is_hot_removes_kstrtoint() -> None:
+    """hot_remove_store: kstrtoint in base 10, a NUL ends the text (sysfs's buffer is a C
+    string), a negative id is EINVAL."""
+    assert parse_device_id("1") == parse_device_id("1\n") == parse_device_id("1\0") == 1
+    assert parse_device_id("+1\0junk") == 1 and parse_device_id("010") == 10
+    for text in ("", "\0", "\x001", "-1", " 1", "1 ", "zram1", "0x1", "\u0661"):
+        assert errno_of(lambda: parse_device_id(text)) == errno.EINVAL, text
+    assert errno_of(lambda: parse_device_id("2147483648")) == errno.ERANGE
 
 
 def test_narrower_types() -> None:
@@ -166,3 +192,23 @@ def test_mem_used_max_takes_only_zero() -> None:
     parse_mem_used_max("0\n")
     for text in ("1", "", "x", "18446744073709551616", BIG):
         assert errno_of(lambda: parse_mem_used_max(text)) == errno.EINVAL
+
+
+@pytest.mark.parametrize("bad", ["1_0", "\u0663", "\uff13"])
+def test_the_numbers_of_key_value_attributes_are_kstrtos(bad: str) -> None:
+    """writeback, idle, recompress, recomp_algorithm and the config's levels read their
+    numbers with kstrto, as the kernel's stores do: int() would take '1_0' as 10 and
+    non-ASCII digits as ASCII ones."""
+    from zramfs import config, tiering
+    for parse, text in ((tiering.parse_writeback, f"page_index={bad}"),
+                        (tiering.parse_writeback, f"page_indexes=0-{bad}"),
+                        (tiering.parse_idle, bad),
+                        (tiering.parse_recompress, f"type=idle max_pages={bad}"),
+                        (tiering.parse_recomp_algorithm, f"algo=zstd level={bad}"),
+                        (tiering.parse_recomp_algorithm, f"algo=zstd priority={bad}")):
+        with pytest.raises(ValueError):
+            parse(text)
+    with pytest.raises(ValueError, match="level must be an integer"):
+        config.parse_algorithm(f"zstd(level={bad})")
+    assert tiering.parse_recomp_algorithm("algo=zstd level=-3")[2] == -3
+    assert tiering.parse_writeback("page_indexes=+1-2").ranges == [(1, 2)]

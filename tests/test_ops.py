@@ -432,6 +432,49 @@ def test_metrics_endpoint_scraped_while_fio_runs(tmp_path: Path, transport: str)
         assert samples[("zramfs_dedup_stat_bytes_saved_bytes", (("device", twin),))] == shared[1]
 
 
+def threads_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+
+
+@requires_fuse
+def test_metrics_endpoint_bounds_idle_connections(tmp_path: Path, cleanup: Cleanup) -> None:
+    """600 connections that never finish their request (slowloris): the daemon's threads
+    stay as they were, a scrape still gets through, and every idle one is closed within
+    the endpoint's timeout."""
+    import socket
+    from urllib.request import urlopen
+
+    from zramfs.metrics import REQUEST_TIMEOUT
+
+    port = free_port()
+    with zramfs_daemon("--default-device", "--metrics", f"127.0.0.1:{port}",
+                       tmp=tmp_path) as d:
+        before = threads_of(d.proc.pid)
+        idle: list[socket.socket] = []
+        cleanup.push("the idle connections closed", lambda: [s.close() for s in idle])
+        started = time.monotonic()
+        for _ in range(600):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")     # never ended
+            idle.append(s)
+        time.sleep(0.5)
+        during = threads_of(d.proc.pid)
+        assert during <= before + 2, f"{before} threads before, {during} with 600 idle"
+        text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert 'zramfs_disksize_bytes{device="zram0"}' in text
+        for s in idle:
+            s.settimeout(max(0.1, started + REQUEST_TIMEOUT + 10 - time.monotonic()))
+            try:
+                assert s.recv(1) == b""
+            except ConnectionResetError:
+                pass
+        took = time.monotonic() - started
+        assert took < REQUEST_TIMEOUT + 10, took
+        assert threads_of(d.proc.pid) <= before + 2
+        assert d.alive(), d.log.read_text()
+
+
 def test_metrics_config_key(tmp_path: Path) -> None:
     from zramfs import config
     conf = tmp_path / "zramfs.conf"

@@ -24,6 +24,7 @@ from conftest import (PAGE, ZRAMFS, Cleanup, is_mounted, requires_fuse, run, sta
 from manager import (FUSE_HAS_RESEND, Call, Manager, alive, children, servings,
                      stuck_request)
 from zramfs import loop
+from zramfs.supervisor import pid_file
 
 pytestmark = requires_fuse
 
@@ -293,3 +294,146 @@ def test_a_changed_config_applies_at_restart_only_to_devices_not_in_use(
         d.proc.terminate()
         assert d.proc.wait(60) == 0, d.log.read_text()
         assert not loop.loops_of(d.dev("zram0")) and not loop.loops_of(d.dev("zram1"))
+
+
+def test_a_second_daemon_refused_on_the_same_mountpoint_touches_nothing_of_the_first(
+        tmp_path: Path) -> None:
+    """A second `zramfs daemon` on a mountpoint in use, with its supervisor or without, is
+    refused and leaves the first as it was: its pid file (`zramfs restart` still finds it),
+    its tree and its pages."""
+    with zramfs_daemon("--default-device", tmp=tmp_path, supervised=True) as d:
+        sup = d.proc
+        data = os.urandom(PAGE // 2) * 2
+        dev = os.open(d.dev("zram0"), os.O_RDWR)
+        try:
+            os.pwrite(dev, data, 0)
+        finally:
+            os.close(dev)
+        # Written once the daemon says READY=1, just after its "serving" line.
+        wait_for(lambda: pid_file(d.mnt).exists(), 10, "the supervisor's pid file")
+        before = pid_file(d.mnt).read_text()
+        assert before == f"{sup.pid}\n"
+        for extra in ([], ["--no-supervisor"]):
+            second = run(*ZRAMFS, "daemon", "--mountpoint", str(d.mnt), "--default-device",
+                         *extra, check=False, timeout=60,
+                         env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"})
+            assert second.returncode != 0, second.stderr
+            assert "already a mount point" in second.stderr, second.stderr
+            assert pid_file(d.mnt).read_text() == before, extra
+        out = run(*ZRAMFS, "restart", "--mountpoint", str(d.mnt))
+        assert f"pid {sup.pid}" in out.stdout
+        wait_for(lambda: servings(d) == 2 or sup.poll() is not None, 60,
+                 "the first daemon to restart")
+        assert sup.poll() is None, d.log.read_text()
+        dev = os.open(d.dev("zram0"), os.O_RDONLY)
+        try:
+            assert os.pread(dev, PAGE, 0) == data
+        finally:
+            os.close(dev)
+
+
+def test_sighup_with_the_supervisor_gone_is_refused_and_the_daemon_serves_on(
+        tmp_path: Path, cleanup: Cleanup) -> None:
+    """The supervisor killed, its child serves on; a SIGHUP then has nobody to hand over to:
+    the daemon says so and keeps serving, the tree and the pages as they were. SIGTERM
+    still stops it cleanly."""
+    with zramfs_daemon("--default-device", tmp=tmp_path, supervised=True) as d:
+        sup = d.proc
+        wait_for(lambda: len(children(sup.pid)) == 1, 30, "the serving child")
+        [child] = children(sup.pid)
+        cleanup.push("the orphaned daemon killed", lambda: alive(child) and
+                     os.kill(child, signal.SIGKILL))
+        data = os.urandom(PAGE // 2) * 2
+        dev = os.open(d.dev("zram0"), os.O_RDWR)
+        closed = [False]
+        d.cleanup.push("close zram0", lambda: closed[0] or os.close(dev))
+        os.pwrite(dev, data, 5 * PAGE)
+
+        sup.kill()
+        sup.wait(10)
+        assert alive(child) and os.pread(dev, PAGE, 5 * PAGE) == data
+        os.kill(child, signal.SIGHUP)
+        wait_for(lambda: "SIGHUP refused" in d.log.read_text() or not alive(child), 30,
+                 "the daemon to refuse the SIGHUP")
+        time.sleep(0.5)
+        assert alive(child), d.log.read_text()
+        log = d.log.read_text()
+        assert f"SIGHUP refused, going on as before: the supervisor (pid {sup.pid}) is gone" \
+            in log, log
+        assert "handed over" not in log
+        assert is_mounted(d.mnt)
+        assert os.pread(dev, PAGE, 5 * PAGE) == data
+        os.pwrite(dev, data[::-1], 6 * PAGE)
+        assert os.pread(dev, PAGE, 6 * PAGE) == data[::-1]
+        assert int(d.read("zram0", "disksize")) > 0
+
+        os.close(dev)
+        closed[0] = True
+        os.kill(child, signal.SIGTERM)
+        wait_for(lambda: not alive(child), 60, "the daemon to stop")
+        assert not is_mounted(d.mnt)
+
+
+def test_the_metrics_port_taken_during_a_restart_costs_no_device(tmp_path: Path) -> None:
+    """Whoever binds the metrics port in the gap of a `zramfs restart` only delays the
+    metrics: the new daemon serves every device with its pages, says why there are no
+    metrics yet, and serves them once the port is free again."""
+    import socket
+    from urllib.request import urlopen
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with zramfs_daemon("--default-device", "--metrics", f"127.0.0.1:{port}", tmp=tmp_path,
+                       supervised=True) as d:
+        sup = d.proc
+        name = d.device("64M")
+        data = os.urandom(PAGE // 2) * 2
+        for dev_name in ("zram0", name):
+            fd = os.open(d.dev(dev_name), os.O_RDWR)
+            try:
+                os.pwrite(fd, data, 7 * PAGE)
+            finally:
+                os.close(fd)
+        wait_for(lambda: pid_file(d.mnt).exists(), 10, "the supervisor's pid file")
+        assert b"zramfs_requests_total" in urlopen(f"http://127.0.0.1:{port}/metrics",
+                                                   timeout=10).read()
+
+        taker = socket.socket()
+        # As the daemon's own listener: past the TIME_WAIT of the scrape above.
+        taker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            run(*ZRAMFS, "restart", "--mountpoint", str(d.mnt))
+
+            def take() -> bool:
+                try:
+                    taker.bind(("127.0.0.1", port))
+                except OSError:
+                    return False
+                taker.listen()
+                return True
+            wait_for(take, 30, "the old daemon to let the port go")
+            wait_for(lambda: servings(d) == 2 or sup.poll() is not None, 60,
+                     "the next daemon to serve")
+            assert sup.poll() is None, d.log.read_text()
+            log = d.log.read_text()
+            assert (f"metrics 127.0.0.1:{port}: cannot listen: Address already in use"
+                    in log), log
+            assert sorted(os.listdir(d.mnt / "dev")) == sorted(["zram0", name])
+            for dev_name in ("zram0", name):
+                fd = os.open(d.dev(dev_name), os.O_RDONLY)
+                try:
+                    assert os.pread(fd, PAGE, 7 * PAGE) == data, dev_name
+                finally:
+                    os.close(fd)
+        finally:
+            taker.close()
+
+        def scraped() -> bool:
+            try:
+                return b"zramfs_disksize_bytes" in urlopen(
+                    f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+            except OSError:
+                return False
+        wait_for(scraped, 30, "the metrics once the port is free")
+        assert d.log.read_text().count(f"metrics on http://127.0.0.1:{port}/metrics") == 2

@@ -368,14 +368,9 @@ def dictionary_id(bytes data) -> int:
     return ZSTD_getDictID_fromDict(<const char*>data, len(data))
 
 
-def parse_level(name: str, params: dict[str, str]) -> int | None:
-    """The `level=` of algorithm params, checked against the algorithm; None if absent."""
-    if "level" not in params:
-        return None
-    try:
-        level = int(params["level"])
-    except ValueError:
-        raise CompressorError(f"level must be an integer, not {params['level']!r}") from None
+def check_level(name: str, level: int) -> None:
+    """CompressorError unless `level` is one of the algorithm's (the number itself is read
+    by the caller, as the kernel reads it: zramfs.kstrto)."""
     cdef _Algorithm a = ALGORITHMS.pin(name)
     try:
         if not a.ops.level_min <= level <= a.ops.level_max:
@@ -383,7 +378,6 @@ def parse_level(name: str, params: dict[str, str]) -> int | None:
                 f"{name} level must be {a.ops.level_min}..{a.ops.level_max}, not {level}")
     finally:
         ALGORITHMS.unpin(name)
-    return level
 
 
 cdef ZSTD_compressionParameters _page_dict_params(int level, size_t dict_size) noexcept nogil:

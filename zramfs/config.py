@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zramfs import _alloc, _zcomp, tiering
+from zramfs import _alloc, _zcomp, kstrto, tiering
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,10 @@ def _one_algorithm(word: str) -> tuple[str, dict[str, str]]:
             raise ValueError(f"{m.group(1)} takes no dictionary")
         params[key] = value
     try:
-        _zcomp.parse_level(m.group(1), params)
+        if "level" in params:
+            _zcomp.check_level(m.group(1), kstrto.kstrtoint(params["level"], 10))
+    except OSError:
+        raise ValueError(f"level must be an integer, not {params['level']!r}") from None
     except _zcomp.CompressorError as e:
         raise ValueError(str(e)) from None
     return m.group(1), params

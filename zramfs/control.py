@@ -29,6 +29,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
+from zramfs import kstrto
 from zramfs._fuse import Attr, OpenReply
 from zramfs.device import ATTRIBUTES, Device, Devices, fail
 
@@ -129,11 +130,13 @@ class Tree:
         self._add(base + DEBUG_PLACE + 1, debug, "block_state", stat.S_IFREG | 0o400,
                   device=dev, attr="block_state")
 
-    def drop_device(self, dev: Device) -> None:
+    def sync_devices(self) -> None:
+        """Drops the nodes of devices no longer in devices.by_id (a hot_remove, done or failed
+        midway): the tree follows the devices, and never parses an id of its own."""
         for parent in (self.dev_dir, self.block_dir, self.debug_dir):
-            node = parent.children.get(dev.name)
-            if node is not None:
-                self._drop(node)
+            for node in list(parent.children.values()):
+                if self.devices.by_id.get(node.device.id) is not node.device:
+                    self._drop(node)
 
     def _sync_pools(self) -> None:
         """One directory a live pool, named as the pool (unique: docs/design.md, hazard 3)."""
@@ -243,13 +246,13 @@ class Tree:
         h = self.handles.get(fh)
         if h is None:
             raise fail(errno.EBADF, f"no handle {fh}")
-        text = data.decode("latin-1")
+        text = kstrto.c_string(data.decode("latin-1"))
         node = h.node
         if node.attr == "hot_remove":
-            dev = self.devices.by_id.get(_int_or_none(text))
-            await self.devices.remove(text)
-            if dev is not None:
-                self.drop_device(dev)
+            try:
+                await self.devices.remove(text)
+            finally:
+                self.sync_devices()
         elif node.attr == "hot_add":
             raise fail(errno.EACCES, "hot_add is read-only")
         else:
@@ -290,10 +293,3 @@ def classes_text(rows: list) -> str:
              for f in ("obj_allocated", "obj_used", "pages_used", "freeable")]
     return head + "".join(lines) + (f" Total {'':5} {total[0]:13} {total[1]:10} {total[2]:10} "
                                     f"{'':16} {total[3]:8}\n")
-
-
-def _int_or_none(text: str) -> int | None:
-    try:
-        return int(text.strip())
-    except ValueError:
-        return None

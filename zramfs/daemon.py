@@ -357,6 +357,11 @@ async def serve(opts: Options,
     """Runs the daemon until a signal or an unmount from outside; after SIGHUP, what the
     next daemon needs (see continue_in_next)."""
     mountpoint = opts.mountpoint
+    if opts.metrics:
+        try:
+            metrics.parse_address(opts.metrics)
+        except ValueError as e:
+            raise DaemonError(f"metrics: {e}") from None
     adopted = _inherited_fuse(opts)
     if adopted is None:
         _check_mountpoint(mountpoint)
@@ -428,18 +433,19 @@ async def serve(opts: Options,
                     except DaemonError as e:
                         failure = e          # raised below, outside the nursery: one line
                     else:
-                        if opts.metrics:
-                            exporter = await _serve_metrics(opts.metrics, devices, session)
-                            undo.append((f"metrics {opts.metrics} stopped",
-                                         exporter.shutdown))
                         names = ", ".join(d.name for d in opts.devices) or "no devices"
                         # STATFS: answered in C, so INIT is done once it returns.
                         await trio.to_thread.run_sync(os.statvfs, mountpoint)
                         _log_transport(session, transport)
-                        log.info("serving %s (%s)", mountpoint, names)
-                        fdstore.notify(f"READY=1\nSTATUS=serving {mountpoint}: {names}")
-                        task_status.started(tree)
                         async with trio.open_nursery() as background:
+                            if opts.metrics:
+                                # Not data: a port it cannot listen on is retried meanwhile.
+                                await background.start(
+                                    metrics.serve, opts.metrics,
+                                    partial(_snapshot, devices, session))
+                            log.info("serving %s (%s)", mountpoint, names)
+                            fdstore.notify(f"READY=1\nSTATUS=serving {mountpoint}: {names}")
+                            task_status.started(tree)
                             background.start_soon(_watch_budget)
                             if opts.mlock == "auto" and not reclaim.locked():
                                 background.start_soon(reclaim.watch_swaps, mountpoint,
@@ -555,6 +561,8 @@ async def _until_stopped(signals, loop_done: trio.Event, restartable: bool) -> b
                     log.warning("SIGHUP: no graceful restart on the io_uring transport "
                                 "(live restart is the classic transport's); still serving")
                     continue
+                if signum == signal.SIGHUP and _handover_refused():
+                    continue
                 graceful = signum == signal.SIGHUP
                 log.info("%s: %s", signal.Signals(signum).name,
                          "graceful restart" if graceful else "shutting down")
@@ -629,20 +637,6 @@ def _snapshot(devices: Devices, session: _fuse.Session) -> metrics.Snapshot:
     return snap
 
 
-async def _serve_metrics(address: str, devices: Devices, session: _fuse.Session) -> object:
-    """The Prometheus endpoint, in the client library's own thread; a scrape asks the trio
-    thread for its numbers."""
-    token = trio.lowlevel.current_trio_token()
-    try:
-        server = await trio.to_thread.run_sync(
-            metrics.serve, address,
-            lambda: trio.from_thread.run_sync(_snapshot, devices, session, trio_token=token))
-    except (OSError, ValueError) as e:
-        raise DaemonError(f"metrics {address}: {e}") from None
-    log.info("metrics on http://%s/metrics", address)
-    return server
-
-
 async def _adopt(state: State, devices: Devices, tree: Tree) -> None:
     """The devices the daemon before this one kept, as they were, pages and all: before the
     engine runs, so that no request (the kernel resends those left unanswered) finds a
@@ -668,10 +662,22 @@ async def _hold(mountpoint: Path, refused: StateRefused) -> bool:
         fdstore.notify(f"READY=1\nSTATUS=holding {mountpoint}, serving nothing: {refused}; "
                        "reload to try again, stop to give it up")
         async for signum in signals:
+            if signum == signal.SIGHUP and _handover_refused():
+                continue
             log.info("%s: %s", signal.Signals(signum).name,
                      "trying again" if signum == signal.SIGHUP else "giving the tree up")
             return signum == signal.SIGHUP
     return False
+
+
+def _handover_refused() -> bool:
+    """A SIGHUP's probe (fdstore.handover_refused), before anything is stopped: where no one
+    could take the descriptors over, the restart is refused with a log line and the daemon
+    goes on as it was, never exiting with devices in use."""
+    why = fdstore.handover_refused()
+    if why is not None:
+        log.warning("SIGHUP refused, going on as before: %s", why)
+    return why is not None
 
 
 async def _set_up(opts: Options, devices: Devices, tree: Tree,

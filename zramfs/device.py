@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +40,6 @@ PAGE = kstrto.PAGE_SIZE
 DEFAULT_ALGORITHM = "lz4"
 DEFAULT_BACKEND = "zsmalloc"
 DRAIN_POLL = 0.001
-INT_MAX = 2**31 - 1
 WB_BATCH = 32                  # writeback_batch_size's default, as the kernel's
 WB_BATCH_MAX = _backing.MAX_BATCH   # writes in flight at once, at most
 AGE_MAX = 2**32 - 1           # idle ages are kept in 32 bits of seconds
@@ -300,14 +298,16 @@ class Device:
             params[key] = value
         names = {0: self.algorithm} | {p: n for p, (n, _) in self.secondary.items()}
         if "priority" in params:
-            prio = int(params["priority"]) if params["priority"].isdigit() else -1
+            prio = kstrto.kstrtoint(params["priority"], 10)     # its errno, as the kernel's
         else:
             prio = next((p for p, n in names.items() if n == params.get("algo", self.algorithm)),
                         -1)
         if prio not in names or params.get("algo", names.get(prio)) != names.get(prio):
             raise fail(errno.EINVAL, f"no algorithm matches {text.strip()!r}")
+        level = kstrto.kstrtoint(params["level"], 10) if "level" in params else None
         try:
-            level = _zcomp.parse_level(names[prio], params)
+            if level is not None:
+                _zcomp.check_level(names[prio], level)
         except _zcomp.CompressorError as e:
             raise fail(errno.EINVAL, str(e)) from None
         if "dict" in params:
@@ -496,7 +496,7 @@ class Device:
             if name not in _zcomp.ALGORITHMS.names():
                 raise ValueError(f"unknown compression algorithm {name!r}")
             if level is not None:
-                _zcomp.parse_level(name, {"level": str(level)})
+                _zcomp.check_level(name, level)
         except (ValueError, _zcomp.CompressorError) as e:
             raise fail(errno.EINVAL, str(e)) from None
         self.secondary[prio] = (name, level)
@@ -739,16 +739,11 @@ class Devices:
                  record.openers)
         return dev
 
-    def get(self, name: str) -> Device | None:
-        m = re.fullmatch(r"zram(0|[1-9][0-9]*)", name)
-        return self.by_id.get(int(m.group(1))) if m else None
-
     async def remove(self, text: str) -> None:
-        """hot_remove: the kernel's kstrtoint (ERANGE past INT_MAX), ENODEV for an unknown
-        id, EBUSY while open or draining."""
-        dev_id = kstrto.kstrtoull(text, 10)
-        if dev_id > INT_MAX:
-            raise fail(errno.ERANGE, f"no device id is {dev_id}")
+        """hot_remove: the id as the kernel reads it (kstrto.parse_device_id), ENODEV for an
+        unknown id, EBUSY while open or draining. The device leaves by_id before it drains;
+        the tree follows by_id (control.Tree.sync_devices), never parsing the id again."""
+        dev_id = kstrto.parse_device_id(text)
         dev = self.by_id.get(dev_id)
         if dev is None:
             raise fail(errno.ENODEV, f"no device zram{dev_id}")

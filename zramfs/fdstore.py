@@ -62,6 +62,25 @@ def notify(state: str, fds: Iterable[int] = ()) -> bool:
     return True
 
 
+def handover_refused() -> str | None:
+    """Why a graceful restart could not hand over now, or None where it can: asked before
+    anything is stopped, since a daemon that ends with nobody to take its descriptors loses
+    every device. Under zramfs's supervisor the supervisor must still be this process's
+    parent (it starts the next daemon; killed, it leaves us to init) and answer on its
+    notify socket; otherwise the daemon executes itself anew, passing its descriptors itself
+    (no store needed), so the program must still be there to execute."""
+    if supervised():
+        pid = os.environ[SUPERVISOR_ENV]
+        if not pid.isdigit() or os.getppid() != int(pid):
+            return f"the supervisor (pid {pid}) is gone: nobody would start the next daemon"
+        if not notify("STATUS=graceful restart: handing over"):
+            return "the supervisor does not answer on its notify socket"
+        return None
+    if not os.access(sys.executable, os.X_OK):
+        return f"{sys.executable} cannot be executed: the next daemon could not start"
+    return None
+
+
 def _check_name(name: str) -> None:
     # LISTEN_FDNAMES is colon-separated; systemd takes printable ASCII up to 255 bytes.
     if not name or len(name) > 255 or ":" in name or not name.isascii() or \

@@ -3,7 +3,8 @@
 Two parsers read every number zram takes:
 
 - `kstrtoull` (lib/kstrtox.c) is strict: an optional '+', digits, at most one newline, nothing
-  else. Bad text is EINVAL, a value past 2**64 - 1 is ERANGE.
+  else. Bad text is EINVAL, a value past 2**64 - 1 is ERANGE. Its siblings narrow it
+  (`kstrtoul`, `kstrtou16`) or take a '-' (`kstrtoll`, `kstrtoint`).
 - `memparse` (lib/cmdline.c) is lax: simple_strtoull, then one K/M/G/T/P/E suffix; whatever
   follows is ignored. In C it never fails: no digits gives 0, and a value past 64 bits wraps.
 
@@ -34,6 +35,8 @@ PAGE_SIZE = 1 << PAGE_SHIFT          # zram.h's ZRAM_PAGE_SIZE; device.PAGE
 
 U16_MAX = 2**16 - 1                  # reset_store's kstrtou16
 U64_MAX = 2**64 - 1                  # u64: kstrtoull, memparse, disksize, bd_wb_limit
+LLONG_MAX = 2**63 - 1                # kstrtoll
+INT_MAX = 2**31 - 1                  # kstrtoint; a device id (gendisk's first_minor)
 ULONG_MAX = 2 ** (8 * ctypes.sizeof(ctypes.c_ulong)) - 1   # kstrtoul; limit_pages
 LOFF_MAX = 2**63 - 1                 # loff_t: a block device's (and a FUSE file's) size
 
@@ -77,8 +80,10 @@ def _max_digits(base: int) -> int:
     return count
 
 
-def _c_string(text: str) -> str:
-    """A sysfs store sees a NUL-terminated C string: a NUL ends the text there."""
+def c_string(text: str) -> str:
+    """What a sysfs store sees of a write: kernfs ends the buffer with a NUL and the stores
+    read it as a C string, so a NUL in the written bytes ends the text there ("1\\0" is
+    "1"). The tree applies it to every attribute write; each parser here applies it too."""
     return text.partition("\0")[0]
 
 
@@ -120,9 +125,14 @@ def kstrtoull(text: str, base: int = 0) -> int:
     "99999999999999999999999x" is ERANGE); EINVAL for no digits ('', '-1', ' 1') or text after
     them ('1 ', '1\\n\\n', '0x' in base 0: the '0' is octal, then 'x' is left over).
     """
+    s = c_string(text)
+    return _kstrtoull(s, 1 if s[:1] == "+" else 0, base, text)
+
+
+def _kstrtoull(s: str, pos: int, base: int, text: str) -> int:
+    """_kstrtoull: the digits of C string `s` from `pos` (no sign), the optional newline, and
+    nothing after; `text` is what the error names."""
     _check_base(base)
-    s = _c_string(text)
-    pos = 1 if s[:1] == "+" else 0
     base, skip = _fixup_radix(s[pos:pos + 3], base)
     value, end = _parse_integer(s, pos + skip, base)
     if value is None:
@@ -133,6 +143,27 @@ def kstrtoull(text: str, base: int = 0) -> int:
         end += 1
     if end != len(s):
         raise fail(errno.EINVAL, f"{text[:40]!r}: text after the number")
+    return value
+
+
+def kstrtoll(text: str, base: int = 0) -> int:
+    """The kernel's kstrtoll: a '-' or a '+' may lead (not both), then kstrtoull's rules;
+    ERANGE outside -2**63 .. 2**63 - 1."""
+    s = c_string(text)
+    if s[:1] == "-":
+        value = -_kstrtoull(s, 1, base, text)
+    else:
+        value = _kstrtoull(s, 1 if s[:1] == "+" else 0, base, text)
+    if not -LLONG_MAX - 1 <= value <= LLONG_MAX:
+        raise fail(errno.ERANGE, f"{text[:40]!r}: outside {-LLONG_MAX - 1}..{LLONG_MAX}")
+    return value
+
+
+def kstrtoint(text: str, base: int = 0) -> int:
+    """The kernel's kstrtoint: kstrtoll, then ERANGE outside an int's range."""
+    value = kstrtoll(text, base)
+    if not -INT_MAX - 1 <= value <= INT_MAX:
+        raise fail(errno.ERANGE, f"{text[:40]!r}: outside {-INT_MAX - 1}..{INT_MAX}")
     return value
 
 
@@ -166,7 +197,7 @@ def memparse(text: str) -> int:
     as 4096 and accepts. ERANGE is what kstrtoull says for the same digits, and it tells the
     user what is wrong: the text is a well-formed number, just too large.
     """
-    s = _c_string(text)
+    s = c_string(text)
     base, skip = _fixup_radix(s[:3], 0)
     value, end = _parse_integer(s, skip, base)
     if end == skip:
@@ -238,6 +269,16 @@ def parse_reset(text: str) -> None:
     65535); 0 is EINVAL. Returns when the text asks for a reset."""
     if kstrtou16(text, 10) == 0:
         raise fail(errno.EINVAL, "reset takes a non-zero number")
+
+
+def parse_device_id(text: str) -> int:
+    """hot_remove_store: kstrtoint in base 10, its errno passed on (ERANGE past INT_MAX); a
+    negative id is EINVAL. The one reading of an id written to the tree (the tree itself
+    parses none: it follows the devices)."""
+    dev_id = kstrtoint(text, 10)
+    if dev_id < 0:
+        raise fail(errno.EINVAL, f"{text[:40]!r}: a device id is not negative")
+    return dev_id
 
 
 def parse_mem_used_max(text: str) -> None:

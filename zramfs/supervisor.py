@@ -10,7 +10,9 @@ be ours), starts COMMAND (the serving daemon) and then, as systemd does for a un
   a new one; FDSTOREREMOVE=1) and passes them to the next child as LISTEN_FDS (at 3, 4...),
   LISTEN_FDNAMES and LISTEN_PID, the child's own pid: `/bin/sh -c 'LISTEN_PID=$$ exec "$@"'`
   sets it, as the shell's pid is the one the daemon keeps through exec;
-- writes READY and STATUS lines to its log;
+- writes READY and STATUS lines to its log, and its own pid to the pid file once a child is
+  READY=1: a child that never serves (a second daemon refused on a mountpoint in use) leaves
+  the file, which names the first daemon's, untouched;
 - restarts the child at once when it dies of a signal or exits non-zero while a FUSE
   connection is stored (a crash: the next daemon adopts the connection and has the kernel
   resend what was lost), and when it exits with fdstore.HANDOVER_EXIT (a graceful restart);
@@ -157,6 +159,8 @@ class Supervisor:
             fds = []
         if fields.get("READY") == "1":
             self.ready = True
+            if self.mountpoint is not None:
+                write_pid_file(self.mountpoint, os.getpid())
         if fields.get("STOPPING") == "1":
             self.stopping = True
         if "STATUS" in fields and fields.get("READY") == "1":
@@ -240,8 +244,6 @@ class Supervisor:
         signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *_: None)     # the wakeup fd says which
-        if self.mountpoint is not None:
-            write_pid_file(self.mountpoint, os.getpid())
         try:
             self.start()
             poll = select.poll()

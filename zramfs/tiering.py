@@ -11,10 +11,10 @@ Every parser raises ValueError with the reason; the device turns that into EINVA
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
-from zramfs.kstrto import U64_MAX       # every count and index here is a u64 in the data path
+# Every count and index here is a u64 in the data path, read as the kernel reads it.
+from zramfs.kstrto import U64_MAX, kstrtoint, kstrtoull
 
 WRITEBACK_MODES = ("idle", "huge", "huge_idle", "incompressible")
 RECOMPRESS_TYPES = ("idle", "huge", "huge_idle")
@@ -50,11 +50,15 @@ def _params(text: str, allowed: tuple[str, ...]) -> list[tuple[str, str]]:
 
 
 def _number(key: str, value: str, low: int = 0) -> int:
-    """A decimal number from `low` to U64_MAX. The length is checked before int() ever sees
-    the digits: a 5,000-digit value is refused at once, not converted."""
-    if not re.fullmatch(r"\d{1,20}", value) or not low <= int(value) <= U64_MAX:
+    """A decimal number from `low` to U64_MAX, read by kstrtoull as the kernel's stores read
+    theirs (ASCII digits only; a 5,000-digit value is refused before it is converted)."""
+    try:
+        number = kstrtoull(value, 10)
+    except OSError:
+        number = -1
+    if not low <= number <= U64_MAX:
         raise ValueError(f"{key}={value[:30]}: not a number from {low} to {U64_MAX}")
-    return int(value)
+    return number
 
 
 def parse_writeback(text: str) -> Writeback:
@@ -72,9 +76,10 @@ def parse_writeback(text: str) -> Writeback:
             wb.ranges.append((index, index))
         else:
             lo, sep, hi = value.partition("-")
-            if not sep or _number(key, lo) > _number(key, hi):
+            first, last = (_number(key, lo), _number(key, hi)) if sep else (None, None)
+            if first is None or first > last:
                 raise ValueError(f"page_indexes={value[:60]}: LO-HI with LO <= HI")
-            wb.ranges.append((int(lo), int(hi)))
+            wb.ranges.append((first, last))
     if wb.mode is None and not wb.ranges:
         raise ValueError(f"nothing to write back in {text!r}")
     if wb.mode is not None and wb.ranges:
@@ -100,9 +105,10 @@ def parse_recomp_algorithm(text: str) -> tuple[int, str, int | None]:
         raise ValueError(f"priority must be 1..{MAX_SECONDARY}")
     level = None
     if "level" in params:
-        if not re.fullmatch(r"-?\d{1,9}", params["level"]):
-            raise ValueError(f"level={params['level'][:30]}: not a level")
-        level = int(params["level"])
+        try:
+            level = kstrtoint(params["level"], 10)
+        except OSError:
+            raise ValueError(f"level={params['level'][:30]}: not a level") from None
     return priority, params["algo"], level
 
 
