@@ -30,7 +30,7 @@ extensions = [
     extension("_zsmalloc"),
     extension("_zbud"),
     extension("_alloc"),
-    extension("_zcomp", "liblz4", "libzstd"),
+    extension("_zcomp", "lzo2", "liblz4", "libzstd", "zlib"),
     extension("_backing"),
     extension("_workers"),
     extension("_zram"),

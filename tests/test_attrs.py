@@ -116,10 +116,10 @@ def test_disksize(daemon: Daemon) -> None:
 
 def test_comp_algorithm_and_params(daemon: Daemon) -> None:
     name = daemon.hot_add()
-    assert daemon.read(name, "comp_algorithm") == "[lz4] lz4hc zstd \n"
+    assert daemon.read(name, "comp_algorithm") == "lzo-rle lzo [lz4] lz4hc zstd deflate \n"
     daemon.write(name, "comp_algorithm", "zstd\n")
-    assert daemon.read(name, "comp_algorithm") == "lz4 lz4hc [zstd] \n"
-    assert errno_of(lambda: daemon.write(name, "comp_algorithm", "lzo-rle")) == errno.EINVAL
+    assert daemon.read(name, "comp_algorithm") == "lzo-rle lzo lz4 lz4hc [zstd] deflate \n"
+    assert errno_of(lambda: daemon.write(name, "comp_algorithm", "842")) == errno.EINVAL
     for bad in ("level=99", "level=x", "algo=lz4 level=3", "priority=1 level=3",
                 "level=1_0", "level=\u0663", "priority=0_0 level=3"):   # kstrtoint's, not int()
         assert errno_of(lambda: daemon.write(name, "algorithm_params", bad)) == errno.EINVAL, bad
@@ -134,7 +134,7 @@ def test_comp_algorithm_and_params(daemon: Daemon) -> None:
     _, compr, *_ = daemon.mm_stat(name)
     assert 0 < compr < (1 << 20) // 4
     daemon.write(name, "reset", "1")                              # reset: back to the default
-    assert daemon.read(name, "comp_algorithm") == "[lz4] lz4hc zstd \n"
+    assert daemon.read(name, "comp_algorithm") == "lzo-rle lzo [lz4] lz4hc zstd deflate \n"
 
 
 def test_reset(daemon: Daemon) -> None:

@@ -40,7 +40,9 @@ def test_algorithms() -> None:
         [("lz4", {}), ("zstd", {"level": "19"}), ("lz4hc", {})]
     assert parse_algorithm("lz4 zstd(level=19, dict=/etc/pages.dict)") == \
         [("lz4", {}), ("zstd", {"level": "19", "dict": "/etc/pages.dict"})]
-    for bad in ("lzo-rle", "zstd(dict=x.dict)", "lz4(dict=/x)", "zstd(level=x)",
+    assert parse_algorithm("lzo-rle deflate(level=9)") == \
+        [("lzo-rle", {}), ("deflate", {"level": "9"})]
+    for bad in ("842", "lzo-rl", "zstd(dict=x.dict)", "lz4(dict=/x)", "zstd(level=x)",
                 "zstd(window=9)", "lz4 zstd (type=idle)", "", "lz4 zstd zstd lz4hc lz4"):
         with pytest.raises(ValueError):
             parse_algorithm(bad)
@@ -95,7 +97,8 @@ options = discard,noatime
     ("[swap]\n", ":1", "sections are [zramN]"),
     ("zram-size = 1\n", ":1", "outside a [zramN] section"),
     ("[zram0]\njust words\n", ":2", "expected key = value"),
-    ("[zram0]\ncompression-algorithm = lzo\n", ":2", "unknown algorithm"),
+    ("[zram0]\ncompression-algorithm = lzo1x\n", ":2", "unknown algorithm"),
+    ("[zram0]\ncompression-algorithm = 842\n", ":2", "no maintained library"),
     ("[zram0]\nswap-priority = high\n", ":2", "swap-priority"),
     ("[zram0]\nfs-type = btrfs\nmount-point = /x\n", ":2", "fs-type"),
     ("[zram0]\nfs-type = ext4\n", ":2", "needs a mount-point"),

@@ -157,7 +157,7 @@ def test_ctl_find_configure_reset_and_formats(daemon: Daemon) -> None:
 @pytest.mark.parametrize("args,message", [
     (["--find"], "--find needs --size"),
     (["--find", "--size", "lots"], "invalid size 'lots'"),
-    (["--find", "--size", "1G", "--algorithm", "lzo"], "lzo: unknown algorithm"),
+    (["--find", "--size", "1G", "--algorithm", "lzo1x"], "lzo1x: unknown algorithm"),
     (["zram9"], "zram9: no such device"),
     (["--output", "NAME,COLOUR"], "unknown column 'COLOUR'"),
     (["--reset"], "--reset needs a device name"),
@@ -565,8 +565,8 @@ def test_daemon_runs_a_zram_generator_file_as_it_is(tmp_path: Path, transport: s
                     "host-memory-limit = none\n")
     with zramfs_daemon("--config", str(conf), tmp=tmp_path, transport=transport) as d:
         assert int(d.read("zram0", "disksize")) == 64 << 20        # min(ram * 0.01, 64)
-        assert d.read("zram0", "comp_algorithm") == "[lz4] lz4hc zstd \n"
-        assert d.read("zram0", "recomp_algorithm") == "#1: lz4 lz4hc [zstd] \n"
+        assert d.read("zram0", "comp_algorithm") == "lzo-rle lzo [lz4] lz4hc zstd deflate \n"
+        assert d.read("zram0", "recomp_algorithm") == "#1: lzo-rle lzo lz4 lz4hc [zstd] deflate \n"
         assert is_mounted(mnt)
         (mnt / "f").write_bytes(b"zram " * 1000)
         assert (mnt / "f").read_bytes() == b"zram " * 1000

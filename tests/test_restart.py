@@ -21,7 +21,7 @@ import pytest
 
 from conftest import (PAGE, ZRAMFS, Cleanup, is_mounted, requires_fuse, run, start_daemon,
                       wait_for, zramfs_daemon)
-from manager import (FUSE_HAS_RESEND, Call, Manager, alive, children, servings,
+from manager import (FUSE_HAS_RESEND, Call, Manager, alive, children, servings, stop,
                      stuck_request)
 from zramfs import loop
 from zramfs.supervisor import pid_file
@@ -437,3 +437,36 @@ def test_the_metrics_port_taken_during_a_restart_costs_no_device(tmp_path: Path)
                 return False
         wait_for(scraped, 30, "the metrics once the port is free")
         assert d.log.read_text().count(f"metrics on http://127.0.0.1:{port}/metrics") == 2
+def test_the_kernels_other_algorithms_are_kept_across_a_kill(tmp_path: Path,
+                                                             cleanup: Cleanup) -> None:
+    """Devices compressed with lzo-rle, lzo and deflate (level 9) keep their algorithm,
+    level and every page across a SIGKILL."""
+    mgr = Manager(cleanup)
+    with zramfs_daemon(env=mgr.env(), tmp=tmp_path) as d:
+        want = {}
+        for algorithm in ("lzo-rle", "lzo", "deflate"):
+            name = d.hot_add()
+            d.write(name, "comp_algorithm", algorithm)
+            if algorithm == "deflate":
+                d.write(name, "algorithm_params", "level=9")
+            d.write(name, "disksize", "16M")
+            data = b"".join(b"%s page %06d " % (algorithm.encode(), i) * 200 + os.urandom(600)
+                            for i in range(512))
+            data = b"".join(data[i:i + PAGE].ljust(PAGE, b"-")
+                            for i in range(0, len(data), PAGE))[:512 * PAGE]
+            with open(d.dev(name), "r+b") as f:
+                f.write(data)
+            want[name] = (algorithm, data, d.mm_stat(name)[:2])
+        mgr.wait(lambda: all(any(n.startswith(f"{name}.") for n in mgr.store) for name in want),
+                 "the devices kept")
+        d.proc.kill()
+        d.proc.wait(10)
+        d.proc = start_daemon(d.mnt, d.log, env=mgr.env(), listen_fds=list(mgr.store.items()))
+        mgr.wait(lambda: servings(d) == 2 or not d.alive(), "the next daemon to serve", 60)
+        assert d.alive(), d.log.read_text()
+        for name, (algorithm, data, stat) in want.items():
+            assert f"[{algorithm}]" in d.read(name, "comp_algorithm").split()
+            assert d.mm_stat(name)[:2] == stat
+            with open(d.dev(name), "rb") as f:
+                assert f.read(len(data)) == data, name
+        stop(d, mgr)

@@ -124,7 +124,7 @@ def test_tiering_attributes_and_errors(daemon: Daemon, tmp_path: Path) -> None:
     daemon.write(name, "recomp_algorithm", "algo=zstd priority=1")
     daemon.write(name, "recomp_algorithm", "algo=lz4hc priority=2 level=12")
     assert daemon.read(name, "recomp_algorithm") == \
-        "#1: lz4 lz4hc [zstd] \n#2: lz4 [lz4hc] zstd \n"
+        "#1: lzo-rle lzo lz4 lz4hc [zstd] deflate \n#2: lzo-rle lzo lz4 [lz4hc] zstd deflate \n"
     daemon.write(name, "algorithm_params", "algo=zstd level=19")
     path = backing_file(tmp_path, 8 << 20)
     daemon.write(name, "backing_dev", str(path))
@@ -363,7 +363,7 @@ def test_config_sets_up_writeback_and_recompression(tmp_path: Path) -> None:
                     f"fs-type = ext4\nmount-point = {tmp_path / 'fs'}\n")
     with zramfs_daemon("--config", str(conf), tmp=tmp_path) as d:
         assert d.read("zram0", "backing_dev") == f"{backing}\n"
-        assert d.read("zram0", "recomp_algorithm") == "#1: lz4 lz4hc [zstd] \n"
+        assert d.read("zram0", "recomp_algorithm") == "#1: lzo-rle lzo lz4 lz4hc [zstd] deflate \n"
         (tmp_path / "fs" / "cold").write_bytes(text_pages(256))
         run("sync")
         deadline = time.monotonic() + 20                 # idle after one round, written next
@@ -575,3 +575,27 @@ def test_config_recompression_policy_runs_periodically(tmp_path: Path) -> None:
         run("sh", "-c", "echo 3 > /proc/sys/vm/drop_caches")
         assert (tmp_path / "fs" / "cold").read_bytes() == text_pages(256)
     assert not is_mounted(tmp_path / "fs")
+
+
+@pytest.mark.parametrize("primary,secondary", [("lzo-rle", "deflate"), ("lzo", "zstd"),
+                                               ("deflate", "zstd"), ("lz4", "lzo")])
+def test_recompression_to_and_from_the_kernels_other_algorithms(
+        daemon: Daemon, primary: str, secondary: str) -> None:
+    """The kernel's lzo, lzo-rle and deflate as the primary and as the recompression
+    algorithm: the data reads back identical, and a denser second algorithm shrinks it."""
+    name = daemon.hot_add()
+    daemon.write(name, "comp_algorithm", primary)
+    level = {"zstd": " level=19", "deflate": " level=9"}.get(secondary, "")
+    daemon.write(name, "recomp_algorithm", f"algo={secondary} priority=1{level}")
+    daemon.write(name, "disksize", "64M")
+    data = text_pages(2048) + os.urandom(16 * PAGE)
+    with open(daemon.dev(name), "r+b") as f:
+        f.write(data)
+    _, compr, *_ = daemon.mm_stat(name)
+    daemon.write(name, "idle", "all")
+    daemon.write(name, "recompress", "type=idle")
+    _, compr2, *_ = daemon.mm_stat(name)
+    if secondary in ("deflate", "zstd"):
+        assert compr2 < compr, (compr, compr2)
+    with open(daemon.dev(name), "rb") as f:
+        assert f.read(len(data)) == data

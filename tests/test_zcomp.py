@@ -7,7 +7,7 @@ import pytest
 import zstandard
 
 from zramfs import corpus
-from zramfs._zcomp import Compressor, CompressorError
+from zramfs._zcomp import Compressor, CompressorError, check_algorithm, check_level
 
 PAGE = 4096
 MAGIC = b"\x28\xb5\x2f\xfd"          # zstd's, little-endian
@@ -27,8 +27,10 @@ def trained(pages: list[bytes]) -> bytes:
     return zstandard.train_dictionary(16 << 10, pages[::2]).as_bytes()
 
 
-@pytest.mark.parametrize("name,level", [("lz4", None), ("lz4hc", None), ("zstd", -5),
-                                        ("zstd", 3), ("zstd", 19)])
+@pytest.mark.parametrize("name,level", [("lzo-rle", None), ("lzo", None), ("lz4", None),
+                                        ("lz4hc", None), ("zstd", -5), ("zstd", 3),
+                                        ("zstd", 19), ("deflate", 1), ("deflate", None),
+                                        ("deflate", 9)])
 def test_every_algorithm_reads_back(pages: list[bytes], name: str, level: int | None) -> None:
     c = Compressor(name, level, streams=1)
     try:
@@ -171,3 +173,47 @@ def test_older_dictionaries_read_the_pages_written_with_them(pages: list[bytes],
     finally:
         for c in (first, now, alone):
             c.destroy()
+
+
+@pytest.mark.parametrize("name", ["lzo-rle", "lzo", "deflate"])
+def test_the_kernels_other_algorithms_pack_and_refuse_garbage(pages: list[bytes],
+                                                             name: str) -> None:
+    """lzo, lzo-rle and deflate pack real pages about as lz4 does (lzo) or tighter
+    (deflate), and a cut or spoiled object is an error, never another page."""
+    def stored(c: Compressor) -> int:
+        return sum(len(o) if o else PAGE for o in map(c.compress, pages))
+    lz4 = Compressor("lz4", streams=1)
+    c = Compressor(name, streams=1)
+    try:
+        assert stored(c) < (lz4_size := stored(lz4)) * (1.0 if name == "deflate" else 1.02)
+        assert lz4_size < len(pages) * PAGE
+        out = [c.compress(p) for p in pages]
+        obj = next(o for o in out if o and len(o) > 64)
+        for bad in (obj[:len(obj) // 2], b"\xff" * len(obj), obj + b"\0" * 8):
+            try:
+                assert c.decompress(bad) != pages[out.index(obj)]
+            except CompressorError:
+                pass
+    finally:
+        c.destroy()
+        lz4.destroy()
+
+
+def test_levels_of_the_kernels_other_algorithms(pages: list[bytes]) -> None:
+    """deflate's levels are zlib's 1..9 (a higher one packs real pages tighter); lzo has
+    none; 842 is refused, naming why."""
+    sizes = []
+    for level in (1, 9):
+        c = Compressor("deflate", level, streams=1)
+        sizes.append(sum(len(o) if o else PAGE for o in map(c.compress, pages)))
+        c.destroy()
+    assert sizes[1] < sizes[0]
+    check_level("deflate", 9)
+    with pytest.raises(CompressorError, match="1..9"):
+        check_level("deflate", 0)
+    with pytest.raises(CompressorError, match="lzo-rle has no levels"):
+        check_level("lzo-rle", 1)
+    with pytest.raises(CompressorError, match="no maintained library"):
+        check_algorithm("842")
+    with pytest.raises(CompressorError, match="unknown"):
+        check_algorithm("lzo-rl")

@@ -1,7 +1,9 @@
 # cython: language_level=3
-"""Compression algorithms (lz4, lz4hc, zstd) and per-device compression streams.
+"""Compression algorithms (the kernel's names: lzo-rle, lzo, lz4, lz4hc, zstd, deflate) and
+per-device compression streams.
 
-The algorithms call liblz4 and libzstd directly, so compression runs without the GIL in the
+The algorithms call liblzo2, liblz4, libzstd and zlib directly (lzo and deflate in
+backend_lzo.pxi and backend_deflate.pxi), so compression runs without the GIL in the
 FUSE worker threads. Each device gets `streams` contexts with their buffers, made when
 disksize is written; a request borrows one (try each without waiting, then wait on one), as
 the kernel's zram borrows a per-CPU stream.
@@ -150,6 +152,10 @@ cdef int lz4_decompress(const zcomp* comp, void* ctx, const char* src, int n,
     return 0 if LZ4_decompress_safe(src, dst, n, PAGE_SIZE) == PAGE_SIZE else -1
 
 
+include "backend_lzo.pxi"
+include "backend_deflate.pxi"
+
+
 # --- zstd: a compression and a decompression context ----------------------------------------
 # Objects land in 16-byte size classes, so every byte of a frame's header counts: frames are
 # written without the magic number (ZSTD_f_zstd1_magicless, 4 bytes) and without the content
@@ -272,9 +278,29 @@ cdef _Algorithm _algorithm(const zcomp_ops* ops):
 
 
 ALGORITHMS: Registry[_Algorithm] = Registry("compression algorithm")
+# In the kernel's order (zcomp.c's backends). Its 842 has no maintained library outside the
+# kernel (libnxz and the kernel's lib/842 are not packaged as one): refused by name below.
+ALGORITHMS.register("lzo-rle", _algorithm(&LZO_RLE))
+ALGORITHMS.register("lzo", _algorithm(&LZO))
 ALGORITHMS.register("lz4", _algorithm(&LZ4))
 ALGORITHMS.register("lz4hc", _algorithm(&LZ4HC))
 ALGORITHMS.register("zstd", _algorithm(&ZSTD))
+ALGORITHMS.register("deflate", _algorithm(&DEFLATE))
+
+
+NOT_OFFERED = {
+    "842": "842 is not offered: no maintained library implements it outside the kernel "
+           "(its lib/842 is not packaged for userspace)",
+}
+
+
+def check_algorithm(name: str) -> None:
+    """CompressorError, naming why, unless `name` is an algorithm here."""
+    if name in NOT_OFFERED:
+        raise CompressorError(NOT_OFFERED[name])
+    if name not in ALGORITHMS.names():
+        raise CompressorError(f"unknown compression algorithm {name!r} "
+                              f"(known: {' '.join(ALGORITHMS.names())})")
 
 
 def default_streams() -> int:
@@ -373,6 +399,8 @@ def check_level(name: str, level: int) -> None:
     by the caller, as the kernel reads it: zramfs.kstrto)."""
     cdef _Algorithm a = ALGORITHMS.pin(name)
     try:
+        if a.ops.level_min == a.ops.level_max:
+            raise CompressorError(f"{name} has no levels")
         if not a.ops.level_min <= level <= a.ops.level_max:
             raise CompressorError(
                 f"{name} level must be {a.ops.level_min}..{a.ops.level_max}, not {level}")

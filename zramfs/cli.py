@@ -245,7 +245,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("device", nargs="*", help="zramN, or its path")
     c.add_argument("-f", "--find", action="store_true", help="set up a free device, print it")
     c.add_argument("-s", "--size", help="disksize, with K, M, G or T")
-    c.add_argument("-a", "--algorithm", help="lz4, lz4hc or zstd")
+    c.add_argument("-a", "--algorithm", help="lzo-rle, lzo, lz4, lz4hc, zstd or deflate")
     c.add_argument("-p", "--algorithm-params", metavar="PARAMS", help="e.g. level=5")
     c.add_argument("-r", "--reset", action="store_true", help="reset the named devices")
     c.add_argument("-o", "--output", metavar="LIST",

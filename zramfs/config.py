@@ -168,6 +168,8 @@ def _one_algorithm(word: str) -> tuple[str, dict[str, str]]:
     path) is read only when the device is set up, as `algorithm_params dict=` reads it."""
     known = _zcomp.ALGORITHMS.names()
     m = re.fullmatch(r"([a-z0-9-]+)(?:\(([^)]*)\))?", word)
+    if m is not None and m.group(1) in _zcomp.NOT_OFFERED:
+        raise ValueError(_zcomp.NOT_OFFERED[m.group(1)])
     if m is None or m.group(1) not in known:
         raise ValueError(f"unknown algorithm {word!r} (known: {', '.join(known)})")
     params: dict[str, str] = {}

@@ -264,8 +264,10 @@ class Device:
         name = text.strip()
         if self.initialised:
             raise fail(errno.EBUSY, f"{self.name} is initialised; reset it first")
-        if name not in _zcomp.ALGORITHMS.names():
-            raise fail(errno.EINVAL, f"unknown compression algorithm {name!r}")
+        try:
+            _zcomp.check_algorithm(name)
+        except _zcomp.CompressorError as e:
+            raise fail(errno.EINVAL, str(e)) from None
         if name != self.algorithm:
             self.algorithm, self.level = name, None
 
@@ -493,8 +495,7 @@ class Device:
             raise fail(errno.EBUSY, f"{self.name} is initialised; reset it first")
         try:
             prio, name, level = tiering.parse_recomp_algorithm(text)
-            if name not in _zcomp.ALGORITHMS.names():
-                raise ValueError(f"unknown compression algorithm {name!r}")
+            _zcomp.check_algorithm(name)
             if level is not None:
                 _zcomp.check_level(name, level)
         except (ValueError, _zcomp.CompressorError) as e:
