@@ -17,7 +17,7 @@ from zramfs.pthread cimport (pthread_cond_broadcast, pthread_cond_destroy, pthre
                             pthread_cond_wait, pthread_join, pthread_mutex_destroy,
                             pthread_mutex_init, pthread_mutex_lock, pthread_mutex_unlock,
                             zram_thread_start)
-from zramfs.zram cimport za_add, za_load, za_min
+from zramfs.zram cimport za_add, za_load, za_load_int, za_min, za_store_int
 
 cdef extern from *:
     """
@@ -83,7 +83,7 @@ cdef void _worker_wait(zworkers* w) noexcept nogil:
         return
     pthread_mutex_unlock(&w.lock)
     until = zw_now_ns() + SPIN_NS
-    while ZW_QUEUE(w) == NULL and not w.stop and zw_now_ns() < until:
+    while ZW_QUEUE(w) == NULL and not za_load_int(&w.stop) and zw_now_ns() < until:
         sched_yield()
     pthread_mutex_lock(&w.lock)
     while not w.stop and w.queue == NULL:
@@ -169,7 +169,7 @@ cdef zworkers* zworkers_start(zcomp* comp, int nr) noexcept nogil:
 cdef void zworkers_stop(zworkers* w) noexcept nogil:
     cdef int i
     pthread_mutex_lock(&w.lock)
-    w.stop = 1
+    za_store_int(&w.stop, 1)        # also read unlocked, by a spinning worker
     pthread_cond_broadcast(&w.wake)
     pthread_mutex_unlock(&w.lock)
     for i in range(w.nr):

@@ -48,8 +48,8 @@ from zramfs.zram cimport (PAGE_SHIFT, PAGE_SIZE, ZRAM_ACCESSED, ZRAM_DEDUP, ZRAM
                           ZRAM_IDLE, ZRAM_INCOMPRESSIBLE, ZRAM_LIVE, ZRAM_LOCK, ZRAM_UNDER_WB,
                           ZRAM_WB_COMPRESSED,
                           ZRAM_PRIO_MASK, ZRAM_PRIO_SHIFT, ZRAM_SAME, ZRAM_WB, posix_memalign,
-                          za_add, za_load, za_load64, za_max, za_store, za_sub, zram_get,
-                          zram_put,
+                          za_add, za_load, za_load_ptr, za_load64, za_max, za_store,
+                          za_store_ptr, za_sub, zram_get, zram_put,
                           zram_set_live, zram_slot_flags, zram_slot_lock, zram_slot_set_flags,
                           zram_slot_unlock)
 
@@ -334,7 +334,7 @@ cdef size_t _range_io(zram* m, bint write, char* buf, size_t off, size_t size,
 cdef inline bint _uninitialised(zdisk* d) noexcept nogil:
     """No meta (and not removed): a device of size 0, as the kernel's before disksize; one
     being reset or removed fails with EIO instead."""
-    return za_load(<size_t*>&d.meta) == 0 and not za_load(&d.gone)
+    return za_load_ptr(<void**>&d.meta) == NULL and not za_load(&d.gone)
 
 
 cdef inline size_t _disk_bytes(zram* m) noexcept nogil:
@@ -1127,7 +1127,7 @@ cdef class Disk:
         if self.meta is not None:
             raise RuntimeError("disk already has a meta")
         self.meta = meta
-        self.disk.meta = meta.m
+        za_store_ptr(<void**>&self.disk.meta, meta.m)     # _uninitialised reads it unlocked
         zram_set_live(&self.disk.state, 1)
 
     def detach(self) -> None:
@@ -1153,7 +1153,7 @@ cdef class Disk:
         if self.live or self.in_flight:
             raise RuntimeError("disk is live or has references held")
         meta, self.meta = self.meta, None
-        self.disk.meta = NULL
+        za_store_ptr(<void**>&self.disk.meta, NULL)
         return meta
 
     def call(self, fn, *args):
