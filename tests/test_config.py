@@ -62,6 +62,14 @@ def test_defaults(tmp_path: Path) -> None:
         ("swap", None, "discard", 100)
 
 
+def test_sizes_round_up_to_a_page_as_the_attributes_do(tmp_path: Path) -> None:
+    """A size that is not whole pages goes up to the next page, as disksize_store and
+    mem_limit_store's PAGE_ALIGN do, never down (0.001 MiB is a page, not nothing)."""
+    [dev] = load(write(tmp_path, "[zram0]\nzram-size = 0.001\nzram-resident-limit = 1.0001\n"),
+                 ram_mib=24000)
+    assert (dev.disksize, dev.mem_limit) == (4096, MIB + 4096)
+
+
 def test_all_keys_and_dropins(tmp_path: Path) -> None:
     path = write(tmp_path, """
 # swap first

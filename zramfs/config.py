@@ -279,7 +279,7 @@ def _device(section: _Section, ram_mib: float) -> DeviceConfig:
             raise fail(where, key, f"{e} in {expr!r}") from None
         if mib < 0:
             raise fail(where, key, f"{expr!r} is negative")
-        return int(mib * MIB) // 4096 * 4096
+        return kstrto.page_align(int(mib * MIB))   # up, as disksize and mem_limit round
 
     def obsolete(old: str, new: str) -> None:
         if old in keys:
