@@ -29,7 +29,7 @@ from pathlib import Path
 
 import trio
 
-from zramfs import _alloc, _backing, _dedup, _tiering, _zcomp, kstrto, loop, tiering
+from zramfs import _alloc, _backing, _dedup, _tiering, _zcomp, files, kstrto, loop, tiering
 from zramfs._alloc import PoolImageError, PoolInPlaceError
 from zramfs._backing import Backing, BackingError
 from zramfs._zram import Disk, Meta, TableImageError
@@ -622,10 +622,11 @@ MAX_DICTIONARY = 16 << 20             # zstd's dictionaries are kilobytes; refus
 
 
 def read_outside_tree(path: str, tree: Path | None) -> bytes:
-    """A dictionary file's content, read in a worker thread; EINVAL inside the tree."""
+    """A dictionary file's content, read in a worker thread; EINVAL inside the tree, and
+    for anything but a regular file (files.open_checked: a FIFO would wait for a writer)."""
     if inside_tree(path, tree):
         raise OSError(errno.EINVAL, f"lies inside the zramfs tree at {tree}")
-    with open(path, "rb") as f:
+    with open(files.open_checked(path, os.O_RDONLY), "rb") as f:
         data = f.read(MAX_DICTIONARY + 1)
     if not data or len(data) > MAX_DICTIONARY:
         raise OSError(errno.EINVAL, f"not a dictionary of 1 byte to {MAX_DICTIONARY >> 20} MiB")
