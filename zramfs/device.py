@@ -344,16 +344,23 @@ class Device:
 
     def _unclashing(self, prio: int, path: str, data: bytes) -> bytes:
         """`data`, or while adopting the kept copy of the dictionary of `prio` where `data`
-        is another dictionary with an id a kept one has: a frame names its dictionary by id
-        alone, so two with one id would read pages wrongly."""
-        new_id = _zcomp.dictionary_id(data)
+        is another dictionary with the name of a kept one (a frame names its dictionary by
+        that name, _zcomp.dictionary_name), or with its zstd id (frames written before names
+        carry that id alone): two such would read pages wrongly."""
+        new_id, new_name = _zcomp.dictionary_id(data), _zcomp.dictionary_name(data)
         for _, kept in self.kept_dictionaries:
-            if kept != data and new_id and _zcomp.dictionary_id(kept) == new_id:
-                data = self._kept_dictionary(prio, path, f"another dictionary with id {new_id}")
-                if data is None:
-                    raise fail(errno.EINVAL, f"{path}: another dictionary with id {new_id} "
-                               "wrote this device's pages")
-                return data
+            if kept == data:
+                continue
+            if new_id and _zcomp.dictionary_id(kept) == new_id:
+                why = f"another dictionary with id {new_id}"
+            elif _zcomp.dictionary_name(kept) == new_name:
+                why = f"another dictionary with the name {new_name:#x}"
+            else:
+                continue
+            data = self._kept_dictionary(prio, path, why)
+            if data is None:
+                raise fail(errno.EINVAL, f"{path}: {why} wrote this device's pages")
+            return data
         return data
 
     # --- tiering (zram.rst's writeback and recompression) --------------------------------------
