@@ -84,6 +84,8 @@ class Device:
         # priority, the copy used where a dict= path no longer reads; and every one, for the
         # pages written with them.
         self.kept_dictionaries: list[tuple[int, bytes]] = []
+        # ... and the descriptor of the backing device its pages were written back to.
+        self.kept_backing: int | None = None
         self.wb_limit = 0              # pages, while wb_limit_enable
         self.wb_limit_enable = False
         self.evict = False             # zswap-style eviction over mem_limit (an extension)
@@ -150,7 +152,8 @@ class Device:
         if self.state is not None:
             self.state.keep_meta(self.id, meta.state_fds,
                                  [(p, data) for p, (_, data) in sorted(self.dictionaries.items())]
-                                 + self._older_dictionaries())
+                                 + self._older_dictionaries(),
+                                 self.backing.fd if self.backing is not None else None)
         log.info("%s: disksize %d, %s", self.name, meta.disksize, self.algorithm)
 
     async def adopt(self, record: DeviceRecord) -> None:
@@ -161,6 +164,7 @@ class Device:
         kept = self.state.kept_pair(self.id) if self.state is not None else None
         if kept is not None:
             self.kept_dictionaries = self.state.kept_dictionaries(self.id)
+            self.kept_backing = self.state.kept_backing(self.id)
         for attr, text in record.settings:
             if attr != "disksize":
                 try:
@@ -175,7 +179,7 @@ class Device:
                 log.warning("%s: no kept memory: it starts empty", self.name)
                 meta = self._new_meta(disksize)
             self._attach(meta)
-            self.kept_dictionaries = []
+            self.kept_dictionaries, self.kept_backing = [], None
             if self.state is not None:
                 self.state.stored(self.id, attr, text)
 
@@ -373,7 +377,10 @@ class Device:
         if self.initialised:
             raise fail(errno.EBUSY, f"{self.name} is initialised; set backing_dev before disksize")
         try:
-            backing = await trio.to_thread.run_sync(open_backing, path, self.tree)
+            if self.kept_backing is not None:
+                backing = await trio.to_thread.run_sync(self._kept_backing_device, path)
+            else:
+                backing = await trio.to_thread.run_sync(open_backing, path, self.tree)
         except BackingError as e:
             log.warning("%s: backing_dev %s refused: %s", self.name, path, e.strerror)
             raise fail(e.errno or errno.EINVAL, str(e)) from None
@@ -384,6 +391,26 @@ class Device:
             self.backing.close()
         self.backing = backing
         log.info("%s: backing device %s, %d blocks", self.name, path, backing.nr_blocks)
+
+    def _kept_backing_device(self, path: str) -> Backing:
+        """While adopting, in a worker thread: the backing device open before the restart
+        (its kept descriptor), never `path` opened again. Written-back pages are in that
+        file; the path may now lead to another (the file moved, a fresh one made in its
+        place), whose blocks would read as zeros. The log says when it does."""
+        kept = os.fstat(self.kept_backing)
+        backing = Backing(path, os.dup(self.kept_backing))
+        if os.path.abspath(path).startswith(f"{self.tree}/"):
+            now = None                    # a stat would wait on this daemon, which replays
+        else:
+            try:
+                now = os.stat(path)
+            except OSError:
+                now = None
+        if now is None or _file_id(now) != _file_id(kept):
+            log.warning("%s: backing_dev %s now leads %s; the backing device open before "
+                        "the restart is kept, with the pages written back to it", self.name,
+                        path, "nowhere" if now is None else "to another file")
+        return backing
 
     def _show_backing_dev(self) -> str:
         return f"{self.backing.path if self.backing is not None else 'none'}\n"
@@ -615,6 +642,12 @@ def inside_tree(path: str, tree: Path | None) -> bool:
         return back.read_text().strip().startswith(f"{tree}/")
     except OSError:
         return False                       # not a loop device
+
+
+def _file_id(st: os.stat_result) -> tuple[int, ...]:
+    """What tells one backing device from another: a block device's number (its node may be
+    made anew), a file's device and inode."""
+    return (st.st_rdev,) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
 
 
 def open_backing(path: str, tree: Path | None) -> Backing:
