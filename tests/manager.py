@@ -7,12 +7,14 @@ import array
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import Cleanup, Daemon, is_mounted, wait_for
+from conftest import ROOT, Cleanup, Daemon, is_mounted, stop_daemon, wait_for
 
 FUSE_HAS_RESEND = 1 << 39
 
@@ -125,16 +127,38 @@ def waiting_in(pid: int, wchan: str) -> bool:
         return False
 
 
+def unanswering_file(cleanup: Cleanup, tmp_path: Path) -> Path:
+    """A regular file whose every use (stat, open, read) waits: the test FUSE server's `stats`
+    (tests/fuse_server.py), the server stopped (SIGSTOP) until clean-up, which lets it go on
+    and stops it."""
+    mnt = tmp_path / "unanswering"
+    mnt.mkdir()
+    with open(tmp_path / "unanswering.log", "w") as err:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tests/fuse_server.py"), str(mnt),
+                                 "classic"], stdout=subprocess.PIPE, stderr=err, text=True)
+
+    def end() -> None:
+        proc.send_signal(signal.SIGCONT)
+        stop_daemon(proc, mnt)
+
+    cleanup.push("the unanswering FUSE server stopped", end)
+    with proc.stdout:
+        assert proc.stdout.readline().strip() == "READY", (tmp_path / "unanswering.log").read_text()
+    (mnt / "stats").read_bytes()          # INIT answered: later requests wait on the server
+    proc.send_signal(signal.SIGSTOP)
+    return mnt / "stats"
+
+
 def stuck_request(d: Daemon, tmp_path: Path) -> tuple[str, Call]:
-    """A request the daemon has read and cannot answer yet: a zstd dictionary on a FIFO of a
-    new device, whose open waits for a writer. The device's name and the waiting call."""
+    """A request the daemon has read and cannot answer yet: a zstd dictionary of a new device
+    on a file system that does not answer (unanswering_file), which its worker waits on. The
+    device's name and the waiting call."""
     name = d.hot_add()
     d.write(name, "comp_algorithm", "zstd")
-    fifo = tmp_path / "dict.fifo"
-    os.mkfifo(fifo)
-    call = Call(lambda: d.write(name, "algorithm_params", f"dict={fifo}"))
-    wait_for(lambda: waiting_in(d.proc.pid, "wait_for_partner"), 30,
-             "the daemon to wait on the FIFO")
+    path = unanswering_file(d.cleanup, tmp_path)
+    call = Call(lambda: d.write(name, "algorithm_params", f"dict={path}"))
+    wait_for(lambda: waiting_in(d.proc.pid, "request_wait_answer"), 30,
+             "the daemon to wait on the unanswering file system")
     return name, call
 
 

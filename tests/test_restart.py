@@ -164,8 +164,9 @@ def test_sighup_without_a_supervisor_executes_the_daemon_anew(tmp_path: Path) ->
 
 
 def test_a_graceful_restart_does_not_wait_for_a_stuck_request(tmp_path: Path) -> None:
-    """A request that does not finish within the grace period (a dict= path on a FIFO) is
-    left to the next daemon, which gets it again (RESEND) and answers it."""
+    """A request that does not finish within the grace period (a dict= path on a file system
+    that does not answer) is left to the next daemon, which gets it again (RESEND) and
+    answers it."""
     with zramfs_daemon("--default-device", tmp=tmp_path) as d:
         _, stuck = stuck_request(d, tmp_path)
         d.proc.send_signal(signal.SIGHUP)

@@ -1,13 +1,15 @@
 """The compressors on their own (zramfs._zcomp), without a device: every algorithm reads back
 what it wrote; zstd's frames are as small as a page allows (no magic, no content size) yet
-keep the dictionary's id; frames written the old way still read back."""
+name their dictionary, raw-content ones included; frames written the old way still read
+back."""
 from __future__ import annotations
 
 import pytest
 import zstandard
 
 from zramfs import corpus
-from zramfs._zcomp import Compressor, CompressorError, check_algorithm, check_level
+from zramfs._zcomp import (Compressor, CompressorError, check_algorithm, check_level,
+                            dictionary_name)
 
 PAGE = 4096
 MAGIC = b"\x28\xb5\x2f\xfd"          # zstd's, little-endian
@@ -42,17 +44,27 @@ def test_every_algorithm_reads_back(pages: list[bytes], name: str, level: int | 
         c.destroy()
 
 
+def unnamed(frame: bytes) -> bytes:
+    """A frame as zstd wrote it, its dictionary's name (4 bytes after the header descriptor
+    and the window byte) taken out."""
+    at = 1 if frame[0] & 0x20 else 2
+    assert frame[0] & 3 == 3
+    return bytes([frame[0] & ~3]) + frame[1:at] + frame[at + 4:]
+
+
 @pytest.mark.parametrize("with_dict", [False, True])
 def test_zstd_frames_have_no_magic_and_no_content_size(pages: list[bytes], trained: bytes,
                                                        with_dict: bool) -> None:
     """Objects land in 16-byte classes, so the 4 bytes of the magic and the content size (a
-    page, always) are left out; the dictionary's id stays. The same frame with the magic put
-    back is a standard zstd frame that the zstandard package decodes."""
+    page, always) are left out; a frame written with a dictionary names it, by zramfs's name
+    for it in the dictionary id field. The same frame with the name taken out and the magic
+    put back is a standard zstd frame that the zstandard package decodes."""
     c = Compressor("zstd", 3, streams=1, dictionary=trained if with_dict else None)
     dctx = zstandard.ZstdDecompressor(
         dict_data=zstandard.ZstdCompressionDict(trained) if with_dict else None)
     try:
         assert c.dict_id == (zstandard.ZstdCompressionDict(trained).dict_id() if with_dict else 0)
+        assert c.dict_name == (dictionary_name(trained) if with_dict else 0)
         for page in pages[:64]:
             frame = c.compress(page)
             if frame is None:
@@ -60,8 +72,10 @@ def test_zstd_frames_have_no_magic_and_no_content_size(pages: list[bytes], train
             assert not frame.startswith(MAGIC)
             params = zstandard.get_frame_parameters(MAGIC + frame)
             assert params.content_size == zstandard.CONTENTSIZE_UNKNOWN
-            assert params.dict_id == c.dict_id
+            assert params.dict_id == c.dict_name
             assert not params.has_checksum
+            if with_dict:
+                frame = unnamed(frame)
             assert dctx.decompressobj().decompress(MAGIC + frame) == page
     finally:
         c.destroy()
@@ -105,6 +119,32 @@ def test_zstd_refuses_a_page_of_another_dictionary(pages: list[bytes], trained: 
     finally:
         for c in (a, b, plain):
             c.destroy()
+
+
+def test_zstd_refuses_a_page_of_another_raw_dictionary_or_of_another_with_its_id(
+        pages: list[bytes]) -> None:
+    """Dictionaries zstd's id does not tell apart (raw content has none; two trained ones may
+    share one) are told apart by the name each frame carries: a page written with one is
+    refused by a compressor holding the other, never decoded into other bytes; a compressor
+    that has the first among its older dictionaries reads it back."""
+    raw, other_raw = b"".join(pages[:16]), b"".join(pages[16:32])
+    trained = zstandard.train_dictionary(16 << 10, pages[::2], dict_id=777).as_bytes()
+    retrained = zstandard.train_dictionary(16 << 10, pages[1::2], dict_id=777).as_bytes()
+    for first, second in ((raw, other_raw), (trained, retrained), (b"garbage " * 512, raw)):
+        a = Compressor("zstd", 3, streams=1, dictionary=first)
+        b = Compressor("zstd", 3, streams=1, dictionary=second)
+        b_older = Compressor("zstd", 3, streams=1, dictionary=second, older=(first,))
+        try:
+            assert a.dict_id == b.dict_id and a.dict_name != b.dict_name
+            frames = [(p, f) for p in pages[32:96] if (f := a.compress(p)) is not None]
+            assert frames
+            for page, frame in frames:
+                with pytest.raises(CompressorError):
+                    b.decompress(frame)
+                assert b_older.decompress(frame) == page
+        finally:
+            for c in (a, b, b_older):
+                c.destroy()
 
 
 def test_a_dictionary_only_for_zstd(trained: bytes) -> None:

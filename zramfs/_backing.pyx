@@ -9,8 +9,11 @@ The data path reaches it through the C functions in _backing.pxd, without the GI
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
+
+from zramfs.files import open_checked
 
 from libc.errno cimport errno, EIO
 from libc.stdlib cimport calloc, free
@@ -181,22 +184,25 @@ def _capacity(fd: int, st: os.stat_result) -> int:
 cdef class Backing:
     """An open backing device; `close()` when the device is reset."""
 
-    def __init__(self, path: str):
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            raise BackingError(e.errno, f"{path}: {e.strerror}") from None
-        if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
-            raise BackingError(22, f"{path}: not a block device or regular file")
-        direct = True
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
-        except OSError:
-            direct = False           # e.g. tmpfs: no O_DIRECT; the page cache it is
+    def __init__(self, path: str, int fd=-1):
+        """`path`: a block device or regular file (BackingError(EINVAL) for anything else,
+        found without waiting on it: files.open_checked). Or `fd`, the descriptor of the one
+        `path` named when it was opened (a live restart's kept one): this object owns it
+        from now on, and `path` is only its name."""
+        if fd < 0:
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                fd = open_checked(path, os.O_RDWR, block_ok=True)
             except OSError as e:
                 raise BackingError(e.errno, f"{path}: {e.strerror}") from None
+        st = os.fstat(fd)
+        if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            os.close(fd)
+            raise BackingError(22, f"{path}: not a block device or regular file")
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+            direct = True
+        except OSError:
+            direct = False           # e.g. tmpfs: no O_DIRECT; the page cache it is
         nr_blocks = _capacity(fd, st) // PAGE_SIZE
         if nr_blocks == 0:
             os.close(fd)
@@ -228,6 +234,11 @@ cdef class Backing:
 
     def __dealloc__(self):
         self.close()
+
+    @property
+    def fd(self) -> int:
+        """Its descriptor (this object's: kept for a restart as a duplicate)."""
+        return self.b.fd
 
     @property
     def nr_blocks(self) -> int:

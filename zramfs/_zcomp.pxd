@@ -46,9 +46,11 @@ cdef struct zcomp:
     int level
     void* cdict                # a dictionary prepared for compression at `level`, or NULL
     void* ddict                # ... and for decompression
-    unsigned int dict_id       # its id (0: none)
+    unsigned int dict_id       # its id (0: none, or raw content)
+    unsigned int dict_name     # the name its frames carry (dictionary_name; 0: none)
     void** older               # DDicts of dictionaries pages may have been compressed with
-    int nr_older               # before (a restart that loaded another): decompression only
+    unsigned int* older_names  # (and their names) before (a restart that loaded another):
+    int nr_older               # decompression only
     int nr_streams             # shared: borrowed with zcomp_stream_get/put
     int nr_private             # after them: one per owner thread, zcomp_private_stream
     zstream* streams

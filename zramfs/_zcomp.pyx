@@ -13,9 +13,11 @@ pins zstd until `destroy()`.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 
 from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy, memmove
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 
@@ -160,15 +162,34 @@ include "backend_deflate.pxi"
 # Objects land in 16-byte size classes, so every byte of a frame's header counts: frames are
 # written without the magic number (ZSTD_f_zstd1_magicless, 4 bytes) and without the content
 # size (always a page: 2 bytes, less the window byte it then takes), and without a checksum.
-# The dictionary's id stays in each frame: zstd refuses a page compressed with another
-# dictionary rather than decode it wrongly. Frames with their magic (written before, or kept
-# from an older daemon) still read back: a magicless frame cannot start with the magic, whose
-# first byte would be a frame header with its reserved bit set.
+# Frames with their magic (written before, or kept from an older daemon) still read back: a
+# magicless frame cannot start with the magic, whose first byte would be a frame header with
+# its reserved bit set.
+#
+# A frame written with a dictionary names it, by zramfs's own name for it (dictionary_name: a
+# hash of its bytes, with the top bit set) in the frame header's dictionary id field, where
+# zstd would put its own id. zstd's id does not do: a raw-content dictionary has none (0, so
+# any other raw one would read its frames, into other bytes), and two trained ones may share
+# one. A frame is read with the dictionary of the name it carries, the field taken out again
+# (zstd checks a frame's id against the DDict's own), or not at all: a frame whose dictionary
+# is missing is a read error, never other bytes. The name costs what zstd's id cost a trained
+# dictionary's frames (4 bytes) and 4 bytes more a raw one's.
+
+cdef extern from *:
+    """
+    #define ZC_NAME_BIT 0x80000000u   /* set in every name; zstd's trainer picks ids below 2**31 */
+    """
+    const unsigned int NAME_BIT "ZC_NAME_BIT"
+
+cdef enum:
+    FHD_SINGLE_SEGMENT = 0x20  # the frame header descriptor's bits (RFC 8878, 3.1.1.1.1)
+    FHD_DICT_ID = 0x03         # the size of the dictionary id field: 0, 1, 2 or 4 bytes
 
 ctypedef struct zstd_ctx:
     ZSTD_CCtx* cctx
     ZSTD_DCtx* dctx
     bint magicless             # the format dctx is set to
+    char* frame                # ZCOMP_BUFFER bytes: a named frame with its name taken out
 
 
 cdef bint zstd_ok(size_t rc) noexcept nogil:
@@ -177,17 +198,19 @@ cdef bint zstd_ok(size_t rc) noexcept nogil:
 
 cdef void* zstd_create(const zcomp* comp) noexcept nogil:
     """Both contexts, their parameters set once: the level or the prepared dictionary (whose
-    CDict carries the level), then the lean frame format. The DDict is picked per frame."""
+    CDict carries the level), then the lean frame format, with no dictionary id of zstd's (a
+    name is put there instead). The DDict is picked per frame."""
     cdef zstd_ctx* z = <zstd_ctx*>calloc(1, sizeof(zstd_ctx))
     if z == NULL:
         return NULL
     z.cctx = ZSTD_createCCtx()
     z.dctx = ZSTD_createDCtx()
-    if (z.cctx == NULL or z.dctx == NULL
+    z.frame = <char*>malloc(ZCOMP_BUFFER)
+    if (z.cctx == NULL or z.dctx == NULL or z.frame == NULL
             or not zstd_ok(ZSTD_CCtx_setParameter(z.cctx, ZSTD_c_compressionLevel, comp.level))
             or not zstd_ok(ZSTD_CCtx_setParameter(z.cctx, ZSTD_c_contentSizeFlag, 0))
             or not zstd_ok(ZSTD_CCtx_setParameter(z.cctx, ZSTD_c_checksumFlag, 0))
-            or not zstd_ok(ZSTD_CCtx_setParameter(z.cctx, ZSTD_c_dictIDFlag, 1))
+            or not zstd_ok(ZSTD_CCtx_setParameter(z.cctx, ZSTD_c_dictIDFlag, 0))
             or not zstd_ok(ZSTD_CCtx_setParameter(z.cctx, ZSTD_c_format, ZSTD_f_zstd1_magicless))
             or not zstd_ok(ZSTD_DCtx_setParameter(z.dctx, ZSTD_d_format, ZSTD_f_zstd1_magicless))
             or (comp.cdict != NULL and not zstd_ok(
@@ -204,13 +227,41 @@ cdef void zstd_destroy(void* ctx) noexcept nogil:
         ZSTD_freeCCtx(z.cctx)
     if z.dctx != NULL:
         ZSTD_freeDCtx(z.dctx)
+    free(z.frame)
     free(z)
+
+
+cdef inline int zstd_dict_id_at(const unsigned char* header) noexcept nogil:
+    """Where a frame's dictionary id field starts, from its header descriptor at `header`:
+    after the descriptor and, unless the frame is a single segment, the window byte."""
+    return 1 if header[0] & FHD_SINGLE_SEGMENT else 2
 
 
 cdef int zstd_compress(const zcomp* comp, void* ctx, const char* src, char* dst,
                        int cap) noexcept nogil:
-    cdef size_t n = ZSTD_compress2((<zstd_ctx*>ctx).cctx, dst, cap, src, PAGE_SIZE)
-    return 0 if ZSTD_isError(n) else <int>n
+    """The frame, and with a dictionary its name put in the header (4 bytes of the room):
+    its length, or 0 where it does not fit (the page is then stored raw)."""
+    cdef unsigned char* d = <unsigned char*>dst
+    cdef int at
+    cdef size_t n
+    if comp.dict_name == 0:
+        n = ZSTD_compress2((<zstd_ctx*>ctx).cctx, dst, cap, src, PAGE_SIZE)
+        return 0 if ZSTD_isError(n) else <int>n
+    if cap <= 4:
+        return 0
+    n = ZSTD_compress2((<zstd_ctx*>ctx).cctx, dst, cap - 4, src, PAGE_SIZE)
+    if ZSTD_isError(n):
+        return 0
+    at = zstd_dict_id_at(d)
+    if d[0] & FHD_DICT_ID or <int>n < at:
+        return 0                  # zstd wrote an id after all: unnamed, so stored raw
+    memmove(dst + at + 4, dst + at, n - at)
+    d[at] = comp.dict_name & 0xFF
+    d[at + 1] = (comp.dict_name >> 8) & 0xFF
+    d[at + 2] = (comp.dict_name >> 16) & 0xFF
+    d[at + 3] = comp.dict_name >> 24
+    d[0] |= FHD_DICT_ID           # a 4-byte field
+    return <int>n + 4
 
 
 cdef bint zstd_framed(const char* src, int n) noexcept nogil:
@@ -220,36 +271,66 @@ cdef bint zstd_framed(const char* src, int n) noexcept nogil:
                         | (<unsigned>b[3] << 24)) == ZSTD_MAGICNUMBER)
 
 
-cdef const ZSTD_DDict* zstd_ddict_for(const zcomp* comp, const char* src, int n,
-                                      bint magicless) noexcept nogil:
-    """The DDict of the dictionary a frame names: the compressor's own, or one of the older
-    ones. A frame naming none (id 0) gets the own one, as a raw-content dictionary has no id;
-    a frame naming one the compressor lacks gets NULL, and zstd refuses it."""
-    cdef ZSTD_frameHeader h
+cdef const ZSTD_DDict* zstd_ddict_named(const zcomp* comp, unsigned name) noexcept nogil:
+    """The DDict of the dictionary named `name`: the compressor's own or an older one; NULL
+    if it has none of that name."""
     cdef int i
-    if ZSTD_getFrameHeader_advanced(&h, src, n, ZSTD_f_zstd1_magicless if magicless
-                                    else ZSTD_f_zstd1) != 0:
-        return <const ZSTD_DDict*>comp.ddict      # zstd reports the bad header itself
-    if h.dictID == 0 or h.dictID == comp.dict_id:
+    if comp.ddict != NULL and name == comp.dict_name:
         return <const ZSTD_DDict*>comp.ddict
     for i in range(comp.nr_older):
-        if ZSTD_getDictID_fromDDict(<const ZSTD_DDict*>comp.older[i]) == h.dictID:
+        if comp.older_names[i] == name:
+            return <const ZSTD_DDict*>comp.older[i]
+    return NULL
+
+
+cdef const ZSTD_DDict* zstd_ddict_for(const zcomp* comp, unsigned dict_id) noexcept nogil:
+    """For a frame without a name (written before names, or by a daemon before this one): the
+    DDict of the dictionary of zstd's id `dict_id`, the compressor's own or an older one. A
+    frame naming none (id 0) gets the own one, as before names a raw-content dictionary had
+    no id; a frame naming one the compressor lacks gets NULL."""
+    cdef int i
+    if dict_id == 0 or dict_id == comp.dict_id:
+        return <const ZSTD_DDict*>comp.ddict
+    for i in range(comp.nr_older):
+        if ZSTD_getDictID_fromDDict(<const ZSTD_DDict*>comp.older[i]) == dict_id:
             return <const ZSTD_DDict*>comp.older[i]
     return NULL
 
 
 cdef int zstd_decompress(const zcomp* comp, void* ctx, const char* src, int n,
                          char* dst) noexcept nogil:
+    """A frame back into a page, with the dictionary it names; -1 where it names one this
+    compressor does not have (a read error: never decoded with another)."""
     cdef zstd_ctx* z = <zstd_ctx*>ctx
     cdef bint magicless = not zstd_framed(src, n)
+    cdef ZSTD_frameHeader h
+    cdef const ZSTD_DDict* ddict
+    cdef int start = 0 if magicless else 4          # the header descriptor
+    cdef int at
     cdef size_t out
     if magicless != z.magicless:
         if ZSTD_isError(ZSTD_DCtx_setParameter(
                 z.dctx, ZSTD_d_format, ZSTD_f_zstd1_magicless if magicless else ZSTD_f_zstd1)):
             return -1
         z.magicless = magicless
-    out = ZSTD_decompress_usingDDict(z.dctx, dst, PAGE_SIZE, src, n,
-                                     zstd_ddict_for(comp, src, n, magicless))
+    if ZSTD_getFrameHeader_advanced(&h, src, n, ZSTD_f_zstd1_magicless if magicless
+                                    else ZSTD_f_zstd1) != 0:
+        return -1
+    ddict = zstd_ddict_named(comp, h.dictID) if h.dictID & NAME_BIT else NULL
+    if ddict != NULL:
+        # The name out, as zstd wrote the frame: zstd refuses a DDict of another id.
+        at = start + zstd_dict_id_at(<const unsigned char*>src + start)
+        if n - 4 > ZCOMP_BUFFER or n < at + 4:
+            return -1
+        memcpy(z.frame, src, at)
+        z.frame[start] = <char>(<unsigned char>src[start] & ~FHD_DICT_ID)
+        memcpy(z.frame + at, src + at + 4, n - at - 4)
+        src, n = z.frame, n - 4
+    else:
+        ddict = zstd_ddict_for(comp, h.dictID)
+        if ddict == NULL and h.dictID != 0:
+            return -1                                # its dictionary is not here
+    out = ZSTD_decompress_usingDDict(z.dctx, dst, PAGE_SIZE, src, n, ddict)
     return 0 if not ZSTD_isError(out) and out == PAGE_SIZE else -1
 
 
@@ -352,6 +433,7 @@ cdef void _zcomp_free(zcomp* comp) noexcept nogil:
     for i in range(comp.nr_older):
         ZSTD_freeDDict(<ZSTD_DDict*>comp.older[i])
     free(comp.older)
+    free(comp.older_names)
     free(comp)
 
 
@@ -392,6 +474,14 @@ cdef int _zcomp_add_streams(zcomp* comp, int nr, int nr_private) noexcept nogil:
 def dictionary_id(bytes data) -> int:
     """A zstd dictionary's id (0: none, or a raw-content dictionary)."""
     return ZSTD_getDictID_fromDict(<const char*>data, len(data))
+
+
+def dictionary_name(bytes data) -> int:
+    """The name the frames written with dictionary `data` carry: 31 bits of a hash of its
+    bytes (BLAKE2b), the top bit set. Two dictionaries a device's pages may depend on must
+    not share one (the device refuses the second)."""
+    return NAME_BIT | int.from_bytes(hashlib.blake2b(data, digest_size=4).digest(),
+                                     "little") & ~NAME_BIT
 
 
 def check_level(name: str, level: int) -> None:
@@ -444,6 +534,7 @@ cdef str _prepare_dictionary(zcomp* comp, str name, bytes dictionary):
         comp.dict_id = ZSTD_getDictID_fromDict(d, n)
     if comp.cdict == NULL or comp.ddict == NULL:
         return "not a zstd dictionary"
+    comp.dict_name = dictionary_name(dictionary)
     return None
 
 
@@ -454,12 +545,14 @@ cdef str _prepare_older(zcomp* comp, str name, tuple older):
     if name != "zstd":
         return f"{name} takes no dictionary"
     comp.older = <void**>calloc(len(older), sizeof(void*))
-    if comp.older == NULL:
+    comp.older_names = <unsigned int*>calloc(len(older), sizeof(unsigned int))
+    if comp.older == NULL or comp.older_names == NULL:
         return "no memory for the older dictionaries"
     for d in older:
         comp.older[comp.nr_older] = ZSTD_createDDict_byReference(<const char*>d, len(d))
         if comp.older[comp.nr_older] == NULL:
             return "an older dictionary is not a zstd dictionary"
+        comp.older_names[comp.nr_older] = dictionary_name(d)
         comp.nr_older += 1
     return None
 
@@ -516,6 +609,11 @@ cdef class Compressor:
     def dict_id(self) -> int:
         """The dictionary's id (0: none, or a raw-content dictionary)."""
         return self.comp.dict_id if self.comp != NULL else 0
+
+    @property
+    def dict_name(self) -> int:
+        """The name its frames carry for its dictionary (dictionary_name; 0: none)."""
+        return self.comp.dict_name if self.comp != NULL else 0
 
     @property
     def dictionary_memory(self) -> int:

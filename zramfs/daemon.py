@@ -298,12 +298,23 @@ def _open_session(opts: Options, bridge: TrioBridge, adopted: tuple[int, dict] |
     return session
 
 
-async def _store_init_params(session: _fuse.Session) -> None:
+async def _store_init_params(session: _fuse.Session, loop_done: trio.Event) -> None:
     """`fuse-init`, once the kernel's INIT is answered (only a new mount has one to wait
-    for: an adopted session's were stored by the daemon that mounted)."""
-    params = await trio.to_thread.run_sync(session.wait_init)
+    for: an adopted session's were stored by the daemon that mounted). A loop that ends
+    before INIT (a config whose set-up failed at once) ends the wait: the session is closed
+    only after this task, so nothing else would."""
+    params = None
+
+    async def until_loop_done() -> None:
+        await loop_done.wait()
+        waiting.cancel_scope.cancel()
+
+    async with trio.open_nursery() as waiting:
+        waiting.start_soon(until_loop_done)
+        params = await trio.to_thread.run_sync(session.wait_init, abandon_on_cancel=True)
+        waiting.cancel_scope.cancel()
     if params is None:
-        return                          # closed before INIT: nothing to keep
+        return                          # closed or ended before INIT: nothing to keep
     fdstore.store_json("fuse-init", params)
     log.debug("FUSE INIT parameters stored: %s", json.dumps(params))
 def _keep_nothing(name: str, fd: int) -> None:
@@ -423,7 +434,7 @@ async def serve(opts: Options,
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_loop)
             if adopted is None and transport == "classic":
-                nursery.start_soon(_store_init_params, session)
+                nursery.start_soon(_store_init_params, session, loop_done)
             try:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
                                                signal.SIGHUP) as signals, \

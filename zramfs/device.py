@@ -28,7 +28,7 @@ from pathlib import Path
 
 import trio
 
-from zramfs import _alloc, _backing, _dedup, _tiering, _zcomp, kstrto, loop, tiering
+from zramfs import _alloc, _backing, _dedup, _tiering, _zcomp, files, kstrto, loop, tiering
 from zramfs._alloc import PoolImageError, PoolInPlaceError
 from zramfs._backing import Backing, BackingError
 from zramfs._zram import Disk, Meta, TableImageError
@@ -82,6 +82,8 @@ class Device:
         # priority, the copy used where a dict= path no longer reads; and every one, for the
         # pages written with them.
         self.kept_dictionaries: list[tuple[int, bytes]] = []
+        # ... and the descriptor of the backing device its pages were written back to.
+        self.kept_backing: int | None = None
         self.wb_limit = 0              # pages, while wb_limit_enable
         self.wb_limit_enable = False
         self.evict = False             # zswap-style eviction over mem_limit (an extension)
@@ -148,7 +150,8 @@ class Device:
         if self.state is not None:
             self.state.keep_meta(self.id, meta.state_fds,
                                  [(p, data) for p, (_, data) in sorted(self.dictionaries.items())]
-                                 + self._older_dictionaries())
+                                 + self._older_dictionaries(),
+                                 self.backing.fd if self.backing is not None else None)
         log.info("%s: disksize %d, %s", self.name, meta.disksize, self.algorithm)
 
     async def adopt(self, record: DeviceRecord) -> None:
@@ -159,6 +162,7 @@ class Device:
         kept = self.state.kept_pair(self.id) if self.state is not None else None
         if kept is not None:
             self.kept_dictionaries = self.state.kept_dictionaries(self.id)
+            self.kept_backing = self.state.kept_backing(self.id)
         for attr, text in record.settings:
             if attr != "disksize":
                 try:
@@ -173,7 +177,7 @@ class Device:
                 log.warning("%s: no kept memory: it starts empty", self.name)
                 meta = self._new_meta(disksize)
             self._attach(meta)
-            self.kept_dictionaries = []
+            self.kept_dictionaries, self.kept_backing = [], None
             if self.state is not None:
                 self.state.stored(self.id, attr, text)
 
@@ -346,16 +350,23 @@ class Device:
 
     def _unclashing(self, prio: int, path: str, data: bytes) -> bytes:
         """`data`, or while adopting the kept copy of the dictionary of `prio` where `data`
-        is another dictionary with an id a kept one has: a frame names its dictionary by id
-        alone, so two with one id would read pages wrongly."""
-        new_id = _zcomp.dictionary_id(data)
+        is another dictionary with the name of a kept one (a frame names its dictionary by
+        that name, _zcomp.dictionary_name), or with its zstd id (frames written before names
+        carry that id alone): two such would read pages wrongly."""
+        new_id, new_name = _zcomp.dictionary_id(data), _zcomp.dictionary_name(data)
         for _, kept in self.kept_dictionaries:
-            if kept != data and new_id and _zcomp.dictionary_id(kept) == new_id:
-                data = self._kept_dictionary(prio, path, f"another dictionary with id {new_id}")
-                if data is None:
-                    raise fail(errno.EINVAL, f"{path}: another dictionary with id {new_id} "
-                               "wrote this device's pages")
-                return data
+            if kept == data:
+                continue
+            if new_id and _zcomp.dictionary_id(kept) == new_id:
+                why = f"another dictionary with id {new_id}"
+            elif _zcomp.dictionary_name(kept) == new_name:
+                why = f"another dictionary with the name {new_name:#x}"
+            else:
+                continue
+            data = self._kept_dictionary(prio, path, why)
+            if data is None:
+                raise fail(errno.EINVAL, f"{path}: {why} wrote this device's pages")
+            return data
         return data
 
     # --- tiering (zram.rst's writeback and recompression) --------------------------------------
@@ -368,7 +379,10 @@ class Device:
         if self.initialised:
             raise fail(errno.EBUSY, f"{self.name} is initialised; set backing_dev before disksize")
         try:
-            backing = await trio.to_thread.run_sync(open_backing, path, self.tree)
+            if self.kept_backing is not None:
+                backing = await trio.to_thread.run_sync(self._kept_backing_device, path)
+            else:
+                backing = await trio.to_thread.run_sync(open_backing, path, self.tree)
         except BackingError as e:
             log.warning("%s: backing_dev %s refused: %s", self.name, path, e.strerror)
             raise fail(e.errno or errno.EINVAL, str(e)) from None
@@ -379,6 +393,26 @@ class Device:
             self.backing.close()
         self.backing = backing
         log.info("%s: backing device %s, %d blocks", self.name, path, backing.nr_blocks)
+
+    def _kept_backing_device(self, path: str) -> Backing:
+        """While adopting, in a worker thread: the backing device open before the restart
+        (its kept descriptor), never `path` opened again. Written-back pages are in that
+        file; the path may now lead to another (the file moved, a fresh one made in its
+        place), whose blocks would read as zeros. The log says when it does."""
+        kept = os.fstat(self.kept_backing)
+        backing = Backing(path, os.dup(self.kept_backing))
+        if os.path.abspath(path).startswith(f"{self.tree}/"):
+            now = None                    # a stat would wait on this daemon, which replays
+        else:
+            try:
+                now = os.stat(path)
+            except OSError:
+                now = None
+        if now is None or _file_id(now) != _file_id(kept):
+            log.warning("%s: backing_dev %s now leads %s; the backing device open before "
+                        "the restart is kept, with the pages written back to it", self.name,
+                        path, "nowhere" if now is None else "to another file")
+        return backing
 
     def _show_backing_dev(self) -> str:
         return f"{self.backing.path if self.backing is not None else 'none'}\n"
@@ -611,6 +645,12 @@ def inside_tree(path: str, tree: Path | None) -> bool:
         return False                       # not a loop device
 
 
+def _file_id(st: os.stat_result) -> tuple[int, ...]:
+    """What tells one backing device from another: a block device's number (its node may be
+    made anew), a file's device and inode."""
+    return (st.st_rdev,) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
+
+
 def open_backing(path: str, tree: Path | None) -> Backing:
     """A backing device, opened in a worker thread. BackingError(EINVAL) for a path inside
     the tree: writeback would go through this daemon's own devices."""
@@ -623,10 +663,11 @@ MAX_DICTIONARY = 16 << 20             # zstd's dictionaries are kilobytes; refus
 
 
 def read_outside_tree(path: str, tree: Path | None) -> bytes:
-    """A dictionary file's content, read in a worker thread; EINVAL inside the tree."""
+    """A dictionary file's content, read in a worker thread; EINVAL inside the tree, and
+    for anything but a regular file (files.open_checked: a FIFO would wait for a writer)."""
     if inside_tree(path, tree):
         raise OSError(errno.EINVAL, f"lies inside the zramfs tree at {tree}")
-    with open(path, "rb") as f:
+    with open(files.open_checked(path, os.O_RDONLY), "rb") as f:
         data = f.read(MAX_DICTIONARY + 1)
     if not data or len(data) > MAX_DICTIONARY:
         raise OSError(errno.EINVAL, f"not a dictionary of 1 byte to {MAX_DICTIONARY >> 20} MiB")

@@ -13,7 +13,10 @@ goes in them:
   (Meta.take_over), keeps the new pair under the next seq, then drops the old: at every
   moment one complete pair is kept;
 - `zram<id>.<seq>.dicts`, beside a pair: the zstd dictionaries its pages may be compressed
-  with, so that a new daemon reads them back whatever is at the `dict=` paths by then.
+  with, so that a new daemon reads them back whatever is at the `dict=` paths by then;
+- `zram<id>.<seq>.backing`, beside a pair: the backing device's descriptor, so that a new
+  daemon reads the written-back pages from the file they were written to, wherever the
+  `backing_dev` path leads by then (the file moved, another made in its place).
 
 The record is JSON in a memfd, in two halves written in turn, each with a sequence number and
 a CRC, so a daemon killed in the middle of a write leaves the other half whole.
@@ -38,7 +41,7 @@ RECORD_MAGIC = b"zramfs-devices\0\0"
 RECORD_VERSION = 1
 _HALF = 1 << 20                      # each half of the record's memfd
 _HEADER = struct.Struct("<16sIIQII")  # magic, version, pad, seq, length, crc32
-_KEPT = re.compile(r"zram(\d+)\.(\d+)\.(table|pool|dicts)")
+_KEPT = re.compile(r"zram(\d+)\.(\d+)\.(table|pool|dicts|backing)")
 DICTS_MAGIC = b"zramfs-dicts\0\0\0\0"
 _DICT = struct.Struct("<II")          # a kept dictionary's priority and length, then its bytes
 DECODE_ONLY = 255                     # the priority of a dictionary no algorithm writes with
@@ -206,6 +209,13 @@ class State:
             at += n
         return out
 
+    def kept_backing(self, dev_id: int) -> int | None:
+        """The backing device's descriptor kept beside device `dev_id`'s pair (kept_pair
+        picks it; None: it had none, or a daemon before this one did not keep it). Still
+        this module's: the caller duplicates it."""
+        fds = self.inherited.get(f"zram{dev_id}.{self.seq.get(dev_id)}.backing")
+        return fds[0] if fds else None
+
     # --- what the daemon tells it ----------------------------------------------------------------
 
     def adopted(self) -> None:
@@ -287,12 +297,16 @@ class State:
             self.save()
 
     def keep_meta(self, dev_id: int, fds: tuple[int, int],
-                  dictionaries: list[tuple[int, bytes]] | None = None) -> None:
-        """An initialised device's (table, pool) fds, and the dictionaries its pages may be
-        compressed with ((priority, bytes), as kept_dictionaries gives them), kept under the
-        next seq; then the previous ones go."""
+                  dictionaries: list[tuple[int, bytes]] | None = None,
+                  backing: int | None = None) -> None:
+        """An initialised device's (table, pool) fds, the dictionaries its pages may be
+        compressed with ((priority, bytes), as kept_dictionaries gives them) and its backing
+        device's fd (the caller's, as the pair's are), kept under the next seq; then the
+        previous ones go."""
         seq = self.seq.get(dev_id, 0) + 1
         kept = list(zip(("table", "pool"), fds))
+        if backing is not None:
+            kept.append(("backing", backing))
         if dictionaries:
             data = DICTS_MAGIC + b"".join(_DICT.pack(prio, len(d)) + d for prio, d in dictionaries)
             fd = fdstore.memfd_with(f"zram{dev_id}-dicts", data)
@@ -314,7 +328,7 @@ class State:
             self._let_go_seq(dev_id, seq)
 
     def _let_go_seq(self, dev_id: int, seq: int) -> None:
-        for kind in ("table", "pool", "dicts"):
+        for kind in ("table", "pool", "dicts", "backing"):
             name = f"zram{dev_id}.{seq}.{kind}"
-            if kind != "dicts" or name in self._pairs or name in self.inherited:
+            if kind in ("table", "pool") or name in self._pairs or name in self.inherited:
                 self._let_go(name)
