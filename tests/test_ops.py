@@ -151,7 +151,7 @@ def test_ctl_find_configure_reset_and_formats(daemon: Daemon) -> None:
     assert raw == [f"{path} 64M", f"{daemon.dev('zram1')} 8M"]
     ctl(daemon, "zram1", "--reset")
     ctl(daemon, "zram1", "--size", "16M", "--algorithm", "lz4hc")
-    assert daemon.read("zram1", "comp_algorithm") == "lz4 [lz4hc] zstd \n"
+    assert daemon.read("zram1", "comp_algorithm") == "lzo-rle lzo lz4 [lz4hc] zstd deflate \n"
 
 
 @pytest.mark.parametrize("args,message", [
