@@ -595,6 +595,10 @@ def test_boot_kill_reload_poweroff() -> None:
         box.run("dd", f"of={EXT4}/known", "bs=1M", "oflag=direct", "status=none",
                 input=known, text=False)
         assert box.sha256(f"{EXT4}/known") == hashlib.sha256(known).hexdigest()
+        # Swap areas are the kernel's: while another is on (other tests make some, of higher
+        # priority), the pages could go there rather than to the container's.
+        until(lambda: list(box.swaps()) == [swap], 120,
+              f"swap areas other than {swap} to go (other tests make some)")
         held = Held(box, cleanup)
         assert held.line(300).startswith("filled "), held.err.read_text()
         in_swap = held.swapped_kib()
