@@ -114,7 +114,7 @@ KNOWN_MIB = 32                          # the file on the ext4 device whose sha2
 FIO = ["fio", "--name=reload", f"--directory={EXT4}", "--size=64M", "--bs=4k",
        "--rw=randwrite", "--ioengine=libaio", "--direct=1", "--iodepth=16",
        "--verify=crc32c", "--do_verify=1", "--verify_backlog=512", "--verify_fatal=1",
-       "--verify_state_save=0", "--loops=3", "--unlink=1"]
+       "--verify_state_save=0", "--loops=5", "--unlink=1"]
 
 
 def cannot_boot() -> str | None:
