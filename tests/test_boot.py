@@ -321,20 +321,29 @@ class Container:
             self.nspawn = subprocess.Popen(in_cgroups(self.cgroups, argv), stdin=subprocess.DEVNULL,
                                            stdout=console, stderr=subprocess.STDOUT, env=ENV)
         self.cleanup.push("the container stopped and its traces on the host undone", self.end)
-        until(self._find_leader, 30, "the container's PID 1")
+        until(lambda: self._find_leader() or self._exited(), 30, "the container's PID 1")
         deadline = started + timeout
         while True:
-            r = self.run("systemctl", "is-system-running", "--wait", check=False,
-                         timeout=max(1, deadline - time.monotonic()))
+            try:
+                r = self.run("systemctl", "is-system-running", "--wait", check=False,
+                             timeout=max(1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"no boot in {timeout} s:\n{self.diagnosis()}") from None
             if r.stdout.strip() in ("running", "degraded"):
                 break
-            assert self.nspawn.poll() is None, f"nspawn exited:\n{self.console.read_text()}"
+            self._exited()
             assert time.monotonic() < deadline, f"no boot in {timeout} s: {r.stdout}{r.stderr}"
             time.sleep(0.2)
         took = time.monotonic() - started
         failed = self.run("systemctl", "list-units", "--failed", "--plain", "--no-legend").stdout
         assert r.stdout.strip() == "running", f"the boot is {r.stdout.strip()}: {failed}"
         return took
+
+    def _exited(self) -> bool:
+        """False while nspawn runs; a failure with its console once it has exited."""
+        code = self.nspawn.poll()
+        assert code is None, f"nspawn exited {code}:\n{self.console.read_text(errors='replace')}"
+        return False
 
     def _find_leader(self) -> bool:
         """The container's PID 1, among the processes of nspawn's cgroups."""
