@@ -2,7 +2,8 @@
 # Both install only what is missing and say nothing when nothing is.
 
 DEBS := fuse3 pkg-config fio e2fsprogs util-linux linux-libc-dev \
-        liblz4-dev libzstd-dev liblzo2-dev zlib1g-dev libxxhash-dev liburing-dev
+        liblz4-dev libzstd-dev liblzo2-dev zlib1g-dev libxxhash-dev liburing-dev \
+        systemd-container
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
