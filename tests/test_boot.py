@@ -670,6 +670,13 @@ def check_sigkill(box: Container, held: Held, known: str, swap: str,
     assert "adopted the FUSE connection" in log, log
     adopted = re.findall(r"zram[01]: adopted \d+ pages[^\n]*", log)
     assert len(adopted) == 2, log
+    # The killed daemon's memory keeper (zramfs.reclaim) outlived it (KillMode=process), held
+    # its locked pages through the gap, and the new daemon ended it once it had adopted them.
+    unit_log = box.journal("-u", "zramfs.service")
+    left = re.findall(r"Found left-over process (\d+) \(", unit_log)
+    assert left, f"no keeper outlived the kill:\n{unit_log[-3000:]}"
+    until(lambda: box.run("test", "-e", f"/proc/{left[-1]}", check=False).returncode != 0, 30,
+          "the new daemon to end the old keeper")
     figures.append(f"SIGKILL of pid {before['MainPID']}: restarted as pid {after['MainPID']} "
                    f"in {restarted:.2f} s, NRestarts {before['NRestarts']} -> "
                    f"{after['NRestarts']}; {'; '.join(adopted)}; swapheld.py {answer}, "
