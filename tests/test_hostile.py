@@ -24,6 +24,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -529,6 +530,69 @@ def test_sigterm_with_swap_in_use_waits_for_swapoff(tmp_path: Path) -> None:
                         + d.log.read_text()[-3000:])
         assert code == 0, d.log.read_text()
         assert not is_mounted(d.mnt)
+
+
+@pytest.mark.slow
+def test_a_swapoff_that_fails_at_shutdown_is_tried_again(tmp_path: Path) -> None:
+    """The config's swap holds ~70 MiB of a process whose memory cgroup has no room to take
+    them back and no OOM killer: the daemon's swapoff at SIGTERM fails (ENOMEM), and the
+    daemon goes on serving and tries again; once the cgroup's limit is raised, a later try
+    turns the swap off, the daemon exits 0, and the process finds all its pages. Before, the
+    swapoff was tried once: the daemon waited for a holder that nobody would ever release."""
+    conf = tmp_path / "zramfs.conf"
+    conf.write_text("[zram0]\nzram-size = 512\nswap-priority = 32767\n")
+    with zramfs_daemon("--config", str(conf), tmp=tmp_path) as d:
+        [loop] = [dev for dev in swaps_of(d) if dev.startswith("/dev/loop")]
+        cg = make_cgroup(d.cleanup, "swapoff", HOG_LIMIT)
+        if (cg / "memory.swappiness").exists():
+            (cg / "memory.swappiness").write_text("100")
+        (cg / "memory.oom_control").write_text("1")          # no OOM kill: swapoff fails
+        d.cleanup.push("the cgroup's limit raised",
+                       lambda: (cg / "memory.limit_in_bytes").write_text(str(1 << 30)))
+        hog_out = tmp_path / "hog.out"
+        with open(hog_out, "wb") as o:
+            hog = subprocess.Popen(
+                ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$0" "$@"',
+                 sys.executable, str(HERE / "memhog.py"), str(HOG_MIB)],
+                stdout=o, stderr=subprocess.STDOUT, cwd=tmp_path)
+        d.cleanup.push(f"end memhog {hog.pid}",
+                       lambda: hog.poll() is None and (os.kill(hog.pid, signal.SIGCONT),
+                                                       end_child(hog)))
+        wait_for(lambda: hog.poll() is not None or swap_used_kib(loop) * 1024 >= SWAPPED,
+                 120, f"{SWAPPED >> 20} MiB of memhog in swap")
+        assert hog.poll() is None, f"memhog ended early: {hog_out.read_text()!r}"
+        os.kill(hog.pid, signal.SIGSTOP)
+
+        d.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "trying again every" in d.log.read_text() or not d.alive(), 120,
+                 "the daemon's swapoff to fail")
+        assert d.alive() and swap_is_on(loop), d.log.read_text()[-3000:]
+        time.sleep(3)                                         # a try that fails again
+        assert d.alive() and swap_is_on(loop), d.log.read_text()[-3000:]
+
+        (cg / "memory.limit_in_bytes").write_text(str(1 << 30))
+        try:
+            code = d.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the daemon did not turn its swap off once it could:\n"
+                        + d.log.read_text()[-3000:])
+        assert code == 0 and not swap_is_on(loop), d.log.read_text()[-3000:]
+        assert "(tried again)" in d.log.read_text()
+        os.kill(hog.pid, signal.SIGCONT)
+        hog.wait(180)
+        text = hog_out.read_text(errors="replace")
+        assert hog.returncode == 0 and f"verified {HOG_MIB * MiB // PAGE} pages" in text, text
+
+
+def swaps_of(d: Daemon) -> list[str]:
+    """Active swaps on loop devices over the daemon's device files."""
+    out = []
+    for dev in Path("/proc/swaps").read_text().split("\n")[1:]:
+        name = dev.split()[0] if dev.strip() else ""
+        back = Path(f"/sys/block/{Path(name).name}/loop/backing_file")
+        if name and back.exists() and back.read_text().startswith(str(d.mnt)):
+            out.append(name)
+    return out
 
 
 # --- 5. block-device and sysfs conformance ----------------------------------------------------

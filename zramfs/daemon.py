@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MOUNTPOINT = Path("/run/zramfs")
 BUDGET_POLL = 2.0         # seconds between looks at the memory budget
 HANDOVER_GRACE = 10.0     # seconds a graceful restart waits for the requests being served
+UNDO_RETRY = 2.0          # seconds between tries of a shutdown step that failed (swapoff)
 
 
 @dataclass
@@ -811,23 +812,29 @@ async def _shutdown(opts: Options, session: _fuse.Session, bridge: TrioBridge,
                     devices: Devices, undo: list[tuple[str, Callable[[], None]]],
                     loop_done: trio.Event) -> None:
     fdstore.notify("STOPPING=1")
+    failed: list[tuple[str, Callable[[], None]]] = []
     for what, fn in reversed(undo):
         try:
             await trio.to_thread.run_sync(fn)
             log.info("%s", what)
         except loop.UseError as e:
-            log.error("%s", e)
-    await _wait_for_holders(opts, devices)
+            log.error("%s; trying again every %.0f s while the device is held", e, UNDO_RETRY)
+            failed.append((what, fn))
+    await _wait_for_holders(opts, devices, failed)
     await devices.remove_all()
     bridge.close()
     await trio.to_thread.run_sync(session.exit)     # the engine's loop ends by itself
     await loop_done.wait()
 
 
-async def _wait_for_holders(opts: Options, devices: Devices) -> None:
+async def _wait_for_holders(opts: Options, devices: Devices,
+                            failed: list[tuple[str, Callable[[], None]]]) -> None:
     """Devices others still hold open (swap, a mount, a process) are not freed under them: say
     who, and go on serving until they let go, as the kernel refuses to reset a device in use.
-    `--force-after` bounds the wait; then their I/O fails from that moment on."""
+    `--force-after` bounds the wait; then their I/O fails from that moment on. Meanwhile the
+    undo steps that `failed` (a swapoff whose pages had no room to come back: ENOMEM) are
+    tried again: what stopped them may pass (an OOM kill, a limit raised), and nobody else
+    would turn that swap off before the daemon ends."""
     held = [d for d in devices.by_id.values() if d.openers]
     if not held:
         return
@@ -852,7 +859,19 @@ async def _wait_for_holders(opts: Options, devices: Devices) -> None:
                 async for signum in signals:
                     log.info("%s: still serving devices in use", signal.Signals(signum).name)
                     await say_who()
+            async def retry() -> None:
+                while failed:
+                    await trio.sleep(UNDO_RETRY)
+                    for step in list(failed):
+                        try:
+                            await trio.to_thread.run_sync(step[1])
+                        except loop.UseError as e:
+                            log.debug("%s", e)
+                        else:
+                            log.info("%s (tried again)", step[0])
+                            failed.remove(step)
             waiting.start_soon(on_signal)
+            waiting.start_soon(retry)
             while any(d.openers for d in held):
                 await trio.sleep(0.1)
             waiting.cancel_scope.cancel()
