@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 from zramfs import kstrto
 from zramfs._fuse import Attr, OpenReply
-from zramfs.device import ATTRIBUTES, Device, Devices, fail
+from zramfs.device import ATTRIBUTES, Device, fail
+from zramfs.hotplug import Devices
 
 log = logging.getLogger(__name__)
 

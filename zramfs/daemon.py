@@ -62,7 +62,8 @@ from zramfs import (_fuse, _pages, _zram, budget, fdstore, loop, metrics, reclai
                     supervisor, uses)
 from zramfs.config import DeviceConfig
 from zramfs.control import Tree
-from zramfs.device import PAGE, Devices
+from zramfs.device import PAGE
+from zramfs.hotplug import Devices
 from zramfs.state import State, StateError
 
 log = logging.getLogger(__name__)

@@ -8,27 +8,25 @@ idle, writeback, recompression, eviction) runs in worker threads through `Disk.c
 holds the same reference a request holds. Everything else here runs on the trio thread: code
 between two awaits is atomic, which is the one rule that makes the bookkeeping safe.
 
-    devices = Devices()
-    dev = devices.add()
-    dev.store("disksize", "1G")
+    dev = Device(0)
+    await dev.store("disksize", "1G")
     dev.show("mm_stat")
 
-Where the daemon keeps state for a restart (zramfs.state), `Devices(state=...)` tells it of each
-device added and removed, each setting stored and each meta made or freed; `adopt` builds a
-device back from what the daemon before this one kept.
+Where the daemon keeps state for a restart (zramfs.state), a device tells it of each setting
+stored and each meta made or freed; `Device.adopt` builds one back from what the daemon
+before this one kept. The set of devices (hot_add, hot_remove) is zramfs.hotplug's.
 """
 from __future__ import annotations
 
 import errno
 import logging
 import os
-import stat
 from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
-from zramfs import _alloc, _backing, _dedup, _tiering, _zcomp, files, kstrto, loop, tiering
+from zramfs import _alloc, _backing, _dedup, _tiering, _zcomp, files, kstrto, tiering
 from zramfs._alloc import PoolImageError, PoolInPlaceError
 from zramfs._backing import Backing, BackingError
 from zramfs._zram import Disk, Meta, TableImageError
@@ -320,7 +318,7 @@ class Device:
             if names[prio] != "zstd":
                 raise fail(errno.EINVAL, f"{names[prio]} takes no dictionary")
             try:
-                data = await trio.to_thread.run_sync(read_outside_tree, params["dict"],
+                data = await trio.to_thread.run_sync(files.read_outside_tree, params["dict"],
                                                      self.tree)
             except OSError as e:
                 data = self._kept_dictionary(prio, params["dict"], e.strerror)
@@ -382,7 +380,7 @@ class Device:
             if self.kept_backing is not None:
                 backing = await trio.to_thread.run_sync(self._kept_backing_device, path)
             else:
-                backing = await trio.to_thread.run_sync(open_backing, path, self.tree)
+                backing = await trio.to_thread.run_sync(files.open_backing, path, self.tree)
         except BackingError as e:
             log.warning("%s: backing_dev %s refused: %s", self.name, path, e.strerror)
             raise fail(e.errno or errno.EINVAL, str(e)) from None
@@ -408,7 +406,7 @@ class Device:
                 now = os.stat(path)
             except OSError:
                 now = None
-        if now is None or _file_id(now) != _file_id(kept):
+        if now is None or files.file_id(now) != files.file_id(kept):
             log.warning("%s: backing_dev %s now leads %s; the backing device open before "
                         "the restart is kept, with the pages written back to it", self.name,
                         path, "nowhere" if now is None else "to another file")
@@ -610,70 +608,6 @@ class Device:
         return " ".join(f"{v:8}" for v in self.disk.stat()) + "\n"
 
 
-def tree_dev(tree: Path) -> int | None:
-    """The device number of the file system mounted at `tree`, from /proc/self/mountinfo:
-    never a stat of the tree, which waits for the daemon to answer (and while it adopts
-    devices at a restart, it does not)."""
-    with open("/proc/self/mountinfo") as f:
-        lines = f.read().splitlines()
-    for line in reversed(lines):             # the last mount at a path is the one seen there
-        fields = line.split()
-        if loop.mount_path(fields[4]) == str(tree):
-            major, minor = fields[2].split(":")
-            return os.makedev(int(major), int(minor))
-    return None
-
-
-def inside_tree(path: str, tree: Path | None) -> bool:
-    """The path lies inside the daemon's own tree, or is a loop device over a file in it.
-    Worker threads only: a path in the tree needs the trio thread to answer."""
-    if tree is None:
-        return False
-    try:
-        st = os.stat(path)
-        if st.st_dev == tree_dev(tree):
-            return True
-    except OSError:
-        return False                       # the caller's open says what is wrong
-    if not stat.S_ISBLK(st.st_mode):
-        return False
-    back = Path(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-                "/loop/backing_file")
-    try:
-        return back.read_text().strip().startswith(f"{tree}/")
-    except OSError:
-        return False                       # not a loop device
-
-
-def _file_id(st: os.stat_result) -> tuple[int, ...]:
-    """What tells one backing device from another: a block device's number (its node may be
-    made anew), a file's device and inode."""
-    return (st.st_rdev,) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
-
-
-def open_backing(path: str, tree: Path | None) -> Backing:
-    """A backing device, opened in a worker thread. BackingError(EINVAL) for a path inside
-    the tree: writeback would go through this daemon's own devices."""
-    if inside_tree(path, tree):
-        raise BackingError(errno.EINVAL, f"{path}: lies inside the zramfs tree at {tree}")
-    return Backing(path)
-
-
-MAX_DICTIONARY = 16 << 20             # zstd's dictionaries are kilobytes; refuse anything huge
-
-
-def read_outside_tree(path: str, tree: Path | None) -> bytes:
-    """A dictionary file's content, read in a worker thread; EINVAL inside the tree, and
-    for anything but a regular file (files.open_checked: a FIFO would wait for a writer)."""
-    if inside_tree(path, tree):
-        raise OSError(errno.EINVAL, f"lies inside the zramfs tree at {tree}")
-    with open(files.open_checked(path, os.O_RDONLY), "rb") as f:
-        data = f.read(MAX_DICTIONARY + 1)
-    if not data or len(data) > MAX_DICTIONARY:
-        raise OSError(errno.EINVAL, f"not a dictionary of 1 byte to {MAX_DICTIONARY >> 20} MiB")
-    return data
-
-
 def _choices_line(names: list[str], current: str) -> str:
     """The kernel's list of choices, the one in use in brackets: `lz4 [zstd] \\n`."""
     return "".join(f"[{n}] " if n == current else f"{n} " for n in names) + "\n"
@@ -733,82 +667,3 @@ ATTRIBUTES: dict[str, Attribute] = {
     "dedup": Attribute(lambda d: f"{int(d.dedup)}\n", Device._store_dedup),
     "dedup_stat": Attribute(Device._show_dedup_stat, None),
 }
-
-
-class Devices:
-    """The set of devices, with the kernel's id allocation (lowest free id first)."""
-
-    def __init__(self, tree: Path | None = None,
-                 before_init: Callable[[], object] | None = None,
-                 state: State | None = None) -> None:
-        self.state = state
-        self.by_id: dict[int, Device] = {}
-        self.generations: dict[int, int] = {}   # per id: how many devices have had it
-        self.retiring: set[int] = set()          # ids of removed devices still draining
-        self.tree = tree               # where the daemon mounts them
-        self.before_init = before_init  # called before a device is initialised
-
-    def add(self, dev_id: int | None = None) -> Device:
-        """A new device: `dev_id`, or the lowest free id as the kernel's hot_add gives."""
-        taken = self.by_id.keys() | self.retiring
-        if dev_id is None:
-            dev_id = next(i for i in range(len(taken) + 1) if i not in taken)
-        elif dev_id in taken:
-            raise fail(errno.EEXIST, f"zram{dev_id} exists")
-        self.generations[dev_id] = self.generations.get(dev_id, 0) + 1
-        return self._add(dev_id, self.generations[dev_id])
-
-    def _add(self, dev_id: int, generation: int) -> Device:
-        dev = Device(dev_id, self.tree, self.before_init, generation, self.state)
-        self.by_id[dev_id] = dev
-        if self.state is not None:
-            self.state.added(dev_id, generation)
-        log.info("%s: added", dev.name)
-        return dev
-
-    def adopt(self, record: DeviceRecord) -> Device:
-        """A device the daemon before this one had, with its id and generation (the kernel's
-        open files name it by both); its settings and pages come with Device.adopt."""
-        if self.state is not None:
-            self.generations.update(self.state.generations)
-        self.generations[record.id] = max(self.generations.get(record.id, 0),
-                                          record.generation)
-        dev = self._add(record.id, record.generation)
-        dev.openers = record.openers
-        if self.state is not None:
-            self.state.opened(record.id, record.openers)
-        log.info("%s: generation %d, open %d times", dev.name, record.generation,
-                 record.openers)
-        return dev
-
-    async def remove(self, text: str) -> None:
-        """hot_remove: the id as the kernel reads it (kstrto.parse_device_id), ENODEV for an
-        unknown id, EBUSY while open or draining. The device leaves by_id before it drains;
-        the tree follows by_id (control.Tree.sync_devices), never parsing the id again."""
-        dev_id = kstrto.parse_device_id(text)
-        dev = self.by_id.get(dev_id)
-        if dev is None:
-            raise fail(errno.ENODEV, f"no device zram{dev_id}")
-        if dev.openers or dev.busy:
-            raise fail(errno.EBUSY, f"{dev.name} is open")
-        dev.removed = True
-        dev.disk.retire()
-        del self.by_id[dev_id]          # no new opens from here on
-        self.retiring.add(dev_id)       # nor a new device with its id, until it has drained
-        try:
-            await dev.reset()
-        finally:
-            self.retiring.discard(dev_id)
-            if self.state is not None:
-                self.state.removed(dev_id)
-        log.info("%s: removed", dev.name)
-
-    async def remove_all(self) -> None:
-        """Shutdown: every device drained and freed, open or not."""
-        for dev in list(self.by_id.values()):
-            del self.by_id[dev.id]
-            dev.removed = True
-            dev.disk.retire()
-            await dev.reset()
-            if self.state is not None:
-                self.state.removed(dev.id)

@@ -1,4 +1,5 @@
-"""Opening the files an operator names (`dict=`, `backing_dev`) without waiting on them.
+"""Opening the files an operator names (`dict=`, `backing_dev`) without waiting on them, and
+never inside the daemon's own tree.
 
 An open can wait for good: a FIFO's waits for a partner, and at a restart nobody is there to
 be one. So the path is looked at first (stat never waits on what it names, and a device that
@@ -8,7 +9,11 @@ between). Anything else than a regular file (or, where taken, a block device) is
 
     fd = open_checked("/etc/zramfs/pages.dict", os.O_RDONLY)
 
-Worker threads only: a path may lie in a file system that answers slowly.
+A path inside the tree (or a loop device over a file in it) is EINVAL: the daemon would be
+waiting on itself. The tree is recognised by its device number in /proc/self/mountinfo, never
+by a stat of it (tree_dev).
+
+Worker threads only: a path may lie in a file system that answers slowly, or in the tree.
 """
 from __future__ import annotations
 
@@ -16,6 +21,10 @@ import errno
 import fcntl
 import os
 import stat
+from pathlib import Path
+
+from zramfs import loop
+from zramfs._backing import Backing, BackingError
 
 KINDS = {stat.S_IFREG: "a regular file", stat.S_IFBLK: "a block device"}
 
@@ -44,3 +53,67 @@ def open_checked(path: str, flags: int, block_ok: bool = False) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def tree_dev(tree: Path) -> int | None:
+    """The device number of the file system mounted at `tree`, from /proc/self/mountinfo:
+    never a stat of the tree, which waits for the daemon to answer (and while it adopts
+    devices at a restart, it does not)."""
+    with open("/proc/self/mountinfo") as f:
+        lines = f.read().splitlines()
+    for line in reversed(lines):             # the last mount at a path is the one seen there
+        fields = line.split()
+        if loop.mount_path(fields[4]) == str(tree):
+            major, minor = fields[2].split(":")
+            return os.makedev(int(major), int(minor))
+    return None
+
+
+def inside_tree(path: str, tree: Path | None) -> bool:
+    """The path lies inside the daemon's own tree, or is a loop device over a file in it.
+    Worker threads only: a path in the tree needs the trio thread to answer."""
+    if tree is None:
+        return False
+    try:
+        st = os.stat(path)
+        if st.st_dev == tree_dev(tree):
+            return True
+    except OSError:
+        return False                       # the caller's open says what is wrong
+    if not stat.S_ISBLK(st.st_mode):
+        return False
+    back = Path(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+                "/loop/backing_file")
+    try:
+        return back.read_text().strip().startswith(f"{tree}/")
+    except OSError:
+        return False                       # not a loop device
+
+
+def file_id(st: os.stat_result) -> tuple[int, ...]:
+    """What tells one backing device from another: a block device's number (its node may be
+    made anew), a file's device and inode."""
+    return (st.st_rdev,) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
+
+
+def open_backing(path: str, tree: Path | None) -> Backing:
+    """A backing device, opened in a worker thread. BackingError(EINVAL) for a path inside
+    the tree: writeback would go through this daemon's own devices."""
+    if inside_tree(path, tree):
+        raise BackingError(errno.EINVAL, f"{path}: lies inside the zramfs tree at {tree}")
+    return Backing(path)
+
+
+MAX_DICTIONARY = 16 << 20             # zstd's dictionaries are kilobytes; refuse anything huge
+
+
+def read_outside_tree(path: str, tree: Path | None) -> bytes:
+    """A dictionary file's content, read in a worker thread; EINVAL inside the tree, and
+    for anything but a regular file (files.open_checked: a FIFO would wait for a writer)."""
+    if inside_tree(path, tree):
+        raise OSError(errno.EINVAL, f"lies inside the zramfs tree at {tree}")
+    with open(open_checked(path, os.O_RDONLY), "rb") as f:
+        data = f.read(MAX_DICTIONARY + 1)
+    if not data or len(data) > MAX_DICTIONARY:
+        raise OSError(errno.EINVAL, f"not a dictionary of 1 byte to {MAX_DICTIONARY >> 20} MiB")
+    return data

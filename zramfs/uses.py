@@ -21,7 +21,7 @@ import trio
 from zramfs import loop
 from zramfs.config import DeviceConfig
 from zramfs.control import Tree
-from zramfs.device import Devices
+from zramfs.hotplug import Devices
 
 log = logging.getLogger("zramfs.daemon")     # the daemon's log lines, as before
 
