@@ -380,7 +380,7 @@ class Device:
             if self.kept_backing is not None:
                 backing = await trio.to_thread.run_sync(self._kept_backing_device, path)
             else:
-                backing = await trio.to_thread.run_sync(files.open_backing, path, self.tree)
+                backing = await trio.to_thread.run_sync(open_backing, path, self.tree)
         except BackingError as e:
             log.warning("%s: backing_dev %s refused: %s", self.name, path, e.strerror)
             raise fail(e.errno or errno.EINVAL, str(e)) from None
@@ -606,6 +606,14 @@ class Device:
 
     def _show_stat(self) -> str:
         return " ".join(f"{v:8}" for v in self.disk.stat()) + "\n"
+
+
+def open_backing(path: str, tree: Path | None) -> Backing:
+    """A backing device, opened in a worker thread. BackingError(EINVAL) for a path inside
+    the tree: writeback would go through this daemon's own devices."""
+    if files.inside_tree(path, tree):
+        raise BackingError(errno.EINVAL, f"{path}: lies inside the zramfs tree at {tree}")
+    return Backing(path)
 
 
 def _choices_line(names: list[str], current: str) -> str:

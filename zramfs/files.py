@@ -24,7 +24,6 @@ import stat
 from pathlib import Path
 
 from zramfs import loop
-from zramfs._backing import Backing, BackingError
 
 KINDS = {stat.S_IFREG: "a regular file", stat.S_IFBLK: "a block device"}
 
@@ -94,14 +93,6 @@ def file_id(st: os.stat_result) -> tuple[int, ...]:
     """What tells one backing device from another: a block device's number (its node may be
     made anew), a file's device and inode."""
     return (st.st_rdev,) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
-
-
-def open_backing(path: str, tree: Path | None) -> Backing:
-    """A backing device, opened in a worker thread. BackingError(EINVAL) for a path inside
-    the tree: writeback would go through this daemon's own devices."""
-    if inside_tree(path, tree):
-        raise BackingError(errno.EINVAL, f"{path}: lies inside the zramfs tree at {tree}")
-    return Backing(path)
 
 
 MAX_DICTIONARY = 16 << 20             # zstd's dictionaries are kilobytes; refuse anything huge
