@@ -8,6 +8,7 @@ import os
 import random
 import tempfile
 import threading
+import time
 
 import pytest
 from hypothesis import settings
@@ -542,3 +543,79 @@ def test_eviction_compaction_is_counted_once_by_the_pool() -> None:
         finally:
             destroy(disk)
             backing.close()
+
+
+def _mixed_pages(n: int, seed: int) -> bytes:
+    """Text (recompressible), random (not) and same-filled pages, in a fixed mix."""
+    kinds = ("text", "text", "text", "random", "same")
+    return b"".join(page_data(kinds[i % len(kinds)], seed + i, PAGE) for i in range(n))
+
+
+def test_recompression_on_threads_does_what_one_thread_does() -> None:
+    """The same pages on two disks, recompressed (zstd 19 above lz4) by one thread and by
+    four: the same pages recompressed, the same compr_data_size and huge pages, identical
+    data; a second run finds nothing left. With max_pages, batches on four threads add up to
+    the one-thread total."""
+    n = 1024
+    data = _mixed_pages(n, 1)
+    disks = [make_disk(n * PAGE, secondary={1: ("zstd", 19)}) for _ in range(3)]
+    try:
+        for disk in disks:
+            disk.write(0, data)
+        one = _tiering.recompress(disks[0].meta, None, 0, 0, 0, 1)
+        four = _tiering.recompress(disks[1].meta, None, 0, 0, 0, 4)
+        assert one == four > n // 2, (one, four)
+        assert disks[0].meta.mm_stat()[1] == disks[1].meta.mm_stat()[1]
+        assert disks[0].meta.mm_stat()[7] == disks[1].meta.mm_stat()[7]
+        assert _tiering.recompress(disks[1].meta, None, 0, 0, 0, 4) == 0
+        batches, total = 0, 0
+        while True:
+            done = _tiering.recompress(disks[2].meta, None, 0, 100, 0, 4)
+            assert done <= 100
+            if done == 0 and batches > n // 100:
+                break
+            total, batches = total + done, batches + 1
+        assert total == one
+        for disk in disks:
+            assert disk.read(0, n * PAGE) == data
+    finally:
+        for disk in disks:
+            destroy(disk)
+
+
+def test_recompression_on_threads_under_overwrites() -> None:
+    """Four recompression threads (they compress without the slot lock) while another
+    thread overwrites every page once, in random order: each page reads back as written,
+    whether its overwrite came before, during or after its recompression. Once only, so
+    that a recompression that stored a page's old content over the new could not be healed
+    by a later write."""
+    n = 512
+    disk = make_disk(n * PAGE, secondary={1: ("zstd", 19)})
+    try:
+        for round_ in range(4):
+            old = b"".join(page_data("text", 1000 * round_ + i, PAGE) for i in range(n))
+            new = [page_data(("text", "random", "same")[i % 3], 7 + 1000 * round_ + i, PAGE)
+                   for i in range(n)]
+            disk.write(0, old)
+            order = list(range(n))
+            random.Random(round_).shuffle(order)
+            started = threading.Event()
+
+            def overwrite() -> None:
+                started.wait()
+                for k, i in enumerate(order):
+                    disk.write(i * PAGE, new[i])
+                    if k % 8 == 0:
+                        time.sleep(0.0005)      # spread over the recompression
+            writer = threading.Thread(target=overwrite)
+            writer.start()
+            try:
+                started.set()
+                while writer.is_alive():
+                    _tiering.recompress(disk.meta, None, 0, 0, 0, 4)
+            finally:
+                started.set()
+                writer.join()
+            assert disk.read(0, n * PAGE) == b"".join(new), f"round {round_}"
+    finally:
+        destroy(disk)

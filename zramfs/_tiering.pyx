@@ -18,6 +18,8 @@ reference is handled as any other; its slot's reference goes with it.
 """
 from __future__ import annotations
 
+import os
+
 from libc.errno cimport EINVAL, EIO, ENODEV, ENOMEM, ENOSPC
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc
@@ -29,11 +31,12 @@ from zramfs._backing cimport (BK_MAX_BATCH, backing_alloc, backing_free, backing
 from zramfs._zcomp cimport zcomp, zcomp_compress, zcomp_stream_get, zcomp_stream_put, zstream
 from zramfs._zram cimport (Meta, zram, zram_now, zram_slot_free, zram_slot_has_object,
                            zram_slot_load, zram_slot_replace, zslot)
-from zramfs.pthread cimport pthread_mutex_lock, pthread_mutex_unlock
+from zramfs.pthread cimport (pthread_join, pthread_mutex_lock, pthread_mutex_unlock, pthread_t,
+                            zram_thread_start)
 from zramfs.zram cimport (PAGE_SHIFT, PAGE_SIZE, ZRAM_ACCESSED, ZRAM_HUGE, ZRAM_IDLE,
                           ZRAM_INCOMPRESSIBLE, ZRAM_PRIO_MASK, ZRAM_PRIO_SHIFT, ZRAM_WB,
                           ZRAM_UNDER_WB, ZRAM_WB_COMPRESSED,
-                          posix_memalign, za_add, za_load, za_sub, zram_slot_clear,
+                          posix_memalign, za_add, za_load, za_store, za_sub, zram_slot_clear,
                           zram_slot_flags, zram_slot_lock, zram_slot_set_flags,
                           zram_slot_trylock, zram_slot_unlock)
 
@@ -290,64 +293,153 @@ cdef bint _recompress_wanted(zram* m, zslot* s, int pick, size_t threshold, int 
             and <int>((f & ZRAM_PRIO_MASK) >> ZRAM_PRIO_SHIFT) < top)
 
 
-cdef int _recompress_locked(zram* m, zslot* s, int only, char* page, zstream* st) noexcept nogil:
-    """Tries the secondary algorithms above the page's own, by priority; keeps a result only if
-    it lands in a smaller size class, and only within mem_limit (no eviction for it). 1
-    recompressed, 0 not (then marked incompressible, unless memory was what failed)."""
-    cdef uint32_t flags = zram_slot_flags(&s.flags)
-    cdef int prio, n, rc
+cdef extern from *:
+    """
+    #include <sched.h>
+    /* The calling thread at idle priority: recompression yields the CPUs to everything else. */
+    static int zt_idle_priority(void) {
+        struct sched_param p = {0};
+        return sched_setscheduler(0, SCHED_IDLE, &p);
+    }
+    """
+    int zt_idle_priority() nogil
+
+cdef enum:
+    RECOMP_CHUNK = 64          # pages a recompression thread claims at a time
+    RECOMP_THREADS_MAX = 64
+
+ctypedef struct zrecomp:
+    zram* m
+    int pick
+    int only                   # 0: every secondary above a page's own; else that priority
+    int top                    # the highest priority this run may use
+    size_t threshold
+    size_t max_pages           # 0: no limit
+    size_t cursor              # the next page index to claim (atomic)
+    size_t tried               # pages tried (atomic), against max_pages
+    size_t done                # pages recompressed (atomic)
+
+
+cdef int _recompress_page(zrecomp* r, zslot* s, char* page, char* out) noexcept nogil:
+    """One page: picked and read under its slot lock (marked ZRAM_UNDER_WB: any change of the
+    slot clears it), compressed by the secondary algorithms above its own without the lock,
+    then, locked again, stored only if the slot is unchanged and the result lands in a
+    smaller size class, within mem_limit. Without the lock while it compresses, a thread at
+    idle priority never holds up a writer of the same page. 1 recompressed, 0 not (marked
+    incompressible where no algorithm shrank it), -1: max_pages is reached."""
+    cdef zram* m = r.m
+    cdef uint32_t flags, f
+    cdef uint64_t handle
     cdef size_t old_class
+    cdef int prio, n = 0, best = 0, rc
     cdef zcomp* c
-    cdef zstream* st2
-    if zram_slot_load(m, s, page, st) != 0:
+    cdef zstream* st
+    zram_slot_lock(&s.flags)
+    if not _recompress_wanted(m, s, r.pick, r.threshold, r.top):
+        zram_slot_unlock(&s.flags)
         return 0
+    if r.max_pages and za_add(&r.tried, 1) >= r.max_pages:
+        zram_slot_unlock(&s.flags)
+        return -1
+    flags = zram_slot_flags(&s.flags)
+    st = zcomp_stream_get(m.comp)
+    rc = zram_slot_load(m, s, page, st)
+    zcomp_stream_put(st)
+    if rc != 0:
+        zram_slot_unlock(&s.flags)
+        return 0
+    handle = s.handle
     old_class = m.driver.class_size(m.pool, s.size)
+    zram_slot_set_flags(&s.flags, flags | ZRAM_UNDER_WB)
+    zram_slot_unlock(&s.flags)
+
     for prio in range(((flags & ZRAM_PRIO_MASK) >> ZRAM_PRIO_SHIFT) + 1, 4):
         c = m.secondary[prio]
-        if c == NULL or (only and prio != only):
+        if c == NULL or (r.only and prio != r.only):
             continue
-        st2 = zcomp_stream_get(c)
-        n = zcomp_compress(c, st2, page, <int>m.huge_size - 1)
-        rc = 1
+        st = zcomp_stream_get(c)
+        n = zcomp_compress(c, st, page, <int>m.huge_size - 1)
         if n > 0 and m.driver.class_size(m.pool, n) < old_class:
-            rc = zram_slot_replace(m, s, st2.buffer, n,
-                                   (flags & ZRAM_IDLE) | (<uint32_t>prio << ZRAM_PRIO_SHIFT),
-                                   False)
-        zcomp_stream_put(st2)
-        if rc == 0:
-            return 1
-        if rc == -ENOMEM:
-            return 0              # no room now: leave the page as it is, for a later try
-    zram_slot_set_flags(&s.flags, flags | ZRAM_INCOMPRESSIBLE)
-    return 0
+            memcpy(out, st.buffer, n)
+            best = prio
+        zcomp_stream_put(st)
+        if best:
+            break
+
+    rc = 0
+    zram_slot_lock(&s.flags)
+    f = zram_slot_flags(&s.flags)
+    if f & ZRAM_UNDER_WB and s.handle == handle:
+        f &= ~ZRAM_UNDER_WB
+        zram_slot_set_flags(&s.flags, f)
+        if not best:
+            zram_slot_set_flags(&s.flags, f | ZRAM_INCOMPRESSIBLE)
+        elif zram_slot_replace(m, s, out, n, (f & ZRAM_IDLE) | (<uint32_t>best << ZRAM_PRIO_SHIFT),
+                               False) == 0:
+            rc = 1
+        # -ENOMEM: no room now; the page stays as it was, for a later try
+    elif f & ZRAM_UNDER_WB:
+        zram_slot_set_flags(&s.flags, f & ~ZRAM_UNDER_WB)
+    zram_slot_unlock(&s.flags)
+    return rc
+
+
+cdef void* _recompress_main(void* arg) noexcept nogil:
+    """A recompression thread: claims RECOMP_CHUNK pages at a time until the table or
+    max_pages is done."""
+    cdef zrecomp* r = <zrecomp*>arg
+    cdef char* page = NULL
+    cdef char* out = NULL
+    cdef size_t first, i
+    cdef int rc
+    zt_idle_priority()                  # best effort: at normal priority where refused
+    if (posix_memalign(<void**>&page, PAGE_SIZE, PAGE_SIZE) != 0
+            or posix_memalign(<void**>&out, PAGE_SIZE, PAGE_SIZE) != 0):
+        free(page)
+        return NULL
+    while True:
+        first = za_add(&r.cursor, RECOMP_CHUNK)
+        if first >= r.m.nr_pages:
+            break
+        rc = 0
+        for i in range(first, min(first + RECOMP_CHUNK, r.m.nr_pages)):
+            rc = _recompress_page(r, &r.m.table[i], page, out)
+            if rc < 0:
+                break
+            za_add(&r.done, <size_t>rc)
+        if rc < 0:
+            za_store(&r.cursor, r.m.nr_pages)     # the others stop at their next claim
+            break
+    free(page)
+    free(out)
+    return NULL
 
 
 cdef long _recompress(zram* m, int pick, size_t threshold, size_t max_pages, int only,
-                      char* page) noexcept nogil:
+                      int nr_threads) noexcept nogil:
     """Recompresses the pages `pick` and `threshold` select, trying at most `max_pages`
-    (0: no limit). The pages recompressed."""
-    cdef size_t i, tried = 0
-    cdef zslot* s
-    cdef zstream* st = zcomp_stream_get(m.comp)
-    cdef long done = 0
-    cdef int top = only
+    (0: no limit), on `nr_threads` threads at idle priority (the caller's thread waits). The
+    pages recompressed. As the kernel's, one page's outcome does not depend on another's,
+    so the threads' order changes which pages a max_pages run takes, never the result."""
+    cdef zrecomp r
+    cdef pthread_t threads[RECOMP_THREADS_MAX]
+    cdef int i, started = 0
+    memset(&r, 0, sizeof(r))
+    r.m, r.pick, r.only, r.threshold, r.max_pages = m, pick, only, threshold, max_pages
+    r.top = only
     if not only:
-        for top in range(3, 0, -1):
-            if m.secondary[top] != NULL:
+        for r.top in range(3, 0, -1):
+            if m.secondary[r.top] != NULL:
                 break
-    for i in range(m.nr_pages):
-        if max_pages and tried >= max_pages:
+    for i in range(max(1, min(nr_threads, <int>RECOMP_THREADS_MAX))):
+        if zram_thread_start(&threads[i], _recompress_main, &r) != 0:
             break
-        s = &m.table[i]
-        if not _recompress_wanted(m, s, pick, threshold, top):
-            continue
-        zram_slot_lock(&s.flags)
-        if _recompress_wanted(m, s, pick, threshold, top):
-            tried += 1
-            done += _recompress_locked(m, s, only, page, st)
-        zram_slot_unlock(&s.flags)
-    zcomp_stream_put(st)
-    return done
+        started += 1
+    if started == 0:
+        _recompress_main(&r)            # no thread to be had: this one does it all
+    for i in range(started):
+        pthread_join(threads[i], NULL)
+    return <long>za_load(&r.done)
 
 
 # --- eviction (zswap-style, over mem_limit) --------------------------------------------------
@@ -395,13 +487,6 @@ cdef void _evict(zram* m, size_t excess) noexcept nogil:
 
 # --- Python entry points: each takes the meta, under a reference held by Disk.call ----------
 
-cdef char* _page() except NULL:
-    cdef char* page = NULL
-    if posix_memalign(<void**>&page, PAGE_SIZE, PAGE_SIZE) != 0:
-        raise MemoryError()
-    return page
-
-
 def mark_idle(Meta meta, age: int | None = None) -> int:
     """Marks idle every stored page, or those not accessed for `age` seconds."""
     cdef uint32_t a = age or 0
@@ -438,20 +523,19 @@ def writeback(Meta meta, mode: str | None, ranges=()) -> int:
 
 
 def recompress(Meta meta, mode: str | None, size_t threshold=0, size_t max_pages=0,
-               int priority=0) -> int:
+               int priority=0, int threads=0) -> int:
     """Recompresses the pages a page type `mode` (idle, huge, huge_idle; None: all) and
-    `threshold` select with the secondary algorithms (or only the one of `priority`)."""
+    `threshold` select with the secondary algorithms (or only the one of `priority`), on
+    `threads` threads at idle priority (0: one a CPU this process may run on)."""
     cdef int pick = PICK_ALL if mode is None else PAGE_TYPES[mode]
-    cdef char* page
     cdef long done
+    cdef int nr = threads if threads > 0 else len(os.sched_getaffinity(0))
     if not meta.secondary:
         raise OSError(EINVAL, "no recompression algorithm")
     if pick == PICK_INCOMPRESSIBLE:
         raise OSError(EINVAL, "incompressible pages are not recompressed")
-    page = _page()
     with nogil:
-        done = _recompress(meta.m, pick, threshold, max_pages, priority, page)
-    free(page)
+        done = _recompress(meta.m, pick, threshold, max_pages, priority, nr)
     return done
 
 
