@@ -382,13 +382,13 @@ async def serve(opts: Options,
     transport = _pick_transport(opts.fuse_transport, adopted is not None)
     # Live restart is the classic transport's: with io_uring nothing is kept for a next
     # daemon, and a crash or restart loses the tree as before.
-    keep = fdstore.store if transport == "classic" else _keep_nothing
+    next_daemon = fdstore.store if transport == "classic" else None   # who keeps for it
+    keep = next_daemon or _keep_nothing
     # Locked before anything is adopted: the adopted pages are locked as they are mapped.
     swap = (any(d.fs_type == "swap" for d in opts.devices) or reclaim.KEEPER_NAME in opts.inherited
             or (adopted is not None and bool(reclaim.swap_users(mountpoint))))
     try:
-        reclaim.protect(opts.mlock == "yes" or (opts.mlock == "auto" and swap),
-                        keep if transport == "classic" else None)
+        reclaim.protect(opts.mlock == "yes" or (opts.mlock == "auto" and swap), next_daemon)
     except reclaim.LockError as e:
         raise DaemonError(str(e)) from None
     set_memory_budget()
@@ -463,7 +463,7 @@ async def serve(opts: Options,
                             background.start_soon(_watch_budget)
                             if opts.mlock == "auto" and not reclaim.locked():
                                 background.start_soon(reclaim.watch_swaps, mountpoint,
-                                                      keep if transport == "classic" else None)
+                                                      next_daemon)
                             for cfg in opts.devices:
                                 for job in uses.maintenance(devices, cfg):
                                     background.start_soon(job)
