@@ -33,6 +33,7 @@ import pytest
 
 from conftest import (PAGE, PUNCH_HOLE, Cleanup, Daemon, backing_file, can_mount_fuse,
                       is_mounted, run, swap_is_on, swap_used_kib, wait_for, zramfs_daemon)
+from zramfs.loop import loops_of
 
 pytestmark = pytest.mark.skipif(can_mount_fuse() is not None, reason=str(can_mount_fuse()))
 
@@ -462,6 +463,29 @@ SWAPPED = 70 * MiB            # out on the device when the daemon gets SIGTERM
 WATCH = 7                     # seconds the test watches the daemon not exit after SIGTERM
 
 
+def stopped_in_swap(d: Daemon, cg: Path, loop: str, tmp_path: Path
+                    ) -> tuple[subprocess.Popen, Path]:
+    """memhog in memory cgroup `cg` (made to swap readily), stopped (SIGSTOP) once SWAPPED of
+    it is out on `loop`, so that it still needs its swapped pages after the daemon has had
+    SIGTERM; ended at clean-up. The process and its output file."""
+    if (cg / "memory.swappiness").exists():
+        (cg / "memory.swappiness").write_text("100")
+    hog_out = tmp_path / "hog.out"
+    with open(hog_out, "wb") as o:
+        hog = subprocess.Popen(
+            ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$0" "$@"',
+             sys.executable, str(HERE / "memhog.py"), str(HOG_MIB)],
+            stdout=o, stderr=subprocess.STDOUT, cwd=tmp_path)
+    d.cleanup.push(f"end memhog {hog.pid}",
+                   lambda: hog.poll() is None and (os.kill(hog.pid, signal.SIGCONT),
+                                                   end_child(hog)))
+    wait_for(lambda: hog.poll() is not None or swap_used_kib(loop) * 1024 >= SWAPPED,
+             120, f"{SWAPPED >> 20} MiB of memhog in swap")
+    assert hog.poll() is None, f"memhog ended early: {hog_out.read_text()!r}"
+    os.kill(hog.pid, signal.SIGSTOP)
+    return hog, hog_out
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not CGROUP_MEMORY.is_dir(), reason="no cgroup v1 memory controller")
 def test_sigterm_with_swap_in_use_waits_for_swapoff(tmp_path: Path) -> None:
@@ -477,24 +501,7 @@ def test_sigterm_with_swap_in_use_waits_for_swapoff(tmp_path: Path) -> None:
         d.cleanup.push(f"swapoff {loop}",
                        lambda: swap_is_on(loop) and run("swapoff", loop, timeout=120))
         cg = make_cgroup(d.cleanup, "hog", HOG_LIMIT)
-        if (cg / "memory.swappiness").exists():
-            (cg / "memory.swappiness").write_text("100")
-        hog_out = tmp_path / "hog.out"
-        with open(hog_out, "wb") as o:
-            hog = subprocess.Popen(
-                ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$0" "$@"',
-                 sys.executable, str(HERE / "memhog.py"), str(HOG_MIB)],
-                stdout=o, stderr=subprocess.STDOUT, cwd=tmp_path)
-        d.cleanup.push(f"end memhog {hog.pid}",
-                       lambda: hog.poll() is None and (os.kill(hog.pid, signal.SIGCONT),
-                                                       end_child(hog)))
-
-        # Stop it once enough of it is out on the device, so that it still needs its
-        # swapped pages after the daemon has had SIGTERM.
-        wait_for(lambda: hog.poll() is not None or swap_used_kib(loop) * 1024 >= SWAPPED,
-                 120, f"{SWAPPED >> 20} MiB of memhog in swap")
-        assert hog.poll() is None, f"memhog ended early: {hog_out.read_text()!r}"
-        os.kill(hog.pid, signal.SIGSTOP)
+        hog, hog_out = stopped_in_swap(d, cg, loop, tmp_path)
         swapped = swap_used_kib(loop)
 
         d.proc.send_signal(signal.SIGTERM)
@@ -542,26 +549,12 @@ def test_a_swapoff_that_fails_at_shutdown_is_tried_again(tmp_path: Path) -> None
     conf = tmp_path / "zramfs.conf"
     conf.write_text("[zram0]\nzram-size = 512\nswap-priority = 32767\n")
     with zramfs_daemon("--config", str(conf), tmp=tmp_path) as d:
-        [loop] = [dev for dev in swaps_of(d) if dev.startswith("/dev/loop")]
+        [loop] = loops_of(d.dev("zram0"))                    # the config's swap
         cg = make_cgroup(d.cleanup, "swapoff", HOG_LIMIT)
-        if (cg / "memory.swappiness").exists():
-            (cg / "memory.swappiness").write_text("100")
         (cg / "memory.oom_control").write_text("1")          # no OOM kill: swapoff fails
         d.cleanup.push("the cgroup's limit raised",
                        lambda: (cg / "memory.limit_in_bytes").write_text(str(1 << 30)))
-        hog_out = tmp_path / "hog.out"
-        with open(hog_out, "wb") as o:
-            hog = subprocess.Popen(
-                ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$0" "$@"',
-                 sys.executable, str(HERE / "memhog.py"), str(HOG_MIB)],
-                stdout=o, stderr=subprocess.STDOUT, cwd=tmp_path)
-        d.cleanup.push(f"end memhog {hog.pid}",
-                       lambda: hog.poll() is None and (os.kill(hog.pid, signal.SIGCONT),
-                                                       end_child(hog)))
-        wait_for(lambda: hog.poll() is not None or swap_used_kib(loop) * 1024 >= SWAPPED,
-                 120, f"{SWAPPED >> 20} MiB of memhog in swap")
-        assert hog.poll() is None, f"memhog ended early: {hog_out.read_text()!r}"
-        os.kill(hog.pid, signal.SIGSTOP)
+        hog, hog_out = stopped_in_swap(d, cg, loop, tmp_path)
 
         d.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: "trying again every" in d.log.read_text() or not d.alive(), 120,
@@ -582,17 +575,6 @@ def test_a_swapoff_that_fails_at_shutdown_is_tried_again(tmp_path: Path) -> None
         hog.wait(180)
         text = hog_out.read_text(errors="replace")
         assert hog.returncode == 0 and f"verified {HOG_MIB * MiB // PAGE} pages" in text, text
-
-
-def swaps_of(d: Daemon) -> list[str]:
-    """Active swaps on loop devices over the daemon's device files."""
-    out = []
-    for dev in Path("/proc/swaps").read_text().split("\n")[1:]:
-        name = dev.split()[0] if dev.strip() else ""
-        back = Path(f"/sys/block/{Path(name).name}/loop/backing_file")
-        if name and back.exists() and back.read_text().startswith(str(d.mnt)):
-            out.append(name)
-    return out
 
 
 # --- 5. block-device and sysfs conformance ----------------------------------------------------

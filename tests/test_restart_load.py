@@ -81,9 +81,25 @@ def restart(d: Daemon, mgr: Manager, loop: str, how: signal.Signals, *args: str,
     d.proc.send_signal(how)
     if how == signal.SIGKILL:
         until(mgr, lambda: d.proc.poll() is not None, "the killed daemon to end", 30)
-        mgr.pump(0.01)              # what it stored before it died is queued: take it all
-        d.proc = start_daemon(d.mnt, d.log, *args, env=mgr.env(),
-                              listen_fds=list(mgr.store.items()))
+        start_next(d, mgr, *args)
+    next_serves(d, mgr, before, bound, how.name)
+    pause = time.monotonic() - start
+    print(f"{how.name} with {busy} requests in flight on {loop}: the next daemon served "
+          f"after {pause:.2f} s")
+    return pause, busy
+
+
+def start_next(d: Daemon, mgr: Manager, *args: str) -> None:
+    """As systemd's Restart=on-failure after a crash: the next daemon (with `args`), given
+    what the dead one stored."""
+    mgr.pump(0.01)              # what it stored before it died is queued: take it all
+    d.proc = start_daemon(d.mnt, d.log, *args, env=mgr.env(), listen_fds=list(mgr.store.items()))
+
+
+def next_serves(d: Daemon, mgr: Manager, before: int, bound: float, after: str) -> None:
+    """Until the next daemon serves (the log's "serving" lines past `before`). One that does
+    not within `bound` seconds is killed, and the connection aborted if it cannot die (see
+    abort), so that the clean-up is not left waiting on the tree."""
     try:
         until(mgr, lambda: servings(d) > before or not d.alive(), "the next daemon to serve",
               bound)
@@ -94,13 +110,9 @@ def restart(d: Daemon, mgr: Manager, loop: str, how: signal.Signals, *args: str,
         except subprocess.TimeoutExpired:       # a thread of it waits in the kernel
             abort(d, mgr)
             d.proc.wait(30)
-        raise AssertionError(f"no daemon serves {bound} s after {how.name}:\n"
+        raise AssertionError(f"no daemon serves {bound} s after {after}:\n"
                              f"{tail(d.log)}") from None
-    pause = time.monotonic() - start
-    assert d.alive(), f"the daemon after {how.name} exited {d.proc.returncode}:\n{tail(d.log)}"
-    print(f"{how.name} with {busy} requests in flight on {loop}: the next daemon served "
-          f"after {pause:.2f} s")
-    return pause, busy
+    assert d.alive(), f"the daemon after {after} exited {d.proc.returncode}:\n{tail(d.log)}"
 
 
 def in_flight(loop: str) -> int:

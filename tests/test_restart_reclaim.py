@@ -12,16 +12,14 @@ import mmap
 import os
 import random
 import signal
-import sys
 from pathlib import Path
 
-import pytest
 
-from conftest import (ROOT, Cleanup, Daemon, requires_fuse, run, start_daemon, wait_for,
-                      zramfs_daemon)
+from conftest import Cleanup, Daemon, requires_fuse, run, wait_for, zramfs_daemon
 from manager import Manager, children, servings, stop
-from test_restart_load import (SERVE_BOUND, SWAP_PRIORITY, abort, abort_if_down, tail,
-                               top_swaps_besides, until)
+from test_restart_load import (SERVE_BOUND, SWAP_PRIORITY, abort_if_down, next_serves,
+                               start_next, top_swaps_besides)
+from test_ops import zramfs
 from test_system import MiB, swapoff_if_on
 
 pytestmark = requires_fuse
@@ -36,10 +34,6 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                        ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-
-
-def zramfs_cli(*args: str) -> str:
-    return run(sys.executable, "-m", "zramfs.cli", *args, cwd=ROOT, timeout=120).stdout
 
 
 def status_kib(pid: int, field: str) -> int:
@@ -102,24 +96,6 @@ def page_out(fd: int, limit: int) -> tuple[int, int]:
     return touched, still
 
 
-def restart_killed(d: Daemon, mgr: Manager, *args: str) -> None:
-    """The next daemon, with what the killed one stored, serving within SERVE_BOUND; if it
-    does not (its adoption waits in the kernel), it is killed and the connection aborted,
-    so that the clean-up is not left waiting on the tree."""
-    before = servings(d)
-    d.proc = start_daemon(d.mnt, d.log, *args, env=mgr.env(),
-                          listen_fds=list(mgr.store.items()))
-    try:
-        until(mgr, lambda: servings(d) > before or not d.alive(), "the next daemon to serve",
-              SERVE_BOUND)
-    except AssertionError:
-        d.proc.kill()
-        abort(d, mgr)
-        raise AssertionError(f"no daemon serves {SERVE_BOUND} s after the kill:\n"
-                             f"{tail(d.log)}") from None
-    assert d.alive(), f"the next daemon exited {d.proc.returncode}:\n{tail(d.log)}"
-
-
 def fill(d: Daemon, name: str, mib: int) -> str:
     """`mib` MiB of pages that compress to about 40 % written to the device file, so the pool
     holds several MiB; their sha256."""
@@ -156,8 +132,8 @@ def test_kept_pages_paged_out_in_the_gap_are_adopted_under_swap(tmp_path: Path,
         swap_dev = d.device("256M", "lz4")
         wait_for(lambda: not top_swaps_besides(""), 60,
                  f"another swap at priority {SWAP_PRIORITY} to go")
-        loop = zramfs_cli("swapon", swap_dev, "--priority", str(SWAP_PRIORITY),
-                          "--mountpoint", str(d.mnt)).strip()
+        loop = zramfs("swapon", swap_dev, "--priority", str(SWAP_PRIORITY),
+                      "--mountpoint", str(d.mnt)).stdout.strip()
         d.cleanup.push(f"losetup -d {loop}", lambda: run("losetup", "-d", loop, check=False))
         d.cleanup.push(f"swapoff {loop}", lambda: swapoff_if_on(loop))
         wait_for(lambda: keepers(d.proc.pid), 10, "the daemon to lock its memory")
@@ -178,7 +154,9 @@ def test_kept_pages_paged_out_in_the_gap_are_adopted_under_swap(tmp_path: Path,
               f"{still} still resident")
         assert touched >= 8 * MiB // 4096 and still == touched, (touched, still)
 
-        restart_killed(d, mgr, *args)
+        before = servings(d)
+        start_next(d, mgr, *args)
+        next_serves(d, mgr, before, SERVE_BOUND, "the kill")
         wait_for(lambda: not Path(f"/proc/{keeper}").exists()
                  or Path(f"/proc/{keeper}/stat").read_text().split(") ")[1][0] == "Z", 30,
                  "the old keeper to end")
