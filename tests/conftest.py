@@ -57,23 +57,32 @@ def uring_unavailable() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def uring_param_restored() -> Iterator[None]:
-    """The fuse module's enable_uring as it was before the first io_uring test, written back
-    after the last one, pass or fail (a daemon asked for io_uring switches it on). A SIGTERM
-    to pytest, which would end it without teardown, is made an interrupt meanwhile, so the
-    value is written back then too."""
-    before = URING_PARAM.read_text().strip()
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """A SIGTERM to pytest, which would end it without teardown, is made an interrupt
+    meanwhile, so that what a test changed on the machine is put back then too."""
     old = signal.getsignal(signal.SIGTERM)
     if old == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         yield
     finally:
-        if URING_PARAM.read_text().strip() != before:
-            URING_PARAM.write_text(before + "\n")
         if old == signal.SIG_DFL:
             signal.signal(signal.SIGTERM, old)
+
+
+@pytest.fixture(scope="session")
+def uring_param_restored() -> Iterator[None]:
+    """The fuse module's enable_uring as it was before the first io_uring test, written back
+    after the last one, pass or fail (a daemon asked for io_uring switches it on), a SIGTERM
+    to pytest included (sigterm_as_interrupt)."""
+    before = URING_PARAM.read_text().strip()
+    with sigterm_as_interrupt():
+        try:
+            yield
+        finally:
+            if URING_PARAM.read_text().strip() != before:
+                URING_PARAM.write_text(before + "\n")
 
 
 @pytest.fixture(params=TRANSPORTS)

@@ -76,12 +76,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from conftest import Cleanup, backing_file, run
+from conftest import Cleanup, backing_file, run, sigterm_as_interrupt
 
 MiB = 1 << 20
 PAGE = 4096
@@ -577,20 +577,6 @@ def until(cond: Callable[[], bool], timeout: float, what: str) -> float:
         assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
         time.sleep(0.1)
     return time.monotonic() - started
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """A SIGTERM to pytest, which would end it without clean-up, is an interrupt meanwhile, so
-    the container is taken apart then too."""
-    old = signal.getsignal(signal.SIGTERM)
-    if old == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        if old == signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, old)
 
 
 def booted(cleanup: Cleanup, figures: list[str]) -> Container:
