@@ -175,10 +175,14 @@ class Daemon:
         finally:
             os.close(fd)
 
-    def device(self, size: str = "256M", algorithm: str = "lz4") -> str:
-        """A new initialised device's name."""
+    def device(self, size: str = "256M", algorithm: str = "lz4",
+               params: str | None = None) -> str:
+        """A new initialised device's name; `params` are its algorithm_params (a zstd
+        dictionary: "dict=PATH"), written before disksize."""
         name = self.hot_add()
         self.write(name, "comp_algorithm", algorithm)
+        if params is not None:
+            self.write(name, "algorithm_params", params)
         self.write(name, "disksize", size)
         return name
 

@@ -537,10 +537,7 @@ def test_train_dict_from_a_devices_own_pages(daemon: Daemon, tmp_path: Path) -> 
     dictionary = out.read_bytes()
     assert dictionary[:4] == b"\x37\xa4\x30\xec" and len(dictionary) <= 32 << 10   # zstd's magic
     assert f"from {source}'s pages" in said
-    target = daemon.hot_add()
-    daemon.write(target, "comp_algorithm", "zstd")
-    daemon.write(target, "algorithm_params", f"dict={out}")
-    daemon.write(target, "disksize", "16M")
+    target = daemon.device("16M", "zstd", f"dict={out}")
     with open(daemon.dev(target), "r+b", buffering=0) as f:
         f.write(data)
         f.seek(0)

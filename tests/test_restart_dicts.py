@@ -87,10 +87,7 @@ def test_a_replaced_dictionary_never_reads_back_other_bytes(tmp_path: Path, clea
     cut = [len(data) * i // parts // PAGE * PAGE for i in range(parts + 1)]
     with zramfs_daemon(env=mgr.env(), tmp=tmp_path) as d:
         mgr.pump()
-        name = d.hot_add()
-        d.write(name, "comp_algorithm", "zstd")
-        d.write(name, "algorithm_params", f"dict={path}")
-        d.write(name, "disksize", "16M")
+        name = d.device("16M", "zstd", f"dict={path}")
         for i, replacement in enumerate(then):
             with open(d.dev(name), "r+b", buffering=0) as f:
                 f.seek(cut[i])

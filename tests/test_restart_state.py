@@ -345,10 +345,7 @@ def test_pages_written_with_a_dictionary_read_back_after_it_changes_or_goes(
     half = len(data) // 2
     with zramfs_daemon(env=mgr.env(), tmp=tmp_path) as d:
         mgr.pump()
-        name = d.hot_add()
-        d.write(name, "comp_algorithm", "zstd")
-        d.write(name, "algorithm_params", f"dict={path}")
-        d.write(name, "disksize", "16M")
+        name = d.device("16M", "zstd", f"dict={path}")
         with open(d.dev(name), "r+b", buffering=0) as f:
             f.write(data[:half])
         mgr.pump()

@@ -136,10 +136,7 @@ def test_a_restart_finding_a_fifo_at_the_dict_path_uses_the_kept_copy(
     cleanup.push("a FIFO's reader let go", lambda: let_go(path))
     with zramfs_daemon(env=mgr.env(), tmp=tmp_path) as d:
         mgr.pump()
-        name = d.hot_add()
-        d.write(name, "comp_algorithm", "zstd")
-        d.write(name, "algorithm_params", f"dict={path}")
-        d.write(name, "disksize", "8M")
+        name = d.device("8M", "zstd", f"dict={path}")
         with open(d.dev(name), "r+b", buffering=0) as f:
             f.write(data)
         mgr.pump()
