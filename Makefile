@@ -7,7 +7,7 @@ DEBS := fuse3 pkg-config fio e2fsprogs util-linux linux-libc-dev \
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
-SOURCES := pyproject.toml setup.py $(wildcard zramfs/*.py zramfs/*.pyx zramfs/*.pxi zramfs/*.pxd zramfs/*.h)
+SOURCES := pyproject.toml setup.py $(wildcard $(foreach d,zramfs zramfs/*,$(d)/*.py $(d)/*.pyx $(d)/*.pxi $(d)/*.pxd $(d)/*.h))
 PIP := $(VENV)/bin/pip --quiet --disable-pip-version-check
 # Passed to pytest by `make test`, e.g. make test PYTEST_ARGS='-k alloc -x'.
 PYTEST_ARGS ?=
@@ -77,4 +77,4 @@ uninstall-systemd:
 	systemctl daemon-reload
 
 clean:
-	rm -rf build dist $(VENV) zramfs/*.so zramfs/*.c *.egg-info
+	rm -rf build dist $(VENV) zramfs/*/*.so zramfs/*/*.c *.egg-info

@@ -8,7 +8,9 @@ COMPILE_ARGS = ["-O2", "-Wno-unused-function", "-Wno-unreachable-code"]
 
 
 def extension(name: str, *libraries: str, macros: tuple = ()) -> Extension:
-    """zramfs.<name> from zramfs/<name>.pyx, with system libraries found through pkg-config."""
+    """zramfs.<folder>.<module> from zramfs/<folder>/<module>.pyx (`name` is "folder/module"),
+    with system libraries found through pkg-config. Headers are named from zramfs/, as
+    "zram/zram.h"."""
     def pkg_config(option: str) -> list[str]:
         if not libraries:
             return []
@@ -16,7 +18,7 @@ def extension(name: str, *libraries: str, macros: tuple = ()) -> Extension:
                              capture_output=True, text=True).stdout
         return out.split()
     return Extension(
-        f"zramfs.{name}", [f"zramfs/{name}.pyx"],
+        f"zramfs.{name.replace('/', '.')}", [f"zramfs/{name}.pyx"],
         extra_compile_args=COMPILE_ARGS + pkg_config("--cflags"),
         extra_link_args=pkg_config("--libs"),
         define_macros=list(macros),
@@ -25,21 +27,24 @@ def extension(name: str, *libraries: str, macros: tuple = ()) -> Extension:
 
 
 extensions = [
-    # The allocator: the page source, the two backends over it, and the Python face.
-    extension("_pages"),
-    extension("_zsmalloc"),
-    extension("_zbud"),
-    extension("_alloc"),
-    extension("_zcomp", "lzo2", "liblz4", "libzstd", "zlib"),
-    extension("_backing"),
-    extension("_workers"),
-    extension("_zram"),
+    # The allocator (zpool/): the page source, the two backends over it, and the Python face.
+    extension("zpool/_pages"),
+    extension("zpool/_zsmalloc"),
+    extension("zpool/_zbud"),
+    extension("zpool/_alloc"),
+    # The compressors (zcomp/): streams and every backend, each through its library.
+    extension("zcomp/_zcomp", "lzo2", "liblz4", "libzstd", "zlib"),
+    # A device's data path (zram/).
+    extension("zram/_backing"),
+    extension("zram/_workers"),
+    extension("zram/_zram"),
     # Dedup's content hash: XXH3 from libxxhash (see _dedup.pyx for why that hash).
-    extension("_dedup", "libxxhash"),
-    extension("_tiering"),
-    # The memory keeper of a live restart (keeper.h).
-    extension("_keeper"),
-    extension("_fuse", "liburing"),
+    extension("zram/_dedup", "libxxhash"),
+    extension("zram/_tiering"),
+    # The memory keeper of a live restart (service/keeper.h).
+    extension("service/_keeper"),
+    # The FUSE engine (fuse/).
+    extension("fuse/_fuse", "liburing"),
 ]
 
 setup(

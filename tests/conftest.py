@@ -18,8 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from zramfs._zram import Disk, Meta
-from zramfs.supervisor import pid_file
+# The corpus of real files is the benchmarks' and the tests' (scripts/corpus.py), not the
+# product's.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+from zramfs.zram._zram import Disk, Meta  # noqa: E402
+from zramfs.supervisor import pid_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ZRAMFS = [sys.executable, "-m", "zramfs.cli"]

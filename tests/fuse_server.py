@@ -2,7 +2,7 @@
 
     python tests/fuse_server.py MOUNTPOINT
 
-    disk    a 64 MiB device file on the real data path (zramfs._zram), no trio
+    disk    a 64 MiB device file on the real data path (zramfs.zram._zram), no trio
     fail    reading it raises ValueError in the handler
     hog     reading it holds the GIL for 2 s (a Python busy loop, switch interval raised)
     stats   the session's counters, JSON
@@ -22,7 +22,8 @@ import sys
 import threading
 import time
 
-from zramfs import _fuse, _zram
+from zramfs.fuse import _fuse
+from zramfs.zram import _zram
 
 ROOT, DISK, FAIL, HOG, STATS, BIG, SLOW = range(1, 8)
 FILES = {"disk": DISK, "fail": FAIL, "hog": HOG, "stats": STATS, "big": BIG, "slow": SLOW}

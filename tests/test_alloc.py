@@ -1,4 +1,4 @@
-"""The allocator (zramfs._alloc): models, threads, memory given back, density."""
+"""The allocator (zramfs.zpool._alloc): models, threads, memory given back, density."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
-from zramfs import _alloc, corpus, registry
+import corpus
+from zramfs import registry
+from zramfs.zpool import _alloc
 
 BACKENDS = ["zsmalloc", "zbud"]
 PAGE = 4096

@@ -270,7 +270,7 @@ def test_algorithm_params_dict_and_negative_levels(daemon: Daemon, tmp_path) -> 
     after disksize it is EBUSY. Negative zstd levels are taken."""
     import zstandard
 
-    from zramfs import corpus
+    import corpus
     data = corpus.build(4 << 20)
     pages = [data[i:i + PAGE] for i in range(0, len(data), PAGE)]
     dictionary = tmp_path / "pages.dict"

@@ -1,4 +1,4 @@
-"""The writeback backing store (zramfs._backing): blocks, bitmap, I/O, bd_stat."""
+"""The writeback backing store (zramfs.zram._backing): blocks, bitmap, I/O, bd_stat."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from zramfs._backing import Backing, BackingError
+from zramfs.sysfs.device import open_backing
+from zramfs.zram._backing import BackingError
 
 PAGE = 4096
 
@@ -14,7 +15,7 @@ PAGE = 4096
 def test_blocks_round_trip_and_bitmap(tmp_path: Path) -> None:
     path = tmp_path / "backing"
     path.write_bytes(bytes(130 * PAGE))            # over two bitmap words
-    b = Backing(str(path))
+    b = open_backing(str(path), None)
     try:
         assert b.nr_blocks == 130
         blocks = [b.alloc() for _ in range(130)]
@@ -38,11 +39,11 @@ def test_blocks_round_trip_and_bitmap(tmp_path: Path) -> None:
 
 def test_bad_backing_devices(tmp_path: Path) -> None:
     with pytest.raises(BackingError) as e:
-        Backing(str(tmp_path / "missing"))
+        open_backing(str(tmp_path / "missing"), None)
     assert e.value.errno == 2
     with pytest.raises(BackingError):
-        Backing(str(tmp_path))                      # a directory
+        open_backing(str(tmp_path), None)                      # a directory
     (tmp_path / "tiny").write_bytes(b"x" * 100)
     with pytest.raises(BackingError) as e:
-        Backing(str(tmp_path / "tiny"))
+        open_backing(str(tmp_path / "tiny"), None)
     assert e.value.errno == 28

@@ -656,7 +656,7 @@ def check_sigkill(box: Container, held: Held, known: str, swap: str,
     assert "adopted the FUSE connection" in log, log
     adopted = re.findall(r"zram[01]: adopted \d+ pages[^\n]*", log)
     assert len(adopted) == 2, log
-    # The killed daemon's memory keeper (zramfs.reclaim) outlived it (KillMode=process), held
+    # The killed daemon's memory keeper (zramfs.service.reclaim) outlived it (KillMode=process), held
     # its locked pages through the gap, and the new daemon ended it once it had adopted them.
     unit_log = box.journal("-u", "zramfs.service")
     left = re.findall(r"Found left-over process (\d+) \(", unit_log)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from zramfs.budget import (DEFAULT_MARGIN, V1_NO_LIMIT, cgroup_limit, cgroup_usage, mem_total,
+from zramfs.service.budget import (DEFAULT_MARGIN, V1_NO_LIMIT, cgroup_limit, cgroup_usage, mem_total,
                            memory_budget, memory_used)
 
 GIB = 1 << 30

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from zramfs.config import ConfigError, evaluate, load, parse_algorithm
+from zramfs.service.config import ConfigError, evaluate, load, parse_algorithm
 
 MIB = 1 << 20
 
@@ -193,7 +193,7 @@ def test_a_real_zram_generator_file(tmp_path: Path, caplog: pytest.LogCaptureFix
     """Every key, as zram-generator reads them: host-memory-limit leaves out a device on a
     bigger machine; the obsolete keys still work, each with a warning naming its successor;
     the trailing group is the recompression policy, run every hour unless said otherwise."""
-    with caplog.at_level("WARNING", logger="zramfs.config"):
+    with caplog.at_level("WARNING", logger="zramfs.service.config"):
         devices = load(write(tmp_path, ZRAM_GENERATOR_CONF), ram_mib=16000)
     by_name = {d.name: d for d in devices}
     assert sorted(by_name) == ["zram0", "zram2", "zram3"]        # zram1: 16000 MB > 9048

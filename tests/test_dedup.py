@@ -1,4 +1,4 @@
-"""Dedup of identical pages (zramfs._dedup): sharing, reference counts, the statistics, the
+"""Dedup of identical pages (zramfs.zram._dedup): sharing, reference counts, the statistics, the
 index as a cache of the slot table, tiering among shared objects, races; then the attribute
 on a real mount. The hypothesis models with dedup on are in test_meta.py, fio in
 test_system.py, races through a mount in test_races.py."""
@@ -15,8 +15,8 @@ import pytest
 
 from conftest import PAGE, PUNCH_HOLE, ZERO_RANGE, Daemon, race
 from test_meta import destroy, make_disk
-from zramfs import _dedup, _tiering
-from zramfs._backing import Backing
+from zramfs.zram import _dedup, _tiering
+from zramfs.sysfs.device import open_backing
 
 ORIG, COMPR, USED = 0, 1, 2
 PATTERN = (b"a page of text that compresses well, but is not same-filled; " * 70)[:PAGE]
@@ -83,7 +83,7 @@ def test_the_object_goes_with_its_last_page() -> None:
 
 
 def _lz4(page: bytes) -> bytes:
-    from zramfs._zcomp import Compressor
+    from zramfs.zcomp._zcomp import Compressor
     c = Compressor("lz4")
     try:
         return c.compress(page)
@@ -163,7 +163,7 @@ def test_the_index_is_rebuilt_from_the_slot_table(rehash: bool) -> None:
 def backed():
     with tempfile.NamedTemporaryFile(prefix="zramfs-backing-") as f:
         f.truncate(256 * PAGE)
-        backing = Backing(f.name)
+        backing = open_backing(f.name, None)
         disk = make_disk(128 * PAGE, dedup=True, backing=backing,
                          secondary={1: ("zstd", 19)})
         try:
@@ -246,7 +246,7 @@ def test_take_over_keeps_shared_objects_shared() -> None:
     """A new daemon's meta with dedup on (enabled before Meta.take_over) copies a shared
     object once and counts its slots from the table; one without dedup gets a copy a slot,
     each an ordinary object (nothing ZRAM_DEDUP left for a meta without an index)."""
-    from zramfs._zram import Disk, Meta
+    from zramfs.zram._zram import Disk, Meta
     old = make_disk(16 * PAGE, dedup=True)
     for i in range(4):
         old.write(i * PAGE, PATTERN)
@@ -335,7 +335,7 @@ def test_tiering_against_twin_writers() -> None:
     npages = 32
     with tempfile.NamedTemporaryFile(prefix="zramfs-backing-") as f:
         f.truncate(4096 * PAGE)
-        backing = Backing(f.name)
+        backing = open_backing(f.name, None)
         disk = make_disk(npages * PAGE, dedup=True, workers=0, backing=backing,
                          secondary={1: ("zstd", 9)})
         meta = disk.meta

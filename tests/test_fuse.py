@@ -1,4 +1,4 @@
-"""The FUSE engine itself (zramfs._fuse) on a real mount, with the real data path."""
+"""The FUSE engine itself (zramfs.fuse._fuse) on a real mount, with the real data path."""
 from __future__ import annotations
 
 import errno

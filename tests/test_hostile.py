@@ -33,7 +33,7 @@ import pytest
 
 from conftest import (PAGE, PUNCH_HOLE, Cleanup, Daemon, backing_file, can_mount_fuse,
                       is_mounted, run, swap_is_on, swap_used_kib, wait_for, zramfs_daemon)
-from zramfs.loop import loops_of
+from zramfs.service.loop import loops_of
 
 pytestmark = pytest.mark.skipif(can_mount_fuse() is not None, reason=str(can_mount_fuse()))
 
@@ -800,7 +800,7 @@ def test_guard_refuses_blocking_calls_on_the_trio_thread(tmp_path: Path) -> None
     worker thread, and after the guard, the same calls work. /proc and /sys stay readable."""
     import trio
 
-    from zramfs.daemon import guard_trio_thread
+    from zramfs.service.daemon import guard_trio_thread
 
     target = tmp_path / "file"
 

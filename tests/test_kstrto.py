@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
-from zramfs import kstrto
-from zramfs.kstrto import (DISKSIZE_MAX, MEM_LIMIT_MAX, U64_MAX, kstrtoint, kstrtoll,
+from zramfs.sysfs import kstrto
+from zramfs.sysfs.kstrto import (DISKSIZE_MAX, MEM_LIMIT_MAX, U64_MAX, kstrtoint, kstrtoll,
                            kstrtou16, kstrtoul, kstrtoull, memparse, parse_device_id,
                            parse_disksize, parse_mem_limit, parse_mem_used_max, parse_reset,
                            parse_size, parse_writeback_limit, parse_writeback_limit_enable)
@@ -199,7 +199,8 @@ def test_the_numbers_of_key_value_attributes_are_kstrtos(bad: str) -> None:
     """writeback, idle, recompress, recomp_algorithm and the config's levels read their
     numbers with kstrto, as the kernel's stores do: int() would take '1_0' as 10 and
     non-ASCII digits as ASCII ones."""
-    from zramfs import config, tiering
+    from zramfs.service import config
+    from zramfs.sysfs import tiering_args as tiering
     for parse, text in ((tiering.parse_writeback, f"page_index={bad}"),
                         (tiering.parse_writeback, f"page_indexes=0-{bad}"),
                         (tiering.parse_idle, bad),

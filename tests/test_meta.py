@@ -1,4 +1,4 @@
-"""The device's data path without FUSE (zramfs._zram, _workers, _tiering): a model, stats,
+"""The device's data path without FUSE (zramfs.zram._zram, _workers, _tiering): a model, stats,
 limits, lifetime, races."""
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from conftest import PAGE, PUNCH_HOLE, ZERO_RANGE, attached, destroy, race
-from zramfs._backing import Backing
-from zramfs import _dedup, _tiering
-from zramfs._zram import Disk, Meta
+from zramfs.sysfs.device import open_backing
+from zramfs.zram import _dedup, _tiering
+from zramfs.zram._zram import Disk, Meta
 
 
 
@@ -109,7 +109,7 @@ class TieredDiskModel(DiskModel):
         # Room for every page, so eviction can always make room and no write may fail;
         # a full backing device is tested on a mount (test_tiering.py).
         self.file.truncate(self.SIZE)
-        self.backing = Backing(self.file.name)
+        self.backing = open_backing(self.file.name, None)
         # Half the runs write objects back as stored (compressed_writeback).
         self.disk = make_disk(self.SIZE, "lz4", backing=self.backing,
                               secondary={1: ("zstd", 19), 2: ("lz4hc", 12)},
@@ -523,7 +523,7 @@ def test_eviction_compaction_is_counted_once_by_the_pool() -> None:
     npages = 8192            # eviction takes ~1 MiB of objects (its slack): far from all
     with tempfile.NamedTemporaryFile(prefix="zramfs-backing-") as f:
         f.truncate(npages * PAGE)
-        backing = Backing(f.name)
+        backing = open_backing(f.name, None)
         disk = make_disk(npages * PAGE, workers=0, backing=backing)
         try:
             meta = disk.meta

@@ -348,7 +348,7 @@ def test_make_install_and_uninstall_into_a_prefix(tmp_path: Path) -> None:
     assert command.is_symlink() and command.resolve() == prefix / "bin" / "zramfs"
     assert "ctl" in run(str(command), "--help", cwd=tmp_path).stdout
     home = run(str(prefix / "bin" / "python"), "-c",
-               "import os, zramfs._zram; print(os.path.dirname(zramfs._zram.__file__))",
+               "import os, zramfs.zram._zram; print(os.path.dirname(zramfs.zram._zram.__file__))",
                cwd=tmp_path).stdout.strip()
     assert home.startswith(str(prefix)), home                  # not the checkout's package
     unit = (units / "zramfs.service").read_text()
@@ -445,7 +445,7 @@ def test_metrics_endpoint_bounds_idle_connections(tmp_path: Path, cleanup: Clean
     import socket
     from urllib.request import urlopen
 
-    from zramfs.metrics import REQUEST_TIMEOUT
+    from zramfs.service.metrics import REQUEST_TIMEOUT
 
     port = free_port()
     with zramfs_daemon("--default-device", "--metrics", f"127.0.0.1:{port}",
@@ -476,7 +476,7 @@ def test_metrics_endpoint_bounds_idle_connections(tmp_path: Path, cleanup: Clean
 
 
 def test_metrics_config_key(tmp_path: Path) -> None:
-    from zramfs import config
+    from zramfs.service import config
     conf = tmp_path / "zramfs.conf"
     conf.write_text("[zramfs]\nmetrics = 127.0.0.1:9101\n[zram0]\nzram-size = 64\n")
     assert config.load_daemon(conf).metrics == "127.0.0.1:9101"
@@ -489,7 +489,7 @@ def test_metrics_config_key(tmp_path: Path) -> None:
 def test_fuse_transport_option_and_config_key(tmp_path: Path) -> None:
     """--fuse-transport and [zramfs] fuse-transport take classic, io_uring or auto; anything
     else is a one-line error before anything is mounted."""
-    from zramfs import config
+    from zramfs.service import config
     conf = tmp_path / "zramfs.conf"
     conf.write_text("[zramfs]\nfuse-transport = io_uring\n")
     assert config.load_daemon(conf).fuse_transport == "io_uring"
@@ -526,7 +526,7 @@ def test_train_dict_from_a_devices_own_pages(daemon: Daemon, tmp_path: Path) -> 
     """`zramfs train-dict zramN -o FILE` trains a zstd dictionary on the device's stored
     pages; a device given it holds the same pages in less memory. An empty device has
     nothing to learn from: one line, exit 1."""
-    from zramfs import corpus
+    import corpus
     data = corpus.build(8 << 20)
     source = daemon.device("16M", "zstd")
     with open(daemon.dev(source), "r+b", buffering=0) as f:
@@ -579,7 +579,7 @@ def test_config_gives_a_recompression_algorithm_its_dictionary(tmp_path: Path) -
     does. The same file on two devices, one with the dictionary: after `recompress
     type=idle` that one holds less, and the file reads back from both."""
     import zstandard
-    from zramfs import corpus
+    import corpus
     data = corpus.build(8 << 20, ("/usr/lib/python3.11",))    # source text: a dictionary helps
     dictionary = tmp_path / "pages.dict"
     pages = [data[i:i + PAGE] for i in range(0, len(data), 4 * PAGE)]

@@ -2,10 +2,10 @@
 every page written with a dictionary reads back as written, or fails its read (EIO, counted
 in io_stat's failed_reads); never other bytes.
 
-Each frame names the dictionary it was written with (zramfs._zcomp.dictionary_name), so a
+Each frame names the dictionary it was written with (zramfs.zcomp._zcomp.dictionary_name), so a
 raw-content dictionary (which has no zstd id) replaced by another, or a trained one replaced
 by garbage and the garbage by other garbage, is told from the one the frame needs. With the
-copies kept beside the device's pages (zramfs.state's `dicts`), every page reads back; with
+copies kept beside the device's pages (zramfs.service.state's `dicts`), every page reads back; with
 them gone from the service manager's store, the pages that need them fail their reads.
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ def failed_reads(d: Daemon, name: str) -> int:
 def test_a_replaced_dictionary_never_reads_back_other_bytes(tmp_path: Path, cleanup: Cleanup,
                                                             case: str, kept: bool) -> None:
     import zstandard
-    from zramfs import corpus
+    import corpus
     mgr = Manager(cleanup)
     text = corpus.build(16 * MiB, ("/usr/lib/python3.11",))
     data = text[:8 * MiB]

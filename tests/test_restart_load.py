@@ -562,7 +562,7 @@ def test_a_graceful_restart_in_a_tight_cgroup_with_swap_on_its_own_device(
     args = ("--fuse-transport", "classic", "--mlock", "yes")
     with zramfs_daemon(*args[2:], env=mgr.env(), tmp=tmp_path) as d, abort_if_down(d, mgr):
         cgroup = memory_cgroup(d.cleanup, "zramfs-test-restart-daemon", DAEMON_LIMIT)
-        # The daemon and the keeper its successor starts in the cgroup (zramfs.reclaim).
+        # The daemon and the keeper its successor starts in the cgroup (zramfs.service.reclaim).
         d.cleanup.push("the daemon and its keeper back to the root cgroup",
                        lambda: [(CGROUP_MEMORY / "cgroup.procs").write_text(pid) for pid in
                                 (cgroup / "cgroup.procs").read_text().split()])

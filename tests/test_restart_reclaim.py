@@ -44,7 +44,7 @@ def status_kib(pid: int, field: str) -> int:
 
 
 def keepers(pid: int) -> list[int]:
-    """The daemon's children that share its memory (the keeper, zramfs.reclaim)."""
+    """The daemon's children that share its memory (the keeper, zramfs.service.reclaim)."""
     mine = os.stat(f"/proc/{pid}/exe")
     return [c for c in children(pid)
             if Path(f"/proc/{c}/comm").read_text() == Path(f"/proc/{pid}/comm").read_text()

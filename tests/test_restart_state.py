@@ -30,13 +30,13 @@ import pytest
 from conftest import (PAGE, PUNCH_HOLE, Cleanup, Daemon, fallocate, is_mounted, requires_fuse,
                       start_daemon, zramfs_daemon)
 from manager import Call, Manager, servings, stop
-from zramfs._alloc import POOL_VERSION
+from zramfs.zpool._alloc import POOL_VERSION
 
 pytestmark = requires_fuse
 
 MiB = 1 << 20
-RECORD_HALF = 1 << 20            # zramfs.state._HALF: the record's two halves
-RECORD_BODY = 40                 # zramfs.state._HEADER.size: where a half's JSON starts
+RECORD_HALF = 1 << 20            # zramfs.service.state._HALF: the record's two halves
+RECORD_BODY = 40                 # zramfs.service.state._HEADER.size: where a half's JSON starts
 VERSION_AT = 16                  # the u32 after the 16-byte magic, in every kept header
 
 
@@ -330,13 +330,13 @@ def test_ten_restarts_keep_the_data_and_cost_no_memory(tmp_path: Path, cleanup: 
 def test_pages_written_with_a_dictionary_read_back_after_it_changes_or_goes(
         tmp_path: Path, cleanup: Cleanup) -> None:
     """zstd with a dictionary at a dict= path: the dictionary is kept beside the device's
-    pages (zramfs.state's `dicts`). A restart that finds another dictionary at the path (one
+    pages (zramfs.service.state's `dicts`). A restart that finds another dictionary at the path (one
     trained anew) writes with it and still reads the pages written with the first, by the id
     each frame names; one that finds a dictionary with a kept one's id but other bytes there
     uses the kept copy (an id is all a frame names); one that finds none there uses the kept
     copies. Every page reads back after each."""
     import zstandard
-    from zramfs import corpus
+    import corpus
     mgr = Manager(cleanup)
     data = corpus.build(8 << 20, ("/usr/lib/python3.11",))
     pages = [data[i:i + PAGE] for i in range(0, len(data), PAGE)]

@@ -1,7 +1,7 @@
 """Paths an operator gives the daemon (`dict=` of algorithm_params and of the config's
 zstd(...), `backing_dev`) that are not what they should be: a FIFO, a directory, a character
 device. Each is refused at once with EINVAL and a log line naming what it is, never waited on:
-an open of a FIFO waits for a writer, and the daemon would wait with it (zramfs.files).
+an open of a FIFO waits for a writer, and the daemon would wait with it (zramfs.sysfs.files).
 
 At a restart the same holds for the settings replayed: a dictionary path that became a FIFO
 is like one that went away (the kept copy is used), and the restart does not hang.
@@ -127,7 +127,7 @@ def test_a_restart_finding_a_fifo_at_the_dict_path_uses_the_kept_copy(
     """The dictionary file replaced by a FIFO, then a crash: the next daemon does not wait on
     the FIFO; it takes the dictionary kept from before and every page reads back."""
     import zstandard
-    from zramfs import corpus
+    import corpus
     mgr = Manager(cleanup)
     data = corpus.build(4 << 20, ("/usr/lib/python3.11",))
     pages = [data[i:i + PAGE] for i in range(0, len(data), PAGE)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from zramfs.tiering import (Recompress, Writeback, parse_idle, parse_recomp_algorithm,
+from zramfs.sysfs.tiering_args import (Recompress, Writeback, parse_idle, parse_recomp_algorithm,
                             parse_recompress, parse_writeback)
 
 
@@ -481,7 +481,7 @@ def test_compressed_writeback(daemon: Daemon, tmp_path: Path) -> None:
     """compressed_writeback (kernel 7.0): before disksize only (EBUSY after); pages go to the
     backing device as they were stored and are decompressed when read back: the data reads
     back identical, from the backing file, with the memory given back."""
-    from zramfs import corpus
+    import corpus
     data = corpus.build(8 << 20)
     backing = tmp_path / "backing"
     backing.write_bytes(bytes(16 << 20))
@@ -512,7 +512,7 @@ def test_writeback_batch_size(daemon: Daemon, tmp_path: Path, batch: str) -> Non
     """writeback_batch_size (kernel 6.19): 32 by default, 0 is EINVAL; writeback keeps that
     many writes in flight, and whatever the batch, every page lands and reads back, while
     a writer rewrites some of them during the writeback (those stay in memory, new)."""
-    from zramfs import corpus
+    import corpus
     data = bytearray(corpus.build(8 << 20))
     backing = tmp_path / "backing"
     backing.write_bytes(bytes(16 << 20))

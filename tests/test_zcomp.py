@@ -1,4 +1,4 @@
-"""The compressors on their own (zramfs._zcomp), without a device: every algorithm reads back
+"""The compressors on their own (zramfs.zcomp._zcomp), without a device: every algorithm reads back
 what it wrote; zstd's frames are as small as a page allows (no magic, no content size) yet
 name their dictionary, raw-content ones included; frames written the old way still read
 back."""
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import zstandard
 
-from zramfs import corpus
-from zramfs._zcomp import (Compressor, CompressorError, check_algorithm, check_level,
+import corpus
+from zramfs.zcomp._zcomp import (Compressor, CompressorError, check_algorithm, check_level,
                             dictionary_name)
 
 PAGE = 4096
@@ -201,7 +201,7 @@ def test_older_dictionaries_read_the_pages_written_with_them(pages: list[bytes],
     now = Compressor("zstd", 3, streams=1, dictionary=other, older=(trained,))
     alone = Compressor("zstd", 3, streams=1, dictionary=other)
     try:
-        from zramfs._zcomp import dictionary_id
+        from zramfs.zcomp._zcomp import dictionary_id
         assert dictionary_id(other) == 4242 == now.dict_id != first.dict_id
         for page in pages[:64]:
             old, new = first.compress(page), now.compress(page)

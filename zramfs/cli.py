@@ -20,8 +20,9 @@ from pathlib import Path
 
 import trio
 
-from zramfs import config, ctl, daemon, fdstore, supervisor
-from zramfs.config import DeviceConfig
+from zramfs import ctl, supervisor
+from zramfs.service import config, daemon, fdstore
+from zramfs.service.config import DeviceConfig
 
 log = logging.getLogger("zramfs")
 

@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from zramfs import loop
-from zramfs.kstrto import PAGE_SIZE as PAGE
+from zramfs.service import loop
+from zramfs.sysfs.kstrto import PAGE_SIZE as PAGE
 
 COLUMNS = {
     # name: (header, what it shows)

@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from zramfs import fdstore
+from zramfs.service import fdstore
 
 log = logging.getLogger("zramfs.supervisor")
 

@@ -1,2 +1,0 @@
-# Tiering over the slot table (cimport zramfs._tiering): nothing is exported at C level; the
-# eviction function is handed to the data path through zram.evict (see _zram.pxd).

@@ -1,5 +1,0 @@
-# zsmalloc's driver table, for the backend registry (cimport zramfs._zsmalloc). A function,
-# since Cython cannot cimport a module-level variable. Callable without the GIL.
-from zramfs.zpool cimport zpool_driver
-
-cdef const zpool_driver* zsmalloc_driver() noexcept nogil

@@ -1,0 +1,417 @@
+# cython: language_level=3
+"""The allocator's Python face: `Pool`, the backend registry, unique pool names.
+
+The pools themselves are C: zsmalloc (_zsmalloc) and zbud (_zbud), both over the page source
+(_pages), each reached through its `zpool_driver` table (zpool.pxd) of functions that run
+without the GIL. This module owns what sits above them: the registry (zramfs.registry) that
+picks a backend by name and pins it while a pool uses it, the names of live pools, and `Pool`,
+the owner the device holds and the face tests and tools use. Everything here runs under the
+GIL; `Pool` drops it around each driver call, so threads really run in parallel.
+
+A pool lives in a region of its own, a memfd (zramfs.zpool._pages) with a header at offset 0, mapped
+in an address range of its own: keep `Pool.fd` across a restart and a later daemon maps it at
+the same address and adopts it as it is (`pool_adopt`), or, where it cannot, opens it as a
+`PoolImage` to copy the objects out.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections import namedtuple
+
+from zramfs.registry import Registry
+
+from libc.stdint cimport uint64_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy, memcmp, memset, strncpy
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+
+from zramfs.common cimport PAGE_SIZE
+from zramfs.zpool.zpool cimport ZPOOL_ARENAS, ZPOOL_ROOT, zpool_class_stat, zpool_driver
+from zramfs.zpool._pages cimport PAGES_MAX_RUN      # every backend's zspage (or page) is one run
+from zramfs.zpool._pages cimport (region_adopt, region_close, region_create, region_map,
+                            region_populate, zregion)
+from zramfs.zpool._zsmalloc cimport zsmalloc_driver
+from zramfs.zpool._zbud cimport zbud_driver
+
+PAGE = PAGE_SIZE
+DEFAULT_MAX_PAGES_PER_ZSPAGE = 8
+# The header's magic and version: a later daemon adopts only a pool of the same layout.
+POOL_MAGIC = b"zramfs-pool"
+POOL_VERSION = 2
+_ARENA = 64 << 20
+
+
+def default_region_size() -> int:
+    """Address space for one pool: twice the machine's RAM (the budget keeps the pages held
+    below RAM; the rest is room for freed runs). Costs nothing until touched."""
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return ZPOOL_ARENAS + (2 * ram + _ARENA - 1) // _ARENA * _ARENA
+
+
+class PoolError(Exception):
+    """The pool cannot do that (it is destroyed)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends are pinned while a pool uses them (docs/design.md, hazard 5); pool names stay unique
+# while an old pool is still being torn down (hazard 3).
+
+cdef class _Backend:
+    cdef const zpool_driver* driver
+
+
+cdef _Backend _backend(const zpool_driver* driver):
+    cdef _Backend b = _Backend()
+    b.driver = driver
+    return b
+
+
+BACKENDS: Registry[_Backend] = Registry("allocator backend")
+BACKENDS.register("zsmalloc", _backend(zsmalloc_driver()))
+BACKENDS.register("zbud", _backend(zbud_driver()))
+
+_names_lock = threading.Lock()
+_pool_names: set[str] = set()
+
+
+def _claim_name(wanted: str) -> str:
+    """A pool name unique among live pools: `wanted`, or `wanted-N` while that is held."""
+    with _names_lock:
+        name, n = wanted, 1
+        while name in _pool_names:
+            n += 1
+            name = f"{wanted}-{n}"
+        _pool_names.add(name)
+        return name
+
+
+ClassStat = namedtuple(
+    "ClassStat",
+    "index size obj_allocated obj_used pages_used pages_per_zspage freeable",
+)
+
+
+cdef class Pool:
+    """A pool of compressed objects: `Pool("zsmalloc", "zram0")`.
+
+    The Python methods are for tests and tools; they check handles and release the GIL around
+    the C calls, so threads really run in parallel. The device uses `driver`/`impl` directly.
+    """
+
+    def __cinit__(self):
+        self.region.fd = -1
+        self.region.base = NULL
+
+    def __init__(self, backend: str = "zsmalloc", name: str = "zram",
+                 max_pages_per_zspage: int = DEFAULT_MAX_PAGES_PER_ZSPAGE,
+                 region_size: int | None = None):
+        cdef _Backend b
+        cdef zpool_header* h
+        cdef int rc
+        if not 1 <= max_pages_per_zspage <= PAGES_MAX_RUN:
+            raise ValueError(f"max_pages_per_zspage must be 1..{PAGES_MAX_RUN}")
+        cdef size_t size = default_region_size() if region_size is None else region_size
+        if size < ZPOOL_ARENAS + _ARENA:
+            raise ValueError(f"region_size must be at least {ZPOOL_ARENAS + _ARENA}")
+        b = BACKENDS.pin(backend)
+        self._pin = backend
+        self.driver = b.driver
+        self.backend = backend
+        self._live = set()
+        region_name = f"zramfs-pool:{name}".encode()
+        rc = region_create(&self.region, region_name, size, True)
+        if rc != 0:
+            self._unpin()
+            raise OSError(-rc, f"cannot make a region of {size} bytes for the pool")
+        h = <zpool_header*>self.region.base
+        strncpy(h.magic, POOL_MAGIC, sizeof(h.magic))
+        h.version = POOL_VERSION
+        h.pointer_size = sizeof(void*)
+        strncpy(h.backend, backend.encode(), sizeof(h.backend) - 1)
+        h.base = <uint64_t>self.region.base
+        h.size = self.region.size
+        cdef int chain = max_pages_per_zspage
+        with nogil:
+            self.impl = self.driver.create(chain, &self.region)
+        if self.impl == NULL:
+            region_close(&self.region)
+            self._unpin()
+            raise MemoryError("cannot create pool")
+        self.name = _claim_name(name)
+
+    @staticmethod
+    def adopt(int fd, handles, str name="zram") -> Pool:
+        """`pool_adopt` for tests and tools: the kept pool in `fd` with the objects of
+        `handles` (a sequence of ints), which its Python methods then take."""
+        cdef size_t i, n = len(handles)
+        cdef uint64_t* hs = <uint64_t*>malloc((n + 1) * sizeof(uint64_t))
+        cdef Pool p
+        if hs == NULL:
+            raise MemoryError("no memory for the handles")
+        try:
+            for i in range(n):
+                hs[i] = handles[i]
+            p = pool_adopt(fd, hs, n, name)
+        finally:
+            free(hs)
+        p._live = set(handles)
+        return p
+
+    @property
+    def fd(self) -> int:
+        """The memfd the pool lives in (the pool's to close): keep a dup of it to keep the
+        pool's memory past this process."""
+        return self.region.fd
+
+    def _unpin(self):
+        if self._pin is not None:
+            BACKENDS.unpin(self._pin)
+            self._pin = None
+
+    def destroy(self) -> None:
+        """Frees every object and gives all memory back. The pool is unusable after."""
+        if self.impl == NULL:
+            return
+        self._compacted_at_destroy = self.driver.pages_compacted(self.impl)
+        with nogil:
+            self.driver.destroy(self.impl)
+        self.impl = NULL
+        region_close(&self.region)
+        self._live.clear()
+        self._unpin()
+        with _names_lock:
+            _pool_names.discard(self.name)   # only now may the name be handed out again
+
+    def __dealloc__(self):
+        if self.impl != NULL:
+            self.driver.destroy(self.impl)
+            self.impl = NULL
+        region_close(&self.region)
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.destroy()
+
+    cdef int _check_open(self) except -1:
+        if self.impl == NULL:
+            raise PoolError(f"pool {self.name} is destroyed")
+        return 0
+
+    cdef int _check_handle(self, handle) except -1:
+        self._check_open()
+        if handle not in self._live:
+            raise KeyError(f"no live object with handle {handle:#x}")
+        return 0
+
+    def malloc(self, size_t size) -> int:
+        """A handle to a new object of `size` bytes (1..4096)."""
+        cdef uint64_t h
+        self._check_open()
+        if size == 0 or size > PAGE_SIZE:
+            raise ValueError(f"object size {size} is not in 1..{PAGE_SIZE}")
+        with nogil:
+            h = self.driver.malloc(self.impl, size)
+        if h == 0:
+            raise MemoryError(f"pool {self.name}: no memory for {size} bytes")
+        self._live.add(h)
+        return h
+
+    def free(self, uint64_t handle) -> None:
+        self._check_handle(handle)
+        self._live.discard(handle)
+        with nogil:
+            self.driver.free(self.impl, handle)
+
+    def write(self, uint64_t handle, data) -> None:
+        """Copies `data` (a bytes-like object no longer than the object) into the object."""
+        cdef Py_buffer view
+        cdef char* dst
+        self._check_handle(handle)
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if <size_t>view.len > self.driver.obj_size(self.impl, handle):
+                raise ValueError(f"{view.len} bytes do not fit the object")
+            with nogil:
+                dst = self.driver.map(self.impl, handle)
+                memcpy(dst, view.buf, view.len)
+                self.driver.unmap(self.impl, handle)
+        finally:
+            PyBuffer_Release(&view)
+
+    def read(self, uint64_t handle) -> bytes:
+        """The object's bytes (its whole size as allocated)."""
+        cdef size_t n
+        cdef char* src
+        self._check_handle(handle)
+        n = self.driver.obj_size(self.impl, handle)
+        out = PyBytes_FromStringAndSize(NULL, n)
+        cdef char* buf = PyBytes_AS_STRING(out)
+        with nogil:
+            src = self.driver.map(self.impl, handle)
+            memcpy(buf, src, n)
+            self.driver.unmap(self.impl, handle)
+        return out
+
+    def compact(self) -> int:
+        """Moves objects out of sparse zspages and gives emptied ones back; pages freed."""
+        cdef size_t freed
+        self._check_open()
+        with nogil:
+            freed = self.driver.compact(self.impl)
+        return freed
+
+    @property
+    def pages_compacted(self) -> int:
+        """Pages freed by compaction over the pool's life, by any caller, Python or C: the
+        backend counts them (mm_stat's pages_compacted). Still readable after destroy."""
+        if self.impl == NULL:
+            return self._compacted_at_destroy
+        return self.driver.pages_compacted(self.impl)
+
+    @property
+    def total_pages(self) -> int:
+        """Pages held from the OS (page-granular): mem_used_total / 4096."""
+        self._check_open()
+        return self.driver.total_pages(self.impl)
+
+    def class_size(self, size_t size) -> int:
+        """The room an object of `size` bytes takes."""
+        self._check_open()
+        return self.driver.class_size(self.impl, size)
+
+    @property
+    def huge_class_size(self) -> int:
+        """Objects of this size or more take a page of their own; store such pages raw."""
+        self._check_open()
+        return self.driver.huge_class_size(self.impl)
+
+    def class_stats(self) -> list[ClassStat]:
+        """Rows like zsmalloc's debugfs `classes` file, smallest class first (none for zbud)."""
+        cdef zpool_class_stat* rows
+        cdef int n, i
+        self._check_open()
+        n = self.driver.class_stats(self.impl, NULL, 0)     # the number of classes is fixed
+        if n <= 0:
+            return []
+        rows = <zpool_class_stat*>malloc(n * sizeof(zpool_class_stat))
+        if rows == NULL:
+            raise MemoryError("no memory for class statistics")
+        try:
+            with nogil:
+                n = min(n, self.driver.class_stats(self.impl, rows, n))
+            return [ClassStat(
+                index=rows[i].index, size=rows[i].size, obj_allocated=rows[i].obj_allocated,
+                obj_used=rows[i].obj_used, pages_used=rows[i].pages_used,
+                pages_per_zspage=rows[i].pages_per_zspage, freeable=rows[i].freeable,
+            ) for i in range(n)]
+        finally:
+            free(rows)
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.name} backend={self.backend}>"
+
+
+class PoolImageError(Exception):
+    """The fd holds no pool this version can adopt."""
+
+
+class PoolInPlaceError(Exception):
+    """The kept pool cannot be adopted in place here: its backend cannot, or its address is
+    taken in this process. It can still be copied out (PoolImage)."""
+
+
+cdef Pool pool_adopt(int fd, const uint64_t* handles, size_t n, str name):
+    cdef PoolImage image = PoolImage(fd)
+    cdef const zpool_driver* driver = image.driver
+    cdef char* base = image.old_base
+    cdef str backend = image.backend
+    cdef const char* why
+    cdef Pool p
+    cdef int rc
+    image.close()
+    if driver.adopt == NULL:
+        raise PoolInPlaceError(f"a {backend} pool is copied, not adopted in place")
+    p = Pool.__new__(Pool)
+    p.driver = driver
+    p.backend = backend
+    p._live = set()
+    BACKENDS.pin(backend)
+    p._pin = backend
+    rc = region_adopt(&p.region, fd, base)
+    if rc != 0:
+        p._unpin()
+        raise PoolInPlaceError(f"its address {<uint64_t>base:#x} is taken in this process: "
+                               f"{os.strerror(-rc)}")
+    with nogil:
+        why = driver.adopt(&p.region, handles, n, &p.impl)
+    if why != NULL:
+        region_close(&p.region)
+        p._unpin()
+        raise PoolImageError(f"pool damaged: {why.decode()}")
+    with nogil:
+        region_populate(&p.region, ZPOOL_ARENAS)
+    p.name = _claim_name(name)
+    return p
+
+
+cdef class PoolImage:
+    """`PoolImage(fd)`: the pool a process before this one left in the memfd `fd` (a dup is
+    kept; `close()` drops it). Raises PoolImageError for anything but a pool of this layout."""
+
+    def __cinit__(self):
+        self.region.fd = -1
+        self.region.base = NULL
+
+    def __init__(self, int fd):
+        cdef zpool_header* h
+        cdef _Backend b
+        cdef int rc = region_map(&self.region, fd, False)
+        if rc != 0:
+            raise PoolImageError(f"fd {fd} is not a pool's memfd: {os.strerror(-rc)}")
+        h = <zpool_header*>self.region.base
+        if self.region.size < ZPOOL_ARENAS or memcmp(h.magic, <const char*>POOL_MAGIC,
+                                                      len(POOL_MAGIC) + 1) != 0:
+            self.close()
+            raise PoolImageError("not a zramfs pool (bad magic)")
+        if h.version != POOL_VERSION or h.pointer_size != sizeof(void*):
+            version = h.version
+            self.close()
+            raise PoolImageError(f"pool format {version}, this zramfs reads {POOL_VERSION}")
+        if h.size != self.region.size:
+            self.close()
+            raise PoolImageError("pool region truncated")
+        backend = h.backend[:sizeof(h.backend)].split(b"\0")[0].decode(errors="replace")
+        try:
+            b = BACKENDS.pin(backend)
+        except LookupError:
+            self.close()
+            raise PoolImageError(f"unknown allocator backend {backend!r}") from None
+        BACKENDS.unpin(backend)      # its driver table is static: nothing to keep alive
+        self.backend = backend
+        self.driver = b.driver
+        self.delta = <ssize_t>(self.region.base - <char*>h.base)
+        self.old_base = <char*>h.base
+
+    cdef const char* locate(self, uint64_t handle, size_t size) noexcept nogil:
+        if self.region.base == NULL:
+            return NULL
+        return self.driver.locate(self.region.base + ZPOOL_ROOT, self.delta,
+                                  self.region.base + ZPOOL_ROOT,
+                                  self.region.base + self.region.size, handle, size)
+
+    def read(self, uint64_t handle, size_t size) -> bytes | None:
+        """The object's `size` bytes, or None where the handle leads nowhere sound."""
+        cdef const char* p = self.locate(handle, size)
+        if p == NULL:
+            return None
+        return PyBytes_FromStringAndSize(p, size)
+
+    def close(self) -> None:
+        region_close(&self.region)
+
+    def __dealloc__(self):
+        region_close(&self.region)

@@ -1,0 +1,580 @@
+# cython: language_level=3
+"""Tiering, over the slot table's API (zramfs.zram._zram): idle marking, writeback to a backing
+device, recompression with secondary algorithms (zram.rst's semantics), and zswap-style
+eviction of least recently used pages over mem_limit (a zramfs extension).
+
+Each walks the table without the GIL and takes one slot lock at a time; the caller holds a
+reference on the meta (Disk.call). Lock order as in _zram.pyx: a stream, then a slot lock,
+then (eviction) the eviction lock, then the allocator's and backing device's own locks.
+
+With dedup on (zramfs.zram._dedup), an object shared by several slots is not written back,
+recompressed or evicted: moving one slot's page would free nothing. One with a single
+reference is handled as any other; its slot's reference goes with it.
+
+    from zramfs.zram import _tiering
+    disk.call(_tiering.mark_idle, None)             # every stored page
+    disk.call(_tiering.writeback, "idle", ())       # pages written back
+    disk.call(_tiering.recompress, "idle", 0, 0, 0)
+"""
+from __future__ import annotations
+
+import os
+
+from libc.errno cimport EINVAL, EIO, ENODEV, ENOMEM, ENOSPC
+from libc.stdint cimport uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, qsort, realloc
+from libc.string cimport memcpy, memset
+
+from zramfs.zram._dedup cimport zdedup_shared
+from zramfs.zram._backing cimport (BK_MAX_BATCH, backing_alloc, backing_free, backing_write,
+                              backing_write_batch)
+from zramfs.zcomp._zcomp cimport zcomp, zcomp_compress, zcomp_stream_get, zcomp_stream_put, zstream
+from zramfs.zram._zram cimport (Meta, zram, zram_now, zram_slot_free, zram_slot_has_object,
+                           zram_slot_load, zram_slot_replace, zslot)
+from zramfs.pthread cimport (pthread_join, pthread_mutex_lock, pthread_mutex_unlock, pthread_t,
+                            zram_thread_start)
+from zramfs.common cimport (PAGE_SHIFT, PAGE_SIZE, posix_memalign, za_add, za_load, za_store,
+                            za_sub)
+from zramfs.zram.zram cimport (ZRAM_ACCESSED, ZRAM_HUGE, ZRAM_IDLE, ZRAM_INCOMPRESSIBLE,
+                               ZRAM_PRIO_MASK, ZRAM_PRIO_SHIFT, ZRAM_WB, ZRAM_UNDER_WB,
+                               ZRAM_WB_COMPRESSED, zram_slot_clear, zram_slot_flags,
+                               zram_slot_lock, zram_slot_set_flags, zram_slot_trylock,
+                               zram_slot_unlock)
+
+cdef enum:
+    # Which pages a writeback or recompression takes, by zram.rst's page types.
+    PICK_ALL = 0              # every page with an object (recompression: by threshold alone)
+    PICK_IDLE = 1
+    PICK_HUGE = 2
+    PICK_HUGE_IDLE = 3
+    PICK_INCOMPRESSIBLE = 4   # writeback only
+    PICK_INDEXES = 5          # writeback only: the page index ranges given
+    EVICT_SLACK = 256         # pages evicted beyond the excess, so not every write evicts
+
+# The page types the attributes name, for both writeback and recompression.
+PAGE_TYPES = {"idle": PICK_IDLE, "huge": PICK_HUGE, "huge_idle": PICK_HUGE_IDLE,
+              "incompressible": PICK_INCOMPRESSIBLE}
+
+
+cdef bint _picked(zram* m, zslot* s, int pick) noexcept nogil:
+    """A page with an object in the pool, of the page type `pick`, not shared (dedup)."""
+    cdef uint32_t f = zram_slot_flags(&s.flags)
+    if not zram_slot_has_object(s, f) or zdedup_shared(m, s):
+        return False
+    if pick == PICK_IDLE:
+        return f & ZRAM_IDLE != 0
+    if pick == PICK_HUGE:
+        return f & ZRAM_HUGE != 0
+    if pick == PICK_HUGE_IDLE:
+        return f & ZRAM_HUGE != 0 and f & ZRAM_IDLE != 0
+    if pick == PICK_INCOMPRESSIBLE:
+        return f & ZRAM_INCOMPRESSIBLE != 0
+    return True
+
+
+# --- idle ------------------------------------------------------------------------------------
+
+cdef inline bint _stored(zslot* s) noexcept nogil:
+    """A page with an object in the pool, shared or not."""
+    return zram_slot_has_object(s, zram_slot_flags(&s.flags))
+
+
+cdef size_t _mark_idle(zram* m, uint32_t age) noexcept nogil:
+    """Marks idle every stored page, or (age > 0) those not accessed for `age` seconds."""
+    cdef size_t i, marked = 0
+    cdef uint32_t now = zram_now()
+    cdef zslot* s
+    for i in range(m.nr_pages):
+        s = &m.table[i]
+        if not _stored(s):
+            continue
+        zram_slot_lock(&s.flags)
+        if _stored(s) and (age == 0 or now - m.ac_time[i] >= age):
+            zram_slot_set_flags(&s.flags, zram_slot_flags(&s.flags) | ZRAM_IDLE)
+            marked += 1
+        zram_slot_unlock(&s.flags)
+    return marked
+
+
+# --- writeback -------------------------------------------------------------------------------
+
+ctypedef struct zwb:                    # one page of a writeback, between its two halves
+    size_t index
+    size_t block
+    uint64_t handle                     # the object it was taken from
+    uint32_t keep                       # flags the written-back slot keeps
+    uint32_t size                       # with compressed_writeback: the object's size
+
+
+cdef int _wb_prepare(zram* m, zslot* s, char* page, zstream* st, zwb* w) noexcept nogil:
+    """Slot lock held: a block for the page, and what goes in it in `page` (page-aligned):
+    the page decompressed, or with compressed_writeback the object as it is stored (a read
+    decompresses it), as the kernel's. 0, -ENOSPC (backing device full) or -EIO."""
+    cdef long block = backing_alloc(m.backing)
+    cdef uint32_t flags = zram_slot_flags(&s.flags)
+    cdef const char* src
+    if block < 0:
+        return -ENOSPC
+    w.index = s - m.table
+    w.block = <size_t>block
+    w.handle = s.handle
+    w.keep = 0
+    w.size = s.size
+    if m.compressed_wb:
+        src = m.driver.map(m.pool, s.handle)
+        memcpy(page, src, s.size)
+        m.driver.unmap(m.pool, s.handle)
+        memset(page + s.size, 0, PAGE_SIZE - s.size)
+        w.keep = ZRAM_WB_COMPRESSED | (flags & (ZRAM_HUGE | ZRAM_PRIO_MASK))
+    elif zram_slot_load(m, s, page, st) != 0:
+        backing_free(m.backing, block)
+        return -EIO
+    return 0
+
+
+cdef void _wb_commit(zram* m, zslot* s, zwb* w) noexcept nogil:
+    """Slot lock held, its page on the block: the object freed, the slot pointing at the block
+    (a new home complete before the old one goes: hazard 8)."""
+    cdef uint32_t idle = zram_slot_flags(&s.flags) & ZRAM_IDLE
+    zram_slot_free(m, s)
+    s.handle = <uint64_t>w.block
+    if w.keep & ZRAM_WB_COMPRESSED:
+        s.size = w.size                 # what to decompress when it is read back
+    zram_slot_set_flags(&s.flags, ZRAM_WB | w.keep | idle)
+    za_add(&m.pages_stored, 1)          # still stored, on the backing device
+
+
+cdef int _writeback_locked(zram* m, zslot* s, char* page, zstream* st) noexcept nogil:
+    """The slot's page to a new block of the backing device, one write (eviction's way); its
+    memory freed. 0, -ENOSPC when the device is full, or -EIO."""
+    cdef zwb w
+    cdef int rc = _wb_prepare(m, s, page, st, &w)
+    if rc != 0:
+        return rc
+    if backing_write(m.backing, w.block, page) != 0:
+        backing_free(m.backing, w.block)
+        return -EIO
+    _wb_commit(m, s, &w)
+    return 0
+
+
+ctypedef struct zcandidate:
+    size_t index
+    size_t size
+
+
+cdef int _larger_first(const void* a, const void* b) noexcept nogil:
+    cdef size_t x = (<const zcandidate*>a).size
+    cdef size_t y = (<const zcandidate*>b).size
+    return (x < y) - (x > y)
+
+
+cdef long _writeback(zram* m, int pick, const size_t* ranges, size_t nranges,
+                     int* err) noexcept nogil:
+    """Writes back the pages `pick` selects, largest objects first. The pages written; `err`
+    gets ENOSPC (backing device full), EIO (limit spent, or I/O), ENOMEM or stays 0."""
+    cdef size_t i, r, lo, hi, n = 0, cap = 0
+    cdef zcandidate* cand = NULL
+    cdef zcandidate* grown
+    cdef zslot* s
+    cdef long done = 0
+    cdef int want = PICK_ALL if pick == PICK_INDEXES else pick
+    err[0] = 0
+    for r in range(nranges if pick == PICK_INDEXES else 1):
+        lo, hi = 0, m.nr_pages - 1
+        if pick == PICK_INDEXES:
+            lo = ranges[2 * r]
+            hi = min(ranges[2 * r + 1], m.nr_pages - 1)
+        i = lo
+        while i <= hi and i < m.nr_pages:
+            s = &m.table[i]
+            if _picked(m, s, want):
+                if n == cap:
+                    cap = cap * 2 if cap else 1024
+                    grown = <zcandidate*>realloc(cand, cap * sizeof(zcandidate))
+                    if grown == NULL:
+                        free(cand)
+                        err[0] = ENOMEM
+                        return 0
+                    cand = grown
+                cand[n].index = i
+                cand[n].size = s.size
+                n += 1
+            i += 1
+    qsort(cand, n, sizeof(zcandidate), _larger_first)
+    done = _writeback_batches(m, want, cand, n, err)
+    free(cand)
+    return done
+
+
+cdef long _writeback_batches(zram* m, int want, zcandidate* cand, size_t n,
+                             int* err) noexcept nogil:
+    """The candidates, writeback_batch_size at a time: each batch's pages are prepared under
+    their slot locks and marked ZRAM_UNDER_WB, written with every write in flight at once, and
+    committed under the locks again, only where the slot was not changed meanwhile (the mark is
+    gone then, and the block goes back)."""
+    cdef size_t batch = max(<size_t>1, min(m.wb_batch, <size_t>BK_MAX_BATCH))
+    cdef char* pages = NULL
+    cdef zwb* wbs = <zwb*>malloc(batch * sizeof(zwb))
+    cdef size_t* blocks = <size_t*>malloc(batch * sizeof(size_t))
+    cdef char** ptrs = <char**>malloc(batch * sizeof(char*))
+    cdef int* results = <int*>malloc(batch * sizeof(int))
+    cdef size_t i = 0, j, k
+    cdef long done = 0
+    cdef zslot* s
+    cdef uint32_t f
+    cdef int rc
+    cdef zstream* st
+    if (wbs == NULL or blocks == NULL or ptrs == NULL or results == NULL
+            or posix_memalign(<void**>&pages, PAGE_SIZE, batch * PAGE_SIZE) != 0):
+        free(wbs)
+        free(blocks)
+        free(ptrs)
+        free(results)
+        err[0] = ENOMEM
+        return 0
+    st = zcomp_stream_get(m.comp)
+    while i < n and not err[0]:
+        k = 0
+        while k < batch and i < n:
+            if m.wb_limit_enable and za_load(&m.wb_limit) <= k:
+                err[0] = EIO              # the limit is spent, counting this batch
+                break
+            s = &m.table[cand[i].index]
+            i += 1
+            zram_slot_lock(&s.flags)
+            if _picked(m, s, want):
+                rc = _wb_prepare(m, s, pages + k * PAGE_SIZE, st, &wbs[k])
+                if rc == 0:
+                    zram_slot_set_flags(&s.flags, zram_slot_flags(&s.flags) | ZRAM_UNDER_WB)
+                    blocks[k] = wbs[k].block
+                    ptrs[k] = pages + k * PAGE_SIZE
+                    k += 1
+                else:
+                    err[0] = -rc
+            zram_slot_unlock(&s.flags)
+            if err[0]:
+                break
+        if k:
+            backing_write_batch(m.backing, k, blocks, ptrs, results)
+        for j in range(k):
+            s = &m.table[wbs[j].index]
+            zram_slot_lock(&s.flags)
+            f = zram_slot_flags(&s.flags)
+            if results[j] == 0 and f & ZRAM_UNDER_WB and s.handle == wbs[j].handle:
+                zram_slot_set_flags(&s.flags, f & ~ZRAM_UNDER_WB)
+                _wb_commit(m, s, &wbs[j])
+                done += 1
+                if m.wb_limit_enable:
+                    za_sub(&m.wb_limit, 1)
+            else:
+                if f & ZRAM_UNDER_WB:
+                    zram_slot_set_flags(&s.flags, f & ~ZRAM_UNDER_WB)
+                backing_free(m.backing, wbs[j].block)
+                if results[j] != 0 and not err[0]:
+                    err[0] = EIO
+            zram_slot_unlock(&s.flags)
+    zcomp_stream_put(st)
+    free(pages)
+    free(wbs)
+    free(blocks)
+    free(ptrs)
+    free(results)
+    return done
+
+
+# --- recompression ---------------------------------------------------------------------------
+
+cdef bint _recompress_wanted(zram* m, zslot* s, int pick, size_t threshold, int top) noexcept nogil:
+    """A page of the type, at least `threshold` big, not known incompressible, and not already
+    compressed by the highest algorithm this run may use (`top`): as the kernel, such a page
+    is passed over, not tried again (and so not counted against max_pages)."""
+    cdef uint32_t f = zram_slot_flags(&s.flags)
+    return (_picked(m, s, pick) and s.size >= threshold and not f & ZRAM_INCOMPRESSIBLE
+            and <int>((f & ZRAM_PRIO_MASK) >> ZRAM_PRIO_SHIFT) < top)
+
+
+cdef extern from *:
+    """
+    #include <sched.h>
+    /* The calling thread at idle priority: recompression yields the CPUs to everything else. */
+    static int zt_idle_priority(void) {
+        struct sched_param p = {0};
+        return sched_setscheduler(0, SCHED_IDLE, &p);
+    }
+    """
+    int zt_idle_priority() nogil
+
+cdef enum:
+    RECOMP_CHUNK = 64          # pages a recompression thread claims at a time
+    RECOMP_THREADS_MAX = 64
+
+ctypedef struct zrecomp:
+    zram* m
+    int pick
+    int only                   # 0: every secondary above a page's own; else that priority
+    int top                    # the highest priority this run may use
+    size_t threshold
+    size_t max_pages           # 0: no limit
+    size_t cursor              # the next page index to claim (atomic)
+    size_t tried               # pages tried (atomic), against max_pages
+    size_t done                # pages recompressed (atomic)
+
+
+cdef int _recompress_page(zrecomp* r, zslot* s, char* page, char* out) noexcept nogil:
+    """One page: picked and read under its slot lock (marked ZRAM_UNDER_WB: any change of the
+    slot clears it), compressed by the secondary algorithms above its own without the lock,
+    then, locked again, stored only if the slot is unchanged and the result lands in a
+    smaller size class, within mem_limit. Without the lock while it compresses, a thread at
+    idle priority never holds up a writer of the same page. 1 recompressed, 0 not (marked
+    incompressible where no algorithm shrank it), -1: max_pages is reached."""
+    cdef zram* m = r.m
+    cdef uint32_t flags, f
+    cdef uint64_t handle
+    cdef size_t old_class
+    cdef int prio, n = 0, best = 0, rc
+    cdef zcomp* c
+    cdef zstream* st
+    zram_slot_lock(&s.flags)
+    if not _recompress_wanted(m, s, r.pick, r.threshold, r.top):
+        zram_slot_unlock(&s.flags)
+        return 0
+    if r.max_pages and za_add(&r.tried, 1) >= r.max_pages:
+        zram_slot_unlock(&s.flags)
+        return -1
+    flags = zram_slot_flags(&s.flags)
+    st = zcomp_stream_get(m.comp)
+    rc = zram_slot_load(m, s, page, st)
+    zcomp_stream_put(st)
+    if rc != 0:
+        zram_slot_unlock(&s.flags)
+        return 0
+    handle = s.handle
+    old_class = m.driver.class_size(m.pool, s.size)
+    zram_slot_set_flags(&s.flags, flags | ZRAM_UNDER_WB)
+    zram_slot_unlock(&s.flags)
+
+    for prio in range(((flags & ZRAM_PRIO_MASK) >> ZRAM_PRIO_SHIFT) + 1, 4):
+        c = m.secondary[prio]
+        if c == NULL or (r.only and prio != r.only):
+            continue
+        st = zcomp_stream_get(c)
+        n = zcomp_compress(c, st, page, <int>m.huge_size - 1)
+        if n > 0 and m.driver.class_size(m.pool, n) < old_class:
+            memcpy(out, st.buffer, n)
+            best = prio
+        zcomp_stream_put(st)
+        if best:
+            break
+
+    rc = 0
+    zram_slot_lock(&s.flags)
+    f = zram_slot_flags(&s.flags)
+    if f & ZRAM_UNDER_WB and s.handle == handle:
+        f &= ~ZRAM_UNDER_WB
+        zram_slot_set_flags(&s.flags, f)
+        if not best:
+            zram_slot_set_flags(&s.flags, f | ZRAM_INCOMPRESSIBLE)
+        elif zram_slot_replace(m, s, out, n, (f & ZRAM_IDLE) | (<uint32_t>best << ZRAM_PRIO_SHIFT),
+                               False) == 0:
+            rc = 1
+        # -ENOMEM: no room now; the page stays as it was, for a later try
+    elif f & ZRAM_UNDER_WB:
+        zram_slot_set_flags(&s.flags, f & ~ZRAM_UNDER_WB)
+    zram_slot_unlock(&s.flags)
+    return rc
+
+
+cdef void* _recompress_main(void* arg) noexcept nogil:
+    """A recompression thread: claims RECOMP_CHUNK pages at a time until the table or
+    max_pages is done."""
+    cdef zrecomp* r = <zrecomp*>arg
+    cdef char* page = NULL
+    cdef char* out = NULL
+    cdef size_t first, i
+    cdef int rc
+    zt_idle_priority()                  # best effort: at normal priority where refused
+    if (posix_memalign(<void**>&page, PAGE_SIZE, PAGE_SIZE) != 0
+            or posix_memalign(<void**>&out, PAGE_SIZE, PAGE_SIZE) != 0):
+        free(page)
+        return NULL
+    while True:
+        first = za_add(&r.cursor, RECOMP_CHUNK)
+        if first >= r.m.nr_pages:
+            break
+        rc = 0
+        for i in range(first, min(first + RECOMP_CHUNK, r.m.nr_pages)):
+            rc = _recompress_page(r, &r.m.table[i], page, out)
+            if rc < 0:
+                break
+            za_add(&r.done, <size_t>rc)
+        if rc < 0:
+            za_store(&r.cursor, r.m.nr_pages)     # the others stop at their next claim
+            break
+    free(page)
+    free(out)
+    return NULL
+
+
+cdef long _recompress(zram* m, int pick, size_t threshold, size_t max_pages, int only,
+                      int nr_threads) noexcept nogil:
+    """Recompresses the pages `pick` and `threshold` select, trying at most `max_pages`
+    (0: no limit), on `nr_threads` threads at idle priority (the caller's thread waits). The
+    pages recompressed. As the kernel's, one page's outcome does not depend on another's,
+    so the threads' order changes which pages a max_pages run takes, never the result."""
+    cdef zrecomp r
+    cdef pthread_t threads[RECOMP_THREADS_MAX]
+    cdef int i, started = 0
+    memset(&r, 0, sizeof(r))
+    r.m, r.pick, r.only, r.threshold, r.max_pages = m, pick, only, threshold, max_pages
+    r.top = only
+    if not only:
+        for r.top in range(3, 0, -1):
+            if m.secondary[r.top] != NULL:
+                break
+    for i in range(max(1, min(nr_threads, <int>RECOMP_THREADS_MAX))):
+        if zram_thread_start(&threads[i], _recompress_main, &r) != 0:
+            break
+        started += 1
+    if started == 0:
+        _recompress_main(&r)            # no thread to be had: this one does it all
+    for i in range(started):
+        pthread_join(threads[i], NULL)
+    return <long>za_load(&r.done)
+
+
+# --- eviction (zswap-style, over mem_limit) --------------------------------------------------
+
+cdef void _evict(zram* m, size_t excess) noexcept nogil:
+    """Writes least recently used pages (CLOCK: an accessed page gets a second chance) back
+    until `excess` pages and some slack are freed (excess 0: the process's memory budget is
+    spent, so the slack alone, whatever mem_limit says). Called by a writer over mem_limit holding
+    its own slot lock, or by evict_to_limit: so victims are only tried, never waited for."""
+    cdef size_t goal = (excess + EVICT_SLACK) << PAGE_SHIFT
+    cdef size_t freed = 0, scanned = 0, idx
+    cdef uint32_t f
+    cdef zslot* s
+    cdef int rc
+    pthread_mutex_lock(&m.evict_lock)
+    if excess and m.driver.total_pages(m.pool) <= za_load(&m.limit_pages):
+        pthread_mutex_unlock(&m.evict_lock)       # another writer made room meanwhile
+        return
+    while freed < goal and scanned < 2 * m.nr_pages:
+        idx = m.clock_hand
+        m.clock_hand = (idx + 1) % m.nr_pages
+        scanned += 1
+        s = &m.table[idx]
+        f = zram_slot_flags(&s.flags)
+        if not zram_slot_has_object(s, f):
+            continue
+        if f & ZRAM_ACCESSED:
+            zram_slot_clear(&s.flags, ZRAM_ACCESSED)
+            continue
+        if not zram_slot_trylock(&s.flags):
+            continue
+        rc = 1
+        if zram_slot_has_object(s, zram_slot_flags(&s.flags)) and not zdedup_shared(m, s):
+            freed += s.size
+            rc = _writeback_locked(m, s, m.evict_page, m.evict_stream)
+        zram_slot_unlock(&s.flags)
+        if rc == 0:
+            za_add(&m.evicted, 1)
+        elif rc == -ENOSPC:
+            break
+    # Objects freed here and there empty few zspages by themselves: compaction does the rest.
+    m.driver.compact(m.pool)
+    pthread_mutex_unlock(&m.evict_lock)
+
+
+# --- Python entry points: each takes the meta, under a reference held by Disk.call ----------
+
+def mark_idle(Meta meta, age: int | None = None) -> int:
+    """Marks idle every stored page, or those not accessed for `age` seconds."""
+    cdef uint32_t a = age or 0
+    cdef size_t marked
+    with nogil:
+        marked = _mark_idle(meta.m, a)
+    return marked
+
+
+def writeback(Meta meta, mode: str | None, ranges=()) -> int:
+    """Writes back the pages of a page type `mode` (idle, huge, huge_idle, incompressible),
+    or with None those of the page index `ranges` (inclusive pairs); returns how many.
+    OSError: ENODEV without a backing device, ENOSPC when it is full, EIO when
+    writeback_limit is spent or I/O fails."""
+    cdef zram* m = meta.m
+    cdef int pick = PICK_INDEXES if mode is None else PAGE_TYPES[mode]
+    cdef size_t n = len(ranges)
+    cdef size_t* cranges
+    cdef long done
+    cdef int err = 0
+    if m.backing == NULL:
+        raise OSError(ENODEV, "no backing device")
+    cranges = <size_t*>calloc(2 * n + 2, sizeof(size_t))
+    if cranges == NULL:
+        raise MemoryError()
+    for i, (lo, hi) in enumerate(ranges):
+        cranges[2 * i], cranges[2 * i + 1] = lo, hi
+    with nogil:
+        done = _writeback(m, pick, cranges, n, &err)
+    free(cranges)
+    if err:
+        raise OSError(err, f"writeback stopped after {done} pages")
+    return done
+
+
+def recompress(Meta meta, mode: str | None, size_t threshold=0, size_t max_pages=0,
+               int priority=0, int threads=0) -> int:
+    """Recompresses the pages a page type `mode` (idle, huge, huge_idle; None: all) and
+    `threshold` select with the secondary algorithms (or only the one of `priority`), on
+    `threads` threads at idle priority (0: one a CPU this process may run on)."""
+    cdef int pick = PICK_ALL if mode is None else PAGE_TYPES[mode]
+    cdef long done
+    cdef int nr = threads if threads > 0 else len(os.sched_getaffinity(0))
+    if not meta.secondary:
+        raise OSError(EINVAL, "no recompression algorithm")
+    if pick == PICK_INCOMPRESSIBLE:
+        raise OSError(EINVAL, "incompressible pages are not recompressed")
+    with nogil:
+        done = _recompress(meta.m, pick, threshold, max_pages, priority, nr)
+    return done
+
+
+def set_eviction(Meta meta, bint on) -> None:
+    """A write over mem_limit evicts least recently used pages to the backing device instead
+    of failing (zswap-style). Needs a backing device to take effect."""
+    if on and meta.m.backing != NULL:
+        meta.m.evict = _evict
+    else:
+        meta.m.evict = NULL
+
+
+def eviction(Meta meta) -> bool:
+    return meta.m.evict != NULL
+
+
+def evict_to_limit(Meta meta) -> None:
+    """With eviction on, evicts down to mem_limit now (after the limit was lowered)."""
+    cdef zram* m = meta.m
+    cdef size_t used, limit = za_load(&m.limit_pages)
+    if m.evict == NULL or not limit:
+        return
+    with nogil:
+        used = m.driver.total_pages(m.pool)
+        if used > limit:
+            m.evict(m, used - limit)
+
+
+def wb_limit(Meta meta) -> int:
+    """Pages still allowed to be written back (while writeback_limit_enable)."""
+    return za_load(&meta.m.wb_limit)
+
+
+def set_wb_batch(Meta meta, size_t pages) -> None:
+    """writeback_batch_size: how many writeback I/Os are in flight at once (1..1024)."""
+    meta.m.wb_batch = pages
+
+
+def set_wb_limit(Meta meta, size_t pages, bint enable) -> None:
+    meta.m.wb_limit = pages
+    meta.m.wb_limit_enable = enable

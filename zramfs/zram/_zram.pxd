@@ -1,0 +1,128 @@
+# A device's slot table and data path (cimport zramfs.zram._zram): the FUSE layer's entry points,
+# and the slot API that tiering (zramfs.zram._tiering) works over.
+#
+# The FUSE layer holds the `zdisk*` of an open device file and calls zdisk_read/write/fallocate
+# without the GIL from its worker threads; each returns bytes done (0 for fallocate) or a
+# negative errno. A request first takes a reference on the disk's meta, only while the meta is
+# live (zram.h's zram_get; docs/design.md, hazard 1); reset clears LIVE, waits for the count to
+# drain, then frees. Maintenance (writeback, recompression, compaction, eviction from an
+# attribute) holds the same reference, through Disk.call.
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+from posix.types cimport off_t
+
+from zramfs.zpool._alloc cimport Pool
+from zramfs.zpool._pages cimport zregion
+from zramfs.zpool.zpool cimport zpool_driver
+from zramfs.zram._backing cimport zbacking
+from zramfs.zram._workers cimport zworkers
+from zramfs.zcomp._zcomp cimport zcomp, zstream
+from zramfs.pthread cimport pthread_mutex_t
+
+ctypedef struct zslot:
+    uint64_t handle        # the object; a same-filled page's word; a written-back page's block
+    uint32_t flags         # ZRAM_* bits and the slot lock (zram.h), atomic
+    uint32_t size          # compressed size, 0 for an empty or same-filled page
+
+cdef struct zram
+
+# Writes least recently used pages back until `excess` pages (and some slack) are free; set by
+# zramfs.zram._tiering while eviction is on. Called by a writer over mem_limit, its slot lock held.
+ctypedef void (*zram_evict_fn)(zram* m, size_t excess) noexcept nogil
+
+# Dedup's hooks, set by zramfs.zram._dedup before the device goes live and never changed after.
+# store: stores a page that is not same-filled, sharing a stored twin where there is one
+# (slot lock held; 0 or -errno). put: drops one slot's reference on a ZRAM_DEDUP object;
+# true when it was the last, so the caller frees the object (slot lock held).
+ctypedef int (*zram_dedup_store_fn)(zram* m, zslot* s, const char* page,
+                                    zstream* st) noexcept nogil
+ctypedef bint (*zram_dedup_put_fn)(zram* m, uint64_t handle) noexcept nogil
+
+cdef struct zram:
+    zslot* table
+    size_t nr_pages
+    const zpool_driver* driver
+    void* pool
+    size_t huge_size       # compressed sizes from here up are stored raw
+    zcomp* comp
+    zcomp* secondary[4]    # recompression algorithms by priority 1..3; [0] unused
+    size_t limit_pages     # mem_limit, 0 = none (atomic)
+    zworkers* workers      # NULL: every request is served inline
+    uint32_t* ac_time      # per slot: last access, CLOCK_MONOTONIC_COARSE seconds
+    zbacking* backing      # NULL: no backing device
+    # tiering's state, owned by zramfs.zram._tiering
+    int compressed_wb      # write back objects as stored (compressed_writeback)
+    size_t wb_batch        # writeback I/Os in flight at once (writeback_batch_size)
+    int wb_limit_enable
+    size_t wb_limit        # pages still allowed to be written back, while enabled (atomic)
+    zram_evict_fn evict    # NULL: a write over mem_limit fails
+    size_t evicted         # pages evicted (atomic)
+    size_t clock_hand      # eviction's CLOCK position (evict_lock)
+    pthread_mutex_t evict_lock
+    zstream* evict_stream  # eviction's private stream: it must not wait for a shared one
+    char* evict_page       # a page-aligned page, for eviction (evict_lock)
+    # dedup's state, owned by zramfs.zram._dedup; NULL while dedup is off
+    void* dedup            # its index of objects (a zdedup)
+    zram_dedup_store_fn dedup_store
+    zram_dedup_put_fn dedup_put
+    # mm_stat, io_stat: atomic counters
+    size_t compr_data_size
+    size_t pages_stored
+    size_t max_used_pages
+    size_t same_pages
+    size_t huge_pages
+    size_t huge_pages_since
+    size_t failed_reads
+    size_t failed_writes
+    size_t invalid_io
+    size_t notify_free
+
+ctypedef struct zdisk:
+    int64_t state          # ZRAM_LIVE | references held on the meta
+    uint32_t id            # the device's id, and which device of that id this is
+    uint32_t generation    # (atomic; set before the disk goes live)
+    zram* meta             # NULL while the device is not initialised
+    size_t gone            # 1: the device is removed, its file fails with EIO (atomic)
+    # the block layer's stat file: lives as long as the disk, across resets
+    size_t ios[3]          # read, write, discard requests
+    size_t sectors[3]
+    size_t ticks_ns[3]
+
+# The FUSE layer's entry points. `generation`: the device the caller means (0: whichever);
+# a disk since reused for a newer device of the same id answers EIO.
+cdef ssize_t zdisk_read(zdisk* disk, uint32_t generation, char* buf, size_t size,
+                        off_t off) noexcept nogil
+cdef ssize_t zdisk_write(zdisk* disk, uint32_t generation, const char* buf, size_t size,
+                         off_t off) noexcept nogil
+cdef int zdisk_fallocate(zdisk* disk, uint32_t generation, int mode, off_t off,
+                         off_t length) noexcept nogil
+
+# The slot API, for tiering. Each takes the slot's lock held (zram_slot_lock) unless it says
+# otherwise, and a reference on the meta.
+cdef void zram_slot_free(zram* m, zslot* s) noexcept nogil
+cdef int zram_slot_load(zram* m, zslot* s, char* page, zstream* st) noexcept nogil
+cdef int zram_slot_replace(zram* m, zslot* s, const char* data, size_t n, uint32_t flags,
+                           bint may_evict) noexcept nogil
+cdef bint zram_slot_has_object(zslot* s, uint32_t flags) noexcept nogil
+cdef uint32_t zram_now() noexcept nogil
+
+
+cdef class Meta:
+    cdef zram* m
+    cdef zregion region           # the memfd the table, access times and counters live in
+    cdef Pool pool
+    cdef object compressor
+    cdef readonly size_t disksize
+    cdef readonly int workers
+    cdef readonly object backing
+    cdef readonly dict secondary
+    cdef readonly object dedup    # zramfs.zram._dedup's index, which frees itself; None: off
+    cdef readonly object adopted  # what a meta adopted in place holds (Adopted); None: new
+
+    cdef zram _adopt_kept(self, int table_fd, int pool_fd, size_t nr_pages, str name) except *
+    cdef object _recount(self, const zram* old)
+
+
+cdef class Disk:
+    cdef zdisk* disk
+    cdef bint private             # not a device's: freed with this object
+    cdef readonly Meta meta
