@@ -14,6 +14,7 @@ from conftest import attached, destroy
 from zramfs.zpool._alloc import Pool, PoolImage, PoolImageError, PoolInPlaceError
 from zramfs.zram._zram import Disk, Meta, TableImageError
 from zramfs.service.state import DECODE_ONLY, DeviceRecord, Record, State, StateError
+from zramfs.sysfs.device import SETTINGS
 
 PAGE = 4096
 SIZE = 32 << 20
@@ -280,7 +281,7 @@ def test_state_keeps_one_complete_pair_at_every_moment() -> None:
         kept.pop(name, None)
         log.append(f"-{name}")
 
-    state = State({}, keep, drop)
+    state = State({}, keep, drop, SETTINGS)
     assert "devices" in kept
     state.added(0, 1)
     state.stored(0, "comp_algorithm", "zstd")
@@ -293,7 +294,7 @@ def test_state_keeps_one_complete_pair_at_every_moment() -> None:
     inherited = {name: [fd] for name, fd in kept.items()}
     inherited["devices"] = [os.dup(state.record.fd)]
     inherited["zram0.1.table"] = [os.memfd_create("stale")]          # a pair never completed
-    successor = State(inherited, keep, drop)
+    successor = State(inherited, keep, drop, SETTINGS)
     records = successor.load()
     assert records == [DeviceRecord(0, 1, 0, [("comp_algorithm", "zstd"), ("disksize", "1G")])]
     assert successor.kept_pair(0) == (12, 13)
@@ -309,7 +310,7 @@ def test_state_keeps_the_dictionaries_beside_the_pair() -> None:
     that is not whole is refused."""
     kept: dict[str, int] = {}
     state = State({}, lambda name, fd: kept.__setitem__(name, fd),
-                  lambda name: kept.pop(name, None))
+                  lambda name: kept.pop(name, None), SETTINGS)
     state.added(0, 1)
     dictionaries = [(0, b"first" * 100), (DECODE_ONLY, b"older" * 50)]
     state.keep_meta(0, (10, 11), dictionaries)
@@ -317,7 +318,7 @@ def test_state_keeps_the_dictionaries_beside_the_pair() -> None:
     assert sorted(n for n in kept if n.startswith("zram0.")) == \
         ["zram0.2.dicts", "zram0.2.pool", "zram0.2.table"]
     inherited = {name: [fd] for name, fd in kept.items()}
-    successor = State(inherited, lambda name, fd: None, lambda name: None)
+    successor = State(inherited, lambda name, fd: None, lambda name: None, SETTINGS)
     assert successor.kept_pair(0) == (12, 13)
     assert successor.kept_dictionaries(0) == dictionaries
     fd = inherited["zram0.2.dicts"][0]

@@ -49,9 +49,9 @@ class DeviceConfig:
     """One `[zramN]` section, checked and with its defaults."""
     name: str
     disksize: int                          # bytes; 0 means the section makes no device
-    algorithm: str = "lz4"
+    algorithm: str = _zcomp.DEFAULT_ALGORITHM
     algorithm_params: dict[str, str] = field(default_factory=dict)
-    zpool: str = "zsmalloc"                # the allocator backend
+    zpool: str = _alloc.DEFAULT_BACKEND    # the allocator backend
     dedup: bool = False                    # identical pages share one object (zramfs's own)
     dictionary: Path | None = None         # zstd's dictionary for the primary algorithm
     # Recompression algorithms, priority 1 first, each with its level and dict, if given.
@@ -327,7 +327,7 @@ def _device(section: _Section, ram_mib: float) -> DeviceConfig:
                  section.name, ram_mib, host_limit)
         dev.disksize = 0
     dev.mem_limit = size_of("zram-resident-limit", "0")
-    text, where = take("compression-algorithm", "lz4")
+    text, where = take("compression-algorithm", _zcomp.DEFAULT_ALGORITHM)
     try:
         names, dev.recompress = split_policy(text)
         (dev.algorithm, dev.algorithm_params), *dev.recompression = parse_algorithm(names)
@@ -349,7 +349,7 @@ def _device(section: _Section, ram_mib: float) -> DeviceConfig:
             raise fail(where, "compression-dictionary",
                        f"compression-algorithm already gives dict={dev.dictionary}")
         dev.dictionary = Path(text)
-    text, where = take("zpool", "zsmalloc")
+    text, where = take("zpool", _alloc.DEFAULT_BACKEND)
     if text not in _alloc.BACKENDS.names():
         raise fail(where, "zpool", f"{text!r} is not one of {', '.join(_alloc.BACKENDS.names())}")
     dev.zpool = text

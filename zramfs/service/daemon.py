@@ -66,7 +66,7 @@ from zramfs.zram import _zram
 from zramfs.service.config import DeviceConfig
 from zramfs.sysfs import files
 from zramfs.sysfs.control import Tree
-from zramfs.sysfs.device import PAGE
+from zramfs.sysfs.device import PAGE, SETTINGS
 from zramfs.sysfs.hotplug import Devices
 from zramfs.service.state import State, StateError
 
@@ -396,7 +396,7 @@ async def serve(opts: Options,
     except reclaim.LockError as e:
         raise DaemonError(str(e)) from None
     set_memory_budget()
-    state = State(_take_state_fds(opts), keep, fdstore.remove)
+    state = State(_take_state_fds(opts), keep, fdstore.remove, SETTINGS)
     devices = Devices(mountpoint, before_init=set_memory_budget, state=state)
     tree = Tree(devices)
     bridge = TrioBridge(tree, trio.lowlevel.current_trio_token())

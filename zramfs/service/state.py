@@ -46,13 +46,6 @@ DICTS_MAGIC = b"zramfs-dicts\0\0\0\0"
 _DICT = struct.Struct("<II")          # a kept dictionary's priority and length, then its bytes
 DECODE_ONLY = 255                     # the priority of a dictionary no algorithm writes with
 
-# The attribute stores that shape a device; a new daemon replays them in order. Actions
-# (idle, writeback, recompress, compact, mem_used_max) are not settings; reset clears them.
-SETTINGS = frozenset({
-    "zpool", "comp_algorithm", "algorithm_params", "recomp_algorithm", "backing_dev",
-    "mem_limit", "writeback_limit", "writeback_limit_enable", "writeback_evict",
-    "compressed_writeback", "writeback_batch_size", "dedup", "disksize",
-})
 
 
 class StateError(Exception):
@@ -118,8 +111,10 @@ class State:
     (zramfs.service.fdstore's store and remove); `inherited` is what it handed this daemon."""
 
     def __init__(self, inherited: dict[str, list[int]],
-                 keep: Callable[[str, int], None], drop: Callable[[str], None]) -> None:
+                 keep: Callable[[str, int], None], drop: Callable[[str], None],
+                 settings: frozenset[str]) -> None:
         self._keep = keep
+        self.settings = settings            # the attributes whose stores are kept, in order
         self._drop_now = drop
         self.inherited = inherited
         self.devices: dict[int, DeviceRecord] = {}
@@ -278,13 +273,14 @@ class State:
         self.save()
 
     def stored(self, dev_id: int, attr: str, text: str) -> None:
-        """A store to an attribute succeeded: a setting goes in the record, reset clears."""
+        """A store to an attribute succeeded: a setting (one of `settings`, from the device's
+        attribute table) goes in the record after those before it, reset clears them."""
         rec = self.devices.get(dev_id)
         if rec is None:
             return
         if attr == "reset":
             rec.settings.clear()
-        elif attr in SETTINGS:
+        elif attr in self.settings:
             rec.settings.append((attr, text))
         else:
             return

@@ -124,7 +124,7 @@ def config_left(cfg: DeviceConfig, kept: list[tuple[str, str]]) -> list[str]:
         return out
     have = values(kept)
     have.setdefault("dedup", "0")
-    have.setdefault("zpool", "zsmalloc")
+    have.setdefault("zpool", DeviceConfig.zpool)      # the default: a record may not name it
     return [f"{attr}={' '.join(sorted(v)) if isinstance(v, set) else v}"
             for attr, v in values(config_settings(cfg)).items() if have.get(attr) != v]
 

@@ -38,8 +38,6 @@ from zramfs.service.state import DECODE_ONLY, DeviceRecord, State, StateError
 log = logging.getLogger(__name__)
 
 PAGE = kstrto.PAGE_SIZE
-DEFAULT_ALGORITHM = "lz4"
-DEFAULT_BACKEND = "zsmalloc"
 DRAIN_POLL = 0.001
 WB_BATCH = 32                  # writeback_batch_size's default, as the kernel's
 WB_BATCH_MAX = _backing.MAX_BATCH   # writes in flight at once, at most
@@ -64,9 +62,9 @@ class Device:
         self.tree = tree               # the mounted tree, whose paths backing_dev refuses
         self.before_init = before_init  # the daemon's: its memory budget, looked at again
         self.disk = Disk(dev_id, generation)
-        self.algorithm = DEFAULT_ALGORITHM
+        self.algorithm = _zcomp.DEFAULT_ALGORITHM
         self.level: int | None = None
-        self.backend = DEFAULT_BACKEND   # the allocator: zsmalloc or zbud (zswap's zpool)
+        self.backend = _alloc.DEFAULT_BACKEND   # the allocator: zsmalloc or zbud (zswap's zpool)
         self.mem_limit = 0
         self.dedup = False             # identical pages share one object (an extension)
         self.openers = 0               # open file handles on dev/zramN
@@ -239,8 +237,8 @@ class Device:
                 await trio.to_thread.run_sync(meta.destroy)
             if self.backing is not None:
                 self.backing.close()
-            self.algorithm, self.level, self.mem_limit = DEFAULT_ALGORITHM, None, 0
-            self.backend = DEFAULT_BACKEND
+            self.algorithm, self.level, self.mem_limit = _zcomp.DEFAULT_ALGORITHM, None, 0
+            self.backend = _alloc.DEFAULT_BACKEND
             self.dedup = False
             self._tiering_defaults()
         finally:
@@ -629,11 +627,15 @@ def _choices_line(names: list[str], current: str) -> str:
 
 
 class Attribute:
+    """An attribute's show and store. A `setting` shapes the device: its stores go in the
+    restart record and a next daemon replays them in order (zramfs.service.state). Actions
+    (idle, writeback, recompress, compact, mem_used_max) are not settings; reset clears them."""
     def __init__(self, show: Callable[[Device], str] | None,
-                 store: Callable[[Device, str], object] | None) -> None:
+                 store: Callable[[Device, str], object] | None, setting: bool = False) -> None:
         self.show = show if show is not None else _write_only
         self.store = store
         self.readable = show is not None
+        self.setting = setting
 
     @property
     def mode(self) -> int:
@@ -647,12 +649,13 @@ def _write_only(dev: Device) -> str:
 # Their order is their place in the tree's inode numbers (control.py): a new attribute goes at
 # the end, so that the numbers the kernel knows stay the same across versions of the daemon.
 ATTRIBUTES: dict[str, Attribute] = {
-    "disksize": Attribute(lambda d: f"{d.disksize}\n", Device._store_disksize),
+    "disksize": Attribute(lambda d: f"{d.disksize}\n", Device._store_disksize, setting=True),
     "initstate": Attribute(lambda d: f"{int(d.initialised)}\n", None),
     "reset": Attribute(None, Device._store_reset),
-    "comp_algorithm": Attribute(Device._show_comp_algorithm, Device._store_comp_algorithm),
-    "algorithm_params": Attribute(None, Device._store_algorithm_params),
-    "mem_limit": Attribute(None, Device._store_mem_limit),
+    "comp_algorithm": Attribute(Device._show_comp_algorithm, Device._store_comp_algorithm,
+                                setting=True),
+    "algorithm_params": Attribute(None, Device._store_algorithm_params, setting=True),
+    "mem_limit": Attribute(None, Device._store_mem_limit, setting=True),
     "mem_used_max": Attribute(None, Device._store_mem_used_max),
     "compact": Attribute(None, Device._store_compact),
     "max_comp_streams": Attribute(Device._show_max_comp_streams, None),
@@ -660,25 +663,30 @@ ATTRIBUTES: dict[str, Attribute] = {
     "io_stat": Attribute(Device._show_io_stat, None),
     "debug_stat": Attribute(Device._show_debug_stat, None),
     "stat": Attribute(Device._show_stat, None),
-    "backing_dev": Attribute(Device._show_backing_dev, Device._store_backing_dev),
+    "backing_dev": Attribute(Device._show_backing_dev, Device._store_backing_dev, setting=True),
     "idle": Attribute(None, Device._store_idle),
     "writeback": Attribute(None, Device._store_writeback),
-    "writeback_limit": Attribute(Device._show_writeback_limit, Device._store_writeback_limit),
+    "writeback_limit": Attribute(Device._show_writeback_limit, Device._store_writeback_limit,
+                                 setting=True),
     "writeback_limit_enable": Attribute(lambda d: f"{int(d.wb_limit_enable)}\n",
-                                        Device._store_writeback_limit_enable),
+                                        Device._store_writeback_limit_enable, setting=True),
     "bd_stat": Attribute(Device._show_bd_stat, None),
-    "recomp_algorithm": Attribute(Device._show_recomp_algorithm, Device._store_recomp_algorithm),
+    "recomp_algorithm": Attribute(Device._show_recomp_algorithm, Device._store_recomp_algorithm,
+                                  setting=True),
     "recompress": Attribute(None, Device._store_recompress),
     # zramfs's own: zswap-style eviction of LRU pages to the backing device over mem_limit.
-    "writeback_evict": Attribute(lambda d: f"{int(d.evict)}\n", Device._store_writeback_evict),
+    "writeback_evict": Attribute(lambda d: f"{int(d.evict)}\n", Device._store_writeback_evict,
+                                 setting=True),
     "evict_stat": Attribute(Device._show_evict_stat, None),
     # zramfs's own: the allocator backend, as zswap's zpool parameter.
-    "zpool": Attribute(Device._show_zpool, Device._store_zpool),
+    "zpool": Attribute(Device._show_zpool, Device._store_zpool, setting=True),
     "compressed_writeback": Attribute(lambda d: f"{int(d.compressed_wb)}\n",
-                                      Device._store_compressed_writeback),
+                                      Device._store_compressed_writeback, setting=True),
     "writeback_batch_size": Attribute(lambda d: f"{d.wb_batch}\n",
-                                      Device._store_writeback_batch_size),
+                                      Device._store_writeback_batch_size, setting=True),
     # zramfs's own: identical pages share one compressed object (a zram patch never merged).
-    "dedup": Attribute(lambda d: f"{int(d.dedup)}\n", Device._store_dedup),
+    "dedup": Attribute(lambda d: f"{int(d.dedup)}\n", Device._store_dedup, setting=True),
     "dedup_stat": Attribute(Device._show_dedup_stat, None),
 }
+# What the restart record keeps of a device (zramfs.service.state): the stores to these.
+SETTINGS = frozenset(name for name, a in ATTRIBUTES.items() if a.setting)

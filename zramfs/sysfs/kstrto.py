@@ -30,8 +30,9 @@ import errno
 import functools
 import re
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT          # zram.h's ZRAM_PAGE_SIZE; device.PAGE
+from zramfs.zpool._pages import PAGE_SHIFT        # common.h's, the one page size
+
+PAGE_SIZE = 1 << PAGE_SHIFT
 
 U16_MAX = 2**16 - 1                  # reset_store's kstrtou16
 U64_MAX = 2**64 - 1                  # u64: kstrtoull, memparse, disksize, bd_wb_limit

@@ -37,6 +37,7 @@ from zramfs.zpool._zbud cimport zbud_driver
 
 PAGE = PAGE_SIZE
 DEFAULT_MAX_PAGES_PER_ZSPAGE = 8
+DEFAULT_BACKEND = "zsmalloc"      # what zram allocates from; zbud is zswap's other choice
 # The header's magic and version: a later daemon adopts only a pool of the same layout.
 POOL_MAGIC = b"zramfs-pool"
 POOL_VERSION = 2
@@ -104,7 +105,7 @@ cdef class Pool:
         self.region.fd = -1
         self.region.base = NULL
 
-    def __init__(self, backend: str = "zsmalloc", name: str = "zram",
+    def __init__(self, backend: str = DEFAULT_BACKEND, name: str = "zram",
                  max_pages_per_zspage: int = DEFAULT_MAX_PAGES_PER_ZSPAGE,
                  region_size: int | None = None):
         cdef _Backend b

@@ -24,10 +24,14 @@ from libc.stdlib cimport malloc, free, qsort
 from libc.string cimport memset
 
 from zramfs.common cimport PAGE_SIZE, za_add, za_load, za_store, za_sub
+from zramfs.common cimport PAGE_SHIFT as _PAGE_SHIFT
 from zramfs.pthread cimport (pthread_cond_destroy, pthread_cond_init, pthread_cond_signal,
                             pthread_cond_wait, pthread_join, pthread_mutex_destroy,
                             pthread_mutex_init, pthread_mutex_lock, pthread_mutex_unlock,
                             zram_thread_start)
+
+# The page size of every part (common.h), for Python: zramfs.sysfs.kstrto takes it from here.
+PAGE_SHIFT = _PAGE_SHIFT
 
 cdef extern from *:
     """
