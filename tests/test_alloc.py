@@ -450,6 +450,38 @@ def test_copying_reads_a_kept_pool_through_the_same_checks(backend: str) -> None
             image.close()
 
 
+def zbud_descriptor_list(fd: int) -> tuple[int, int, int]:
+    """A kept zbud pool's list of descriptor pages: (where its head is in the memfd, the
+    first page's tail as the old process addressed it, where that process had the region)."""
+    base = int.from_bytes(os.pread(fd, 8, 40), "little")         # zpool_header.base
+    root = os.pread(fd, 4096, 4096)                               # ZPOOL_ROOT
+    # The head: the one pointer in the root to a page's last 16 bytes.
+    heads = [at for at in range(0, 4096, 8)
+             if (v := int.from_bytes(root[at:at + 8], "little")) > base
+             and v % PAGE == PAGE - 16]
+    assert len(heads) == 1, heads
+    return 4096 + heads[0], int.from_bytes(root[heads[0]:heads[0] + 8], "little"), base
+
+
+def test_a_zbud_pool_whose_descriptor_list_loops_is_refused() -> None:
+    pool = _alloc.Pool("zbud", "loop")
+    model = objects(pool, 6, 500)
+    fd = kept(pool)
+    try:
+        _, run, base = zbud_descriptor_list(fd)
+        saved = os.pread(fd, 8, run - base)
+        os.pwrite(fd, run.to_bytes(8, "little"), run - base)      # its next is itself
+        with pytest.raises(_alloc.PoolImageError, match="loop"):
+            _alloc.Pool.adopt(fd, list(model))
+        with pytest.raises(_alloc.PoolImageError, match="loop"):
+            _alloc.PoolImage(fd)
+        os.pwrite(fd, saved, run - base)
+        with _alloc.Pool.adopt(fd, list(model)) as again:
+            assert all(again.read(h)[:len(d)] == d for h, d in model.items())
+    finally:
+        os.close(fd)
+
+
 def test_a_zbud_pool_made_before_its_descriptor_list_is_adopted() -> None:
     """A zbud pool of the previous layout has no list of its pages of descriptors (zeros where
     it is now): they are found from its lists, and adoption gives it the list."""
@@ -457,15 +489,8 @@ def test_a_zbud_pool_made_before_its_descriptor_list_is_adopted() -> None:
     model = objects(pool, 5, 2000)
     fd = kept(pool)
     try:
-        base = int.from_bytes(os.pread(fd, 8, 40), "little")     # zpool_header.base
-        root = os.pread(fd, 4096, 4096)                           # ZPOOL_ROOT
-        # The list's head: the one pointer in the root to a page's last 16 bytes.
-        heads = [at for at in range(0, 4096, 8)
-                 if (v := int.from_bytes(root[at:at + 8], "little")) > base
-                 and v % PAGE == PAGE - 16]
-        assert len(heads) == 1, heads
-        run = int.from_bytes(root[heads[0]:heads[0] + 8], "little")
-        os.pwrite(fd, bytes(8), 4096 + heads[0])
+        head, run, base = zbud_descriptor_list(fd)
+        os.pwrite(fd, bytes(8), head)
         pages = 0
         while run:
             nxt = int.from_bytes(os.pread(fd, 8, run - base), "little")

@@ -12,7 +12,7 @@ pages of the page source, each on the pool's list of them, so that a later daemo
 pool in place, or copies its objects out, checking every handle (_zbud_adopt.pxi).
 Every function here runs without the GIL.
 """
-from libc.stdint cimport uint16_t, uint32_t, uint64_t
+from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort
 from libc.string cimport memset
 

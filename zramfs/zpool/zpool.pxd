@@ -45,7 +45,8 @@ ctypedef struct zpool_kept:
     pages_tags tags           # the descriptor runs the check found (zramfs.zpool._pages)
 
 # [p, p + n) lies within [lo, hi): a kept pointer is checked so before it is followed.
-cdef inline bint zpool_within(const void* p, size_t n, const char* lo, const char* hi) noexcept nogil:
+cdef inline bint zpool_within(const void* p, size_t n, const char* lo,
+                              const char* hi) noexcept nogil:
     cdef const char* q = <const char*>p
     return q >= lo and q + n <= hi and q + n >= q
 
