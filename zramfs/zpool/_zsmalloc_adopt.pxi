@@ -160,7 +160,7 @@ cdef inline bint _slot_named(size_class* c, uint8_t** marks, zspage* zs,
 cdef const char* _mark_handles(zpool_kept* k, const uint64_t* handles, size_t n,
                                uint8_t** marks) noexcept nogil:
     """Marks each handle of the slot table in its class's bitmap, once zs_locate has found
-    it a live object."""
+    it a live object. In place (delta 0): the pool's pointers are good as they are."""
     cdef zs_pool* pool = <zs_pool*>k.root
     cdef uint32_t ci, idx
     cdef size_t i
