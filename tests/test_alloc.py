@@ -361,3 +361,144 @@ def test_memory_returns_under_mlockall() -> None:
             assert pool.read(h)[:3000] == chunk[:3000]
     finally:
         libc.munlockall()
+
+
+# --- a kept pool: adopted in place, or read for copying ----------------------------------------
+
+
+def kept(pool: _alloc.Pool) -> int:
+    """A dup of the pool's memfd, the pool itself destroyed: what a killed daemon leaves."""
+    fd = os.dup(pool.fd)
+    pool.destroy()
+    return fd
+
+
+def objects(pool: _alloc.Pool, seed: int, n: int) -> dict[int, bytes]:
+    rng = random.Random(seed)
+    model = {}
+    for _ in range(n):
+        data = rng.randbytes(rng.choice([20, 100, 700, 1500, 2040, 3000, 4000]))
+        h = pool.malloc(len(data))
+        pool.write(h, data)
+        model[h] = data
+    return model
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adoption_in_place_keeps_what_is_named_and_frees_the_rest(backend: str) -> None:
+    """The handles given (repeats allowed) read back; every other object is freed, the room
+    it took given back and used again; adopted twice over, the same."""
+    pool = _alloc.Pool(backend, "kept")
+    model = objects(pool, 1, 3000)
+    used = pool.total_pages
+    fd = kept(pool)
+    keep = sorted(model)[:1000]        # whole classes or pages, so that their room goes back
+    try:
+        for round in range(2):
+            with _alloc.Pool.adopt(fd, keep + keep[:10], f"again{round}") as again:
+                assert again.backend == backend
+                assert all(again.read(h)[:len(model[h])] == model[h] for h in keep)
+                assert again.total_pages < used * 0.75
+                fresh = objects(again, 2 + round, 500)
+                assert all(again.read(h)[:len(d)] == d for h, d in fresh.items())
+                for h in fresh:
+                    again.free(h)
+        with _alloc.Pool.adopt(fd, [], "empty") as empty:
+            assert empty.total_pages == 0
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adoption_refuses_a_handle_that_leads_nowhere_and_changes_nothing(backend: str) -> None:
+    pool = _alloc.Pool(backend, "kept")
+    h = pool.malloc(100)
+    pool.write(h, b"a" * 100)
+    if backend == "zbud":           # the first buddy alone; a descriptor's neighbour, unused
+        bad = [h | 1, h + 8, h + 40, h + 4096, 1 << 46, 0]
+    else:
+        bad = [h + 1, h | (200 << 32), h ^ (1 << 31), 0]
+    fd = kept(pool)
+    try:
+        for b in bad:
+            with pytest.raises(_alloc.PoolImageError, match="damaged"):
+                _alloc.Pool.adopt(fd, [h, b])
+        with _alloc.Pool.adopt(fd, [h]) as again:
+            assert again.read(h)[:100] == b"a" * 100
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_copying_reads_a_kept_pool_through_the_same_checks(backend: str) -> None:
+    """PoolImage (for copying where the old address is taken) finds what adoption would, and
+    None for what adoption refuses."""
+    with _alloc.Pool(backend, "image") as pool:
+        model = objects(pool, 4, 300)
+        image = _alloc.PoolImage(pool.fd)        # mapped elsewhere: the address is taken
+        try:
+            assert all(image.read(h, len(d)) == d for h, d in model.items())
+            h = next(iter(model))
+            assert image.read(h, len(model[h]) + 1) is None          # larger than the object
+            if backend == "zbud":
+                bad = [1, h + 8, 1 << 46]
+            else:
+                bad = [h | (200 << 32), (h >> 32 << 32) | 0xFFFFF0, h >> 32 << 32]
+            for b in bad + [0, (1 << 63) | 5]:
+                assert image.read(b, 10) is None, hex(b)
+        finally:
+            image.close()
+
+
+def zbud_descriptor_list(fd: int) -> tuple[int, int, int]:
+    """A kept zbud pool's list of descriptor pages: (where its head is in the memfd, the
+    first page's tail as the old process addressed it, where that process had the region)."""
+    base = int.from_bytes(os.pread(fd, 8, 40), "little")         # zpool_header.base
+    root = os.pread(fd, 4096, 4096)                               # ZPOOL_ROOT
+    # The head: the one pointer in the root to a page's last 16 bytes.
+    heads = [at for at in range(0, 4096, 8)
+             if (v := int.from_bytes(root[at:at + 8], "little")) > base
+             and v % PAGE == PAGE - 16]
+    assert len(heads) == 1, heads
+    return 4096 + heads[0], int.from_bytes(root[heads[0]:heads[0] + 8], "little"), base
+
+
+def test_a_zbud_pool_whose_descriptor_list_loops_is_refused() -> None:
+    pool = _alloc.Pool("zbud", "loop")
+    model = objects(pool, 6, 500)
+    fd = kept(pool)
+    try:
+        _, run, base = zbud_descriptor_list(fd)
+        saved = os.pread(fd, 8, run - base)
+        os.pwrite(fd, run.to_bytes(8, "little"), run - base)      # its next is itself
+        with pytest.raises(_alloc.PoolImageError, match="loop"):
+            _alloc.Pool.adopt(fd, list(model))
+        with pytest.raises(_alloc.PoolImageError, match="loop"):
+            _alloc.PoolImage(fd)
+        os.pwrite(fd, saved, run - base)
+        with _alloc.Pool.adopt(fd, list(model)) as again:
+            assert all(again.read(h)[:len(d)] == d for h, d in model.items())
+    finally:
+        os.close(fd)
+
+
+def test_a_zbud_pool_made_before_its_descriptor_list_is_adopted() -> None:
+    """A zbud pool of the previous layout has no list of its pages of descriptors (zeros where
+    it is now): they are found from its lists, and adoption gives it the list."""
+    pool = _alloc.Pool("zbud", "old")
+    model = objects(pool, 5, 2000)
+    fd = kept(pool)
+    try:
+        head, run, base = zbud_descriptor_list(fd)
+        os.pwrite(fd, bytes(8), head)
+        pages = 0
+        while run:
+            nxt = int.from_bytes(os.pread(fd, 8, run - base), "little")
+            os.pwrite(fd, bytes(16), run - base)
+            run, pages = nxt, pages + 1
+        assert pages > 1                # a list of several pages, now gone
+        for round in range(2):          # the second time, with the list the first one made
+            with _alloc.Pool.adopt(fd, list(model), f"new{round}") as again:
+                assert all(again.read(h)[:len(d)] == d for h, d in model.items())
+    finally:
+        os.close(fd)

@@ -368,3 +368,50 @@ def test_pages_written_with_a_dictionary_read_back_after_it_changes_or_goes(
             assert f.read(len(data)) == data
         assert "the copy kept from before the restart is used" in d.log.read_text()
         stop(d, mgr)
+
+
+# --- zbud, adopted in place -----------------------------------------------------------------
+
+def test_a_zbud_device_is_adopted_in_place_through_a_kill_and_a_hup(
+        tmp_path: Path, cleanup: Cleanup) -> None:
+    """A device on zbud (its `zpool` attribute) is adopted in place as one on zsmalloc is: the
+    next daemon maps the kept pool again (the same memfd, nothing copied), and every page
+    reads back. A copy would be a new pool (another memfd) and, for a moment, twice the
+    memory."""
+    mgr = Manager(cleanup)
+    rng = random.Random(23)
+    with zramfs_daemon(env=mgr.env(), tmp=tmp_path) as d:
+        mgr.pump()
+        name = d.hot_add()
+        d.write(name, "zpool", "zbud")
+        d.write(name, "disksize", "64M")
+        mgr.pump()
+        image = bytearray(32 * MiB)
+        fill(d.dev(name), image, rng)
+        fd = os.open(d.dev(name), os.O_RDWR)
+        closed = [False]
+        d.cleanup.push(f"close {name}", lambda: closed[0] or os.close(fd))
+        mgr.pump()
+        pool = os.fstat(mgr.store[kept_name(mgr, name, "pool")]).st_ino
+        before = d.mm_stat(name), memfd_bytes(d.proc.pid, mgr), d.rss()
+        assert before[0][2] > 8 * MiB, before
+        for how, restart in (("SIGKILL", restart_killed), ("SIGHUP", restart_gracefully)):
+            restart(d, mgr)
+            log = d.log.read_text()
+            assert re.search(rf"{name}: adopted \d+ pages in place", log), log
+            assert "copied" not in log, log
+            assert d.read(name, "zpool").split().count("[zbud]") == 1
+            assert os.fstat(mgr.store[kept_name(mgr, name, "pool")]).st_ino == pool, how
+            bad = differing(fd, image, 64 * MiB)
+            assert not bad, f"after {how}: {len(bad)} pages differ, the first at {bad[0]}"
+            mm, held, rss = d.mm_stat(name), memfd_bytes(d.proc.pid, mgr), d.rss()
+            assert (mm[0], mm[1], mm[2]) == tuple(before[0][:3]), (how, before[0], mm)
+            # The same memory: not a second pool beside the kept one (allowance: the pool's
+            # populator, 1 MiB made resident ahead, and Python's heap).
+            assert held <= before[1] + 2 * MiB, (how, before[1], held)
+            assert rss <= before[2] + 4 * MiB, (how, before[2], rss)
+        fill(d.dev(name), image, rng)                  # and it goes on working
+        assert not differing(fd, image, 64 * MiB)
+        os.close(fd)
+        closed[0] = True
+        stop(d, mgr)

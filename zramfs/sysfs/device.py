@@ -181,7 +181,8 @@ class Device:
                 self.state.stored(self.id, attr, text)
 
     def _adopt_meta(self, disksize: int, kept: tuple[int, int]) -> Meta:
-        """The kept device in a meta: in place, else copied. StateError if neither."""
+        """The kept device in a meta: in place, whatever its zpool, else (the pool's old
+        address taken in this process) copied. StateError if neither."""
         try:
             try:
                 meta = self._new_meta(disksize, kept)

@@ -9,7 +9,7 @@
 # driver and impl are set by __init__ and stay until destroy, which sets impl to NULL; the
 # owner must see that no C caller is still using impl by then.
 from libc.stdint cimport uint32_t, uint64_t
-from zramfs.zpool.zpool cimport zpool_driver
+from zramfs.zpool.zpool cimport zpool_driver, zpool_kept
 from zramfs.zpool._pages cimport zregion
 
 # The header at offset 0 of a pool's region: what a later daemon checks before it trusts the
@@ -37,13 +37,14 @@ cdef class Pool:
     cdef int _check_handle(self, handle) except -1
 
 
-# A pool a process before this one left in its region (a memfd kept across a restart): mapped
-# read-only, its header checked; `locate` finds an object from its handle for copying out.
+# A pool a process before this one left in its region (a memfd kept across a restart), for
+# copying out where its old address is taken here: mapped read-only elsewhere, its header
+# and structure checked (the backend's check, as adoption in place checks it); `locate` finds
+# an object from its handle. locate may run without the GIL, not while close runs.
 cdef class PoolImage:
     cdef zregion region
     cdef const zpool_driver* driver
-    cdef ssize_t delta
-    cdef char* old_base            # where the process that made the pool had it
+    cdef zpool_kept kept
     cdef readonly str backend
     cdef const char* locate(self, uint64_t handle, size_t size) noexcept nogil
 
@@ -52,5 +53,5 @@ cdef class PoolImage:
 # it had it and made this one's, with the objects `handles` name (the slot table's, repeats
 # allowed) and no other (zpool_driver.adopt). Raises PoolImageError for a pool that cannot be
 # adopted (damaged, another format), PoolInPlaceError for one that must be copied instead
-# (its backend cannot, or its address is taken in this process).
+# (its address is taken in this process).
 cdef Pool pool_adopt(int fd, const uint64_t* handles, size_t n, str name)

@@ -10,8 +10,9 @@ GIL; `Pool` drops it around each driver call, so threads really run in parallel.
 
 A pool lives in a region of its own, a memfd (zramfs.zpool._pages) with a header at offset 0, mapped
 in an address range of its own: keep `Pool.fd` across a restart and a later daemon maps it at
-the same address and adopts it as it is (`pool_adopt`), or, where it cannot, opens it as a
-`PoolImage` to copy the objects out.
+the same address and adopts it as it is (`pool_adopt`), or, where that address is taken in
+it, opens it as a `PoolImage` to copy the objects out. Both read the kept pool through its
+backend's one reader (zpool_driver.check and locate).
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from zramfs.common cimport PAGE_SIZE
 from zramfs.zpool.zpool cimport ZPOOL_ARENAS, ZPOOL_ROOT, zpool_class_stat, zpool_driver
 from zramfs.zpool._pages cimport PAGES_MAX_RUN      # every backend's zspage (or page) is one run
-from zramfs.zpool._pages cimport (region_adopt, region_close, region_create, region_map,
-                            region_populate, zregion)
+from zramfs.zpool._pages cimport (pages_tags_free, region_adopt, region_close, region_create,
+                                  region_map, region_populate, zregion)
 from zramfs.zpool._zsmalloc cimport zsmalloc_driver
 from zramfs.zpool._zbud cimport zbud_driver
 
@@ -321,21 +322,51 @@ class PoolImageError(Exception):
 
 
 class PoolInPlaceError(Exception):
-    """The kept pool cannot be adopted in place here: its backend cannot, or its address is
-    taken in this process. It can still be copied out (PoolImage)."""
+    """The kept pool cannot be adopted in place here: its address is taken in this process.
+    It can still be copied out (PoolImage)."""
+
+
+cdef tuple _open_kept(zregion* r, int fd):
+    """The kept pool in memfd `fd` mapped read-only in `r`, its header checked: (backend
+    name, _Backend), or PoolImageError with r closed."""
+    cdef zpool_header* h
+    cdef int rc = region_map(r, fd, False)
+    if rc != 0:
+        raise PoolImageError(f"fd {fd} is not a pool's memfd: {os.strerror(-rc)}")
+    h = <zpool_header*>r.base
+    try:
+        if r.size < ZPOOL_ARENAS or memcmp(h.magic, <const char*>POOL_MAGIC,
+                                           len(POOL_MAGIC) + 1) != 0:
+            raise PoolImageError("not a zramfs pool (bad magic)")
+        if h.version != POOL_VERSION or h.pointer_size != sizeof(void*):
+            raise PoolImageError(f"pool format {h.version}, this zramfs reads {POOL_VERSION}")
+        if h.size != r.size:
+            raise PoolImageError("pool region truncated")
+        backend = h.backend[:sizeof(h.backend)].split(b"\0")[0].decode(errors="replace")
+        try:
+            b = BACKENDS.pin(backend)
+        except LookupError:
+            raise PoolImageError(f"unknown allocator backend {backend!r}") from None
+        BACKENDS.unpin(backend)      # its driver table is static: nothing to keep alive
+    except BaseException:
+        region_close(r)
+        raise
+    return backend, b
 
 
 cdef Pool pool_adopt(int fd, const uint64_t* handles, size_t n, str name):
-    cdef PoolImage image = PoolImage(fd)
-    cdef const zpool_driver* driver = image.driver
-    cdef char* base = image.old_base
-    cdef str backend = image.backend
+    cdef zregion header
+    cdef const zpool_driver* driver
+    cdef char* base
     cdef const char* why
     cdef Pool p
     cdef int rc
-    image.close()
-    if driver.adopt == NULL:
-        raise PoolInPlaceError(f"a {backend} pool is copied, not adopted in place")
+    header.fd = -1
+    header.base = NULL
+    backend, b = _open_kept(&header, fd)
+    driver = (<_Backend>b).driver
+    base = <char*>(<zpool_header*>header.base).base
+    region_close(&header)
     p = Pool.__new__(Pool)
     p.driver = driver
     p.backend = backend
@@ -361,48 +392,31 @@ cdef Pool pool_adopt(int fd, const uint64_t* handles, size_t n, str name):
 
 cdef class PoolImage:
     """`PoolImage(fd)`: the pool a process before this one left in the memfd `fd` (a dup is
-    kept; `close()` drops it). Raises PoolImageError for anything but a pool of this layout."""
+    kept; `close()` drops it), checked as adoption checks it. Raises PoolImageError for
+    anything but a sound pool of this layout."""
 
     def __cinit__(self):
         self.region.fd = -1
         self.region.base = NULL
+        self.kept.tags.tag = NULL
 
     def __init__(self, int fd):
-        cdef zpool_header* h
-        cdef _Backend b
-        cdef int rc = region_map(&self.region, fd, False)
-        if rc != 0:
-            raise PoolImageError(f"fd {fd} is not a pool's memfd: {os.strerror(-rc)}")
-        h = <zpool_header*>self.region.base
-        if self.region.size < ZPOOL_ARENAS or memcmp(h.magic, <const char*>POOL_MAGIC,
-                                                      len(POOL_MAGIC) + 1) != 0:
-            self.close()
-            raise PoolImageError("not a zramfs pool (bad magic)")
-        if h.version != POOL_VERSION or h.pointer_size != sizeof(void*):
-            version = h.version
-            self.close()
-            raise PoolImageError(f"pool format {version}, this zramfs reads {POOL_VERSION}")
-        if h.size != self.region.size:
-            self.close()
-            raise PoolImageError("pool region truncated")
-        backend = h.backend[:sizeof(h.backend)].split(b"\0")[0].decode(errors="replace")
-        try:
-            b = BACKENDS.pin(backend)
-        except LookupError:
-            self.close()
-            raise PoolImageError(f"unknown allocator backend {backend!r}") from None
-        BACKENDS.unpin(backend)      # its driver table is static: nothing to keep alive
+        cdef const char* why
+        cdef ssize_t delta
+        backend, b = _open_kept(&self.region, fd)
         self.backend = backend
-        self.driver = b.driver
-        self.delta = <ssize_t>(self.region.base - <char*>h.base)
-        self.old_base = <char*>h.base
+        self.driver = (<_Backend>b).driver
+        delta = <ssize_t>(self.region.base - <char*>(<zpool_header*>self.region.base).base)
+        with nogil:
+            why = self.driver.check(&self.kept, &self.region, delta)
+        if why != NULL:
+            self.close()
+            raise PoolImageError(f"pool damaged: {why.decode()}")
 
     cdef const char* locate(self, uint64_t handle, size_t size) noexcept nogil:
         if self.region.base == NULL:
             return NULL
-        return self.driver.locate(self.region.base + ZPOOL_ROOT, self.delta,
-                                  self.region.base + ZPOOL_ROOT,
-                                  self.region.base + self.region.size, handle, size)
+        return self.driver.locate(&self.kept, handle, size)
 
     def read(self, uint64_t handle, size_t size) -> bytes | None:
         """The object's `size` bytes, or None where the handle leads nowhere sound."""
@@ -412,7 +426,8 @@ cdef class PoolImage:
         return PyBytes_FromStringAndSize(p, size)
 
     def close(self) -> None:
+        pages_tags_free(&self.kept.tags)
         region_close(&self.region)
 
     def __dealloc__(self):
-        region_close(&self.region)
+        self.close()

@@ -4,6 +4,8 @@
 # All functions run without the GIL. pages_alloc and pages_free take the page source's lock,
 # which is innermost: a backend calls them with its own class or pool lock held, never the
 # other way round.
+from libc.stdint cimport uint16_t
+
 from zramfs.pthread cimport pthread_cond_t, pthread_mutex_t, pthread_t
 from zramfs.common cimport za_load
 
@@ -77,6 +79,25 @@ cdef int pages_runs_sound(const page_source* ps, zregion* region, pages_run* run
                           size_t n) noexcept nogil
 cdef int pages_adopt(page_source* ps, zregion* region, const pages_run* runs, size_t n,
                      size_t held, size_t meta) noexcept nogil
+
+# Reading a kept pool (live restart): which pages of its arenas a backend's bookkeeping runs
+# (zspage descriptors, zbud's descriptor pages) take, each run tagged with a number of the
+# backend's (1..255: zsmalloc's class, plus one), so that a handle's descriptor is trusted
+# only inside a run its walk found. Addresses are the old process's. Outside the region:
+# calloc'ed, untouched pages cost nothing. Caller's own, no lock.
+ctypedef struct pages_tags:
+    const char* lo                # the first page of the arenas
+    size_t npages
+    uint16_t* tag                 # per page: tag << 8 | pages from its run's first, or 0
+# Room for [lo, hi): 0, or -1 without memory.
+cdef int pages_tags_init(pages_tags* t, const char* lo, const char* hi) noexcept nogil
+cdef void pages_tags_free(pages_tags* t) noexcept nogil
+# Tags the run [run, run + npages pages): False, and nothing tagged, when it is not page-aligned
+# within [lo, hi) or any of its pages is tagged already (runs overlap, or a list loops).
+cdef bint pages_tags_set(pages_tags* t, const char* run, size_t npages,
+                         uint16_t tag) noexcept nogil
+# The first page of the run tagged `tag` that holds p, or NULL.
+cdef const char* pages_tags_run(const pages_tags* t, const char* p, uint16_t tag) noexcept nogil
 # A run of 1..PAGES_MAX_RUN contiguous pages, or NULL.
 cdef char* pages_alloc(page_source* ps, int npages) noexcept nogil
 # The same, for the backend's bookkeeping (handle tables, zspage descriptors): charged to the

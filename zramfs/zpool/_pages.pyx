@@ -20,7 +20,8 @@ together (the daemon sets it from its cgroup's limit and the machine's RAM, zram
 run past it is refused, so a write fails as one over mem_limit does, instead of the OOM killer
 ending the daemon and every device with it.
 """
-from libc.stdlib cimport malloc, free, qsort
+from libc.stdint cimport uint16_t
+from libc.stdlib cimport calloc, malloc, free, qsort
 from libc.string cimport memset
 
 from zramfs.common cimport PAGE_SIZE, za_add, za_load, za_store, za_sub
@@ -522,6 +523,47 @@ cdef void _sweep(page_source* ps, char* start, char* end) noexcept nogil:
         n = min(<int>((end - start) // PAGE_SIZE), PAGES_MAX_RUN)
         _push_run(ps, start, n)
         start += <size_t>n * PAGE_SIZE
+
+
+# --- a kept pool's bookkeeping runs ------------------------------------------------------------
+
+cdef int pages_tags_init(pages_tags* t, const char* lo, const char* hi) noexcept nogil:
+    t.lo = lo
+    t.npages = <size_t>(hi - lo) // PAGE_SIZE if hi > lo else 0
+    t.tag = <uint16_t*>calloc(t.npages + 1, sizeof(uint16_t))
+    return 0 if t.tag != NULL else -1
+
+
+cdef void pages_tags_free(pages_tags* t) noexcept nogil:
+    free(t.tag)
+    t.tag = NULL
+    t.npages = 0
+
+
+cdef bint pages_tags_set(pages_tags* t, const char* run, size_t npages,
+                         uint16_t tag) noexcept nogil:
+    cdef size_t first, i
+    if run < t.lo or (run - t.lo) % PAGE_SIZE or npages == 0 or npages > 255 or tag == 0:
+        return False
+    first = <size_t>(run - t.lo) // PAGE_SIZE
+    if first + npages > t.npages:
+        return False
+    for i in range(npages):
+        if t.tag[first + i]:
+            return False
+    for i in range(npages):
+        t.tag[first + i] = <uint16_t>((tag << 8) | i)
+    return True
+
+
+cdef const char* pages_tags_run(const pages_tags* t, const char* p, uint16_t tag) noexcept nogil:
+    cdef size_t page
+    if p < t.lo:
+        return NULL
+    page = <size_t>(p - t.lo) // PAGE_SIZE
+    if page >= t.npages or t.tag[page] >> 8 != tag:
+        return NULL
+    return t.lo + (page - (t.tag[page] & 0xFF)) * PAGE_SIZE
 
 
 def set_budget(size_t pages) -> None:

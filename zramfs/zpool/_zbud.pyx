@@ -8,18 +8,23 @@ keeps the page. One lock for the pool, as in the kernel's zbud, taken by malloc 
 list helpers (_zbud_link, _zbud_unlink) expect it held, and the page source's lock nests
 inside it. Handles point straight at the page's descriptor, low bit = buddy. As zsmalloc's,
 everything lives in the pool's region (zramfs.zpool._pages): the pool in the root, descriptors in
-runs of the page source, so a later daemon finds each object from its handle (zbud_locate).
+pages of the page source, each on the pool's list of them, so that a later daemon adopts the
+pool in place, or copies its objects out, checking every handle (_zbud_adopt.pxi).
 Every function here runs without the GIL.
 """
 from libc.stdint cimport uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, qsort
 from libc.string cimport memset
 
 from zramfs.common cimport PAGE_SIZE
 from zramfs.pthread cimport (pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
                             pthread_mutex_t, pthread_mutex_unlock)
-from zramfs.zpool.zpool cimport ZPOOL_ARENAS, ZPOOL_ROOT, zpool_class_stat, zpool_driver
-from zramfs.zpool._pages cimport (page_source, pages_alloc, pages_alloc_meta, pages_destroy, pages_free,
-                            pages_held, pages_init, zregion)
+from zramfs.zpool.zpool cimport (ZPOOL_ARENAS, ZPOOL_ROOT, zpool_class_stat, zpool_driver,
+                                 zpool_kept, zpool_kept_at, zpool_within)
+from zramfs.zpool._pages cimport (page_source, pages_adopt, pages_alloc, pages_alloc_meta,
+                                  pages_destroy, pages_free, pages_held, pages_init, pages_run,
+                                  pages_runs_sound, pages_tags_free, pages_tags_init,
+                                  pages_tags_run, pages_tags_set, zregion)
 
 cdef enum:
     CHUNK_SHIFT = 6
@@ -33,26 +38,46 @@ ctypedef struct zbud_page:
     uint32_t last_size
     int list                  # free chunks for unbuddied pages, NCHUNKS for buddied
 
+# The tail of a page of descriptors, in the bytes the descriptors leave (where a page made
+# before zbud kept this list has zeros): the page's place on the pool's list.
+ctypedef struct zbud_run:
+    zbud_run* next
+    uint64_t ndesc
+
 ctypedef struct zbud_pool:
     page_source pages
     pthread_mutex_t lock
     zbud_page* lists[NCHUNKS + 1]    # [i] = pages with one buddy and i chunks free; [NCHUNKS] full
-    zbud_page* desc_free             # free descriptors, linked through `next`
+    zbud_page* desc_free             # free descriptors (base NULL), linked through `next`
+    zbud_run* desc_runs              # every page of descriptors, newest first
+
+
+cdef inline size_t _descs_per_page() noexcept nogil:
+    return (PAGE_SIZE - sizeof(zbud_run)) // sizeof(zbud_page)
+
+
+cdef inline zbud_run* _run_of(char* page) noexcept nogil:
+    return <zbud_run*>(page + PAGE_SIZE - sizeof(zbud_run))
 
 
 cdef zbud_page* _desc_take(zbud_pool* pool) noexcept nogil:
-    """A zeroed descriptor. Pool lock held. The slab's pages are never given back."""
+    """A zeroed descriptor. Pool lock held. The slab's pages are never given back; each is
+    on the pool's list before any of its descriptors is handed out, so that adoption finds
+    every descriptor, free or not."""
     cdef zbud_page* d
-    cdef char* run
-    cdef int i
+    cdef zbud_run* run
+    cdef char* page
+    cdef size_t i
     if pool.desc_free == NULL:
-        run = pages_alloc_meta(&pool.pages, 1)
-        if run == NULL:
+        page = pages_alloc_meta(&pool.pages, 1)
+        if page == NULL:
             return NULL
-        for i in range(PAGE_SIZE // sizeof(zbud_page)):
-            d = <zbud_page*>run + i
-            d.next = pool.desc_free
-            pool.desc_free = d
+        run = _run_of(page)
+        run.ndesc = _descs_per_page()
+        run.next = pool.desc_runs
+        pool.desc_runs = run
+        for i in range(_descs_per_page()):
+            _desc_put(pool, <zbud_page*>page + i)
     d = pool.desc_free
     pool.desc_free = d.next
     memset(d, 0, sizeof(zbud_page))
@@ -60,6 +85,7 @@ cdef zbud_page* _desc_take(zbud_pool* pool) noexcept nogil:
 
 
 cdef inline void _desc_put(zbud_pool* pool, zbud_page* d) noexcept nogil:
+    d.base = NULL
     d.next = pool.desc_free
     pool.desc_free = d
 
@@ -162,11 +188,16 @@ cdef void zbud_free(void* p, uint64_t handle) noexcept nogil:
     pthread_mutex_unlock(&pool.lock)
 
 
+cdef inline char* _buddy(char* page, zbud_page* zp, uint64_t handle) noexcept nogil:
+    """The object of `handle` in its page: first from the start, last from the end."""
+    if handle & 1:
+        return page + PAGE_SIZE - (_chunks(zp.last_size) << CHUNK_SHIFT)
+    return page
+
+
 cdef char* zbud_map(void* p, uint64_t handle) noexcept nogil:
     cdef zbud_page* zp = <zbud_page*>(handle & ~(<uint64_t>1))
-    if handle & 1:
-        return zp.base + PAGE_SIZE - (_chunks(zp.last_size) << CHUNK_SHIFT)
-    return zp.base
+    return _buddy(zp.base, zp, handle)
 
 
 cdef void zbud_unmap(void* p, uint64_t handle) noexcept nogil:
@@ -202,23 +233,7 @@ cdef int zbud_class_stats(void* p, zpool_class_stat* out, int max) noexcept nogi
     return 0                 # no size classes
 
 
-cdef const char* zbud_locate(const char* old, ssize_t delta, const char* lo, const char* hi,
-                             uint64_t handle, size_t size) noexcept nogil:
-    """handle -> descriptor -> page -> buddy, each step checked."""
-    cdef const char* d = <const char*>(handle & ~(<uint64_t>1)) + delta
-    cdef const zbud_page* zp
-    cdef const char* base
-    cdef size_t stored
-    if handle == 0 or d < lo or d + sizeof(zbud_page) > hi:
-        return NULL
-    zp = <const zbud_page*>d
-    stored = zp.last_size if handle & 1 else zp.first_size
-    base = zp.base + delta
-    if stored == 0 or size > stored or base < lo or base + PAGE_SIZE > hi:
-        return NULL
-    if handle & 1:
-        return base + PAGE_SIZE - (_chunks(zp.last_size) << CHUNK_SHIFT)
-    return base
+include "_zbud_adopt.pxi"
 
 
 cdef zpool_driver ZBUD = zpool_driver(
@@ -226,7 +241,7 @@ cdef zpool_driver ZBUD = zpool_driver(
     map=zbud_map, unmap=zbud_unmap, obj_size=zbud_obj_size, total_pages=zbud_total_pages,
     compact=zbud_compact, pages_compacted=zbud_pages_compacted,
     huge_class_size=zbud_huge_class_size, class_size=zbud_class_size,
-    class_stats=zbud_class_stats, locate=zbud_locate, adopt=NULL,
+    class_stats=zbud_class_stats, check=zbud_check, locate=zbud_locate, adopt=zbud_adopt,
 )
 
 

@@ -11,7 +11,8 @@ zsmalloc's ideas, in userspace:
 - everything lives in the pool's region (a memfd, zramfs.zpool._pages), the bookkeeping too: the
   pool and its classes in the root, handle tables and zspage descriptors in runs of the page
   source. Nothing is malloc'ed, so a daemon after this one finds every object through the
-  slot table's handles (zs_locate), whatever this process was doing when it ended;
+  slot table's handles, whatever this process was doing when it ended, and adopts the pool
+  in place or copies its objects out (_zsmalloc_adopt.pxi, the one reader of a kept pool);
 - zspages sit in fullness groups; allocation takes the fullest zspage with room;
 - one lock per class (no pool-wide lock on malloc/free/map); a pinned zspage is never a
   compaction source, so a reader's object cannot move under it.
@@ -27,10 +28,13 @@ from libc.string cimport memcpy, memset
 from zramfs.common cimport PAGE_SIZE, za_add, za_load
 from zramfs.pthread cimport (pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
                             pthread_mutex_t, pthread_mutex_unlock)
-from zramfs.zpool.zpool cimport ZPOOL_ARENAS, ZPOOL_ROOT, zpool_class_stat, zpool_driver
+from zramfs.zpool.zpool cimport (ZPOOL_ARENAS, ZPOOL_ROOT, zpool_class_stat, zpool_driver,
+                                 zpool_kept, zpool_kept_at, zpool_within)
 from zramfs.zpool._pages cimport (PAGES_MAX_RUN, page_source, pages_adopt, pages_alloc,
-                            pages_alloc_meta, pages_alloc_sparse, pages_destroy, pages_free,
-                            pages_held, pages_init, pages_run, pages_runs_sound, zregion)
+                                  pages_alloc_meta, pages_alloc_sparse, pages_destroy,
+                                  pages_free, pages_held, pages_init, pages_run,
+                                  pages_runs_sound, pages_tags_free, pages_tags_init,
+                                  pages_tags_run, pages_tags_set, zregion)
 
 cdef enum:
     MIN_SIZE = 32
@@ -561,316 +565,14 @@ cdef int zs_class_stats(void* p, zpool_class_stat* out, int max) noexcept nogil:
     return pool.nr_classes
 
 
-cdef inline const char* _old(const void* p, ssize_t delta, const char* lo, const char* hi,
-                             size_t n) noexcept nogil:
-    """A pointer the old process stored, as mapped now, if [it, it + n) lies in [lo, hi)."""
-    cdef const char* q = <const char*>p + delta
-    if p == NULL or q < lo or q + n > hi or q + n < q:
-        return NULL
-    return q
-
-
-cdef const char* zs_locate(const char* old, ssize_t delta, const char* lo, const char* hi,
-                           uint64_t handle, size_t size) noexcept nogil:
-    """handle -> class -> handle table entry -> zspage -> object, each step checked."""
-    cdef const zs_pool* pool = <const zs_pool*>old
-    cdef uint32_t ci = <uint32_t>(handle >> 32)
-    cdef uint32_t idx = <uint32_t>handle
-    cdef const size_class* c
-    cdef const hentry* const* dir
-    cdef const hentry* chunk
-    cdef const hentry* e
-    cdef const zspage* zs
-    if <int>ci >= pool.nr_classes or pool.nr_classes > NR_SIZES:
-        return NULL
-    c = <const size_class*>_old(pool.classes[ci], delta, lo, hi, sizeof(size_class))
-    if c == NULL or idx == 0 or idx >= c.handles_next or idx >= c.handles_cap \
-            or size > c.size:
-        return NULL
-    dir = <const hentry* const*>_old(c.dir, delta, lo, hi, DIR_PAGES * PAGE_SIZE)
-    if dir == NULL:
-        return NULL
-    chunk = <const hentry*>_old(dir[idx >> CHUNK_SHIFT], delta, lo, hi, CHUNK_PAGES * PAGE_SIZE)
-    if chunk == NULL:
-        return NULL
-    e = &chunk[idx & (CHUNK_ENTRIES - 1)]
-    zs = <const zspage*>_old(e.zs, delta, lo, hi, sizeof(zspage))
-    if zs == NULL or e.slot >= c.objs_per_zspage:
-        return NULL
-    return _old(zs.base + <size_t>e.slot * c.size, delta, lo, hi, size)
-
-
-# --- adoption (live restart) -----------------------------------------------------------------
-#
-# A pool a process before this one left in its region, mapped again at the same address, so
-# every pointer in it is good as it is. What that process was doing when it ended is not to be
-# trusted: a class lock it held, a zspage it had pinned, an object it had allocated for a write
-# that never reached the slot table, a zspage half made or half released. The slot table's
-# handles are the truth: an object none of them names is free, a zspage with no such object
-# is given back, and everything else (the groups, free lists, counts, the page source's freed
-# runs) is rebuilt from them. All is checked before anything is changed.
-
-cdef inline bint _in(const void* p, size_t n, const char* lo, const char* hi) noexcept nogil:
-    cdef const char* q = <const char*>p
-    return q >= lo and q + n <= hi and q + n >= q
-
-
-cdef inline bint _marked(uint8_t** marks, uint32_t ci, uint32_t idx) noexcept nogil:
-    return (marks[ci][idx >> 3] >> (idx & 7)) & 1
-
-
-cdef inline bint _slot_named(size_class* c, uint8_t** marks, zspage* zs,
-                             uint32_t slot) noexcept nogil:
-    """The slot holds an object a handle of the slot table names (and the handle says so)."""
-    cdef uint32_t idx = _slots(zs)[slot]
-    cdef hentry* e
-    if idx == 0 or idx >= c.handles_next or not _marked(marks, c.index, idx):
-        return False
-    e = _hentry(c, idx)
-    return e.zs == zs and e.slot == slot
-
-
-cdef const char* _check_classes(zs_pool* pool, zregion* region) noexcept nogil:
-    cdef char* lo = region.base + ZPOOL_ARENAS
-    cdef char* hi = region.base + pool.pages.carved
-    cdef char* first = <char*>(pool + 1)
-    cdef size_class* c
-    cdef uint32_t objs, k
-    cdef int i
-    if pool.pages.first != ZPOOL_ARENAS or pool.pages.carved > region.size:
-        return "its arenas are not where this version keeps them"
-    if not 1 <= pool.nr_classes <= NR_SIZES:
-        return "its number of size classes is out of range"
-    for i in range(pool.nr_classes):
-        c = pool.classes[i]
-        if not _in(c, sizeof(size_class), first, region.base + ZPOOL_ARENAS) \
-                or (<char*>c - first) % sizeof(size_class) or c.index != <uint32_t>i:
-            return "a size class is not in the pool's root"
-        if not MIN_SIZE <= c.size <= PAGE_SIZE or not 1 <= c.pages_per_zspage <= PAGES_MAX_RUN:
-            return "a size class has a size out of range"
-        objs = c.pages_per_zspage * PAGE_SIZE // c.size
-        if c.objs_per_zspage != objs or c.desc_size != _desc_size(objs):
-            return "a size class does not add up"
-        if c.handles_next > c.handles_cap or c.handles_cap > <uint32_t>DIR_ENTRIES * CHUNK_ENTRIES \
-                or c.handles_cap % CHUNK_ENTRIES:
-            return "a handle table's size is out of range"
-        if c.handles_cap:
-            if not _in(c.dir, DIR_PAGES * PAGE_SIZE, lo, hi):
-                return "a handle table is outside the arenas"
-            for k in range(c.handles_cap // CHUNK_ENTRIES):
-                if not _in(c.dir[k], CHUNK_PAGES * PAGE_SIZE, lo, hi):
-                    return "a handle table is outside the arenas"
-    for i in range(NR_SIZES):
-        c = pool.by_size[i]
-        if not _in(c, sizeof(size_class), first, region.base + ZPOOL_ARENAS) \
-                or c.index >= <uint32_t>pool.nr_classes or pool.classes[c.index] != c:
-            return "a size maps to no size class"
-    return NULL
-
-
-cdef const char* _check_descriptors(zs_pool* pool, zregion* region) noexcept nogil:
-    """Every descriptor run of every class in the arenas, every zspage's pages too; marks each
-    descriptor in use with its class (in `pins`, which means nothing once its process is
-    gone). Bounded: a list that loops runs out of pages."""
-    cdef char* lo = region.base + ZPOOL_ARENAS
-    cdef char* hi = region.base + pool.pages.carved
-    cdef size_t budget = pool.pages.carved // PAGE_SIZE
-    cdef size_class* c
-    cdef desc_run* run
-    cdef zspage* zs
-    cdef uint32_t d, npages
-    cdef int i
-    for i in range(pool.nr_classes):
-        c = pool.classes[i]
-        npages = _desc_run_pages(c)
-        run = c.desc_runs
-        while run != NULL:
-            if not _in(run, npages * PAGE_SIZE, lo, hi) or (<char*>run - lo) % PAGE_SIZE \
-                    or run.npages != npages or run.ndesc != _desc_run_count(c, npages):
-                return "a zspage descriptor run is damaged or outside the arenas"
-            if budget < npages:
-                return "the zspage descriptor runs loop"
-            budget -= npages
-            for d in range(run.ndesc):
-                zs = _desc_at(c, run, d)
-                if zs.base == NULL:
-                    continue
-                if not _in(zs.base, <size_t>c.pages_per_zspage * PAGE_SIZE, lo, hi) \
-                        or (zs.base - lo) % PAGE_SIZE or zs.bump > c.objs_per_zspage:
-                    return "a zspage descriptor is damaged"
-                zs.pins = -1 - i
-            run = run.next
-    return NULL
-
-
-cdef const char* _mark_handles(zs_pool* pool, zregion* region, const uint64_t* handles,
-                               size_t n, uint8_t** marks) noexcept nogil:
-    """Marks each handle of the slot table in its class's bitmap, checking that it leads to a
-    live object of that class."""
-    cdef char* lo = region.base + ZPOOL_ARENAS
-    cdef char* hi = region.base + pool.pages.carved
-    cdef size_class* c
-    cdef hentry* e
-    cdef zspage* zs
-    cdef uint32_t ci, idx
-    cdef size_t i
-    for i in range(n):
-        ci = <uint32_t>(handles[i] >> 32)
-        idx = <uint32_t>handles[i]
-        if ci >= <uint32_t>pool.nr_classes:
-            return "a slot's handle names no size class"
-        c = pool.classes[ci]
-        if idx == 0 or idx >= c.handles_next:
-            return "a slot's handle is not in its handle table"
-        e = _hentry(c, idx)
-        zs = e.zs
-        if not _in(zs, c.desc_size, lo, hi) or (<size_t>zs) % 8 or zs.pins != -1 - <int>ci \
-                or e.slot >= zs.bump or _slots(zs)[e.slot] != idx \
-                or not 1 <= e.size_or_next <= c.size:
-            return "a slot's handle leads to no object"
-        marks[ci][idx >> 3] |= <uint8_t>(1 << (idx & 7))
-    return NULL
-
-
-cdef size_t _live_runs(zs_pool* pool, uint8_t** marks, pages_run* runs,
-                       size_t* held, size_t* meta) noexcept nogil:
-    """Every run the pool keeps: zspages with an object a handle names, descriptor runs,
-    handle tables. Counts them only while runs is NULL."""
-    cdef size_t n = 0
-    cdef size_class* c
-    cdef desc_run* run
-    cdef zspage* zs
-    cdef uint32_t d, s, k
-    cdef int i
-    for i in range(pool.nr_classes):
-        c = pool.classes[i]
-        run = c.desc_runs
-        while run != NULL:
-            if runs != NULL:
-                runs[n] = pages_run(<char*>run, run.npages)
-                meta[0] += run.npages
-            n += 1
-            for d in range(run.ndesc):
-                zs = _desc_at(c, run, d)
-                if zs.base == NULL:
-                    continue
-                for s in range(zs.bump):
-                    if _slot_named(c, marks, zs, s):
-                        if runs != NULL:
-                            runs[n] = pages_run(zs.base, c.pages_per_zspage)
-                            held[0] += c.pages_per_zspage
-                        n += 1
-                        break
-            run = run.next
-        if c.handles_cap:
-            if runs != NULL:
-                runs[n] = pages_run(<char*>c.dir, DIR_PAGES)
-                meta[0] += DIR_PAGES
-            n += 1
-            for k in range(c.handles_cap // CHUNK_ENTRIES):
-                if runs != NULL:
-                    runs[n] = pages_run(<char*>c.dir[k], CHUNK_PAGES)
-                    meta[0] += CHUNK_PAGES
-                n += 1
-    return n
-
-
-cdef void _rebuild_class(size_class* c, uint8_t** marks) noexcept nogil:
-    """The class as its named objects make it: slots, zspages, groups, free lists, counts."""
-    cdef desc_run* run
-    cdef zspage* zs
-    cdef uint32_t d, idx
-    cdef int s
-    cdef hentry* e
-    pthread_mutex_init(&c.lock, NULL)
-    memset(c.groups, 0, sizeof(c.groups))
-    c.zspages = 0
-    c.obj_used = 0
-    c.desc_free = NULL
-    run = c.desc_runs
-    while run != NULL:
-        for d in range(run.ndesc):
-            zs = _desc_at(c, run, d)
-            if zs.base == NULL:
-                _desc_put(c, zs)
-                continue
-            zs.inuse = 0
-            zs.pins = 0
-            zs.freelist = -1
-            for s in range(<int>zs.bump - 1, -1, -1):
-                if _slot_named(c, marks, zs, <uint32_t>s):
-                    zs.inuse += 1
-                else:
-                    memcpy(_obj_addr(c, zs, s), &zs.freelist, sizeof(int32_t))
-                    zs.freelist = <int32_t>s
-                    _slots(zs)[s] = 0
-            if zs.inuse == 0:          # its pages are not a live run: swept by pages_adopt
-                _desc_put(c, zs)
-                continue
-            _link(c, zs)
-            c.zspages += 1
-            c.obj_used += zs.inuse
-        run = run.next
-    c.handles_free = 0
-    for idx in range(c.handles_next - 1, 0, -1):
-        if not _marked(marks, c.index, idx):
-            e = _hentry(c, idx)
-            e.zs = NULL
-            e.slot = 0
-            e.size_or_next = c.handles_free
-            c.handles_free = idx
-
-
-cdef const char* zs_adopt(zregion* region, const uint64_t* handles, size_t n,
-                          void** out) noexcept nogil:
-    """The pool in `region` (mapped where its process had it), with the objects `handles`
-    name (the slot table's, repeats allowed) and nothing else: NULL and *out the pool, or why
-    not (and nothing changed but the marks in `pins`)."""
-    cdef zs_pool* pool = <zs_pool*>(region.base + ZPOOL_ROOT)
-    cdef uint8_t* marks[NR_SIZES]
-    cdef pages_run* runs = NULL
-    cdef size_t nruns, held = 0, meta = 0
-    cdef const char* why
-    cdef int i
-    memset(marks, 0, sizeof(marks))
-    why = _check_classes(pool, region)
-    if why == NULL:
-        why = _check_descriptors(pool, region)
-    if why == NULL:
-        for i in range(pool.nr_classes):
-            marks[i] = <uint8_t*>calloc(pool.classes[i].handles_next // 8 + 1, 1)
-            if marks[i] == NULL:
-                why = "no memory for the handle bitmaps"
-                break
-    if why == NULL:
-        why = _mark_handles(pool, region, handles, n, marks)
-    if why == NULL:
-        nruns = _live_runs(pool, marks, NULL, NULL, NULL)
-        runs = <pages_run*>malloc((nruns + 1) * sizeof(pages_run))
-        if runs == NULL:
-            why = "no memory for the list of runs"
-    if why == NULL:
-        _live_runs(pool, marks, runs, &held, &meta)
-        if pages_runs_sound(&pool.pages, region, runs, nruns) != 0:
-            why = "its pages overlap or lie outside its arenas"
-    if why == NULL:
-        for i in range(pool.nr_classes):
-            _rebuild_class(pool.classes[i], marks)
-        if pages_adopt(&pool.pages, region, runs, nruns, held, meta) != 0:
-            why = "cannot start its populator thread"
-    free(runs)
-    for i in range(NR_SIZES):
-        free(marks[i])
-    if why == NULL:
-        out[0] = pool
-    return why
+include "_zsmalloc_adopt.pxi"
 
 
 cdef zpool_driver ZSMALLOC = zpool_driver(
     name=b"zsmalloc", create=zs_create, destroy=zs_destroy, malloc=zs_malloc, free=zs_free,
     map=zs_map, unmap=zs_unmap, obj_size=zs_obj_size, total_pages=zs_total_pages,
     compact=zs_compact, pages_compacted=zs_pages_compacted, huge_class_size=zs_huge_class_size,
-    class_size=zs_class_size, class_stats=zs_class_stats, locate=zs_locate,
+    class_size=zs_class_size, class_stats=zs_class_stats, check=zs_check, locate=zs_locate,
     adopt=zs_adopt,
 )
 

@@ -14,7 +14,7 @@
 # (the device's per-slot lock sees to that). Everything else is the pool's business.
 from libc.stdint cimport uint32_t, uint64_t
 
-from zramfs.zpool._pages cimport zregion
+from zramfs.zpool._pages cimport pages_tags, zregion
 
 # Where a backend keeps what, in the region a pool lives in (a memfd: zramfs.zpool._pages): its root
 # (the pool's own struct and its classes) at ZPOOL_ROOT, below ZPOOL_ARENAS, then the page
@@ -32,6 +32,27 @@ ctypedef struct zpool_class_stat:
     size_t obj_used
     size_t pages_used
     size_t freeable            # pages compaction could give back now
+
+# A kept pool as this process reads it: in place (adoption) or mapped elsewhere, read-only
+# (copying, where the old address is taken here). Pointers stored in the pool are the old
+# process's: one is followed only into [lo, hi), its arenas in those addresses, and read at
+# its value plus delta. Filled by the backend's check; pages_tags_free(&k.tags) frees it.
+ctypedef struct zpool_kept:
+    char* root                # the pool's root, as mapped now
+    ssize_t delta             # as mapped now, less where the old process had it
+    const char* lo
+    const char* hi
+    pages_tags tags           # the descriptor runs the check found (zramfs.zpool._pages)
+
+# [p, p + n) lies within [lo, hi): a kept pointer is checked so before it is followed.
+cdef inline bint zpool_within(const void* p, size_t n, const char* lo,
+                              const char* hi) noexcept nogil:
+    cdef const char* q = <const char*>p
+    return q >= lo and q + n <= hi and q + n >= q
+
+# Where a pointer the old process stored is mapped now (once checked).
+cdef inline char* zpool_kept_at(const zpool_kept* k, const void* p) noexcept nogil:
+    return <char*>p + k.delta
 
 ctypedef struct zpool_driver:
     const char* name
@@ -60,16 +81,16 @@ ctypedef struct zpool_driver:
     # (0 for a backend without classes): call with max 0 to size `out`. Takes each class's
     # lock in turn, so a row is consistent but rows are not a snapshot of the whole pool.
     int (*class_stats)(void* pool, zpool_class_stat* out, int max) noexcept nogil
-    # Live restart: where the object of `handle` (`size` bytes) is in a pool a process before
-    # this one left, or NULL. `old` is that pool's root as mapped now; pointers stored in it
-    # are the old process's, `delta` bytes off; nothing outside [lo, hi) is trusted or read.
-    # Reads only, no locks: the old pool is nobody's any more.
-    const char* (*locate)(const char* old, ssize_t delta, const char* lo, const char* hi,
-                          uint64_t handle, size_t size) noexcept nogil
-    # Live restart in place: the pool a process before this one left in `region`, mapped
-    # again at its old address, made this process's, keeping the objects `handles` (the
-    # slot table's, repeats allowed) name and freeing the rest. NULL and *pool set, or why
-    # not, with the pool's data unchanged. NULL for a backend that cannot (callers copy the
-    # objects out with locate instead).
+    # Live restart, the one reader of kept memory (zpool_kept). check: the structure of the
+    # pool a process before this one left in `region`, mapped where that process had it
+    # (`delta` 0) or `delta` bytes off; NULL and *k ready, or why not (and nothing to release).
+    # locate: where the live object of `handle` is, as mapped now, if it has `size` bytes or
+    # more, else NULL. Both read only and take no lock: the pool is nobody's any more.
+    const char* (*check)(zpool_kept* k, const zregion* region, ssize_t delta) noexcept nogil
+    const char* (*locate)(const zpool_kept* k, uint64_t handle, size_t size) noexcept nogil
+    # Live restart in place: the pool a process before this one left in `region`, mapped again
+    # at its old address, checked as above and made this process's, keeping the objects
+    # `handles` (the slot table's, repeats allowed) name and freeing the rest. NULL and *pool
+    # set, or why not, with the pool unchanged.
     const char* (*adopt)(zregion* region, const uint64_t* handles, size_t n,
                          void** pool) noexcept nogil
