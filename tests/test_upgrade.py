@@ -1,6 +1,7 @@
 """A live upgrade across the package's move into folders: a daemon of the last main before
 it (flat zramfs/) is upgraded in place by `zramfs restart` into this tree, and every page
-comes back.
+of a zsmalloc device and of a zbud device (whose pool the new tree adopts in place, where the
+old one copied it) comes back, adopted in place.
 
 A running daemon re-executes itself by module name (`python -m zramfs.cli`), so an upgrade
 is: new code where the old was imported from, then SIGHUP. Here the daemon imports through
@@ -51,6 +52,18 @@ def serving_child(d: Daemon, count: int) -> int:
     return children(d.proc.pid)[0]
 
 
+def pages_of_every_kind() -> bytes:
+    """SIZE bytes: compressible text, random (huge), same-filled pages and zero pages."""
+    text = (Path(__file__).read_bytes() * 64)[:PAGE * 64]
+    chunks = []
+    for i in range(SIZE // PAGE):
+        kind = i % 4
+        chunks.append(text[(i % 64) * PAGE:(i % 64 + 1) * PAGE] if kind == 0
+                      else os.urandom(PAGE) if kind == 1
+                      else bytes([i % 251]) * PAGE if kind == 2 else bytes(PAGE))
+    return b"".join(chunks)
+
+
 def code_of(pid: int) -> set[str]:
     """The zramfs extension files the process has mapped."""
     maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
@@ -82,21 +95,18 @@ def test_live_upgrade_from_the_flat_layout_keeps_every_page(tmp_path: Path) -> N
     try:
         old = serving_child(d, 1)
         assert any(p.startswith(f"{previous}/zramfs/_zram.") for p in code_of(old)), code_of(old)
-        dev = os.open(d.dev("zram0"), os.O_RDWR)
-        d.cleanup.push("close zram0", lambda: os.close(dev))
-        # Pages of every kind: compressible text, random (huge), same-filled, and holes.
-        text = (Path(__file__).read_bytes() * 64)[:PAGE * 64]
-        pages = [text[i * PAGE:(i + 1) * PAGE] for i in range(64)]
-        chunks = []
-        for i in range(SIZE // PAGE):
-            kind = i % 4
-            page = (pages[i % 64] if kind == 0 else os.urandom(PAGE) if kind == 1
-                    else bytes([i % 251]) * PAGE if kind == 2 else bytes(PAGE))
-            chunks.append(page)
-        image = b"".join(chunks)
-        os.pwrite(dev, image, 0)
-        os.fsync(dev)
-        before = d.mm_stat()
+        # zram0 (the default device, zsmalloc) and a zbud device, whose pool layout changed.
+        zbud = d.hot_add()
+        d.write(zbud, "zpool", "zbud")
+        d.write(zbud, "disksize", str(SIZE))
+        images, before = {}, {}
+        for name in ("zram0", zbud):
+            dev = os.open(d.dev(name), os.O_RDWR)
+            d.cleanup.push(f"close {name}", lambda dev=dev: os.close(dev))
+            images[name] = (dev, pages_of_every_kind())
+            os.pwrite(dev, images[name][1], 0)
+            os.fsync(dev)
+            before[name] = d.mm_stat(name)
 
         fresh = tmp_path / "current.next"
         fresh.symlink_to(ROOT)
@@ -108,12 +118,15 @@ def test_live_upgrade_from_the_flat_layout_keeps_every_page(tmp_path: Path) -> N
         assert any(p.startswith(f"{ROOT}/zramfs/zram/_zram.") for p in code_of(new)), code_of(new)
         text_log = log.read_text()
         assert "daemon handed over" in text_log, text_log
-        assert "zram0: adopted " in text_log and " pages in place" in text_log, text_log
+        for name in images:
+            assert f"{name}: adopted " in text_log, text_log
+        assert "copied" not in text_log, text_log
 
-        got = os.pread(dev, SIZE, 0)
-        assert hashlib.sha256(got).digest() == hashlib.sha256(image).digest()
-        after = d.mm_stat()
-        assert after[:2] == before[:2], (before, after)     # orig and compr data: as kept
+        for name, (dev, image) in images.items():
+            got = os.pread(dev, SIZE, 0)
+            assert hashlib.sha256(got).digest() == hashlib.sha256(image).digest(), name
+            after = d.mm_stat(name)
+            assert after[:2] == before[name][:2], (name, before[name], after)  # orig, compr
     finally:
         d.cleanup.run_all()
         release_holders(mnt)
