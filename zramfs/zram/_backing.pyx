@@ -59,6 +59,8 @@ cdef extern from *:
         int rc;
         if (n > BK_MAX_BATCH) n = BK_MAX_BATCH;
         for (i = 0; i < n; i++) results[i] = -EIO;
+        /* The ring holds BK_MAX_BATCH: it runs short only while a refused batch's no-ops are
+           left in it, and what finds no entry is not written. */
         while (queued < n && (sqes[queued] = io_uring_get_sqe(r)) != NULL) {
             io_uring_prep_write(sqes[queued], fd, pages[queued], 4096,
                                 (uint64_t)blocks[queued] * 4096);
