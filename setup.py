@@ -35,7 +35,7 @@ extensions = [
     # The compressors (zcomp/): streams and every backend, each through its library.
     extension("zcomp/_zcomp", "lzo2", "liblz4", "libzstd", "zlib"),
     # A device's data path (zram/).
-    extension("zram/_backing"),
+    extension("zram/_backing", "liburing"),
     extension("zram/_workers"),
     extension("zram/_zram"),
     # Dedup's content hash: XXH3 from libxxhash (see _dedup.pyx for why that hash).

@@ -1,7 +1,8 @@
 # The backing device of writeback, for the device's data path (cimport zramfs.zram._backing).
 #
 # Space is managed in 4 KiB blocks with a free bitmap. All of these run without the GIL;
-# read and write do their own I/O (pread/pwrite, with O_DIRECT where the file allows it).
+# read and write do their own I/O (pread/pwrite, with O_DIRECT where the file allows it);
+# batches go through an io_uring of the Backing's own.
 
 from zramfs.pthread cimport pthread_mutex_t
 
@@ -13,7 +14,7 @@ ctypedef struct zbacking:
     size_t hint            # where the next free-block search starts
     pthread_mutex_t lock   # guards bitmap and hint only
     char* bounce           # one aligned page per caller is the caller's; this one is for tests
-    unsigned long aio      # the Linux AIO context of batched writes (0: none; plain pwrite)
+    void* ring             # the io_uring of batched writes (NULL: none; plain pwrite)
     # bd_stat, in 4 KiB units (atomic)
     size_t bd_count
     size_t bd_reads
@@ -34,7 +35,7 @@ cdef extern from *:
     enum:
         BK_MAX_BATCH      # the most writes backing_write_batch has in flight at once
 
-# `n` (<= BK_MAX_BATCH) pages to their blocks, all writes in flight at once (Linux AIO);
+# `n` (<= BK_MAX_BATCH) pages to their blocks, all writes in flight at once (io_uring);
 # results[i] gets 0 or -errno for pages[i]. Returns how many succeeded. One caller at a time
 # per device.
 cdef size_t backing_write_batch(zbacking* b, size_t n, const size_t* blocks, char** pages,

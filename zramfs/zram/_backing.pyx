@@ -5,7 +5,10 @@ the kernel takes block devices only), in 4 KiB blocks with a free bitmap.
     backing = Backing("/dev/sdb2", fd)  # or a file: its size is the capacity
     backing.bd_stat()                   # (bd_count, bd_reads, bd_writes), 4 KiB units
 
-The data path reaches it through the C functions in _backing.pxd, without the GIL.
+The data path reaches it through the C functions in _backing.pxd, without the GIL; the free
+bitmap has its own lock. Writeback's batches go through liburing, the library the FUSE rings
+already use (one async I/O library in the project), with O_DIRECT where the file allows it, and
+through plain pwrite where io_uring is unavailable (e.g. kernel.io_uring_disabled).
 """
 from __future__ import annotations
 
@@ -27,63 +30,76 @@ cdef extern from *:
     """
     #include <unistd.h>
     #include <stdlib.h>
-    #include <string.h>
     #include <errno.h>
-    #include <sys/syscall.h>
-    #include <linux/aio_abi.h>
-    /* Linux AIO by its system calls (no libaio): writes of whole pages at their blocks, all
-       in flight at once. With O_DIRECT they really overlap; otherwise the kernel does them
-       one by one, which is still correct. */
-    static unsigned long bk_aio_setup(void) {
-        aio_context_t ctx = 0;
-        if (syscall(SYS_io_setup, BK_MAX_BATCH, &ctx) != 0) return 0;
-        return (unsigned long)ctx;
+    #include <stdint.h>
+    #include <liburing.h>
+    /* liburing, as the FUSE rings (fuse/_fuse_uring.pxi): one async I/O library in the
+       project. Writes of whole pages at their blocks, all in flight at once: with O_DIRECT
+       they really overlap; otherwise the kernel does them one by one, which is still correct.
+       A ring serves one caller at a time (backing_write_batch's contract), from any thread. */
+    #define BK_STALE UINT64_MAX   /* a write turned into a no-op: no batch counts its CQE */
+
+    /* A ring for the batches of one Backing, or NULL where io_uring is unavailable (no
+       io_uring, kernel.io_uring_disabled, no memory): plain pwrite then. */
+    static void* bk_ring_setup(void) {
+        struct io_uring* r = malloc(sizeof(*r));
+        if (r != NULL && io_uring_queue_init(BK_MAX_BATCH, r, 0) == 0) return r;
+        free(r);
+        return NULL;
     }
-    static void bk_aio_destroy(unsigned long ctx) {
-        if (ctx) syscall(SYS_io_destroy, (aio_context_t)ctx);
+    static void bk_ring_destroy(void* r) {
+        if (r != NULL) { io_uring_queue_exit((struct io_uring*)r); free(r); }
     }
-    static size_t bk_write_batch(unsigned long ctx, int fd, size_t n, const size_t* blocks,
+    static size_t bk_write_batch(void* ring, int fd, size_t n, const size_t* blocks,
                                  char** pages, int* results) {
-        struct iocb cbs[BK_MAX_BATCH];
-        struct iocb* list[BK_MAX_BATCH];
-        struct io_event events[BK_MAX_BATCH];
-        size_t i, done = 0, submitted = 0, ok = 0;
-        long rc;
+        struct io_uring* r = (struct io_uring*)ring;
+        struct io_uring_sqe* sqes[BK_MAX_BATCH];
+        struct io_uring_cqe* cqe;
+        size_t i, queued = 0, left, inflight, done = 0, ok = 0;
+        int rc;
         if (n > BK_MAX_BATCH) n = BK_MAX_BATCH;
-        memset(cbs, 0, n * sizeof(struct iocb));
-        for (i = 0; i < n; i++) {
-            cbs[i].aio_data = i;
-            cbs[i].aio_lio_opcode = IOCB_CMD_PWRITE;
-            cbs[i].aio_fildes = fd;
-            cbs[i].aio_buf = (unsigned long)pages[i];
-            cbs[i].aio_nbytes = 4096;
-            cbs[i].aio_offset = (long long)blocks[i] * 4096;
-            list[i] = &cbs[i];
-            results[i] = -EIO;
+        for (i = 0; i < n; i++) results[i] = -EIO;
+        /* The ring holds BK_MAX_BATCH: it runs short only while a refused batch's no-ops are
+           left in it, and what finds no entry is not written. */
+        while (queued < n && (sqes[queued] = io_uring_get_sqe(r)) != NULL) {
+            io_uring_prep_write(sqes[queued], fd, pages[queued], 4096,
+                                (uint64_t)blocks[queued] * 4096);
+            io_uring_sqe_set_data64(sqes[queued], queued);
+            queued++;
         }
-        while (submitted < n) {
-            rc = syscall(SYS_io_submit, (aio_context_t)ctx, (long)(n - submitted),
-                         list + submitted);
-            if (rc <= 0) break;
-            submitted += rc;
+        /* Every write handed over and waited for in one system call when all goes well. The
+           kernel stops at a write it refuses (that write's CQE says why): the rest follow. */
+        rc = io_uring_submit_and_wait(r, (unsigned)queued);
+        while (rc > 0 && io_uring_sq_ready(r))
+            rc = io_uring_submit(r);
+        /* What the kernel did not take is not written (as a failed io_submit was): it cannot
+           be taken back from the ring, so it becomes a no-op that a later call consumes. */
+        left = io_uring_sq_ready(r);
+        if (left > queued) left = queued;
+        for (i = queued - left; i < queued; i++) {
+            io_uring_prep_nop(sqes[i]);
+            io_uring_sqe_set_data64(sqes[i], BK_STALE);
         }
-        while (done < submitted) {
-            rc = syscall(SYS_io_getevents, (aio_context_t)ctx, 1L, (long)(submitted - done),
-                         events, NULL);
-            if (rc < 0) { if (errno == EINTR) continue; break; }
-            for (i = 0; i < (size_t)rc; i++) {
-                size_t k = events[i].data;
-                results[k] = events[i].res == 4096 ? 0 : (events[i].res < 0 ? (int)events[i].res : -EIO);
+        inflight = queued - left;
+        while (done < inflight) {
+            rc = io_uring_peek_cqe(r, &cqe);
+            if (rc == -EAGAIN) rc = io_uring_wait_cqe(r, &cqe);
+            if (rc == -EINTR) continue;
+            if (rc < 0) break;
+            if (cqe->user_data != BK_STALE) {
+                size_t k = cqe->user_data;
+                results[k] = cqe->res == 4096 ? 0 : (cqe->res < 0 ? cqe->res : -EIO);
                 ok += results[k] == 0;
+                done++;
             }
-            done += rc;
+            io_uring_cqe_seen(r, cqe);
         }
         return ok;
     }
     """
-    unsigned long bk_aio_setup() nogil
-    void bk_aio_destroy(unsigned long ctx) nogil
-    size_t bk_write_batch(unsigned long ctx, int fd, size_t n, const size_t* blocks,
+    void* bk_ring_setup() nogil
+    void bk_ring_destroy(void* ring) nogil
+    size_t bk_write_batch(void* ring, int fd, size_t n, const size_t* blocks,
                           char** pages, int* results) nogil
     ssize_t pread(int fd, void* buf, size_t n, long off) nogil
     ssize_t pwrite(int fd, const void* buf, size_t n, long off) nogil
@@ -160,8 +176,8 @@ cdef int backing_write(zbacking* b, size_t block, const char* page) noexcept nog
 cdef size_t backing_write_batch(zbacking* b, size_t n, const size_t* blocks, char** pages,
                                 int* results) noexcept nogil:
     cdef size_t i, ok = 0
-    if b.aio:
-        ok = bk_write_batch(b.aio, b.fd, n, blocks, pages, results)
+    if b.ring != NULL:
+        ok = bk_write_batch(b.ring, b.fd, n, blocks, pages, results)
     else:
         for i in range(n):
             results[i] = backing_write(b, blocks[i], pages[i])
@@ -213,12 +229,12 @@ cdef class Backing:
             self.close()
             raise MemoryError(f"no memory for a bitmap of {nr_blocks} blocks")
         pthread_mutex_init(&self.b.lock, NULL)
-        self.b.aio = bk_aio_setup()           # 0 where the kernel has no AIO: plain pwrite
+        self.b.ring = bk_ring_setup()         # NULL where io_uring is unavailable: plain pwrite
         self.path = path
 
     def close(self) -> None:
         if self.b != NULL:
-            bk_aio_destroy(self.b.aio)
+            bk_ring_destroy(self.b.ring)
             close(self.b.fd)
             free(self.b.bitmap)
             free(self.b.bounce)
