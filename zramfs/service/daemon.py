@@ -424,7 +424,7 @@ async def serve(opts: Options,
         if state.adopting:
             try:
                 with guard_trio_thread():
-                    await _adopt(state, devices, tree)
+                    await _restore_devices(state, devices, tree)
                 reclaim.end_predecessor(opts.inherited)
             except StateRefused as e:
                 # The tree, its connection and the kept state stay as they are, and the
@@ -622,16 +622,16 @@ def _snapshot(devices: Devices, session: _fuse.Session) -> metrics.Snapshot:
     return snap
 
 
-async def _adopt(state: State, devices: Devices, tree: Tree) -> None:
+async def _restore_devices(state: State, devices: Devices, tree: Tree) -> None:
     """The devices the daemon before this one kept, as they were, pages and all: before the
     engine runs, so that no request (the kernel resends those left unanswered) finds a
     device not yet there."""
     try:
         for record in state.load():
-            dev = devices.adopt(record)
+            dev = devices.restore(record)
             tree.add_device(dev)
-            await dev.adopt(record)
-        state.adopted()
+            await dev.restore(record)
+        state.restored()
     except StateError as e:
         raise StateRefused(f"cannot adopt the kept state: {e}") from None
 

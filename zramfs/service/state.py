@@ -213,7 +213,7 @@ class State:
 
     # --- what the daemon tells it ----------------------------------------------------------------
 
-    def adopted(self) -> None:
+    def restored(self) -> None:
         """Every device of the record is re-created: from now on the record follows them. The
         new pairs are stored now, then the drops that waited go, with every pair inherited and
         not adopted (the pairs just copied, and those of devices no longer in the record)."""

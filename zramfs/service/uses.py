@@ -59,7 +59,7 @@ async def set_up(mountpoint: Path, configs: list[DeviceConfig], devices: Devices
                 dev = None
             if dev is not None:
                 if cfg.fs_type is not None:
-                    take_over_use(path, cfg, undo)
+                    inherit_use(path, cfg, undo)
                 continue
         try:
             if cfg.id not in devices.by_id:
@@ -129,7 +129,7 @@ def config_left(cfg: DeviceConfig, kept: list[tuple[str, str]]) -> list[str]:
             for attr, v in values(config_settings(cfg)).items() if have.get(attr) != v]
 
 
-def take_over_use(path: Path, cfg: DeviceConfig,
+def inherit_use(path: Path, cfg: DeviceConfig,
                    undo: list[tuple[str, Callable[[], None]]]) -> None:
     """The undo of the config's use of `path` that an earlier daemon set up and the kernel
     still has (its loop device, and the swap on it or the mount at cfg.mount_point): a stop

@@ -153,7 +153,7 @@ class Device:
                                  self.backing.fd if self.backing is not None else None)
         log.info("%s: disksize %d, %s", self.name, meta.disksize, self.algorithm)
 
-    async def adopt(self, record: DeviceRecord) -> None:
+    async def restore(self, record: DeviceRecord) -> None:
         """The device as the daemon before this one left it: its settings replayed in order,
         and at disksize its kept table and pool adopted in place (Meta(kept=...)), or copied
         where the pool cannot be (Meta.take_over). StateError when neither can be done; the

@@ -55,9 +55,9 @@ class Devices:
         log.info("%s: added", dev.name)
         return dev
 
-    def adopt(self, record: DeviceRecord) -> Device:
+    def restore(self, record: DeviceRecord) -> Device:
         """A device the daemon before this one had, with its id and generation (the kernel's
-        open files name it by both); its settings and pages come with Device.adopt."""
+        open files name it by both); its settings and pages come with Device.restore."""
         if self.state is not None:
             self.generations.update(self.state.generations)
         self.generations[record.id] = max(self.generations.get(record.id, 0),
