@@ -53,19 +53,19 @@ cdef enum:
     DIR_ENTRIES = 4096          # DIR_PAGES * PAGE_SIZE / sizeof(hentry*)
 
 
-ctypedef struct zspage:   # a descriptor, from its class's slab; its slots follow it (_slots)
+ctypedef struct zspage:   # a descriptor, from its class's slab; the handle of each of its objects follows it (_obj_handles)
     char* base
     zspage* prev
     zspage* next
-    int32_t freelist       # freed slots; the link to the next is kept in the freed object
+    int32_t freelist       # freed objects; the link to the next is kept in the freed object
     int32_t pins           # readers/writers between map and unmap; compaction skips pinned
-    uint16_t bump          # slots at or above this have never been handed out
+    uint16_t bump          # objects at or above this have never been handed out
     uint16_t inuse
     uint8_t group
 
 ctypedef struct hentry:    # one per handle: where its object is now
     zspage* zs
-    uint32_t slot
+    uint32_t obj_idx
     uint32_t size_or_next  # object size while in use, next free entry while free
 
 ctypedef struct size_class:
@@ -83,7 +83,7 @@ ctypedef struct size_class:
     size_t obj_used
     zspage* desc_free          # free zspage descriptors (base NULL), linked through `next`
     desc_run* desc_runs        # every run descriptors were carved from, newest first
-    uint32_t desc_size         # a descriptor and its slots, rounded to 8 bytes
+    uint32_t desc_size         # a descriptor and its objects' handles, rounded to 8 bytes
 
 ctypedef struct desc_run:      # the head of a run of descriptors, which follow it
     desc_run* next
@@ -138,17 +138,17 @@ cdef inline hentry* _hentry(size_class* c, uint32_t idx) noexcept nogil:
 
 
 cdef inline uint32_t _header_size() noexcept nogil:
-    """A descriptor's own bytes, before its slots."""
+    """A descriptor's own bytes, before its objects' handles."""
     return <uint32_t>((sizeof(zspage) + 7) & ~(<size_t>7))
 
 
-cdef inline uint32_t* _slots(zspage* zs) noexcept nogil:
-    """Per object slot of the zspage: the class-local handle index using it, 0 if free."""
+cdef inline uint32_t* _obj_handles(zspage* zs) noexcept nogil:
+    """Per object of the zspage (by obj_idx): the class-local handle index using it, 0 if free."""
     return <uint32_t*>(<char*>zs + _header_size())
 
 
 cdef inline uint32_t _desc_size(uint32_t objs) noexcept nogil:
-    """A descriptor and the slots of a zspage of `objs` objects, rounded to 8 bytes."""
+    """A descriptor and the handles of a zspage of `objs` objects, rounded to 8 bytes."""
     return _header_size() + <uint32_t>((objs * sizeof(uint32_t) + 7) & ~(<size_t>7))
 
 
@@ -167,7 +167,7 @@ cdef inline zspage* _desc_at(size_class* c, desc_run* run, uint32_t i) noexcept 
 
 
 cdef zspage* _desc_take(zs_pool* pool, size_class* c) noexcept nogil:
-    """A zeroed zspage descriptor with room for the class's slots. Class lock held. The slab's
+    """A zeroed zspage descriptor with room for the handles of the class's objects. Class lock held. The slab's
     runs are never given back: descriptors are few (one per zspage) and reused. Each run is
     on the class's list of runs, so that adoption finds every descriptor, free or not (a
     free one has no base: a fresh run is zeros)."""
@@ -219,27 +219,27 @@ cdef void _zspage_release(zs_pool* pool, size_class* c, zspage* zs) noexcept nog
     _desc_put(c, zs)
 
 
-cdef inline char* _obj_addr(size_class* c, zspage* zs, uint32_t slot) noexcept nogil:
-    return zs.base + <size_t>slot * c.size
+cdef inline char* _obj_addr(size_class* c, zspage* zs, uint32_t obj_idx) noexcept nogil:
+    return zs.base + <size_t>obj_idx * c.size
 
 
-cdef inline uint32_t _slot_take(size_class* c, zspage* zs) noexcept nogil:
-    """A free slot of a zspage with room. Class lock held."""
-    cdef uint32_t slot
+cdef inline uint32_t _obj_take(size_class* c, zspage* zs) noexcept nogil:
+    """A free object of a zspage with room, by its obj_idx. Class lock held."""
+    cdef uint32_t obj_idx
     if zs.freelist >= 0:
-        slot = <uint32_t>zs.freelist
-        memcpy(&zs.freelist, _obj_addr(c, zs, slot), sizeof(int32_t))
+        obj_idx = <uint32_t>zs.freelist
+        memcpy(&zs.freelist, _obj_addr(c, zs, obj_idx), sizeof(int32_t))
     else:
-        slot = zs.bump
+        obj_idx = zs.bump
         zs.bump += 1
     zs.inuse += 1
-    return slot
+    return obj_idx
 
 
-cdef inline void _slot_put(size_class* c, zspage* zs, uint32_t slot) noexcept nogil:
-    memcpy(_obj_addr(c, zs, slot), &zs.freelist, sizeof(int32_t))
-    zs.freelist = <int32_t>slot
-    _slots(zs)[slot] = 0
+cdef inline void _obj_put(size_class* c, zspage* zs, uint32_t obj_idx) noexcept nogil:
+    memcpy(_obj_addr(c, zs, obj_idx), &zs.freelist, sizeof(int32_t))
+    zs.freelist = <int32_t>obj_idx
+    _obj_handles(zs)[obj_idx] = 0
     zs.inuse -= 1
 
 
@@ -346,7 +346,7 @@ cdef uint64_t zs_malloc(void* p, size_t size) noexcept nogil:
     cdef zs_pool* pool = <zs_pool*>p
     cdef size_class* c
     cdef zspage* zs = NULL
-    cdef uint32_t slot, idx
+    cdef uint32_t obj_idx, idx
     cdef int g
     if size == 0 or size > PAGE_SIZE:
         return 0
@@ -369,10 +369,10 @@ cdef uint64_t zs_malloc(void* p, size_t size) noexcept nogil:
             c.handles_free = idx
             pthread_mutex_unlock(&c.lock)
             return 0
-    slot = _slot_take(c, zs)
-    _slots(zs)[slot] = idx
+    obj_idx = _obj_take(c, zs)
+    _obj_handles(zs)[obj_idx] = idx
     _hentry(c, idx).zs = zs
-    _hentry(c, idx).slot = slot
+    _hentry(c, idx).obj_idx = obj_idx
     _hentry(c, idx).size_or_next = <uint32_t>size
     c.obj_used += 1
     _regroup(c, zs)
@@ -389,7 +389,7 @@ cdef void zs_free(void* p, uint64_t handle) noexcept nogil:
     pthread_mutex_lock(&c.lock)
     e = _hentry(c, idx)
     zs = e.zs
-    _slot_put(c, zs, e.slot)
+    _obj_put(c, zs, e.obj_idx)
     e.zs = NULL
     e.size_or_next = c.handles_free
     c.handles_free = idx
@@ -408,7 +408,7 @@ cdef char* zs_map(void* p, uint64_t handle) noexcept nogil:
     pthread_mutex_lock(&c.lock)
     e = _hentry(c, <uint32_t>handle)
     e.zs.pins += 1
-    addr = _obj_addr(c, e.zs, e.slot)
+    addr = _obj_addr(c, e.zs, e.obj_idx)
     pthread_mutex_unlock(&c.lock)
     return addr
 
@@ -480,14 +480,14 @@ cdef zspage* _compact_dst(size_class* c, zspage* src) noexcept nogil:
     return NULL
 
 
-cdef void _move_object(size_class* c, zspage* src, uint32_t sslot, zspage* dst) noexcept nogil:
-    cdef uint32_t idx = _slots(src)[sslot]
-    cdef uint32_t dslot = _slot_take(c, dst)
-    memcpy(_obj_addr(c, dst, dslot), _obj_addr(c, src, sslot), c.size)
-    _slots(dst)[dslot] = idx
+cdef void _move_object(size_class* c, zspage* src, uint32_t src_idx, zspage* dst) noexcept nogil:
+    cdef uint32_t idx = _obj_handles(src)[src_idx]
+    cdef uint32_t dst_idx = _obj_take(c, dst)
+    memcpy(_obj_addr(c, dst, dst_idx), _obj_addr(c, src, src_idx), c.size)
+    _obj_handles(dst)[dst_idx] = idx
     _hentry(c, idx).zs = dst
-    _hentry(c, idx).slot = dslot
-    _slot_put(c, src, sslot)
+    _hentry(c, idx).obj_idx = dst_idx
+    _obj_put(c, src, src_idx)
 
 
 cdef size_t _compact_class(zs_pool* pool, size_class* c) noexcept nogil:
@@ -496,7 +496,7 @@ cdef size_t _compact_class(zs_pool* pool, size_class* c) noexcept nogil:
     cdef size_t freed = 0
     cdef zspage* src
     cdef zspage* dst
-    cdef uint32_t slot
+    cdef uint32_t obj_idx
     while True:
         pthread_mutex_lock(&c.lock)
         if _wasted_objs(c) < c.objs_per_zspage:
@@ -506,14 +506,14 @@ cdef size_t _compact_class(zs_pool* pool, size_class* c) noexcept nogil:
         if src == NULL:
             pthread_mutex_unlock(&c.lock)
             break
-        slot = 0
+        obj_idx = 0
         while src.inuse > 0:
             dst = _compact_dst(c, src)
             if dst == NULL:
                 break
-            while _slots(src)[slot] == 0:
-                slot += 1
-            _move_object(c, src, slot, dst)
+            while _obj_handles(src)[obj_idx] == 0:
+                obj_idx += 1
+            _move_object(c, src, obj_idx, dst)
             _regroup(c, dst)
         if src.inuse != 0:      # nowhere left to move to
             _regroup(c, src)

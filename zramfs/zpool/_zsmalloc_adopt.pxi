@@ -119,7 +119,7 @@ cdef zspage* _kept_zspage(const zpool_kept* k, size_class* c, zspage* zs_old) no
 
 cdef const char* zs_locate(const zpool_kept* k, uint64_t handle, size_t size) noexcept nogil:
     """handle -> class -> handle table entry -> zspage -> object, each step checked, and the
-    zspage's slot naming the handle back."""
+    zspage's handle list naming the handle back."""
     cdef zs_pool* pool = <zs_pool*>k.root
     cdef uint32_t ci = <uint32_t>(handle >> 32)
     cdef uint32_t idx = <uint32_t>handle
@@ -134,10 +134,10 @@ cdef const char* zs_locate(const zpool_kept* k, uint64_t handle, size_t size) no
     e = <hentry*>zpool_kept_at(k, (<hentry**>zpool_kept_at(k, c.dir))[idx >> CHUNK_SHIFT])
     e += idx & (CHUNK_ENTRIES - 1)
     zs = _kept_zspage(k, c, e.zs)
-    if zs == NULL or e.slot >= zs.bump or _slots(zs)[e.slot] != idx \
+    if zs == NULL or e.obj_idx >= zs.bump or _obj_handles(zs)[e.obj_idx] != idx \
             or not 1 <= e.size_or_next <= c.size or size > e.size_or_next:
         return NULL
-    return zpool_kept_at(k, zs.base) + <size_t>e.slot * c.size
+    return zpool_kept_at(k, zs.base) + <size_t>e.obj_idx * c.size
 
 
 # --- adoption in place -------------------------------------------------------------------------
@@ -147,14 +147,14 @@ cdef inline bint _marked(uint8_t** marks, uint32_t ci, uint32_t idx) noexcept no
 
 
 cdef inline bint _slot_named(size_class* c, uint8_t** marks, zspage* zs,
-                             uint32_t slot) noexcept nogil:
-    """The slot holds an object a handle of the slot table names (and the handle says so)."""
-    cdef uint32_t idx = _slots(zs)[slot]
+                             uint32_t obj_idx) noexcept nogil:
+    """The object at obj_idx is one a handle of the slot table names (and the handle says so)."""
+    cdef uint32_t idx = _obj_handles(zs)[obj_idx]
     cdef hentry* e
     if idx == 0 or idx >= c.handles_next or not _marked(marks, c.index, idx):
         return False
     e = _hentry(c, idx)
-    return e.zs == zs and e.slot == slot
+    return e.zs == zs and e.obj_idx == obj_idx
 
 
 cdef const char* _mark_handles(zpool_kept* k, const uint64_t* handles, size_t n,
@@ -221,7 +221,7 @@ cdef size_t _live_runs(zs_pool* pool, uint8_t** marks, pages_run* runs,
 
 
 cdef void _rebuild_class(size_class* c, uint8_t** marks) noexcept nogil:
-    """The class as its named objects make it: slots, zspages, groups, free lists, counts."""
+    """The class as its named objects make it: objects, zspages, groups, free lists, counts."""
     cdef desc_run* run
     cdef zspage* zs
     cdef uint32_t d, idx
@@ -248,7 +248,7 @@ cdef void _rebuild_class(size_class* c, uint8_t** marks) noexcept nogil:
                 else:
                     memcpy(_obj_addr(c, zs, s), &zs.freelist, sizeof(int32_t))
                     zs.freelist = <int32_t>s
-                    _slots(zs)[s] = 0
+                    _obj_handles(zs)[s] = 0
             if zs.inuse == 0:          # its pages are not a live run: swept by pages_adopt
                 _desc_put(c, zs)
                 continue
@@ -261,7 +261,7 @@ cdef void _rebuild_class(size_class* c, uint8_t** marks) noexcept nogil:
         if not _marked(marks, c.index, idx):
             e = _hentry(c, idx)
             e.zs = NULL
-            e.slot = 0
+            e.obj_idx = 0
             e.size_or_next = c.handles_free
             c.handles_free = idx
 
