@@ -357,12 +357,12 @@ ALGORITHMS: Registry[_Algorithm] = Registry("compression algorithm")
 # kernel (libnxz and the kernel's lib/842 are not packaged as one): refused by name below.
 ALGORITHMS.register("lzo-rle", _algorithm(&LZO_RLE))
 ALGORITHMS.register("lzo", _algorithm(&LZO))
-# What a device compresses with until told otherwise: the kernel's CONFIG_ZRAM_DEF_COMP.
-DEFAULT_ALGORITHM = "lz4"
 ALGORITHMS.register("lz4", _algorithm(&LZ4))
 ALGORITHMS.register("lz4hc", _algorithm(&LZ4HC))
 ALGORITHMS.register("zstd", _algorithm(&ZSTD))
 ALGORITHMS.register("deflate", _algorithm(&DEFLATE))
+# What a device compresses with until told otherwise: the kernel's CONFIG_ZRAM_DEF_COMP.
+DEFAULT_ALGORITHM = "lz4"
 
 
 NOT_OFFERED = {
