@@ -23,7 +23,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 from zramfs.zram._zram import Disk, Meta  # noqa: E402
-from zramfs.supervisor import pid_file  # noqa: E402
+from zramfs.service.pidfile import pid_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ZRAMFS = [sys.executable, "-m", "zramfs.cli"]

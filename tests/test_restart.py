@@ -5,7 +5,7 @@ own supervisor as `make run` does.
 
 What survives: the mount, its inode numbers, device files opened before the restart, the
 requests in flight (FUSE_NOTIFY_RESEND), and the devices with their settings and pages (the
-device record and each device's table and pool, kept in memfds: zramfs.service.state).
+device record and each device's table and pool, kept in memfds: zramfs.sysfs.record).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from conftest import (PAGE, ZRAMFS, Cleanup, is_mounted, requires_fuse, run, sta
 from manager import (FUSE_HAS_RESEND, Call, Manager, alive, children, servings, stop,
                      stuck_request)
 from zramfs.service import loop
-from zramfs.supervisor import pid_file
+from zramfs.service.pidfile import pid_file
 
 pytestmark = requires_fuse
 

@@ -1,6 +1,6 @@
 """A device's backing device across live restarts, against an operator who moves it: the next
 daemon reads the written-back pages from the file they were written to (its descriptor, kept
-beside the device's pages: zramfs.service.state's `backing`), never from whatever the `backing_dev`
+beside the device's pages: zramfs.sysfs.record's `backing`), never from whatever the `backing_dev`
 path leads to by then. A fresh file of the same size there would read back as zeros.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ in io_stat's failed_reads); never other bytes.
 Each frame names the dictionary it was written with (zramfs.zcomp._zcomp.dictionary_name), so a
 raw-content dictionary (which has no zstd id) replaced by another, or a trained one replaced
 by garbage and the garbage by other garbage, is told from the one the frame needs. With the
-copies kept beside the device's pages (zramfs.service.state's `dicts`), every page reads back; with
+copies kept beside the device's pages (zramfs.sysfs.record's `dicts`), every page reads back; with
 them gone from the service manager's store, the pages that need them fail their reads.
 """
 from __future__ import annotations

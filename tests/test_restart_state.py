@@ -35,8 +35,8 @@ from zramfs.zpool._alloc import POOL_VERSION
 pytestmark = requires_fuse
 
 MiB = 1 << 20
-RECORD_HALF = 1 << 20            # zramfs.service.state._HALF: the record's two halves
-RECORD_BODY = 40                 # zramfs.service.state._HEADER.size: where a half's JSON starts
+RECORD_HALF = 1 << 20            # zramfs.sysfs.record._HALF: the record's two halves
+RECORD_BODY = 40                 # zramfs.sysfs.record._HEADER.size: where a half's JSON starts
 VERSION_AT = 16                  # the u32 after the 16-byte magic, in every kept header
 
 
@@ -330,7 +330,7 @@ def test_ten_restarts_keep_the_data_and_cost_no_memory(tmp_path: Path, cleanup: 
 def test_pages_written_with_a_dictionary_read_back_after_it_changes_or_goes(
         tmp_path: Path, cleanup: Cleanup) -> None:
     """zstd with a dictionary at a dict= path: the dictionary is kept beside the device's
-    pages (zramfs.service.state's `dicts`). A restart that finds another dictionary at the path (one
+    pages (zramfs.sysfs.record's `dicts`). A restart that finds another dictionary at the path (one
     trained anew) writes with it and still reads the pages written with the first, by the id
     each frame names; one that finds a dictionary with a kept one's id but other bytes there
     uses the kept copy (an id is all a frame names); one that finds none there uses the kept

@@ -1,6 +1,6 @@
 """Live restart's memory side, without a mount: a device's table and pool kept in memfds and
 adopted in place by a new meta (Meta(kept=...)) or copied into one (Meta.take_over), the device
-record (zramfs.service.state), and what is refused.
+record (zramfs.sysfs.record), and what is refused.
 The mount-level restarts (SIGKILL under fio, swap, ext4) are in test_restart.py."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from conftest import attached, destroy
 from zramfs.zpool._alloc import Pool, PoolImage, PoolImageError, PoolInPlaceError
 from zramfs.zram._zram import Disk, Meta, TableImageError
-from zramfs.service.state import DECODE_ONLY, DeviceRecord, Record, State, StateError
+from zramfs.sysfs.record import DECODE_ONLY, DeviceRecord, Record, State, StateError
 from zramfs.sysfs.device import SETTINGS
 
 PAGE = 4096

@@ -23,7 +23,7 @@ import pytest
 from conftest import (ROOT, ZRAMFS, Cleanup, Daemon, can_mount_fuse, is_mounted,
                       release_holders, run, stop_daemon, wait_for)
 from manager import children, servings
-from zramfs.supervisor import pid_file
+from zramfs.service.pidfile import pid_file
 
 # The last main of the flat layout (zramfs/_zram.pyx, zramfs/daemon.py, ...).
 PREVIOUS_MAIN = "fc11571809fec5f7ae24daa4b8c242a2a87da0a0"

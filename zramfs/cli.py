@@ -20,8 +20,8 @@ from pathlib import Path
 
 import trio
 
-from zramfs import ctl, supervisor
-from zramfs.service import config, daemon, fdstore
+from zramfs import ctl
+from zramfs.service import config, daemon, fdstore, pidfile
 from zramfs.service.config import DeviceConfig
 
 log = logging.getLogger("zramfs")
@@ -69,10 +69,10 @@ def cmd_restart(args: argparse.Namespace) -> int:
     """A graceful restart of the daemon serving the tree: SIGHUP to the pid in its pid file
     (its supervisor's, or its own), which the daemon keeps while it serves."""
     mountpoint = Path(args.mountpoint).absolute() if args.mountpoint else ctl.mounted_tree()
-    pid = supervisor.read_pid_file(mountpoint)
+    pid = pidfile.read_pid_file(mountpoint)
     if pid is None:
         raise ctl.CtlError(f"no running daemon is recorded for {mountpoint} "
-                           f"({supervisor.pid_file(mountpoint)}); under systemd: "
+                           f"({pidfile.pid_file(mountpoint)}); under systemd: "
                            "systemctl reload zramfs")
     try:
         os.kill(pid, signal.SIGHUP)

@@ -58,9 +58,8 @@ from typing import Any, NoReturn
 
 import trio
 
-from zramfs import supervisor
 from zramfs.fuse import _fuse
-from zramfs.service import budget, fdstore, loop, metrics, reclaim, uses
+from zramfs.service import budget, fdstore, loop, metrics, pidfile, reclaim, uses
 from zramfs.zpool import _pages
 from zramfs.zram import _zram
 from zramfs.service.config import DeviceConfig
@@ -68,7 +67,8 @@ from zramfs.sysfs import files
 from zramfs.sysfs.control import Tree
 from zramfs.sysfs.device import PAGE, SETTINGS
 from zramfs.sysfs.hotplug import Devices
-from zramfs.service.state import State, StateError
+from zramfs.sysfs import record
+from zramfs.sysfs.record import State, StateError
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class DaemonError(Exception):
 
 
 class StateRefused(DaemonError):
-    """The kept state (zramfs.service.state) is not one this daemon can adopt: corrupt, or of another
+    """The kept state (zramfs.sysfs.record) is not one this daemon can adopt: corrupt, or of another
     version. The daemon holds it and the tree (see _hold), and exits with STATE_REFUSED_EXIT
     once told to give them up."""
 
@@ -402,7 +402,7 @@ async def serve(opts: Options,
     bridge = TrioBridge(tree, trio.lowlevel.current_trio_token())
     session = _open_session(opts, bridge, adopted, transport)
     if not fdstore.supervised():
-        supervisor.write_pid_file(mountpoint, os.getpid())
+        pidfile.write_pid_file(mountpoint, os.getpid())
     loop_done = trio.Event()
     undo: list[tuple[str, Callable[[], None]]] = []
     handover: Handover | None = None
@@ -499,7 +499,7 @@ async def serve(opts: Options,
             reclaim.stop()
             state.stop()
             if not fdstore.supervised():
-                supervisor.remove_pid_file(mountpoint, os.getpid())
+                pidfile.remove_pid_file(mountpoint, os.getpid())
     log.info("handed over" if handover is not None else "stopped")
     if failure is not None:
         raise failure
@@ -529,13 +529,13 @@ async def _stop_serving(session: _fuse.Session, bridge: TrioBridge, loop_done: t
 
 def _hand_over(opts: Options, session: _fuse.Session, state: State) -> Handover:
     """What the next daemon needs, by name: the FUSE connection, what INIT agreed, the device
-    record and each device's table and pool (zramfs.service.state), and every descriptor this daemon
+    record and each device's table and pool (zramfs.sysfs.record), and every descriptor this daemon
     was given and did not adopt. A supervisor or systemd already holds the stored ones; they
     are also returned for a re-exec, which has no store."""
     params = session.init_params()
     fds: dict[str, list[int]] = {"fuse": [session.detach()]}
     if params is not None:
-        fds["fuse-init"] = [fdstore.memfd_with("fuse-init", json.dumps(params).encode())]
+        fds["fuse-init"] = [record.memfd_with("fuse-init", json.dumps(params).encode())]
     for name, fd in state.current().items():
         fds[name] = [os.dup(fd)]
     fds.update(reclaim.keeper_fds())
@@ -545,7 +545,7 @@ def _hand_over(opts: Options, session: _fuse.Session, state: State) -> Handover:
 
 
 def _take_state_fds(opts: Options) -> dict[str, list[int]]:
-    """The descriptors of zramfs.service.state (the device record, tables and pools), taken out of
+    """The descriptors of zramfs.sysfs.record (the device record, tables and pools), taken out of
     opts.inherited."""
     return {name: opts.inherited.pop(name) for name in list(opts.inherited)
             if State.owns(name)}

@@ -26,6 +26,8 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import NoReturn
 
+from zramfs.sysfs import record
+
 log = logging.getLogger(__name__)
 
 LISTEN_FDS_START = 3           # SD_LISTEN_FDS_START: the first passed descriptor
@@ -101,23 +103,9 @@ def remove(name: str) -> bool:
     return notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
 
 
-def memfd_with(name: str, data: bytes) -> int:
-    """A sealed memfd holding `data` (for small state: a descriptor carries it across a
-    restart); the caller owns the descriptor."""
-    fd = os.memfd_create(f"zramfs-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.write(fd, data)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW |
-                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
 def store_json(name: str, value: object) -> bool:
     """`value` as JSON in a memfd, stored under `name` (replacing what the name held)."""
-    fd = memfd_with(name, json.dumps(value).encode())
+    fd = record.memfd_with(name, json.dumps(value).encode())
     try:
         remove(name)
         return store(name, fd)

@@ -110,7 +110,7 @@ def config_settings(cfg: DeviceConfig) -> list[tuple[str, str]]:
 
 
 def config_left(cfg: DeviceConfig, kept: list[tuple[str, str]]) -> list[str]:
-    """What the config sets that a kept device's settings (zramfs.service.state, in order) do not
+    """What the config sets that a kept device's settings (zramfs.sysfs.record, in order) do not
     have, as "attr=value": by the last value of each attribute, and by the set of values for
     those written several times (algorithm_params, recomp_algorithm). Changes made at run time
     to attributes the config leaves alone are not the config's to undo."""

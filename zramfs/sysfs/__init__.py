@@ -1,4 +1,4 @@
 """What the trio thread serves: the devices and their attributes (device), hot_add and
-hot_remove (hotplug), the tree that mirrors /dev and /sys (control), the kernel's number
-parsing (kstrto) and attribute syntax (tiering_args), and opening the files an operator
-names (files)."""
+hot_remove (hotplug), the tree that mirrors /dev and /sys (control), the restart record the
+devices keep (record), the kernel's number parsing (kstrto) and attribute syntax
+(tiering_args), and opening the files an operator names (files)."""

@@ -12,7 +12,7 @@ between two awaits is atomic, which is the one rule that makes the bookkeeping s
     await dev.store("disksize", "1G")
     dev.show("mm_stat")
 
-Where the daemon keeps state for a restart (zramfs.service.state), a device tells it of each setting
+Where the daemon keeps state for a restart (zramfs.sysfs.record), a device tells it of each setting
 stored and each meta made or freed; `Device.adopt` builds one back from what the daemon
 before this one kept. The set of devices (hot_add, hot_remove) is zramfs.sysfs.hotplug's.
 """
@@ -33,7 +33,7 @@ from zramfs.zram import _backing, _dedup, _tiering
 from zramfs.zpool._alloc import PoolImageError, PoolInPlaceError
 from zramfs.zram._backing import Backing, BackingError
 from zramfs.zram._zram import Disk, Meta, TableImageError
-from zramfs.service.state import DECODE_ONLY, DeviceRecord, State, StateError
+from zramfs.sysfs.record import DECODE_ONLY, DeviceRecord, State, StateError
 
 log = logging.getLogger(__name__)
 
@@ -629,7 +629,7 @@ def _choices_line(names: list[str], current: str) -> str:
 
 class Attribute:
     """An attribute's show and store. A `setting` shapes the device: its stores go in the
-    restart record and a next daemon replays them in order (zramfs.service.state). Actions
+    restart record and a next daemon replays them in order (zramfs.sysfs.record). Actions
     (idle, writeback, recompress, compact, mem_used_max) are not settings; reset clears them."""
     def __init__(self, show: Callable[[Device], str] | None,
                  store: Callable[[Device, str], object] | None, setting: bool = False) -> None:
@@ -689,5 +689,5 @@ ATTRIBUTES: dict[str, Attribute] = {
     "dedup": Attribute(lambda d: f"{int(d.dedup)}\n", Device._store_dedup, setting=True),
     "dedup_stat": Attribute(Device._show_dedup_stat, None),
 }
-# What the restart record keeps of a device (zramfs.service.state): the stores to these.
+# What the restart record keeps of a device (zramfs.sysfs.record): the stores to these.
 SETTINGS = frozenset(name for name, a in ATTRIBUTES.items() if a.setting)

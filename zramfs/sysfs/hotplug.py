@@ -7,7 +7,7 @@ for a device's requests to drain, and the devices the daemon before this one kep
     dev = devices.add()
     await dev.store("disksize", "1G")
 
-Where the daemon keeps state for a restart (zramfs.service.state), `Devices(state=...)` tells it of
+Where the daemon keeps state for a restart (zramfs.sysfs.record), `Devices(state=...)` tells it of
 each device added and removed. Trio thread only.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from zramfs.sysfs import kstrto
 from zramfs.sysfs.device import Device, fail
-from zramfs.service.state import DeviceRecord, State
+from zramfs.sysfs.record import DeviceRecord, State
 
 log = logging.getLogger("zramfs.sysfs.device")       # the devices' log lines, as before
 

@@ -1,17 +1,19 @@
-"""What a restarted daemon adopts, and where it is kept meanwhile (live restart).
+"""The restart record: what a restarted daemon restores its devices from, and where it is
+kept meanwhile (live restart). It lives with the devices, which write it as they change; the
+process (zramfs.service) only hands it to the next daemon.
 
 The kernel keeps the FUSE connection while any process holds its /dev/fuse fd, and a memfd
 keeps its memory while any process holds it; the service manager (systemd's fd store, or
-zramfs's own supervisor, zramfs.service.fdstore) holds them across a restart. This module owns what
-goes in them:
+zramfs's own supervisor: zramfs.service.fdstore) holds them across a restart. This module
+owns what goes in them:
 
 - `devices`: a record of every device, its id, generation, open count and the settings
   written to it, in order (the attribute stores that shape it: comp_algorithm, mem_limit,
   disksize...), so a new daemon replays them and gets the same devices;
 - `zram<id>.<seq>.table` and `zram<id>.<seq>.pool`: an initialised device's slot table and
-  pool (zramfs.zram._zram.Meta.state_fds). A new daemon copies them into a fresh meta
-  (Meta.take_over), keeps the new pair under the next seq, then drops the old: at every
-  moment one complete pair is kept;
+  pool (zramfs.zram._zram.Meta.state_fds). A new daemon adopts them in place, or copies them
+  into a fresh meta where their address is taken in it, keeps the new pair under the next
+  seq, then drops the old: at every moment one complete pair is kept;
 - `zram<id>.<seq>.dicts`, beside a pair: the zstd dictionaries its pages may be compressed
   with, so that a new daemon reads them back whatever is at the `dict=` paths by then;
 - `zram<id>.<seq>.backing`, beside a pair: the backing device's descriptor, so that a new
@@ -23,6 +25,7 @@ a CRC, so a daemon killed in the middle of a write leaves the other half whole.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -32,9 +35,8 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from zramfs.service import fdstore
 
-log = logging.getLogger("zramfs.service.state")
+log = logging.getLogger(__name__)
 
 RECORD_NAME = "devices"
 RECORD_MAGIC = b"zramfs-devices\0\0"
@@ -46,6 +48,20 @@ DICTS_MAGIC = b"zramfs-dicts\0\0\0\0"
 _DICT = struct.Struct("<II")          # a kept dictionary's priority and length, then its bytes
 DECODE_ONLY = 255                     # the priority of a dictionary no algorithm writes with
 
+
+
+def memfd_with(name: str, data: bytes) -> int:
+    """A sealed memfd holding `data` (for small state: a descriptor carries it across a
+    restart); the caller owns the descriptor."""
+    fd = os.memfd_create(f"zramfs-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.write(fd, data)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW |
+                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class StateError(Exception):
@@ -305,7 +321,7 @@ class State:
             kept.append(("backing", backing))
         if dictionaries:
             data = DICTS_MAGIC + b"".join(_DICT.pack(prio, len(d)) + d for prio, d in dictionaries)
-            fd = fdstore.memfd_with(f"zram{dev_id}-dicts", data)
+            fd = memfd_with(f"zram{dev_id}-dicts", data)
             self._own[f"zram{dev_id}.{seq}.dicts"] = fd
             kept.append(("dicts", fd))
         for kind, fd in kept:
