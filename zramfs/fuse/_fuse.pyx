@@ -240,6 +240,8 @@ cdef void _init(fuse_req_t* r) noexcept nogil:
         # then on the kernel holds every request until all queues have entries.
         if _uring_prepare(s) == 0:
             agreed |= FUSE_OVER_IO_URING
+            # Before _py_init, whose event lets wait_init() return: a stats() after it sees it.
+            s.uring_used = True
     s.flags = agreed
     s.proto_minor = i.minor
     o.max_readahead = 0                       # data files are direct I/O: no page cache
@@ -259,7 +261,6 @@ cdef void _init(fuse_req_t* r) noexcept nogil:
     _py_init(s, i, offered, agreed)
     _reply(r, 0, &o, sizeof(o))
     if agreed & FUSE_OVER_IO_URING:
-        s.uring_used = True
         _uring_go(s)
 
 
