@@ -406,14 +406,14 @@ OPCODE_NAMES = {FUSE_LOOKUP: "lookup", FUSE_FORGET: "forget", FUSE_GETATTR: "get
 LATENCY_BUCKETS = [2 ** b / 1e6 for b in range(NR_BUCKETS - 1)]   # seconds; then +Inf
 
 
-
 # --- the Python face -------------------------------------------------------------------------
 
 TRANSPORTS = ("classic", "io_uring")
 
 
 cdef class Session:
-    """One mounted FUSE file system, served by the engine's worker threads.
+    """One mounted FUSE file system, served by its transports' threads (dev.pxi, and
+    dev_uring.pxi once INIT agrees it). Its methods take the GIL, from any Python thread.
 
     Session(mountpoint, ops, data_ops=capsule or None, fsname=..., options=(), ...) mounts at
     once; Session.adopt(mountpoint, fd, ops, init=...) serves a connection mounted by an
