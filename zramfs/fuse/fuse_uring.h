@@ -1,5 +1,5 @@
-/* liburing glue for the engine's io_uring transport (_fuse_uring.pxi): the few steps whose
-   shape Cython cannot write (the 128-byte SQE's command area, a thread-local pointer).
+/* liburing glue for the engine's io_uring transport (dev_uring.pxi): the few steps whose
+   shape Cython cannot write (the 128-byte SQE's command area, a thread's CPU affinity).
    Every function here runs without the GIL; a ring is used by its own queue thread only. */
 #ifndef ZRAMFS_FUSE_URING_H
 #define ZRAMFS_FUSE_URING_H
@@ -10,12 +10,6 @@
 #include <string.h>
 #include <sys/uio.h>
 #include "fuse/fuse_kernel.h"
-
-/* The ring entry whose request this thread is serving (NULL: a classic /dev/fuse request).
-   _reply() looks here to know where the answer goes. */
-static __thread void* fu_current;
-static inline void* fu_get_current(void) { return fu_current; }
-static inline void fu_set_current(void* e) { fu_current = e; }
 
 /* A ring with 128-byte SQEs, which the FUSE commands need (the kernel refuses 64-byte ones).
    0 or -errno. */

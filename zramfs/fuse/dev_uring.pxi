@@ -1,37 +1,31 @@
-# The engine's io_uring transport (FUSE over io_uring, kernel 6.14+), included by _fuse.pyx.
+# The io_uring transport, the server's side of the kernel's fs/fuse/dev_uring.c (FUSE over
+# io_uring, 6.14+), included by _fuse.pyx: its rings and threads, and its own reply path.
+# Everything here runs without the GIL; a ring is used by its own queue thread only, the
+# helpers' work list under uring_t.lock, a queue's done list under its lock.
 #
 # The kernel sends ordinary requests through ring entries instead of /dev/fuse: each entry is
 # a header buffer (struct fuse_uring_req_header) and a payload buffer registered with
 # FUSE_IO_URING_CMD_REGISTER; a request completes the entry's command (CQE res 0), and
 # COMMIT_AND_FETCH both answers it and hands the entry back. INIT, FORGET, INTERRUPT and
-# notifications stay on /dev/fuse, so the classic workers keep reading it.
+# notifications stay on /dev/fuse, so the classic workers (dev.pxi) keep reading it.
 #
 # Threads:
 # * one queue thread per possible CPU (the kernel makes a request wait until every CPU's queue
 #   has an entry; a request goes to the queue of the CPU its caller runs on), pinned to that
 #   CPU. It owns its ring: only it submits, so the kernel copies requests in its context.
 #   It serves the C-answered requests and the GIL-free data path (the same _serve the classic
-#   workers run) and never takes the GIL.
-# * NR_HELPERS helper threads take the requests that need Python (LOOKUP, GETATTR...) from
-#   the queue threads and hand the answered entry back through the queue's done list and
-#   eventfd, so a queue thread never waits for the GIL. They also serve large device I/O,
-#   so the pieces of one large request run side by side.
+#   workers run) and never takes the GIL: its requests go out with no_gil set.
+# * NR_HELPERS helper threads take the requests that need Python (those _serve leaves
+#   unanswered) from the queue threads and hand the answered entry back through the queue's
+#   done list and eventfd, so a queue thread never waits for the GIL. They also serve large
+#   device I/O, so the pieces of one large request run side by side.
 #
-# Where the answer goes: _reply() writes into the entry that fu_get_current() names (a
-# thread-local the queue and helper threads set around a request), or to /dev/fuse if none.
-
-cdef extern from "<stdlib.h>" nogil:
-    int posix_memalign(void** p, size_t align, size_t size)
+# Where the answer goes: each entry's request carries _ring_reply and the entry itself, so
+# whichever thread serves it answers in the entry's buffers; the queue thread commits it.
 
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned initval, int flags)
     int EFD_CLOEXEC
-
-cdef extern from "<unistd.h>" nogil:
-    ssize_t write(int fd, const void* buf, size_t n)
-
-cdef extern from "<sched.h>" nogil:
-    int sched_yield()
 
 cdef extern from "fuse/fuse_uring.h" nogil:
     struct io_uring:
@@ -39,8 +33,6 @@ cdef extern from "fuse/fuse_uring.h" nogil:
     struct io_uring_cqe:
         uint64_t user_data
         int32_t res
-    void* fu_get_current()
-    void fu_set_current(void* e)
     int fu_ring_init(io_uring* r, unsigned entries)
     int fu_prep_cmd(io_uring* r, int fd, uint32_t cmd_op, uint16_t qid, uint64_t commit_id,
                     iovec* iov, void* ud)
@@ -58,45 +50,36 @@ cdef enum:
     RING_DEPTH = 16          # entries per queue: requests the kernel can hand one CPU at once
     NR_HELPERS = 4           # threads answering the Python-bound and large requests
     LARGE_IO = 128 << 10     # a device READ/WRITE this large goes to the helpers
-    # How long a queue thread looks for the next completion (yielding the CPU meanwhile)
-    # before it sleeps in io_uring_enter, as the compression workers do (_workers.pyx).
-    # Measured on this 2-vCPU VM (4K random I/O, 2026-11-24): 10 us and 50 us were worse than
-    # none, QD1 p99 33-121 us against 14-37 us and QD32x2 writes 70-108k IOPS against
-    # 90-161k: a queue thread is pinned to the CPU its requests come from, so its spin only
-    # competes with the requester, whose next request wakes it anyway.
-    RING_SPIN_NS = 0
+
+
+cdef struct ring_queue_t
 
 
 cdef struct ring_ent_t:
+    fuse_req_t req               # its request; answered here by _ring_reply (ctx: the entry)
     fuse_uring_req_header* hdr   # the kernel's while registered: the header buffer
     char* payload                # and the payload buffer (at least max_write)
     iovec iov[2]
-    void* queue                  # ring_queue_t*
-    char* arg                    # the request's first argument (in hdr or payload)
-    size_t arglen
+    ring_queue_t* queue
     uint64_t started             # when the request was taken (ns), for its latency
-    bint deferred                # handed to a helper: the helper answers it
-    bint in_helper               # being answered by a helper: no further hand-off
-    bint dead                    # the kernel ended it (unmount, abort): not re-armed
     bint committed               # its command in flight is a COMMIT_AND_FETCH
     ring_ent_t* next             # the helpers' list or the queue's done list
 
 
 cdef struct ring_queue_t:
-    void* uring                  # uring_t*
+    uring_t* uring
     io_uring ring
     bint ring_ok
     int qid                      # = the CPU it serves
     int efd                      # eventfd: a helper answered one of our entries
     uint64_t efd_buf
     ring_ent_t* ents
-    int live                     # entries not dead (queue thread only)
+    int live                     # entries the kernel may still complete (queue thread only)
     size_t ndone                 # atomic: entries in `done`
     pthread_mutex_t lock         # guards done
     ring_ent_t* done             # entries answered by helpers, to commit
     pthread_t thread
     bint started
-    int err                      # why the queue stopped early (-errno), 0 if it did not
 
 
 cdef struct uring_t:
@@ -111,16 +94,17 @@ cdef struct uring_t:
     bint helper_started[NR_HELPERS]
 
 
-# --- where a reply goes, and the hand-off ----------------------------------------------------
+# --- the reply path --------------------------------------------------------------------------
 
-cdef void _ring_reply(ring_ent_t* e, uint64_t unique, int err, const void* data,
+cdef void _ring_reply(void* ctx, uint64_t unique, int err, const void* data,
                       size_t size) noexcept nogil:
-    """The reply in the entry's buffers, for COMMIT_AND_FETCH: the out header in in_out, the
-    out args at the start of the payload (data may already be there: a READ's)."""
+    """The reply_fn of a request from a ring entry (ctx: the ring_ent_t): the reply in the
+    entry's buffers, for COMMIT_AND_FETCH: the out header in in_out (where the request's
+    header was), the out args at the start of the payload (data may already be there: a
+    READ's). Called by the thread serving the entry, queue thread or helper."""
+    cdef ring_ent_t* e = <ring_ent_t*>ctx
     cdef fuse_out_header* o = <fuse_out_header*>e.hdr.in_out
-    cdef ring_queue_t* q = <ring_queue_t*>e.queue
-    cdef uring_t* u = <uring_t*>q.uring
-    if size > u.s.max_io:
+    if size > e.req.s.max_io:
         err, size = EIO, 0                 # cannot happen: replies are capped at max_io
     if size and <const char*>data != e.payload:
         memmove(e.payload, data, size)
@@ -130,23 +114,12 @@ cdef void _ring_reply(ring_ent_t* e, uint64_t unique, int err, const void* data,
     e.hdr.ring_ent_in_out.payload_sz = <uint32_t>size
 
 
-cdef bint _ring_defer() noexcept nogil:
-    """In a queue thread: marks the current entry for a helper (True); the caller returns
-    without answering. Elsewhere (classic worker, helper) False: answer it here."""
-    cdef ring_ent_t* e = <ring_ent_t*>fu_get_current()
-    if e == NULL or e.in_helper:
-        return False
-    e.deferred = True
-    return True
-
-
-# --- helpers: the Python-bound requests ------------------------------------------------------
+# --- helpers: the requests that need the GIL, and large ones --------------------------------
 
 cdef void* _helper_main(void* arg) noexcept nogil:
     cdef uring_t* u = <uring_t*>arg
     cdef ring_ent_t* e
     cdef ring_queue_t* q
-    cdef fuse_in_header* h
     cdef uint64_t one = 1
     cdef uint32_t op
     while True:
@@ -159,15 +132,11 @@ cdef void* _helper_main(void* arg) noexcept nogil:
             break
         u.work = e.next
         pthread_mutex_unlock(&u.lock)
-        h = <fuse_in_header*>e.hdr.in_out
-        op = h.opcode                      # the reply's header takes the request's place
-        e.in_helper = True
-        fu_set_current(e)
-        _serve(u.s, h, e.arg, e.arglen, e.payload, e.payload)
-        fu_set_current(NULL)
-        e.in_helper = False
+        op = e.req.h.opcode                # the reply's header takes the request's place
+        e.req.no_gil = False               # a helper may wait for the GIL: it answers all
+        _serve(&e.req)
         _account(u.s, op, zram_now_ns() - e.started)
-        q = <ring_queue_t*>e.queue
+        q = e.queue
         pthread_mutex_lock(&q.lock)
         e.next = q.done
         q.done = e
@@ -181,7 +150,7 @@ cdef void* _helper_main(void* arg) noexcept nogil:
 
 cdef inline int _ring_commit(ring_queue_t* q, ring_ent_t* e) noexcept nogil:
     e.committed = True
-    return fu_prep_cmd(&q.ring, (<uring_t*>q.uring).s.fd, FUSE_IO_URING_CMD_COMMIT_AND_FETCH,
+    return fu_prep_cmd(&q.ring, q.uring.s.fd, FUSE_IO_URING_CMD_COMMIT_AND_FETCH,
                        <uint16_t>q.qid, e.hdr.ring_ent_in_out.commit_id, NULL, e)
 
 
@@ -197,31 +166,27 @@ cdef inline bint _large_io(session_t* s, uint32_t op, const char* arg) noexcept 
 
 
 cdef void _ring_request(ring_queue_t* q, ring_ent_t* e) noexcept nogil:
-    """A request arrived in `e`: served here, or handed to a helper."""
-    cdef uring_t* u = <uring_t*>q.uring
-    cdef session_t* s = u.s
-    cdef fuse_in_header* h = <fuse_in_header*>e.hdr.in_out
-    cdef uint32_t op = h.opcode            # the reply's header takes the request's place
+    """A request arrived in `e`: served here, or handed to a helper (large device I/O, and
+    what _serve leaves for a thread that may take the GIL)."""
+    cdef uring_t* u = q.uring
+    cdef fuse_req_t* r = &e.req
+    cdef uint32_t op = r.h.opcode          # the reply's header takes the request's place
     e.started = zram_now_ns()
     # The first argument is in op_in, the rest in the payload; LOOKUP's first argument is
     # its name, which the kernel sends as the payload after an empty op_in.
-    if h.opcode == FUSE_LOOKUP:
-        e.arg, e.arglen = e.payload, e.hdr.ring_ent_in_out.payload_sz
+    if op == FUSE_LOOKUP:
+        r.arg, r.arglen = e.payload, e.hdr.ring_ent_in_out.payload_sz
     else:
-        e.arg, e.arglen = e.hdr.op_in, sizeof(e.hdr.op_in)
-    e.deferred = _large_io(s, op, e.arg)
-    if not e.deferred:
-        fu_set_current(e)
-        _serve(s, h, e.arg, e.arglen, e.payload, e.payload)
-        fu_set_current(NULL)
-    if e.deferred:
+        r.arg, r.arglen = e.hdr.op_in, sizeof(e.hdr.op_in)
+    r.no_gil = True
+    if _large_io(u.s, op, r.arg) or _serve(r):
         pthread_mutex_lock(&u.lock)
         e.next = u.work
         u.work = e
         pthread_cond_signal(&u.wake)
         pthread_mutex_unlock(&u.lock)
         return
-    _account(s, op, zram_now_ns() - e.started)
+    _account(u.s, op, zram_now_ns() - e.started)
     _ring_commit(q, e)
 
 
@@ -234,7 +199,7 @@ cdef void _ring_take_done(ring_queue_t* q) noexcept nogil:
     pthread_mutex_lock(&q.lock)
     e = q.done
     q.done = NULL
-    q.ndone = 0
+    za_store(&q.ndone, 0)
     pthread_mutex_unlock(&q.lock)
     while e != NULL:
         nxt = e.next
@@ -242,25 +207,26 @@ cdef void _ring_take_done(ring_queue_t* q) noexcept nogil:
         e = nxt
 
 
+cdef inline bint _ring_stopping(uring_t* u) noexcept nogil:
+    return za_load(&u.stop) or za_load(&u.s.stopping)
+
+
 cdef bint _ring_wait(ring_queue_t* q, uring_t* u) noexcept nogil:
-    """Until a completion is ready (True) or stop. Spins RING_SPIN_NS first, yielding the
-    CPU to anyone runnable; then sleeps in io_uring_enter."""
-    cdef uint64_t until
+    """Until a completion is ready (True) or stop: sleeps in io_uring_enter unless one is
+    ready or helpers answered entries. No spin first: measured on this 2-vCPU VM (4K random
+    I/O, 2026-11-24), 10 and 50 us spins were worse than none (QD1 p99 33-121 us against
+    14-37, QD32x2 writes 70-108k IOPS against 90-161k): a queue thread is pinned to the CPU
+    its requests come from, so a spin only competes with the requester."""
     if io_uring_cq_ready(&q.ring):
         return True
-    until = zram_now_ns() + RING_SPIN_NS
-    while (not io_uring_cq_ready(&q.ring) and not za_load(&q.ndone) and not za_load(&u.stop)
-           and not za_load(&u.s.stopping)):
-        if zram_now_ns() >= until:
-            io_uring_submit_and_wait(&q.ring, 1)     # -EINTR and such: look again
-            break
-        sched_yield()
-    return not za_load(&u.stop) and not za_load(&u.s.stopping)
+    if not za_load(&q.ndone) and not _ring_stopping(u):
+        io_uring_submit_and_wait(&q.ring, 1)         # -EINTR and such: look again
+    return not _ring_stopping(u)
 
 
 cdef void* _queue_main(void* arg) noexcept nogil:
     cdef ring_queue_t* q = <ring_queue_t*>arg
-    cdef uring_t* u = <uring_t*>q.uring
+    cdef uring_t* u = q.uring
     cdef session_t* s = u.s
     cdef io_uring_cqe* cqe
     cdef ring_ent_t* e
@@ -273,7 +239,7 @@ cdef void* _queue_main(void* arg) noexcept nogil:
             q.live += 1
     fu_prep_read(&q.ring, q.efd, &q.efd_buf, sizeof(q.efd_buf), NULL)
     io_uring_submit(&q.ring)
-    while q.live and not za_load(&u.stop) and not za_load(&s.stopping):
+    while q.live and not _ring_stopping(u):
         if io_uring_sq_ready(&q.ring):
             io_uring_submit(&q.ring)
         if not _ring_wait(q, u):
@@ -292,17 +258,12 @@ cdef void* _queue_main(void* arg) noexcept nogil:
                 # stranded; the buffers are registered again as a new entry, so a queue
                 # never runs out of entries while the connection lives.
                 e.committed = False
-                if q.err == 0:
-                    q.err = res
                 fu_prep_cmd(&q.ring, s.fd, FUSE_IO_URING_CMD_REGISTER, <uint16_t>q.qid, 0,
                             e.iov, e)
             else:
                 # -ENOTCONN: unmounted or the connection aborted; the kernel is done with
-                # the entry. Anything else (a refused REGISTER) is kept for the log.
-                e.dead = True
+                # the entry, as with a refused REGISTER.
                 q.live -= 1
-                if res != -ENOTCONN and res != -ECONNABORTED and q.err == 0:
-                    q.err = res
         _ring_take_done(q)
     pthread_mutex_lock(&s.lock)
     s.running -= 1
@@ -354,13 +315,20 @@ cdef int _uring_prepare(session_t* s) noexcept nogil:
             e = &q.ents[j]
             e.queue = q
             if (posix_memalign(<void**>&e.hdr, 64, sizeof(fuse_uring_req_header)) != 0
-                    or posix_memalign(<void**>&e.payload, 4096, s.max_io) != 0):
+                    or posix_memalign(<void**>&e.payload, PAGE_SIZE, s.max_io) != 0):
                 rc = -ENOMEM
                 break
             e.iov[0].iov_base = e.hdr
             e.iov[0].iov_len = sizeof(fuse_uring_req_header)
             e.iov[1].iov_base = e.payload
             e.iov[1].iov_len = s.max_io
+            # The request as _serve sees it: the header, a WRITE's data and the reply's data
+            # all stay in the entry's buffers, and the answer goes back through the entry.
+            e.req.s = s
+            e.req.h = <fuse_in_header*>e.hdr.in_out
+            e.req.data = e.req.scratch = e.payload
+            e.req.reply = _ring_reply
+            e.req.ctx = e
         if rc != 0:
             break
     if rc == 0:
@@ -378,7 +346,7 @@ cdef int _uring_prepare(session_t* s) noexcept nogil:
 cdef void _uring_go(session_t* s) noexcept nogil:
     """After INIT's reply: the queue threads, which register their entries (the kernel
     refuses REGISTER before it has INIT's reply)."""
-    cdef uring_t* u = <uring_t*>s.uring
+    cdef uring_t* u = s.uring
     cdef ring_queue_t* q
     cdef int i
     pthread_mutex_lock(&s.lock)
@@ -387,7 +355,6 @@ cdef void _uring_go(session_t* s) noexcept nogil:
         s.running += 1
         if zram_thread_start_stack(&q.thread, _queue_main, q, WORKER_STACK) != 0:
             s.running -= 1
-            q.err = -ENOMEM
             s.uring_error = -ENOMEM
         else:
             q.started = True
@@ -402,7 +369,7 @@ cdef void _uring_stop(session_t* s) noexcept nogil:
     cdef uint64_t one = 1
     cdef int i, j
     pthread_mutex_lock(&s.lock)
-    u = <uring_t*>s.uring
+    u = s.uring
     s.uring = NULL
     pthread_mutex_unlock(&s.lock)
     if u == NULL:
@@ -436,13 +403,25 @@ cdef void _uring_stop(session_t* s) noexcept nogil:
     free(u)
 
 
-cdef dict _uring_state(session_t* s):
-    """What the transport did, for stats(): queues serving and the first error of any."""
-    cdef uring_t* u = <uring_t*>s.uring
-    cdef int i, err = -s.uring_error
-    if u == NULL:
-        return {"transport": "classic", "ring_queues": 0, "ring_error": err}
-    for i in range(u.nr_queues):
-        if u.queues[i].err and not err:
-            err = -u.queues[i].err
-    return {"transport": "io_uring", "ring_queues": u.nr_queues, "ring_error": err}
+# --- for the Python face ---------------------------------------------------------------------
+
+URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
+
+
+def possible_cpus() -> int:
+    """CPUs the kernel may ever run (/sys/devices/system/cpu/possible, e.g. "0-3"): the
+    io_uring transport needs a queue for each."""
+    try:
+        text = open("/sys/devices/system/cpu/possible").read().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    return max(int(part.rpartition("-")[2]) for part in text.split(",")) + 1
+
+
+def uring_param() -> bool | None:
+    """The fuse module's enable_uring: True, False, or None where the kernel has no FUSE
+    over io_uring (no CONFIG_FUSE_IO_URING, or older than 6.14)."""
+    try:
+        return open(URING_PARAM).read().strip() in ("Y", "1")
+    except OSError:
+        return None
