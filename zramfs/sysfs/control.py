@@ -1,5 +1,5 @@
 """The tree under the mountpoint, mirroring /dev and /sys, and every FUSE operation on it but
-the device files' data (that runs in C, see _fuse.pyx).
+the device files' data (that runs in C, see zramfs/fuse/_fuse.pyx).
 
     dev/zramN                            the device files
     sys/class/zram-control/hot_add       read: a new device's id
@@ -78,7 +78,7 @@ class Handle:
 
 
 class Tree:
-    """The FUSE operations the trio thread answers; see the protocol in _fuse.pyx."""
+    """The FUSE operations the trio thread answers (zramfs/fuse/ops.pxi calls them)."""
 
     def __init__(self, devices: Devices) -> None:
         self.devices = devices

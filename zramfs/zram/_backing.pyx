@@ -33,7 +33,7 @@ cdef extern from *:
     #include <errno.h>
     #include <stdint.h>
     #include <liburing.h>
-    /* liburing, as the FUSE rings (fuse/_fuse_uring.pxi): one async I/O library in the
+    /* liburing, as the FUSE rings (fuse/dev_uring.pxi): one async I/O library in the
        project. Writes of whole pages at their blocks, all in flight at once: with O_DIRECT
        they really overlap; otherwise the kernel does them one by one, which is still correct.
        A ring serves one caller at a time (backing_write_batch's contract), from any thread. */
