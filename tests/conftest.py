@@ -22,7 +22,8 @@ import pytest
 # product's.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
-from zramfs.zram._zram import Disk, Meta  # noqa: E402
+from disk_io import IoDisk  # noqa: E402
+from zramfs.zram._zram import Meta  # noqa: E402
 from zramfs.service.pidfile import pid_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,14 +106,15 @@ def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=check, capture_output=True, text=True, **kw)
 
 
-def attached(meta: Meta) -> Disk:
-    """A disk of its own (no device id) with `meta` attached: the data path without a mount."""
-    disk = Disk()
+def attached(meta: Meta) -> IoDisk:
+    """A disk of its own (an id of the tests' range) with `meta` attached: the data path
+    without a mount, its I/O through the data ops (disk_io)."""
+    disk = IoDisk()
     disk.attach(meta)
     return disk
 
 
-def destroy(disk: Disk) -> None:
+def destroy(disk: IoDisk) -> None:
     """Detaches, drains and destroys the disk's meta, as reset does."""
     disk.detach()
     disk.release().destroy()

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from conftest import PAGE, PUNCH_HOLE, ZERO_RANGE, Daemon, race
+from conftest import PAGE, PUNCH_HOLE, ZERO_RANGE, Daemon, attached, race
 from test_meta import destroy, make_disk
 from zramfs.zram import _dedup, _tiering
 from zramfs.sysfs.device import open_backing
@@ -246,7 +246,7 @@ def test_take_over_keeps_shared_objects_shared() -> None:
     """A new daemon's meta with dedup on (enabled before Meta.take_over) copies a shared
     object once and counts its slots from the table; one without dedup gets a copy a slot,
     each an ordinary object (nothing ZRAM_DEDUP left for a meta without an index)."""
-    from zramfs.zram._zram import Disk, Meta
+    from zramfs.zram._zram import Meta
     old = make_disk(16 * PAGE, dedup=True)
     for i in range(4):
         old.write(i * PAGE, PATTERN)
@@ -267,8 +267,7 @@ def test_take_over_keeps_shared_objects_shared() -> None:
                     assert meta.mm_stat()[COMPR] == size + len(_lz4(twin(4)))
                 else:
                     assert meta.mm_stat()[COMPR] == 4 * size + len(_lz4(twin(4)))
-                disk = Disk()
-                disk.attach(meta)
+                disk = attached(meta)
                 disk.write(8 * PAGE, PATTERN)
                 assert disk.read(0, 5 * PAGE) == PATTERN * 4 + twin(4)
                 for i in range(4):                     # ordinary or shared, all freed right

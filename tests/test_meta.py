@@ -16,14 +16,15 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from conftest import PAGE, PUNCH_HOLE, ZERO_RANGE, attached, destroy, race
+from disk_io import IoDisk
 from zramfs.sysfs.device import open_backing
 from zramfs.zram import _dedup, _tiering
-from zramfs.zram._zram import Disk, Meta
+from zramfs.zram._zram import Meta
 
 
 
 def make_disk(size: int = 64 * PAGE, algorithm: str = "lz4", dedup: bool = False,
-              **kw) -> Disk:
+              **kw) -> IoDisk:
     meta = Meta(size, algorithm, name="test", **kw)
     if dedup:
         _dedup.enable(meta)

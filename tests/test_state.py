@@ -11,8 +11,9 @@ import struct
 import pytest
 
 from conftest import attached, destroy
+from disk_io import IoDisk
 from zramfs.zpool._alloc import Pool, PoolImage, PoolImageError, PoolInPlaceError
-from zramfs.zram._zram import Disk, Meta, TableImageError
+from zramfs.zram._zram import Meta, TableImageError
 from zramfs.sysfs.record import DECODE_ONLY, DeviceRecord, Record, State, StateError
 from zramfs.sysfs.device import SETTINGS
 
@@ -30,7 +31,7 @@ def page_of(rng: random.Random) -> bytes:
     return (word * (PAGE // len(word) + 1))[:PAGE - 64] + rng.randbytes(64)
 
 
-def fill(disk: Disk, rng: random.Random, n: int) -> dict[int, bytes]:
+def fill(disk: IoDisk, rng: random.Random, n: int) -> dict[int, bytes]:
     """n writes, overwrites and discards at random offsets: the model of what reads back."""
     model: dict[int, bytes] = {}
     for _ in range(n):

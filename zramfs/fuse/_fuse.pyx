@@ -290,7 +290,7 @@ cdef void _data_read(fuse_req_t* r, const fuse_read_in* a) noexcept nogil:
     if _data_refused(r, &s.st.data_reads, &s.st.max_read_size, a.flags, a.offset, a.size):
         return
     # Decompressed straight into the reply's buffer, which the transport hands to the kernel.
-    n = s.dops.read(s.dops.ctx, a.fh & DATA_FH_MASK, r.scratch, a.size, a.offset)
+    n = s.dops.read(a.fh & DATA_FH_MASK, r.scratch, a.size, a.offset)
     if n < 0:
         _reply_err(r, <int>-n)
         return
@@ -304,7 +304,7 @@ cdef void _data_write(fuse_req_t* r, const fuse_write_in* a) noexcept nogil:
     cdef fuse_write_out o
     if _data_refused(r, &s.st.data_writes, &s.st.max_write_size, a.flags, a.offset, a.size):
         return
-    n = s.dops.write(s.dops.ctx, a.fh & DATA_FH_MASK, r.data, a.size, a.offset)
+    n = s.dops.write(a.fh & DATA_FH_MASK, r.data, a.size, a.offset)
     if n < 0:
         _reply_err(r, <int>-n)
         return
@@ -329,7 +329,7 @@ cdef void _data_fallocate(fuse_req_t* r, const fuse_fallocate_in* f) noexcept no
         return
     if mode == FALLOC_FL_ZERO_RANGE:
         mode |= FALLOC_FL_KEEP_SIZE
-    _reply_err(r, -s.dops.fallocate(s.dops.ctx, f.fh & DATA_FH_MASK, mode, f.offset, f.length))
+    _reply_err(r, -s.dops.fallocate(f.fh & DATA_FH_MASK, mode, f.offset, f.length))
 
 
 # --- dispatch --------------------------------------------------------------------------------

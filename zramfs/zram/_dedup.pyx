@@ -49,11 +49,12 @@ from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp, memset
 
-from zramfs.zcomp._zcomp cimport zcomp_compress, zcomp_stream_get, zcomp_stream_put, zstream
-from zramfs.zram._zram cimport Meta, zram, zram_slot_free, zram_slot_load, zram_slot_replace, zslot
+from zramfs.zcomp._zcomp cimport zcomp_stream_get, zcomp_stream_put, zstream
+from zramfs.zram._zram cimport (Meta, zram, zram_obj_free, zram_slot_compress, zram_slot_free,
+                                zram_slot_load, zram_stat_stored, zslot)
 from zramfs.pthread cimport (pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
                              pthread_mutex_unlock)
-from zramfs.common cimport (PAGE_SIZE, posix_memalign, za_add, za_load, za_sub)
+from zramfs.common cimport PAGE_SIZE, posix_memalign, za_load
 from zramfs.zram.zram cimport (ZRAM_DEDUP, ZRAM_HUGE, ZRAM_PRIO_MASK, ZRAM_SAME, ZRAM_WB,
                                zram_slot_flags, zram_slot_set_flags)
 
@@ -202,8 +203,7 @@ cdef bint _pin_or_reserve(zdedup* d, uint64_t hash, zpin* out,
 cdef void _unpin(zram* m, zpin* p) noexcept nogil:
     """The pin of a twin that was not one; its object freed if every slot let go meanwhile."""
     if _put(<zdedup*>m.dedup, p.handle):
-        m.driver.free(m.pool, p.handle)
-        za_sub(&m.compr_data_size, p.size)
+        zram_obj_free(m, p.handle, p.size)
 
 
 cdef bint _share(zram* m, zslot* s, const char* page, uint64_t hash, zstream* st,
@@ -224,10 +224,7 @@ cdef bint _share(zram* m, zslot* s, const char* page, uint64_t hash, zstream* st
     s.handle = p.handle
     s.size = p.size
     zram_slot_set_flags(&s.flags, ZRAM_DEDUP | p.flags)
-    za_add(&m.pages_stored, 1)
-    if p.flags & ZRAM_HUGE:
-        za_add(&m.huge_pages, 1)
-        za_add(&m.huge_pages_since, 1)
+    zram_stat_stored(m, ZRAM_DEDUP | p.flags, 0)     # the object is counted already
     zram_slot_free(m, &old)       # may be the same object: the pin kept it
     return True
 
@@ -240,18 +237,14 @@ cdef int _dedup_store(zram* m, zslot* s, const char* page, zstream* st) noexcept
     cdef uint32_t ref = 0
     cdef uint32_t flags = ZRAM_DEDUP
     cdef zdedup_entry* e
-    cdef int n, rc
+    cdef int rc
     if _share(m, s, page, hash, st, &ref):
         return 0
     # An entry taken before the object is stored, so an object is never ZRAM_DEDUP without
     # one; none left (or a twin that was not one): the object is an ordinary one.
     if not ref:
         flags = 0
-    n = zcomp_compress(m.comp, st, page, <int>m.huge_size - 1)
-    if n <= 0:
-        rc = zram_slot_replace(m, s, page, PAGE_SIZE, ZRAM_HUGE | flags, True)
-    else:
-        rc = zram_slot_replace(m, s, st.buffer, n, flags, True)
+    rc = zram_slot_compress(m, s, page, st, flags)       # the device's own store path
     if not ref:
         return rc
     pthread_mutex_lock(&d.lock)

@@ -30,7 +30,7 @@ from zramfs.zram._backing cimport (BK_MAX_BATCH, backing_alloc, backing_free, ba
                               backing_write_batch)
 from zramfs.zcomp._zcomp cimport zcomp, zcomp_compress, zcomp_stream_get, zcomp_stream_put, zstream
 from zramfs.zram._zram cimport (Meta, zram, zram_now, zram_slot_free, zram_slot_has_object,
-                           zram_slot_load, zram_slot_replace, zslot)
+                                zram_slot_load, zram_slot_replace, zram_stat_stored, zslot)
 from zramfs.pthread cimport (pthread_join, pthread_mutex_lock, pthread_mutex_unlock, pthread_t,
                             zram_thread_start)
 from zramfs.common cimport (PAGE_SHIFT, PAGE_SIZE, posix_memalign, za_add, za_load, za_store,
@@ -141,7 +141,7 @@ cdef void _wb_commit(zram* m, zslot* s, zwb* w) noexcept nogil:
     if w.keep & ZRAM_WB_COMPRESSED:
         s.size = w.size                 # what to decompress when it is read back
     zram_slot_set_flags(&s.flags, ZRAM_WB | w.keep | idle)
-    za_add(&m.pages_stored, 1)          # still stored, on the backing device
+    zram_stat_stored(m, ZRAM_WB | w.keep | idle, 0)      # still stored, on the backing device
 
 
 cdef int _writeback_locked(zram* m, zslot* s, char* page, zstream* st) noexcept nogil:

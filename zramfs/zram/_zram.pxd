@@ -102,8 +102,17 @@ cdef void zram_slot_free(zram* m, zslot* s) noexcept nogil
 cdef int zram_slot_load(zram* m, zslot* s, char* page, zstream* st) noexcept nogil
 cdef int zram_slot_replace(zram* m, zslot* s, const char* data, size_t n, uint32_t flags,
                            bint may_evict) noexcept nogil
+cdef int zram_slot_compress(zram* m, zslot* s, const char* page, zstream* st,
+                            uint32_t flags) noexcept nogil
 cdef bint zram_slot_has_object(zslot* s, uint32_t flags) noexcept nogil
 cdef uint32_t zram_now() noexcept nogil
+
+# mm_stat, moved here only (atomic: any thread, any lock). A slot took (stored) or let go of
+# (dropped) content of `flags`; `size`: an object's bytes new to the pool (0: none, or shared).
+# zram_obj_free frees an object and takes its bytes off, with its last slot or dedup pin.
+cdef void zram_stat_stored(zram* m, uint32_t flags, size_t size) noexcept nogil
+cdef void zram_stat_dropped(zram* m, uint32_t flags) noexcept nogil
+cdef void zram_obj_free(zram* m, uint64_t handle, size_t size) noexcept nogil
 
 
 cdef class Meta:
@@ -118,11 +127,7 @@ cdef class Meta:
     cdef readonly object dedup    # zramfs.zram._dedup's index, which frees itself; None: off
     cdef readonly object adopted  # what a meta adopted in place holds (Adopted); None: new
 
-    cdef zram _adopt_kept(self, int table_fd, int pool_fd, size_t nr_pages, str name) except *
-    cdef object _recount(self, const zram* old)
-
 
 cdef class Disk:
     cdef zdisk* disk
-    cdef bint private             # not a device's: freed with this object
     cdef readonly Meta meta

@@ -15,14 +15,14 @@
 
 #define ZRAMFS_DATA_OPS_CAPSULE "zramfs.zram.data_ops"
 
+/* `fh` names the device (zramfs.zram._zram: Disk.handle), so the ops need no context. */
 typedef struct zramfs_data_ops {
-    void *ctx;
     /* returns bytes read (short at end of device) or -errno */
-    ssize_t (*read)(void *ctx, uint64_t fh, char *buf, size_t size, uint64_t off);
+    ssize_t (*read)(uint64_t fh, char *buf, size_t size, uint64_t off);
     /* returns bytes written or -errno */
-    ssize_t (*write)(void *ctx, uint64_t fh, const char *buf, size_t size, uint64_t off);
+    ssize_t (*write)(uint64_t fh, const char *buf, size_t size, uint64_t off);
     /* mode is the fallocate(2) mode; returns 0 or -errno */
-    int (*fallocate)(void *ctx, uint64_t fh, int mode, uint64_t off, uint64_t length);
+    int (*fallocate)(uint64_t fh, int mode, uint64_t off, uint64_t length);
 } zramfs_data_ops;
 
 #endif

@@ -5,7 +5,6 @@ cdef extern from "zram/data_ops.h" nogil:
     const char* ZRAMFS_DATA_OPS_CAPSULE
 
     ctypedef struct zramfs_data_ops:
-        void* ctx
-        ssize_t (*read)(void* ctx, uint64_t fh, char* buf, size_t size, uint64_t off) noexcept nogil
-        ssize_t (*write)(void* ctx, uint64_t fh, const char* buf, size_t size, uint64_t off) noexcept nogil
-        int (*fallocate)(void* ctx, uint64_t fh, int mode, uint64_t off, uint64_t length) noexcept nogil
+        ssize_t (*read)(uint64_t fh, char* buf, size_t size, uint64_t off) noexcept nogil
+        ssize_t (*write)(uint64_t fh, const char* buf, size_t size, uint64_t off) noexcept nogil
+        int (*fallocate)(uint64_t fh, int mode, uint64_t off, uint64_t length) noexcept nogil
