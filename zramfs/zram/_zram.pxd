@@ -1,12 +1,13 @@
-# A device's slot table and data path (cimport zramfs.zram._zram): the FUSE layer's entry points,
-# and the slot API that tiering (zramfs.zram._tiering) works over.
+# A device's slot table and data path (cimport zramfs.zram._zram): the request entry points,
+# and the slot API and mm_stat's counters that tiering and dedup work over.
 #
-# The FUSE layer holds the `zdisk*` of an open device file and calls zdisk_read/write/fallocate
-# without the GIL from its worker threads; each returns bytes done (0 for fallocate) or a
-# negative errno. A request first takes a reference on the disk's meta, only while the meta is
-# live (zram.h's zram_get; docs/design.md, hazard 1); reset clears LIVE, waits for the count to
-# drain, then frees. Maintenance (writeback, recompression, compaction, eviction from an
-# attribute) holds the same reference, through Disk.call.
+# A front end (zramfs.fuse) reaches zdisk_read/write/fallocate through the data ops
+# (data_ops.h) by a device file's handle, without the GIL, from its worker threads; each
+# returns bytes done (0 for fallocate) or a negative errno. A request first takes a reference
+# on the disk's meta, only while the meta is live (zram.h's zram_get; docs/design.md, hazard
+# 1); reset clears LIVE, waits for the count to drain, then frees. Maintenance (writeback,
+# recompression, compaction, eviction from an attribute) holds the same reference, through
+# Disk.call.
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from posix.types cimport off_t
 
@@ -30,9 +31,10 @@ cdef struct zram
 ctypedef void (*zram_evict_fn)(zram* m, size_t excess) noexcept nogil
 
 # Dedup's hooks, set by zramfs.zram._dedup before the device goes live and never changed after.
-# store: stores a page that is not same-filled, sharing a stored twin where there is one
-# (slot lock held; 0 or -errno). put: drops one slot's reference on a ZRAM_DEDUP object;
-# true when it was the last, so the caller frees the object (slot lock held).
+# store: stores a page that is not same-filled, sharing a stored twin where there is one, else
+# through the device's own zram_slot_compress (slot lock held; 0 or -errno). put: drops one
+# slot's reference on a ZRAM_DEDUP object; true when it was the last, so the caller frees the
+# object (zram_obj_free; slot lock held).
 ctypedef int (*zram_dedup_store_fn)(zram* m, zslot* s, const char* page,
                                     zstream* st) noexcept nogil
 ctypedef bint (*zram_dedup_put_fn)(zram* m, uint64_t handle) noexcept nogil
@@ -96,8 +98,8 @@ cdef ssize_t zdisk_write(zdisk* disk, uint32_t generation, const char* buf, size
 cdef int zdisk_fallocate(zdisk* disk, uint32_t generation, int mode, off_t off,
                          off_t length) noexcept nogil
 
-# The slot API, for tiering. Each takes the slot's lock held (zram_slot_lock) unless it says
-# otherwise, and a reference on the meta.
+# The slot API, for tiering and dedup. Each takes the slot's lock held (zram_slot_lock) unless
+# it says otherwise, and a reference on the meta.
 cdef void zram_slot_free(zram* m, zslot* s) noexcept nogil
 cdef int zram_slot_load(zram* m, zslot* s, char* page, zstream* st) noexcept nogil
 cdef int zram_slot_replace(zram* m, zslot* s, const char* data, size_t n, uint32_t flags,

@@ -478,7 +478,7 @@ cdef int zdisk_fallocate(zdisk* d, uint32_t generation, int mode, off_t off,
     return -EIO if rc else 0
 
 
-# --- the FUSE layer's data ops: a device file's handle names its device --------------------------
+# --- the data ops a front end calls (zramfs.fuse): a device file's handle names its device ------
 #
 # A handle is (generation << 32) | id: it means the same device to any daemon that serves the
 # connection later, and a handle of a removed device never reaches one that got its id since.
@@ -504,8 +504,7 @@ cdef ssize_t _dops_read(uint64_t fh, char* buf, size_t size, uint64_t off) noexc
     return zdisk_read(d, <uint32_t>(fh >> 32), buf, size, <off_t>off)
 
 
-cdef ssize_t _dops_write(uint64_t fh, const char* buf, size_t size,
-                         uint64_t off) noexcept nogil:
+cdef ssize_t _dops_write(uint64_t fh, const char* buf, size_t size, uint64_t off) noexcept nogil:
     cdef zdisk* d = _disk_of(fh)
     if d == NULL:
         return -EIO
