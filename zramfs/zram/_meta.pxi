@@ -110,7 +110,8 @@ cdef class Meta:
     @property
     def state_fds(self) -> tuple[int, int]:
         """The memfds of the slot table and of the pool (the meta's to close): dups of them,
-        kept past this process, let the next daemon `take_over` the device."""
+        kept past this process, let the next daemon adopt the device in place (Meta's `kept`)
+        or copy it (`take_over`)."""
         return self.region.fd, self.pool.fd
 
     def take_over(self, int table_fd, int pool_fd) -> tuple[int, int]:
