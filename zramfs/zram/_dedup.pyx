@@ -41,6 +41,8 @@ Lock order, outermost first: a compression stream; a slot lock; the eviction loc
 over mem_limit evicts, and eviction frees through zram_slot_free); the index lock, under which
 nothing else is taken (decompression, the pool's map and free all happen outside it); the
 allocator's class locks. Reset needs nothing: the index goes with the meta, after the drain.
+The hooks and zdedup_* run without the GIL (each says which locks it wants); the Python
+functions hold it, and rebuild drops it while it scans.
 """
 from __future__ import annotations
 
