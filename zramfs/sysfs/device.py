@@ -29,7 +29,7 @@ import trio
 from zramfs.sysfs import files, kstrto, tiering_args as tiering
 from zramfs.zcomp import _zcomp
 from zramfs.zpool import _alloc
-from zramfs.zram import _backing, _dedup, _tiering
+from zramfs.zram import _backing, _dedup, _tiering, _zram
 from zramfs.zpool._alloc import PoolImageError, PoolInPlaceError
 from zramfs.zram._backing import Backing, BackingError
 from zramfs.zram._zram import Disk, Meta, TableImageError
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 PAGE = kstrto.PAGE_SIZE
 DRAIN_POLL = 0.001
-WB_BATCH = 32                  # writeback_batch_size's default, as the kernel's
 WB_BATCH_MAX = _backing.MAX_BATCH   # writes in flight at once, at most
 AGE_MAX = 2**32 - 1           # idle ages are kept in 32 bits of seconds
 
@@ -87,7 +86,7 @@ class Device:
         self.wb_limit_enable = False
         self.evict = False             # zswap-style eviction over mem_limit (an extension)
         self.compressed_wb = False     # writeback of objects as stored (compressed_writeback)
-        self.wb_batch = WB_BATCH       # writeback I/Os in flight at once
+        self.wb_batch = _zram.WB_BATCH   # writeback I/Os in flight at once
         self.tiering_busy = False      # a writeback or recompression is running
 
     # --- state ---------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ cdef class Meta:
     threads (default: one per core but one) that take a share of the pages of large requests.
     """
 
-    def __init__(self, size_t disksize, str algorithm="lz4", level=None, *,
-                 str backend="zsmalloc", str name="zram", streams=None,
+    def __init__(self, size_t disksize, str algorithm=DEFAULT_ALGORITHM, level=None, *,
+                 str backend=DEFAULT_BACKEND, str name="zram", streams=None,
                  int max_pages_per_zspage=8, workers=None, Backing backing=None,
                  dict secondary=None, dict dictionaries=None, tuple older=(),
                  bint compressed_wb=False, tuple kept=None):
@@ -86,7 +86,7 @@ cdef class Meta:
             self.backing = backing
             self.m.backing = backing.b
         self.m.compressed_wb = compressed_wb
-        self.m.wb_batch = 32                  # the kernel's default writeback_batch_size
+        self.m.wb_batch = WB_BATCH
         comp = self.compressor
         self.m.driver = self.pool.driver
         self.m.pool = self.pool.impl

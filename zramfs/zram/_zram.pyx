@@ -54,10 +54,14 @@ from zramfs.zram.zram cimport (ZRAM_ACCESSED, ZRAM_DEDUP, ZRAM_HUGE, ZRAM_IDLE,
                                ZRAM_WB, zram_get, zram_put, zram_set_live, zram_slot_flags,
                                zram_slot_lock, zram_slot_set_flags, zram_slot_unlock)
 
+from zramfs.zpool._alloc import DEFAULT_BACKEND
 from zramfs.zpool._alloc import (Pool as _Pool, PoolImage as _PoolImage, PoolImageError,
                            PoolInPlaceError)
 from zramfs.zram._workers import default_workers
-from zramfs.zcomp._zcomp import Compressor as _Compressor
+from zramfs.zcomp._zcomp import DEFAULT_ALGORITHM, Compressor as _Compressor
+
+# writeback_batch_size until a store says otherwise: the kernel's default.
+WB_BATCH = 32
 
 cdef extern from "<linux/falloc.h>" nogil:
     int FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
