@@ -8,7 +8,7 @@
 # zram.dedup_put, see _zram.pxd); tiering asks zdedup_shared. All run without the GIL.
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 
-from zramfs.zram._zram cimport zram, zslot
+from zramfs.zram._zram cimport zram_meta, zslot
 from zramfs.pthread cimport pthread_mutex_t
 
 ctypedef struct zdedup_entry:
@@ -37,10 +37,10 @@ ctypedef struct zdedup:
 
 # Slot lock held: the object in the slot is shared with other slots (or a writer is checking
 # it) just now. Tiering leaves such objects where they are.
-cdef bint zdedup_shared(zram* m, zslot* s) noexcept nogil
+cdef bint zdedup_shared(zram_meta* m, zslot* s) noexcept nogil
 
 # The index made again from the slot table: every ZRAM_DEDUP slot counted on its handle; with
 # `rehash` each object is read once and hashed (else its twins are not found until written
 # again). No I/O or maintenance may run meanwhile (a restart, before the device goes live).
 # 0 or -ENOMEM; -EIO when an object does not read back (it is then counted, not hashed).
-cdef int zdedup_rebuild(zram* m, bint rehash) noexcept nogil
+cdef int zdedup_rebuild(zram_meta* m, bint rehash) noexcept nogil

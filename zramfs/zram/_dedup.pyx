@@ -3,7 +3,7 @@
 
 Owns: the index of a device's reference counted objects (`zdedup`), the write path's search
 for a twin, and dedup_stat. The device calls in through two hooks it keeps in its meta
-(`zram.dedup_store` in the store path, `zram.dedup_put` in zram_slot_free), set by `enable`
+(`zram_meta.dedup_store` in the store path, `zram_meta.dedup_put` in zram_slot_free), set by `enable`
 before the device goes live; the rest of the data path knows nothing of it.
 
     meta = Meta(64 << 20, "lz4")
@@ -52,7 +52,7 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp, memset
 
 from zramfs.zcomp._zcomp cimport zcomp_stream_get, zcomp_stream_put, zstream
-from zramfs.zram._zram cimport (Meta, zram, zram_obj_free, zram_slot_compress, zram_slot_free,
+from zramfs.zram._zram cimport (Meta, zram_meta, zram_obj_free, zram_slot_compress, zram_slot_free,
                                 zram_slot_load, zram_stat_stored, zslot)
 from zramfs.pthread cimport (pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
                              pthread_mutex_unlock)
@@ -167,7 +167,7 @@ cdef bint _put(zdedup* d, uint64_t handle) noexcept nogil:
 
 # --- the device's hooks ----------------------------------------------------------------------
 
-cdef bint _dedup_put(zram* m, uint64_t handle) noexcept nogil:
+cdef bint _dedup_put(zram_meta* m, uint64_t handle) noexcept nogil:
     """zram.dedup_put: zram_slot_free's, slot lock held."""
     return _put(<zdedup*>m.dedup, handle)
 
@@ -202,13 +202,13 @@ cdef bint _pin_or_reserve(zdedup* d, uint64_t hash, zpin* out,
     return ref != 0
 
 
-cdef void _unpin(zram* m, zpin* p) noexcept nogil:
+cdef void _unpin(zram_meta* m, zpin* p) noexcept nogil:
     """The pin of a twin that was not one; its object freed if every slot let go meanwhile."""
     if _put(<zdedup*>m.dedup, p.handle):
         zram_obj_free(m, p.handle, p.size)
 
 
-cdef bint _share(zram* m, zslot* s, const char* page, uint64_t hash, zstream* st,
+cdef bint _share(zram_meta* m, zslot* s, const char* page, uint64_t hash, zstream* st,
                  uint32_t* reserved) noexcept nogil:
     """Slot lock held: the slot made to share a stored twin of `page`, if there is one; its old
     content freed after. Uses st.buffer (free until the page is compressed). Where there is
@@ -231,7 +231,7 @@ cdef bint _share(zram* m, zslot* s, const char* page, uint64_t hash, zstream* st
     return True
 
 
-cdef int _dedup_store(zram* m, zslot* s, const char* page, zstream* st) noexcept nogil:
+cdef int _dedup_store(zram_meta* m, zslot* s, const char* page, zstream* st) noexcept nogil:
     """zram.dedup_store: slot lock held, the page not same-filled. A twin's object shared, or
     the page compressed and stored as a new object the index knows. 0 or -errno."""
     cdef zdedup* d = <zdedup*>m.dedup
@@ -269,7 +269,7 @@ cdef int _dedup_store(zram* m, zslot* s, const char* page, zstream* st) noexcept
 
 # --- for tiering and restart -----------------------------------------------------------------
 
-cdef bint zdedup_shared(zram* m, zslot* s) noexcept nogil:
+cdef bint zdedup_shared(zram_meta* m, zslot* s) noexcept nogil:
     cdef zdedup* d = <zdedup*>m.dedup
     cdef uint32_t ref
     cdef bint shared = False
@@ -292,7 +292,7 @@ cdef void _clear(zdedup* d) noexcept nogil:
     d.nr_entries = d.nr_refs = d.saved = 0
 
 
-cdef int zdedup_rebuild(zram* m, bint rehash) noexcept nogil:
+cdef int zdedup_rebuild(zram_meta* m, bint rehash) noexcept nogil:
     cdef zdedup* d = <zdedup*>m.dedup
     cdef size_t i
     cdef zslot* s
@@ -437,7 +437,7 @@ def check(Meta meta) -> str | None:
     """What is wrong with the index against the slot table, None if nothing: each object's
     count equals its ZRAM_DEDUP slots, and the statistics their sums. For tests, with no I/O
     in flight."""
-    cdef zram* m = meta.m
+    cdef zram_meta* m = meta.m
     cdef zdedup* d = <zdedup*>m.dedup
     cdef size_t i
     cdef zslot* s

@@ -44,14 +44,14 @@ cdef class Meta:
             raise ValueError("workers must be 0 or more")
         cdef size_t nr_pages = disksize >> PAGE_SHIFT
         cdef const ztable_header* h
-        cdef zram old
+        cdef zram_meta old
         self.adopted = None
         if kept is not None:
             old = _table_adopt(self, kept[0], kept[1], nr_pages, name, backend)
         else:
             _table_create(self, nr_pages, name)
         h = <const ztable_header*>self.region.base
-        self.m = <zram*>(self.region.base + ZRAM_OFFSET)
+        self.m = <zram_meta*>(self.region.base + ZRAM_OFFSET)
         self.disksize = disksize
         self.secondary = {}
         self.m.nr_pages = nr_pages
@@ -177,7 +177,7 @@ cdef class Meta:
 
     def mm_stat(self) -> tuple[int, ...]:
         """The nine fields of mm_stat, in the kernel's order."""
-        cdef zram* m = self.m
+        cdef zram_meta* m = self.m
         return (
             za_load(&m.pages_stored) << PAGE_SHIFT,
             za_load(&m.compr_data_size),
@@ -192,7 +192,7 @@ cdef class Meta:
 
     def io_stat(self) -> tuple[int, int, int, int]:
         """failed_reads failed_writes invalid_io notify_free."""
-        cdef zram* m = self.m
+        cdef zram_meta* m = self.m
         return (za_load(&m.failed_reads), za_load(&m.failed_writes),
                 za_load(&m.invalid_io), za_load(&m.notify_free))
 
@@ -205,7 +205,7 @@ cdef class Meta:
         index, the time it was last accessed and its flags (s same-filled, w written back,
         h huge, i idle, r recompressed, n incompressible). Flags are read without the slot
         locks: a page changing meanwhile may show either state, as in the kernel."""
-        cdef zram* m = self.m
+        cdef zram_meta* m = self.m
         cdef size_t i, n = 0, cap = 1 << 16
         cdef char* out = <char*>malloc(cap)
         cdef char* grown

@@ -1,5 +1,5 @@
 # A live restart's side of the data path, included into _zram.pyx: the slot table's memfd (its
-# header, the `zram` struct whose counters a successor keeps, the table and the access times),
+# header, the `zram_meta` struct whose counters a successor keeps, the table and the access times),
 # and the two ways a new daemon gets a device back from it:
 #
 # - adoption in place (Meta(kept=...)): the kept table mapped again as this meta's, the kept
@@ -12,7 +12,7 @@
 # is needed but the one the pool's door, zram_slot_replace, asks for). Nothing here is on the
 # request path. The memfd's layout is a format: a daemon of the previous build reads it.
 
-# The table's memfd: this header, the `zram` struct (its counters are what a successor keeps of
+# The table's memfd: this header, the `zram_meta` struct (its counters are what a successor keeps of
 # it), then the slot table and the access times, each from a page boundary.
 ctypedef struct ztable_header:
     char magic[16]
@@ -25,7 +25,7 @@ ctypedef struct ztable_header:
     uint64_t ac_time_offset
 
 cdef enum:
-    ZRAM_OFFSET = 256             # the zram struct, after the header
+    ZRAM_OFFSET = 256             # the zram_meta struct, after the header
 
 TABLE_MAGIC = b"zramfs-table"
 TABLE_VERSION = 1
@@ -44,7 +44,7 @@ to blocks the backing device cannot give again), and slots marked as sharing an 
 # --- the table's memfd -----------------------------------------------------------------------
 
 cdef size_t _table_offset() noexcept nogil:
-    return (ZRAM_OFFSET + sizeof(zram) + PAGE_SIZE - 1) & ~(<size_t>PAGE_SIZE - 1)
+    return (ZRAM_OFFSET + sizeof(zram_meta) + PAGE_SIZE - 1) & ~(<size_t>PAGE_SIZE - 1)
 
 
 cdef size_t _ac_time_offset(size_t nr_pages) noexcept nogil:
@@ -66,7 +66,7 @@ cdef int _table_create(Meta meta, size_t nr_pages, str name) except -1:
     h.version = TABLE_VERSION
     h.pointer_size = sizeof(void*)
     h.nr_pages = nr_pages
-    h.zram_size = sizeof(zram)
+    h.zram_size = sizeof(zram_meta)
     h.slot_size = sizeof(zslot)
     h.table_offset = _table_offset()
     h.ac_time_offset = _ac_time_offset(nr_pages)
@@ -81,7 +81,7 @@ cdef const ztable_header* _table_header(zregion* r, size_t nr_pages) except NULL
                                     len(TABLE_MAGIC) + 1) != 0:
         raise TableImageError("not a zramfs slot table (bad magic)")
     if (h.version != TABLE_VERSION or h.pointer_size != sizeof(void*)
-            or h.zram_size != sizeof(zram) or h.slot_size != sizeof(zslot)
+            or h.zram_size != sizeof(zram_meta) or h.slot_size != sizeof(zslot)
             or h.table_offset != _table_offset()):
         raise TableImageError(f"slot table format {h.version}, this zramfs reads "
                               f"{TABLE_VERSION} (or another build's layout)")
@@ -125,7 +125,7 @@ cdef uint64_t* _remap_new(size_t entries, size_t* mask) noexcept nogil:
     return <uint64_t*>calloc(2 * n, sizeof(uint64_t))
 
 
-cdef void _hand_on_counters(zram* m, const zram* old) noexcept nogil:
+cdef void _hand_on_counters(zram_meta* m, const zram_meta* old) noexcept nogil:
     """What cannot be recounted from the table is the old daemon's to hand on."""
     m.max_used_pages = max(old.max_used_pages, m.driver.total_pages(m.pool))
     m.huge_pages_since = old.huge_pages_since
@@ -143,17 +143,17 @@ cdef inline bint _kept_object(const zslot* s) noexcept nogil:
     return s.size != 0 and not s.flags & (ZRAM_SAME | ZRAM_WB)
 
 
-cdef zram _table_adopt(Meta meta, int table_fd, int pool_fd, size_t nr_pages, str name,
+cdef zram_meta _table_adopt(Meta meta, int table_fd, int pool_fd, size_t nr_pages, str name,
                        str backend) except *:
     """The kept slot table mapped in place as `meta`'s region, and the kept pool adopted with
     the objects its slots name (pool_adopt); then, and only then, the table made this meta's:
-    the old process's zram struct cleared (returned: the counters a recount cannot give;
+    the old process's zram_meta struct cleared (returned: the counters a recount cannot give;
     _table_recount releases the slot locks). GIL held. On failure nothing kept is changed."""
     cdef const ztable_header* h
     cdef zslot* table
     cdef uint64_t* handles
     cdef size_t i, first, end, n = 0
-    cdef zram old
+    cdef zram_meta old
     rc = region_map(&meta.region, table_fd, True)
     if rc != 0:
         raise TableImageError(f"fd {table_fd} is not a slot table: {os.strerror(-rc)}")
@@ -180,17 +180,17 @@ cdef zram _table_adopt(Meta meta, int table_fd, int pool_fd, size_t nr_pages, st
     except BaseException:
         region_close(&meta.region)
         raise
-    memcpy(&old, meta.region.base + ZRAM_OFFSET, sizeof(zram))
-    memset(meta.region.base + ZRAM_OFFSET, 0, sizeof(zram))
+    memcpy(&old, meta.region.base + ZRAM_OFFSET, sizeof(zram_meta))
+    memset(meta.region.base + ZRAM_OFFSET, 0, sizeof(zram_meta))
     return old
 
 
-cdef object _table_recount(Meta meta, const zram* old):
+cdef object _table_recount(Meta meta, const zram_meta* old):
     """mm_stat's counters from the adopted table (written-back blocks taken again from the
     backing device), the rest from the old process's struct; what was adopted (Adopted). First
     the slot locks the old process's threads held are released and its writebacks in flight
     forgotten. GIL held; nothing uses the table before this."""
-    cdef zram* m = meta.m
+    cdef zram_meta* m = meta.m
     cdef zslot* s
     cdef size_t i, first, end, shared = 0, lost = 0, mask = 0
     cdef uint64_t* seen = NULL
@@ -238,7 +238,7 @@ ctypedef struct ztakeover:
     size_t lost               # slots whose object could not be found (should be 0)
 
 
-cdef ztakeover _take_over(zram* m, const zram* old, const zslot* old_table,
+cdef ztakeover _take_over(zram_meta* m, const zram_meta* old, const zslot* old_table,
                           const uint32_t* old_ac, PoolImage image) noexcept nogil:
     """Fills the empty `m` from a previous daemon's table: same-filled words and written-back
     blocks as they were, each object copied out of the old pool into m's. The slot table is
@@ -325,7 +325,7 @@ cdef tuple _table_take_over(Meta meta, int table_fd, int pool_fd):
         image = _PoolImage(pool_fd)
         try:
             with nogil:
-                r = _take_over(meta.m, <const zram*>(old.base + ZRAM_OFFSET),
+                r = _take_over(meta.m, <const zram_meta*>(old.base + ZRAM_OFFSET),
                                <const zslot*>(old.base + h.table_offset),
                                <const uint32_t*>(old.base + h.ac_time_offset), image)
         finally:

@@ -29,7 +29,7 @@ from zramfs.zram._dedup cimport zdedup_shared
 from zramfs.zram._backing cimport (BK_MAX_BATCH, backing_alloc, backing_free, backing_write,
                               backing_write_batch)
 from zramfs.zcomp._zcomp cimport zcomp, zcomp_compress, zcomp_stream_get, zcomp_stream_put, zstream
-from zramfs.zram._zram cimport (Meta, zram, zram_now, zram_slot_free, zram_slot_has_object,
+from zramfs.zram._zram cimport (Meta, zram_meta, zram_now, zram_slot_free, zram_slot_has_object,
                                 zram_slot_load, zram_slot_replace, zram_stat_stored, zslot)
 from zramfs.pthread cimport (pthread_join, pthread_mutex_lock, pthread_mutex_unlock, pthread_t,
                             zram_thread_start)
@@ -56,7 +56,7 @@ PAGE_TYPES = {"idle": PICK_IDLE, "huge": PICK_HUGE, "huge_idle": PICK_HUGE_IDLE,
               "incompressible": PICK_INCOMPRESSIBLE}
 
 
-cdef bint _picked(zram* m, zslot* s, int pick) noexcept nogil:
+cdef bint _picked(zram_meta* m, zslot* s, int pick) noexcept nogil:
     """A page with an object in the pool, of the page type `pick`, not shared (dedup)."""
     cdef uint32_t f = zram_slot_flags(&s.flags)
     if not zram_slot_has_object(s, f) or zdedup_shared(m, s):
@@ -79,7 +79,7 @@ cdef inline bint _stored(zslot* s) noexcept nogil:
     return zram_slot_has_object(s, zram_slot_flags(&s.flags))
 
 
-cdef size_t _mark_idle(zram* m, uint32_t age) noexcept nogil:
+cdef size_t _mark_idle(zram_meta* m, uint32_t age) noexcept nogil:
     """Marks idle every stored page, or (age > 0) those not accessed for `age` seconds."""
     cdef size_t i, marked = 0
     cdef uint32_t now = zram_now()
@@ -106,7 +106,7 @@ ctypedef struct zwb:                    # one page of a writeback, between its t
     uint32_t size                       # with compressed_writeback: the object's size
 
 
-cdef int _wb_prepare(zram* m, zslot* s, char* page, zstream* st, zwb* w) noexcept nogil:
+cdef int _wb_prepare(zram_meta* m, zslot* s, char* page, zstream* st, zwb* w) noexcept nogil:
     """Slot lock held: a block for the page, and what goes in it in `page` (page-aligned):
     the page decompressed, or with compressed_writeback the object as it is stored (a read
     decompresses it), as the kernel's. 0, -ENOSPC (backing device full) or -EIO."""
@@ -132,7 +132,7 @@ cdef int _wb_prepare(zram* m, zslot* s, char* page, zstream* st, zwb* w) noexcep
     return 0
 
 
-cdef void _wb_commit(zram* m, zslot* s, zwb* w) noexcept nogil:
+cdef void _wb_commit(zram_meta* m, zslot* s, zwb* w) noexcept nogil:
     """Slot lock held, its page on the block: the object freed, the slot pointing at the block
     (a new home complete before the old one goes: hazard 8)."""
     cdef uint32_t idle = zram_slot_flags(&s.flags) & ZRAM_IDLE
@@ -144,7 +144,7 @@ cdef void _wb_commit(zram* m, zslot* s, zwb* w) noexcept nogil:
     zram_stat_stored(m, ZRAM_WB | w.keep | idle, 0)      # still stored, on the backing device
 
 
-cdef int _writeback_locked(zram* m, zslot* s, char* page, zstream* st) noexcept nogil:
+cdef int _writeback_locked(zram_meta* m, zslot* s, char* page, zstream* st) noexcept nogil:
     """The slot's page to a new block of the backing device, one write (eviction's way); its
     memory freed. 0, -ENOSPC when the device is full, or -EIO."""
     cdef zwb w
@@ -169,7 +169,7 @@ cdef int _larger_first(const void* a, const void* b) noexcept nogil:
     return (x < y) - (x > y)
 
 
-cdef long _writeback(zram* m, int pick, const size_t* ranges, size_t nranges,
+cdef long _writeback(zram_meta* m, int pick, const size_t* ranges, size_t nranges,
                      int* err) noexcept nogil:
     """Writes back the pages `pick` selects, largest objects first. The pages written; `err`
     gets ENOSPC (backing device full), EIO (limit spent, or I/O), ENOMEM or stays 0."""
@@ -207,7 +207,7 @@ cdef long _writeback(zram* m, int pick, const size_t* ranges, size_t nranges,
     return done
 
 
-cdef long _writeback_batches(zram* m, int want, zcandidate* cand, size_t n,
+cdef long _writeback_batches(zram_meta* m, int want, zcandidate* cand, size_t n,
                              int* err) noexcept nogil:
     """The candidates, writeback_batch_size at a time: each batch's pages are prepared under
     their slot locks and marked ZRAM_UNDER_WB, written with every write in flight at once, and
@@ -285,7 +285,7 @@ cdef long _writeback_batches(zram* m, int want, zcandidate* cand, size_t n,
 
 # --- recompression ---------------------------------------------------------------------------
 
-cdef bint _recompress_wanted(zram* m, zslot* s, int pick, size_t threshold, int top) noexcept nogil:
+cdef bint _recompress_wanted(zram_meta* m, zslot* s, int pick, size_t threshold, int top) noexcept nogil:
     """A page of the type, at least `threshold` big, not known incompressible, and not already
     compressed by the highest algorithm this run may use (`top`): as the kernel, such a page
     is passed over, not tried again (and so not counted against max_pages)."""
@@ -310,7 +310,7 @@ cdef enum:
     RECOMP_THREADS_MAX = 64
 
 ctypedef struct zrecomp:
-    zram* m
+    zram_meta* m
     int pick
     int only                   # 0: every secondary above a page's own; else that priority
     int top                    # the highest priority this run may use
@@ -328,7 +328,7 @@ cdef int _recompress_page(zrecomp* r, zslot* s, char* page, char* out) noexcept 
     smaller size class, within mem_limit. Without the lock while it compresses, a thread at
     idle priority never holds up a writer of the same page. 1 recompressed, 0 not (marked
     incompressible where no algorithm shrank it), -1: max_pages is reached."""
-    cdef zram* m = r.m
+    cdef zram_meta* m = r.m
     cdef uint32_t flags, f
     cdef uint64_t handle
     cdef size_t old_class
@@ -416,7 +416,7 @@ cdef void* _recompress_main(void* arg) noexcept nogil:
     return NULL
 
 
-cdef long _recompress(zram* m, int pick, size_t threshold, size_t max_pages, int only,
+cdef long _recompress(zram_meta* m, int pick, size_t threshold, size_t max_pages, int only,
                       int nr_threads) noexcept nogil:
     """Recompresses the pages `pick` and `threshold` select, trying at most `max_pages`
     (0: no limit), on `nr_threads` threads at idle priority (the caller's thread waits). The
@@ -445,7 +445,7 @@ cdef long _recompress(zram* m, int pick, size_t threshold, size_t max_pages, int
 
 # --- eviction (zswap-style, over mem_limit) --------------------------------------------------
 
-cdef void _evict(zram* m, size_t excess) noexcept nogil:
+cdef void _evict(zram_meta* m, size_t excess) noexcept nogil:
     """Writes least recently used pages (CLOCK: an accessed page gets a second chance) back
     until `excess` pages and some slack are freed (excess 0: the process's memory budget is
     spent, so the slack alone, whatever mem_limit says). Called by a writer over mem_limit holding
@@ -502,7 +502,7 @@ def writeback(Meta meta, mode: str | None, ranges=()) -> int:
     or with None those of the page index `ranges` (inclusive pairs); returns how many.
     OSError: ENODEV without a backing device, ENOSPC when it is full, EIO when
     writeback_limit is spent or I/O fails."""
-    cdef zram* m = meta.m
+    cdef zram_meta* m = meta.m
     cdef int pick = PICK_INDEXES if mode is None else PAGE_TYPES[mode]
     cdef size_t n = len(ranges)
     cdef size_t* cranges
@@ -555,7 +555,7 @@ def eviction(Meta meta) -> bool:
 
 def evict_to_limit(Meta meta) -> None:
     """With eviction on, evicts down to mem_limit now (after the limit was lowered)."""
-    cdef zram* m = meta.m
+    cdef zram_meta* m = meta.m
     cdef size_t used, limit = za_load(&m.limit_pages)
     if m.evict == NULL or not limit:
         return

@@ -1,7 +1,7 @@
 # A device's slot table and data path (cimport zramfs.zram._zram): the request entry points,
 # and the slot API and mm_stat's counters that tiering and dedup work over.
 #
-# A front end (zramfs.fuse) reaches zdisk_read/write/fallocate through the data ops
+# A front end (zramfs.fuse) reaches zram_read/write/fallocate through the data ops
 # (data_ops.h) by a device file's handle, without the GIL, from its worker threads; each
 # returns bytes done (0 for fallocate) or a negative errno. A request first takes a reference
 # on the disk's meta, only while the meta is live (zram.h's zram_get; docs/design.md, hazard
@@ -24,22 +24,24 @@ ctypedef struct zslot:
     uint32_t flags         # ZRAM_* bits and the slot lock (zram.h), atomic
     uint32_t size          # compressed size, 0 for an empty or same-filled page
 
-cdef struct zram
+cdef struct zram_meta
 
 # Writes least recently used pages back until `excess` pages (and some slack) are free; set by
 # zramfs.zram._tiering while eviction is on. Called by a writer over mem_limit, its slot lock held.
-ctypedef void (*zram_evict_fn)(zram* m, size_t excess) noexcept nogil
+ctypedef void (*zram_evict_fn)(zram_meta* m, size_t excess) noexcept nogil
 
 # Dedup's hooks, set by zramfs.zram._dedup before the device goes live and never changed after.
 # store: stores a page that is not same-filled, sharing a stored twin where there is one, else
 # through the device's own zram_slot_compress (slot lock held; 0 or -errno). put: drops one
 # slot's reference on a ZRAM_DEDUP object; true when it was the last, so the caller frees the
 # object (zram_obj_free; slot lock held).
-ctypedef int (*zram_dedup_store_fn)(zram* m, zslot* s, const char* page,
+ctypedef int (*zram_dedup_store_fn)(zram_meta* m, zslot* s, const char* page,
                                     zstream* st) noexcept nogil
-ctypedef bint (*zram_dedup_put_fn)(zram* m, uint64_t handle) noexcept nogil
+ctypedef bint (*zram_dedup_put_fn)(zram_meta* m, uint64_t handle) noexcept nogil
 
-cdef struct zram:
+# What writing disksize creates and reset frees (the kernel's old struct zram_meta; Meta is its
+# Python face): the table, the pool, the compressors and the counters mm_stat and io_stat show.
+cdef struct zram_meta:
     zslot* table
     size_t nr_pages
     const zpool_driver* driver
@@ -78,11 +80,13 @@ cdef struct zram:
     size_t invalid_io
     size_t notify_free
 
-ctypedef struct zdisk:
+# A device, from hot_add to hot_remove (the kernel's struct zram; Disk is its Python face): its
+# meta while initialised, and what outlives a reset.
+ctypedef struct zram:
     int64_t state          # ZRAM_LIVE | references held on the meta
     uint32_t id            # the device's id, and which device of that id this is
     uint32_t generation    # (atomic; set before the disk goes live)
-    zram* meta             # NULL while the device is not initialised
+    zram_meta* meta             # NULL while the device is not initialised
     size_t gone            # 1: the device is removed, its file fails with EIO (atomic)
     # the block layer's stat file: lives as long as the disk, across resets
     size_t ios[3]          # read, write, discard requests
@@ -91,20 +95,20 @@ ctypedef struct zdisk:
 
 # The FUSE layer's entry points. `generation`: the device the caller means (0: whichever);
 # a disk since reused for a newer device of the same id answers EIO.
-cdef ssize_t zdisk_read(zdisk* disk, uint32_t generation, char* buf, size_t size,
+cdef ssize_t zram_read(zram* disk, uint32_t generation, char* buf, size_t size,
                         off_t off) noexcept nogil
-cdef ssize_t zdisk_write(zdisk* disk, uint32_t generation, const char* buf, size_t size,
+cdef ssize_t zram_write(zram* disk, uint32_t generation, const char* buf, size_t size,
                          off_t off) noexcept nogil
-cdef int zdisk_fallocate(zdisk* disk, uint32_t generation, int mode, off_t off,
+cdef int zram_fallocate(zram* disk, uint32_t generation, int mode, off_t off,
                          off_t length) noexcept nogil
 
 # The slot API, for tiering and dedup. Each takes the slot's lock held (zram_slot_lock) unless
 # it says otherwise, and a reference on the meta.
-cdef void zram_slot_free(zram* m, zslot* s) noexcept nogil
-cdef int zram_slot_load(zram* m, zslot* s, char* page, zstream* st) noexcept nogil
-cdef int zram_slot_replace(zram* m, zslot* s, const char* data, size_t n, uint32_t flags,
+cdef void zram_slot_free(zram_meta* m, zslot* s) noexcept nogil
+cdef int zram_slot_load(zram_meta* m, zslot* s, char* page, zstream* st) noexcept nogil
+cdef int zram_slot_replace(zram_meta* m, zslot* s, const char* data, size_t n, uint32_t flags,
                            bint may_evict) noexcept nogil
-cdef int zram_slot_compress(zram* m, zslot* s, const char* page, zstream* st,
+cdef int zram_slot_compress(zram_meta* m, zslot* s, const char* page, zstream* st,
                             uint32_t flags) noexcept nogil
 cdef bint zram_slot_has_object(zslot* s, uint32_t flags) noexcept nogil
 cdef uint32_t zram_now() noexcept nogil
@@ -112,13 +116,13 @@ cdef uint32_t zram_now() noexcept nogil
 # mm_stat, moved here only (atomic: any thread, any lock). A slot took (stored) or let go of
 # (dropped) content of `flags`; `size`: an object's bytes new to the pool (0: none, or shared).
 # zram_obj_free frees an object and takes its bytes off, with its last slot or dedup pin.
-cdef void zram_stat_stored(zram* m, uint32_t flags, size_t size) noexcept nogil
-cdef void zram_stat_dropped(zram* m, uint32_t flags) noexcept nogil
-cdef void zram_obj_free(zram* m, uint64_t handle, size_t size) noexcept nogil
+cdef void zram_stat_stored(zram_meta* m, uint32_t flags, size_t size) noexcept nogil
+cdef void zram_stat_dropped(zram_meta* m, uint32_t flags) noexcept nogil
+cdef void zram_obj_free(zram_meta* m, uint64_t handle, size_t size) noexcept nogil
 
 
 cdef class Meta:
-    cdef zram* m
+    cdef zram_meta* m
     cdef zregion region           # the memfd the table, access times and counters live in
     cdef Pool pool
     cdef object compressor
@@ -131,5 +135,5 @@ cdef class Meta:
 
 
 cdef class Disk:
-    cdef zdisk* disk
+    cdef zram* disk
     cdef readonly Meta meta

@@ -3,7 +3,7 @@
 
 Owns: the slot table (one `zslot` per 4 KiB page, as zram's table: the object's handle, size
 and flags), the page store and load, mm_stat's counters (the one place they move), the
-request entry points (zdisk_read/write/fallocate), the data ops the front end calls them
+request entry points (zram_read/write/fallocate), the data ops the front end calls them
 through, and `Disk`, a device as the front end reaches it. Included: `Meta`, what disksize
 creates and reset destroys (_meta.pxi), and a live restart's table image, adoption in place
 and copying (_restart.pxi).
@@ -79,7 +79,7 @@ cdef enum:
 # A page's counters move with its slot, stored or dropped; compr_data_size with an object,
 # which under dedup may outlive the slot that stored it (zram_obj_free).
 
-cdef void zram_stat_stored(zram* m, uint32_t flags, size_t size) noexcept nogil:
+cdef void zram_stat_stored(zram_meta* m, uint32_t flags, size_t size) noexcept nogil:
     """A slot took content of `flags`: a same-filled word, a written-back block or an object;
     `size`: the bytes of an object that came into the pool with it (0: none, or a shared one
     counted already)."""
@@ -93,7 +93,7 @@ cdef void zram_stat_stored(zram* m, uint32_t flags, size_t size) noexcept nogil:
         za_add(&m.compr_data_size, size)
 
 
-cdef void zram_stat_dropped(zram* m, uint32_t flags) noexcept nogil:
+cdef void zram_stat_dropped(zram_meta* m, uint32_t flags) noexcept nogil:
     """A slot let go of content of `flags` (its object, if any, freed by zram_obj_free)."""
     za_sub(&m.pages_stored, 1)
     if flags & ZRAM_SAME:
@@ -102,7 +102,7 @@ cdef void zram_stat_dropped(zram* m, uint32_t flags) noexcept nogil:
         za_sub(&m.huge_pages, 1)
 
 
-cdef void zram_obj_free(zram* m, uint64_t handle, size_t size) noexcept nogil:
+cdef void zram_obj_free(zram_meta* m, uint64_t handle, size_t size) noexcept nogil:
     """An object out of the pool, and its bytes out of compr_data_size: with its last slot,
     or (dedup) with the last pin on it."""
     m.driver.free(m.pool, handle)
@@ -141,7 +141,7 @@ cdef bint zram_slot_has_object(zslot* s, uint32_t flags) noexcept nogil:
     return s.size != 0 and not flags & (ZRAM_SAME | ZRAM_WB)
 
 
-cdef void _drop(zram* m, uint64_t handle, uint32_t size, uint32_t flags) noexcept nogil:
+cdef void _drop(zram_meta* m, uint64_t handle, uint32_t size, uint32_t flags) noexcept nogil:
     """Frees content a slot no longer points at (hazard 8: the slot lets go first, so a
     daemon that ends in between leaves a leak its successor never copies, not a slot pointing
     at freed memory)."""
@@ -156,7 +156,7 @@ cdef void _drop(zram* m, uint64_t handle, uint32_t size, uint32_t flags) noexcep
     zram_stat_dropped(m, flags)
 
 
-cdef void zram_slot_free(zram* m, zslot* s) noexcept nogil:
+cdef void zram_slot_free(zram_meta* m, zslot* s) noexcept nogil:
     """Empties the slot, then frees what it held."""
     cdef uint32_t flags = zram_slot_flags(&s.flags)
     cdef uint64_t handle = s.handle
@@ -167,7 +167,7 @@ cdef void zram_slot_free(zram* m, zslot* s) noexcept nogil:
     _drop(m, handle, size, flags)
 
 
-cdef int zram_slot_load(zram* m, zslot* s, char* page, zstream* st) noexcept nogil:
+cdef int zram_slot_load(zram_meta* m, zslot* s, char* page, zstream* st) noexcept nogil:
     """The slot's page into `page`; st.page may serve as bounce buffer, so `page` is st.page
     or apart from it. 0 or -errno."""
     cdef uint32_t flags = zram_slot_flags(&s.flags)
@@ -196,7 +196,7 @@ cdef int zram_slot_load(zram* m, zslot* s, char* page, zstream* st) noexcept nog
     return rc
 
 
-cdef int _decompress(zram* m, uint32_t flags, const char* src, size_t size, char* page,
+cdef int _decompress(zram_meta* m, uint32_t flags, const char* src, size_t size, char* page,
                      zstream* st) noexcept nogil:
     """An object as stored (raw for a huge page; else by the algorithm its priority names)
     into `page`. 0 or -EIO."""
@@ -215,7 +215,7 @@ cdef int _decompress(zram* m, uint32_t flags, const char* src, size_t size, char
     return -EIO if rc != 0 else 0
 
 
-cdef int zram_slot_replace(zram* m, zslot* s, const char* data, size_t n, uint32_t flags,
+cdef int zram_slot_replace(zram_meta* m, zslot* s, const char* data, size_t n, uint32_t flags,
                            bint may_evict) noexcept nogil:
     """Stores `n` bytes of `data` as the slot's new object with `flags`, then frees the old
     content: the write path's and recompression's one way into the pool. -ENOMEM when the
@@ -256,7 +256,7 @@ cdef int zram_slot_replace(zram* m, zslot* s, const char* data, size_t n, uint32
     return 0
 
 
-cdef int zram_slot_compress(zram* m, zslot* s, const char* page, zstream* st,
+cdef int zram_slot_compress(zram_meta* m, zslot* s, const char* page, zstream* st,
                             uint32_t flags) noexcept nogil:
     """The page compressed into the slot with `flags`, in place of its old content; stored
     raw (ZRAM_HUGE) where it compresses no better than the huge class. The store path's one
@@ -267,7 +267,7 @@ cdef int zram_slot_compress(zram* m, zslot* s, const char* page, zstream* st,
     return zram_slot_replace(m, s, st.buffer, n, flags, True)
 
 
-cdef int _slot_store(zram* m, zslot* s, const char* page, zstream* st) noexcept nogil:
+cdef int _slot_store(zram_meta* m, zslot* s, const char* page, zstream* st) noexcept nogil:
     """Stores one page in place of the slot's old content; -errno on failure. A same-filled
     page takes no object; dedup, where on, shares a stored twin or wraps zram_slot_compress."""
     cdef uint64_t word
@@ -282,7 +282,7 @@ cdef int _slot_store(zram* m, zslot* s, const char* page, zstream* st) noexcept 
     return zram_slot_compress(m, s, page, st, 0)
 
 
-cdef inline void _touch(zram* m, zslot* s) noexcept nogil:
+cdef inline void _touch(zram_meta* m, zslot* s) noexcept nogil:
     """An access: the page is no longer idle, and gets a second chance from eviction."""
     m.ac_time[s - m.table] = zram_now_s()
     zram_slot_set_flags(&s.flags, (zram_slot_flags(&s.flags) & ~ZRAM_IDLE) | ZRAM_ACCESSED)
@@ -291,7 +291,7 @@ cdef inline void _touch(zram* m, zslot* s) noexcept nogil:
 # --- byte ranges: a request's pages ---------------------------------------------------------
 
 ctypedef struct zrange:
-    zram* m
+    zram_meta* m
     bint write
     char* buf                  # the request's buffer (only read from for a write)
     size_t off                 # the request's byte range on the device
@@ -302,7 +302,7 @@ cdef int _page_io(void* arg, size_t page, zstream* st) noexcept nogil:
     """Page `page` of the request between its slot and the request's buffer; takes and drops
     the slot's lock. A partial page is read-modify-write in st.page. 0 or -errno."""
     cdef zrange* r = <zrange*>arg
-    cdef zram* m = r.m
+    cdef zram_meta* m = r.m
     cdef size_t start = max(page << PAGE_SHIFT, r.off)
     cdef size_t end = min((page + 1) << PAGE_SHIFT, r.off + r.size)
     cdef size_t pofs = start & (PAGE_SIZE - 1)
@@ -327,7 +327,7 @@ cdef int _page_io(void* arg, size_t page, zstream* st) noexcept nogil:
     return rc
 
 
-cdef size_t _range_io(zram* m, bint write, char* buf, size_t off, size_t size,
+cdef size_t _range_io(zram_meta* m, bint write, char* buf, size_t off, size_t size,
                       zstream* st) noexcept nogil:
     """The request's pages, inline or shared with the workers. The lowest page that failed,
     SIZE_MAX if none. The caller holds a reference on the meta (so the workers outlive this)
@@ -342,23 +342,23 @@ cdef size_t _range_io(zram* m, bint write, char* buf, size_t off, size_t size,
     return zworkers_run(m.workers, &j, st)
 
 
-cdef inline bint _uninitialised(zdisk* d) noexcept nogil:
+cdef inline bint _uninitialised(zram* d) noexcept nogil:
     """No meta (and not removed): a device of size 0, as the kernel's before disksize; one
     being reset or removed fails with EIO instead."""
     return za_load_ptr(<void**>&d.meta) == NULL and not za_load(&d.gone)
 
 
-cdef inline size_t _disk_bytes(zram* m) noexcept nogil:
+cdef inline size_t _disk_bytes(zram_meta* m) noexcept nogil:
     return m.nr_pages << PAGE_SHIFT
 
 
-cdef inline void _account(zdisk* d, int kind, size_t nbytes, uint64_t started) noexcept nogil:
+cdef inline void _account(zram* d, int kind, size_t nbytes, uint64_t started) noexcept nogil:
     za_add(&d.ios[kind], 1)
     za_add(&d.sectors[kind], nbytes >> SECTOR_SHIFT)
     za_add(&d.ticks_ns[kind], zram_now_ns() - started)
 
 
-cdef inline int _get(zdisk* d, uint32_t generation) noexcept nogil:
+cdef inline int _get(zram* d, uint32_t generation) noexcept nogil:
     """A reference on the disk's meta, for the device `generation` names: 1; 0 where the disk
     is not live; -1 where it now serves a newer device of its id (the caller's is gone)."""
     if generation and za_load32(&d.generation) != generation:
@@ -371,11 +371,11 @@ cdef inline int _get(zdisk* d, uint32_t generation) noexcept nogil:
     return 1
 
 
-cdef ssize_t zdisk_read(zdisk* d, uint32_t generation, char* buf, size_t size,
+cdef ssize_t zram_read(zram* d, uint32_t generation, char* buf, size_t size,
                         off_t off) noexcept nogil:
     """Reads up to `size` bytes at `off`; short at the end of the device."""
     cdef uint64_t started = zram_now_ns()
-    cdef zram* m
+    cdef zram_meta* m
     cdef zstream* st
     cdef size_t bad = SIZE_MAX
     cdef int got = _get(d, generation)
@@ -397,13 +397,13 @@ cdef ssize_t zdisk_read(zdisk* d, uint32_t generation, char* buf, size_t size,
     return -EIO if bad != SIZE_MAX else <ssize_t>size
 
 
-cdef ssize_t zdisk_write(zdisk* d, uint32_t generation, const char* buf, size_t size,
+cdef ssize_t zram_write(zram* d, uint32_t generation, const char* buf, size_t size,
                          off_t off) noexcept nogil:
     """Writes `size` bytes at `off`; ENOSPC at or past the end, short up to it. A page that
     fails fails the whole request with EIO, as a bio does in the kernel's zram: a block device
     has no short writes, and the pages before it may or may not hold the new data."""
     cdef uint64_t started = zram_now_ns()
-    cdef zram* m
+    cdef zram_meta* m
     cdef zstream* st
     cdef size_t bad = SIZE_MAX, done
     cdef int got = _get(d, generation)
@@ -430,12 +430,12 @@ cdef ssize_t zdisk_write(zdisk* d, uint32_t generation, const char* buf, size_t 
     return <ssize_t>done
 
 
-cdef int zdisk_fallocate(zdisk* d, uint32_t generation, int mode, off_t off,
+cdef int zram_fallocate(zram* d, uint32_t generation, int mode, off_t off,
                          off_t length) noexcept nogil:
     """Discard (PUNCH_HOLE) and write-zeroes (ZERO_RANGE), both with KEEP_SIZE: whole pages
     are freed, the partial pages at either end zeroed."""
     cdef uint64_t started = zram_now_ns()
-    cdef zram* m
+    cdef zram_meta* m
     cdef zstream* st = NULL
     cdef zslot* s
     cdef size_t pos, end, n, pofs
@@ -491,35 +491,35 @@ cdef int zdisk_fallocate(zdisk* d, uint32_t generation, int mode, off_t off,
 cdef enum:
     MAX_DISKS = 1 << 16
 
-cdef zdisk* _disks[MAX_DISKS]
+cdef zram* _disks[MAX_DISKS]
 
 
-cdef inline zdisk* _disk_of(uint64_t fh) noexcept nogil:
+cdef inline zram* _disk_of(uint64_t fh) noexcept nogil:
     cdef size_t id = <uint32_t>fh
     if id >= MAX_DISKS:
         return NULL
-    return <zdisk*>za_load_ptr(<void**>&_disks[id])
+    return <zram*>za_load_ptr(<void**>&_disks[id])
 
 
 cdef ssize_t _dops_read(uint64_t fh, char* buf, size_t size, uint64_t off) noexcept nogil:
-    cdef zdisk* d = _disk_of(fh)
+    cdef zram* d = _disk_of(fh)
     if d == NULL:
         return -EIO
-    return zdisk_read(d, <uint32_t>(fh >> 32), buf, size, <off_t>off)
+    return zram_read(d, <uint32_t>(fh >> 32), buf, size, <off_t>off)
 
 
 cdef ssize_t _dops_write(uint64_t fh, const char* buf, size_t size, uint64_t off) noexcept nogil:
-    cdef zdisk* d = _disk_of(fh)
+    cdef zram* d = _disk_of(fh)
     if d == NULL:
         return -EIO
-    return zdisk_write(d, <uint32_t>(fh >> 32), buf, size, <off_t>off)
+    return zram_write(d, <uint32_t>(fh >> 32), buf, size, <off_t>off)
 
 
 cdef int _dops_fallocate(uint64_t fh, int mode, uint64_t off, uint64_t length) noexcept nogil:
-    cdef zdisk* d = _disk_of(fh)
+    cdef zram* d = _disk_of(fh)
     if d == NULL:
         return -EIO
-    return zdisk_fallocate(d, <uint32_t>(fh >> 32), mode, <off_t>off, <off_t>length)
+    return zram_fallocate(d, <uint32_t>(fh >> 32), mode, <off_t>off, <off_t>length)
 
 
 cdef zramfs_data_ops DATA_OPS = zramfs_data_ops(
@@ -546,21 +546,21 @@ cdef class Disk:
     """
 
     def __cinit__(self, dev_id, int generation=1):
-        """The disk of device `dev_id`, the `generation`-th device with that id. The zdisk is
+        """The disk of device `dev_id`, the `generation`-th device with that id. The zram is
         kept for the id's next devices, never freed: a request with an old handle may still
         look it up (and gets EIO)."""
-        cdef zdisk* d
+        cdef zram* d
         if not 0 <= dev_id < MAX_DISKS or generation < 1:
             raise ValueError(f"no disk {dev_id} of generation {generation}")
         d = _disks[dev_id]
         if d == NULL:
-            d = <zdisk*>calloc(1, sizeof(zdisk))
+            d = <zram*>calloc(1, sizeof(zram))
             if d == NULL:
                 raise MemoryError()
         elif za_load64(&d.state) != 0:
             raise RuntimeError(f"disk {dev_id} is still in use")
         else:
-            memset(d, 0, sizeof(zdisk))     # the device before it was removed and drained
+            memset(d, 0, sizeof(zram))     # the device before it was removed and drained
         d.id = dev_id
         za_store32(&d.generation, generation)
         za_store_ptr(<void**>&_disks[dev_id], d)
@@ -617,7 +617,7 @@ cdef class Disk:
 
     def stat(self) -> tuple[int, ...]:
         """The block layer's 17 stat fields (read, write, discard; no merges, no flushes)."""
-        cdef zdisk* d = self.disk
+        cdef zram* d = self.disk
         ios = [za_load(&d.ios[i]) for i in range(3)]
         sectors = [za_load(&d.sectors[i]) for i in range(3)]
         ms = [za_load(&d.ticks_ns[i]) // 1000000 for i in range(3)]
