@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
 import corpus
+from pool_io import IoPool
 from zramfs import registry
 from zramfs.zpool import _alloc
 
@@ -44,7 +45,7 @@ class PoolModel(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.pool = _alloc.Pool(self.backend, "model", max_pages_per_zspage=4)
+        self.pool = IoPool(self.backend, "model", max_pages_per_zspage=4)
         self.model: dict[int, bytes] = {}
 
     @rule(target=handles, size=st.integers(1, PAGE), seed=st.integers(0, 2**16))
@@ -111,7 +112,7 @@ TestZbudModel.settings = settings(max_examples=60, stateful_step_count=80, deadl
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_sizes_and_handles(backend: str) -> None:
-    with _alloc.Pool(backend) as pool:
+    with IoPool(backend) as pool:
         for size in (0, PAGE + 1):
             with pytest.raises(ValueError):
                 pool.malloc(size)
@@ -126,7 +127,7 @@ def test_bad_sizes_and_handles(backend: str) -> None:
 
 
 def test_size_classes_merge_and_huge_threshold() -> None:
-    with _alloc.Pool("zsmalloc", max_pages_per_zspage=8) as pool:
+    with IoPool("zsmalloc", max_pages_per_zspage=8) as pool:
         rows = pool.class_stats()
         sizes = [r.size for r in rows]
         assert sizes == sorted(sizes) and sizes[0] == 32 and sizes[-1] == PAGE
@@ -159,7 +160,7 @@ def test_class_size() -> None:
 
 
 def test_fullest_zspage_first() -> None:
-    with _alloc.Pool("zsmalloc", max_pages_per_zspage=1) as pool:
+    with IoPool("zsmalloc", max_pages_per_zspage=1) as pool:
         hs = [pool.malloc(1024) for _ in range(12)]          # three zspages of four objects
         assert pool.total_pages == 3
         for h in hs[0:2] + hs[4:5]:                          # zspage 1 half used, zspage 2 3/4
@@ -171,7 +172,7 @@ def test_fullest_zspage_first() -> None:
 
 
 def test_compaction_moves_and_frees() -> None:
-    with _alloc.Pool("zsmalloc", max_pages_per_zspage=4) as pool:
+    with IoPool("zsmalloc", max_pages_per_zspage=4) as pool:
         data = {}
         for i in range(4000):
             h = pool.malloc(500)
@@ -227,7 +228,7 @@ def test_backend_in_use_cannot_be_unregistered() -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_threads_hammer_one_pool(backend: str) -> None:
     """Allocate, write, read, free and compact at once; every object keeps its content."""
-    pool = _alloc.Pool(backend, "hammer", max_pages_per_zspage=4)
+    pool = IoPool(backend, "hammer", max_pages_per_zspage=4)
     errors: list[str] = []
     stop = threading.Event()
 
@@ -279,7 +280,7 @@ def test_threads_hammer_one_pool(backend: str) -> None:
 
 def test_memory_really_returns() -> None:
     """Free most objects and compact: resident memory falls by what the pool says it freed."""
-    with _alloc.Pool("zsmalloc", "rss") as pool:
+    with IoPool("zsmalloc", "rss") as pool:
         rng = random.Random(1)
         handles = []
         chunk = rng.randbytes(PAGE)
@@ -305,7 +306,7 @@ def test_memory_really_returns() -> None:
 def test_fresh_pages_are_made_resident_ahead_and_no_further(backend: str) -> None:
     """The populator thread makes the arena resident ahead of the first object, about 1 MiB
     of it: more than the one zspage in use, far less than the 64 MiB arena."""
-    with _alloc.Pool(backend, "ahead") as pool:
+    with IoPool(backend, "ahead") as pool:
         before = rss_bytes()
         pool.write(pool.malloc(100), b"x" * 100)
         assert pool.total_pages <= 8                  # one zspage
@@ -324,7 +325,7 @@ def corpus_data() -> bytes:
 
 def test_density_on_real_files(corpus_data: bytes) -> None:
     """lz4 pages of real files, stored as zram would: at most 5 % over the objects' sizes."""
-    with _alloc.Pool("zsmalloc", "density") as pool:
+    with IoPool("zsmalloc", "density") as pool:
         huge = pool.huge_class_size
         stored = 0
         for page in corpus.pages(corpus_data):
@@ -346,7 +347,7 @@ def test_memory_returns_under_mlockall() -> None:
     if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
         pytest.skip(f"mlockall: {os.strerror(ctypes.get_errno())}")
     try:
-        with _alloc.Pool("zsmalloc", "mlocked") as pool:
+        with IoPool("zsmalloc", "mlocked") as pool:
             chunk = random.Random(2).randbytes(PAGE)
             handles = [pool.malloc(3000) for _ in range(20000)]
             for h in handles:
@@ -388,14 +389,14 @@ def objects(pool: _alloc.Pool, seed: int, n: int) -> dict[int, bytes]:
 def test_adoption_in_place_keeps_what_is_named_and_frees_the_rest(backend: str) -> None:
     """The handles given (repeats allowed) read back; every other object is freed, the room
     it took given back and used again; adopted twice over, the same."""
-    pool = _alloc.Pool(backend, "kept")
+    pool = IoPool(backend, "kept")
     model = objects(pool, 1, 3000)
     used = pool.total_pages
     fd = kept(pool)
     keep = sorted(model)[:1000]        # whole classes or pages, so that their room goes back
     try:
         for round in range(2):
-            with _alloc.Pool.adopt(fd, keep + keep[:10], f"again{round}") as again:
+            with IoPool.adopt(fd, keep + keep[:10], f"again{round}") as again:
                 assert again.backend == backend
                 assert all(again.read(h)[:len(model[h])] == model[h] for h in keep)
                 assert again.total_pages < used * 0.75
@@ -403,7 +404,7 @@ def test_adoption_in_place_keeps_what_is_named_and_frees_the_rest(backend: str) 
                 assert all(again.read(h)[:len(d)] == d for h, d in fresh.items())
                 for h in fresh:
                     again.free(h)
-        with _alloc.Pool.adopt(fd, [], "empty") as empty:
+        with IoPool.adopt(fd, [], "empty") as empty:
             assert empty.total_pages == 0
     finally:
         os.close(fd)
@@ -411,7 +412,7 @@ def test_adoption_in_place_keeps_what_is_named_and_frees_the_rest(backend: str) 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_adoption_refuses_a_handle_that_leads_nowhere_and_changes_nothing(backend: str) -> None:
-    pool = _alloc.Pool(backend, "kept")
+    pool = IoPool(backend, "kept")
     h = pool.malloc(100)
     pool.write(h, b"a" * 100)
     if backend == "zbud":           # the first buddy alone; a descriptor's neighbour, unused
@@ -422,8 +423,8 @@ def test_adoption_refuses_a_handle_that_leads_nowhere_and_changes_nothing(backen
     try:
         for b in bad:
             with pytest.raises(_alloc.PoolImageError, match="damaged"):
-                _alloc.Pool.adopt(fd, [h, b])
-        with _alloc.Pool.adopt(fd, [h]) as again:
+                IoPool.adopt(fd, [h, b])
+        with IoPool.adopt(fd, [h]) as again:
             assert again.read(h)[:100] == b"a" * 100
     finally:
         os.close(fd)
@@ -433,7 +434,7 @@ def test_adoption_refuses_a_handle_that_leads_nowhere_and_changes_nothing(backen
 def test_copying_reads_a_kept_pool_through_the_same_checks(backend: str) -> None:
     """PoolImage (for copying where the old address is taken) finds what adoption would, and
     None for what adoption refuses."""
-    with _alloc.Pool(backend, "image") as pool:
+    with IoPool(backend, "image") as pool:
         model = objects(pool, 4, 300)
         image = _alloc.PoolImage(pool.fd)        # mapped elsewhere: the address is taken
         try:
@@ -464,7 +465,7 @@ def zbud_descriptor_list(fd: int) -> tuple[int, int, int]:
 
 
 def test_a_zbud_pool_whose_descriptor_list_loops_is_refused() -> None:
-    pool = _alloc.Pool("zbud", "loop")
+    pool = IoPool("zbud", "loop")
     model = objects(pool, 6, 500)
     fd = kept(pool)
     try:
@@ -472,11 +473,11 @@ def test_a_zbud_pool_whose_descriptor_list_loops_is_refused() -> None:
         saved = os.pread(fd, 8, run - base)
         os.pwrite(fd, run.to_bytes(8, "little"), run - base)      # its next is itself
         with pytest.raises(_alloc.PoolImageError, match="loop"):
-            _alloc.Pool.adopt(fd, list(model))
+            IoPool.adopt(fd, list(model))
         with pytest.raises(_alloc.PoolImageError, match="loop"):
             _alloc.PoolImage(fd)
         os.pwrite(fd, saved, run - base)
-        with _alloc.Pool.adopt(fd, list(model)) as again:
+        with IoPool.adopt(fd, list(model)) as again:
             assert all(again.read(h)[:len(d)] == d for h, d in model.items())
     finally:
         os.close(fd)
@@ -485,7 +486,7 @@ def test_a_zbud_pool_whose_descriptor_list_loops_is_refused() -> None:
 def test_a_zbud_pool_made_before_its_descriptor_list_is_adopted() -> None:
     """A zbud pool of the previous layout has no list of its pages of descriptors (zeros where
     it is now): they are found from its lists, and adoption gives it the list."""
-    pool = _alloc.Pool("zbud", "old")
+    pool = IoPool("zbud", "old")
     model = objects(pool, 5, 2000)
     fd = kept(pool)
     try:
@@ -498,7 +499,7 @@ def test_a_zbud_pool_made_before_its_descriptor_list_is_adopted() -> None:
             run, pages = nxt, pages + 1
         assert pages > 1                # a list of several pages, now gone
         for round in range(2):          # the second time, with the list the first one made
-            with _alloc.Pool.adopt(fd, list(model), f"new{round}") as again:
+            with IoPool.adopt(fd, list(model), f"new{round}") as again:
                 assert all(again.read(h)[:len(d)] == d for h, d in model.items())
     finally:
         os.close(fd)

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import attached, destroy
 from disk_io import IoDisk
-from zramfs.zpool._alloc import Pool, PoolImage, PoolImageError, PoolInPlaceError
+from pool_io import IoPool
+from zramfs.zpool._alloc import PoolImage, PoolImageError, PoolInPlaceError
 from zramfs.zram._zram import Meta, TableImageError
 from zramfs.sysfs.record import DECODE_ONLY, DeviceRecord, Record, State, StateError
 from zramfs.sysfs.device import SETTINGS
@@ -105,7 +106,7 @@ def test_adoption_in_place_keeps_every_page_and_the_counters() -> None:
 def test_adoption_frees_objects_no_slot_names() -> None:
     """A write that never reached the slot table leaves an object nobody names: adoption
     gives it back, its zspage with it when it was the last, and reuses the room."""
-    with Pool("zsmalloc", "p") as pool:
+    with IoPool("zsmalloc", "p") as pool:
         handles = [pool.malloc(size) for size in (100, 100, 3000, 3000, 700) for _ in range(200)]
         for h in handles:
             pool.write(h, h.to_bytes(8, "little") * 8)
@@ -114,7 +115,7 @@ def test_adoption_frees_objects_no_slot_names() -> None:
     # The first 60 objects of each size: the zspages of the other 140 end up empty.
     kept = [h for g in range(5) for h in handles[g * 200:g * 200 + 60]] + handles[:5]
     try:
-        adopted = Pool.adopt(fd, kept, "q")
+        adopted = IoPool.adopt(fd, kept, "q")
     finally:
         os.close(fd)
     with adopted:
@@ -135,31 +136,31 @@ def test_adoption_in_place_refuses_what_it_cannot_trust() -> None:
     """A handle that leads nowhere is refused before anything is changed; a pool still mapped
     in this process (its address taken) is left to be copied. zbud is adopted in place as
     zsmalloc is (test_alloc.py has its own refusals)."""
-    with Pool("zsmalloc", "p") as pool:
+    with IoPool("zsmalloc", "p") as pool:
         h = pool.malloc(100)
         pool.write(h, b"a" * 100)
         fd = os.dup(pool.fd)
         with pytest.raises(PoolInPlaceError, match="taken"):
-            Pool.adopt(fd, [h])
+            IoPool.adopt(fd, [h])
     try:
         for bad in (h + 1, h | (200 << 32), h ^ (1 << 31)):
             with pytest.raises(PoolImageError, match="damaged"):
-                Pool.adopt(fd, [h, bad])
-        with Pool.adopt(fd, [h]) as again:                    # nothing was changed
+                IoPool.adopt(fd, [h, bad])
+        with IoPool.adopt(fd, [h]) as again:                  # nothing was changed
             assert again.read(h)[:100] == b"a" * 100
     finally:
         os.close(fd)
-    with Pool("zbud", "z") as pool:
+    with IoPool("zbud", "z") as pool:
         fd = os.dup(pool.fd)
     try:
-        with Pool.adopt(fd, []) as empty:
+        with IoPool.adopt(fd, []) as empty:
             assert empty.backend == "zbud" and empty.total_pages == 0
     finally:
         os.close(fd)
-    with Pool("zsmalloc", "e") as pool:                      # one that never held anything
+    with IoPool("zsmalloc", "e") as pool:                    # one that never held anything
         fd = os.dup(pool.fd)
     try:
-        with Pool.adopt(fd, []) as empty:
+        with IoPool.adopt(fd, []) as empty:
             assert empty.total_pages == 0
             assert empty.read(empty.malloc(10))[:1] == b"\0"
     finally:
@@ -244,7 +245,7 @@ def test_take_over_refuses_what_it_cannot_read() -> None:
 
 def test_a_handle_that_leads_nowhere_is_not_followed() -> None:
     """PoolImage checks every step of a handle: garbage handles give None, not a crash."""
-    with Pool("zsmalloc", "p") as pool:
+    with IoPool("zsmalloc", "p") as pool:
         h = pool.malloc(100)
         pool.write(h, b"a" * 100)
         image = PoolImage(pool.fd)

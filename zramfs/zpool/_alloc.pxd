@@ -30,11 +30,9 @@ cdef class Pool:
     cdef readonly str name
     cdef readonly str backend
     cdef size_t _compacted_at_destroy   # the driver's pages_compacted, read as impl went
-    cdef set _live
     cdef object _pin
 
     cdef int _check_open(self) except -1
-    cdef int _check_handle(self, handle) except -1
 
 
 # A pool a process before this one left in its region (a memfd kept across a restart), for

@@ -5,8 +5,9 @@ The pools themselves are C: zsmalloc (_zsmalloc) and zbud (_zbud), both over the
 (_pages), each reached through its `zpool_driver` table (zpool.pxd) of functions that run
 without the GIL. This module owns what sits above them: the registry (zramfs.registry) that
 picks a backend by name and pins it while a pool uses it, the names of live pools, and `Pool`,
-the owner the device holds and the face tests and tools use. Everything here runs under the
-GIL; `Pool` drops it around each driver call, so threads really run in parallel.
+the owner the device holds (objects themselves are reached through the driver table, by the
+device or, in the tests, through `Pool.driver_capsule`). Everything here runs under the GIL;
+`Pool` drops it around the driver calls that may take a while.
 
 A pool lives in a region of its own, a memfd (zramfs.zpool._pages) with a header at offset 0, mapped
 in an address range of its own: keep `Pool.fd` across a restart and a later daemon maps it at
@@ -24,9 +25,9 @@ from zramfs.registry import Registry
 
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport malloc, free
-from libc.string cimport memcpy, memcmp, memset, strncpy
-from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
-from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from libc.string cimport memcmp, strncpy
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.pycapsule cimport PyCapsule_New, PyCapsule_SetContext
 
 from zramfs.common cimport PAGE_SIZE
 from zramfs.zpool.zpool cimport ZPOOL_ARENAS, ZPOOL_ROOT, zpool_class_stat, zpool_driver
@@ -43,6 +44,7 @@ DEFAULT_BACKEND = "zsmalloc"      # what zram allocates from; zbud is zswap's ot
 POOL_MAGIC = b"zramfs-pool"
 POOL_VERSION = 2
 _ARENA = 64 << 20
+cdef const char* ZPOOL_DRIVER_CAPSULE = "zramfs.zpool.zpool_driver"   # Pool.driver_capsule
 
 
 def default_region_size() -> int:
@@ -98,8 +100,9 @@ ClassStat = namedtuple(
 cdef class Pool:
     """A pool of compressed objects: `Pool("zsmalloc", "zram0")`.
 
-    The Python methods are for tests and tools; they check handles and release the GIL around
-    the C calls, so threads really run in parallel. The device uses `driver`/`impl` directly.
+    Its life, statistics and compaction from Python, with the GIL released around the C
+    calls. Objects are the C callers': the device uses `driver`/`impl` directly, the tests
+    the same table through `driver_capsule()` (tests/pool_io.py).
     """
 
     def __cinit__(self):
@@ -121,7 +124,6 @@ cdef class Pool:
         self._pin = backend
         self.driver = b.driver
         self.backend = backend
-        self._live = set()
         region_name = f"zramfs-pool:{name}".encode()
         rc = region_create(&self.region, region_name, size, True)
         if rc != 0:
@@ -143,10 +145,10 @@ cdef class Pool:
             raise MemoryError("cannot create pool")
         self.name = _claim_name(name)
 
-    @staticmethod
-    def adopt(int fd, handles, str name="zram") -> Pool:
+    @classmethod
+    def adopt(cls, int fd, handles, str name="zram") -> Pool:
         """`pool_adopt` for tests and tools: the kept pool in `fd` with the objects of
-        `handles` (a sequence of ints), which its Python methods then take."""
+        `handles` (a sequence of ints), as a `cls` (a subclass may add its own face)."""
         cdef size_t i, n = len(handles)
         cdef uint64_t* hs = <uint64_t*>malloc((n + 1) * sizeof(uint64_t))
         cdef Pool p
@@ -155,10 +157,9 @@ cdef class Pool:
         try:
             for i in range(n):
                 hs[i] = handles[i]
-            p = pool_adopt(fd, hs, n, name)
+            p = _adopt_into(cls.__new__(cls), fd, hs, n, name)
         finally:
             free(hs)
-        p._live = set(handles)
         return p
 
     @property
@@ -181,7 +182,6 @@ cdef class Pool:
             self.driver.destroy(self.impl)
         self.impl = NULL
         region_close(&self.region)
-        self._live.clear()
         self._unpin()
         with _names_lock:
             _pool_names.discard(self.name)   # only now may the name be handed out again
@@ -203,60 +203,14 @@ cdef class Pool:
             raise PoolError(f"pool {self.name} is destroyed")
         return 0
 
-    cdef int _check_handle(self, handle) except -1:
+    def driver_capsule(self) -> object:
+        """The pool as C callers outside the device reach it (the tests' pool_io, through
+        ctypes): a PyCapsule named "zramfs.zpool.zpool_driver" whose pointer is the driver
+        table (static) and whose context is the pool (`impl`), good until destroy."""
         self._check_open()
-        if handle not in self._live:
-            raise KeyError(f"no live object with handle {handle:#x}")
-        return 0
-
-    def malloc(self, size_t size) -> int:
-        """A handle to a new object of `size` bytes (1..4096)."""
-        cdef uint64_t h
-        self._check_open()
-        if size == 0 or size > PAGE_SIZE:
-            raise ValueError(f"object size {size} is not in 1..{PAGE_SIZE}")
-        with nogil:
-            h = self.driver.malloc(self.impl, size)
-        if h == 0:
-            raise MemoryError(f"pool {self.name}: no memory for {size} bytes")
-        self._live.add(h)
-        return h
-
-    def free(self, uint64_t handle) -> None:
-        self._check_handle(handle)
-        self._live.discard(handle)
-        with nogil:
-            self.driver.free(self.impl, handle)
-
-    def write(self, uint64_t handle, data) -> None:
-        """Copies `data` (a bytes-like object no longer than the object) into the object."""
-        cdef Py_buffer view
-        cdef char* dst
-        self._check_handle(handle)
-        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-        try:
-            if <size_t>view.len > self.driver.obj_size(self.impl, handle):
-                raise ValueError(f"{view.len} bytes do not fit the object")
-            with nogil:
-                dst = self.driver.map(self.impl, handle)
-                memcpy(dst, view.buf, view.len)
-                self.driver.unmap(self.impl, handle)
-        finally:
-            PyBuffer_Release(&view)
-
-    def read(self, uint64_t handle) -> bytes:
-        """The object's bytes (its whole size as allocated)."""
-        cdef size_t n
-        cdef char* src
-        self._check_handle(handle)
-        n = self.driver.obj_size(self.impl, handle)
-        out = PyBytes_FromStringAndSize(NULL, n)
-        cdef char* buf = PyBytes_AS_STRING(out)
-        with nogil:
-            src = self.driver.map(self.impl, handle)
-            memcpy(buf, src, n)
-            self.driver.unmap(self.impl, handle)
-        return out
+        capsule = PyCapsule_New(<void*>self.driver, ZPOOL_DRIVER_CAPSULE, NULL)
+        PyCapsule_SetContext(capsule, self.impl)
+        return capsule
 
     def compact(self) -> int:
         """Moves objects out of sparse zspages and gives emptied ones back; pages freed."""
@@ -355,11 +309,15 @@ cdef tuple _open_kept(zregion* r, int fd):
 
 
 cdef Pool pool_adopt(int fd, const uint64_t* handles, size_t n, str name):
+    return _adopt_into(Pool.__new__(Pool), fd, handles, n, name)
+
+
+cdef Pool _adopt_into(Pool p, int fd, const uint64_t* handles, size_t n, str name):
+    """pool_adopt into `p`, a Pool (or subclass) fresh from __new__."""
     cdef zregion header
     cdef const zpool_driver* driver
     cdef char* base
     cdef const char* why
-    cdef Pool p
     cdef int rc
     header.fd = -1
     header.base = NULL
@@ -367,10 +325,8 @@ cdef Pool pool_adopt(int fd, const uint64_t* handles, size_t n, str name):
     driver = (<_Backend>b).driver
     base = <char*>(<zpool_header*>header.base).base
     region_close(&header)
-    p = Pool.__new__(Pool)
     p.driver = driver
     p.backend = backend
-    p._live = set()
     BACKENDS.pin(backend)
     p._pin = backend
     rc = region_adopt(&p.region, fd, base)
