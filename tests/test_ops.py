@@ -517,6 +517,7 @@ def test_auto_transport_takes_io_uring_where_the_kernel_has_it(
         log = d.log.read_text()
         if reason is None:
             assert f"wrote Y to {URING_PARAM}" in log and "FUSE transport: io_uring" in log
+            assert "a crash or a restart loses the tree" in log
         else:
             assert "FUSE transport: classic" in log
         d.write(d.device("16M"), "reset", "1")

@@ -601,7 +601,10 @@ def _log_transport(session: _fuse.Session, asked: str) -> None:
     """Which transport INIT settled on (INIT is answered by the time devices are set up)."""
     st = session.stats()
     if st["transport"] == "io_uring":
-        log.info("FUSE transport: io_uring, %d queues", st["ring_queues"])
+        # This kernel drops a ring's entries with the process that registered them: nothing
+        # a next daemon could answer on (docs/fuse-protocol.md).
+        log.warning("FUSE transport: io_uring, %d queues: a crash or a restart loses the tree "
+                    "(live restart is the classic transport's)", st["ring_queues"])
     elif asked == "io_uring":
         err = st["ring_error"]
         log.warning("FUSE transport: classic; io_uring was not agreed with the kernel%s",
