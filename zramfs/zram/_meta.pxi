@@ -23,7 +23,7 @@ cdef class Meta:
 
     def __init__(self, size_t disksize, str algorithm=DEFAULT_ALGORITHM, level=None, *,
                  str backend=DEFAULT_BACKEND, str name="zram", streams=None,
-                 int max_pages_per_zspage=8, workers=None, Backing backing=None,
+                 int max_pages_per_zspage=DEFAULT_MAX_PAGES_PER_ZSPAGE, workers=None, Backing backing=None,
                  dict secondary=None, dict dictionaries=None, tuple older=(),
                  bint compressed_wb=False, tuple kept=None):
         """`backing`: the writeback device (the caller's to close, after destroy).

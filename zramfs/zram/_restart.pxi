@@ -138,11 +138,6 @@ cdef void _hand_on_counters(zram_meta* m, const zram_meta* old) noexcept nogil:
 
 # --- adoption in place -----------------------------------------------------------------------
 
-cdef inline bint _kept_object(const zslot* s) noexcept nogil:
-    """A kept slot names an object of the pool."""
-    return s.size != 0 and not s.flags & (ZRAM_SAME | ZRAM_WB)
-
-
 cdef zram_meta _table_adopt(Meta meta, int table_fd, int pool_fd, size_t nr_pages, str name,
                        str backend) except *:
     """The kept slot table mapped in place as `meta`'s region, and the kept pool adopted with
@@ -167,7 +162,7 @@ cdef zram_meta _table_adopt(Meta meta, int table_fd, int pool_fd, size_t nr_page
             first = _stored_slots(&meta.region, 0, &end)
             while first < end:
                 for i in range(first, end):
-                    if _kept_object(&table[i]):
+                    if zram_slot_has_object(&table[i], table[i].flags):
                         handles[n] = table[i].handle
                         n += 1
                 first = _stored_slots(&meta.region, end, &end)
@@ -218,7 +213,7 @@ cdef object _table_recount(Meta meta, const zram_meta* old):
                 continue
             if not s.flags & (ZRAM_SAME | ZRAM_WB) and not s.size:
                 continue                  # empty
-            size = s.size if _kept_object(s) else 0
+            size = s.size if zram_slot_has_object(s, s.flags) else 0
             if size and s.flags & ZRAM_DEDUP:
                 pair = _remap_slot(seen, mask, s.handle)
                 if pair[0] != 0:

@@ -29,12 +29,12 @@ from zramfs.zram._dedup cimport zdedup_shared
 from zramfs.zram._backing cimport (BK_MAX_BATCH, backing_alloc, backing_free, backing_write,
                               backing_write_batch)
 from zramfs.zcomp._zcomp cimport zcomp, zcomp_compress, zcomp_stream_get, zcomp_stream_put, zstream
-from zramfs.zram._zram cimport (Meta, zram_meta, zram_now, zram_slot_free, zram_slot_has_object,
+from zramfs.zram._zram cimport (Meta, zram_meta, zram_slot_free, zram_slot_has_object,
                                 zram_slot_load, zram_slot_replace, zram_stat_stored, zslot)
 from zramfs.pthread cimport (pthread_join, pthread_mutex_lock, pthread_mutex_unlock, pthread_t,
                             zram_thread_start)
 from zramfs.common cimport (PAGE_SHIFT, PAGE_SIZE, posix_memalign, za_add, za_load, za_store,
-                            za_sub)
+                            za_sub, zram_now_s)
 from zramfs.zram.zram cimport (ZRAM_ACCESSED, ZRAM_HUGE, ZRAM_IDLE, ZRAM_INCOMPRESSIBLE,
                                ZRAM_PRIO_MASK, ZRAM_PRIO_SHIFT, ZRAM_WB, ZRAM_UNDER_WB,
                                ZRAM_WB_COMPRESSED, zram_slot_clear, zram_slot_flags,
@@ -82,7 +82,7 @@ cdef inline bint _stored(zslot* s) noexcept nogil:
 cdef size_t _mark_idle(zram_meta* m, uint32_t age) noexcept nogil:
     """Marks idle every stored page, or (age > 0) those not accessed for `age` seconds."""
     cdef size_t i, marked = 0
-    cdef uint32_t now = zram_now()
+    cdef uint32_t now = zram_now_s()
     cdef zslot* s
     for i in range(m.nr_pages):
         s = &m.table[i]

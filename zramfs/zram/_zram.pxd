@@ -111,7 +111,6 @@ cdef int zram_slot_replace(zram_meta* m, zslot* s, const char* data, size_t n, u
 cdef int zram_slot_compress(zram_meta* m, zslot* s, const char* page, zstream* st,
                             uint32_t flags) noexcept nogil
 cdef bint zram_slot_has_object(zslot* s, uint32_t flags) noexcept nogil
-cdef uint32_t zram_now() noexcept nogil
 
 # mm_stat, moved here only (atomic: any thread, any lock). A slot took (stored) or let go of
 # (dropped) content of `flags`; `size`: an object's bytes new to the pool (0: none, or shared).

@@ -54,9 +54,8 @@ from zramfs.zram.zram cimport (ZRAM_ACCESSED, ZRAM_DEDUP, ZRAM_HUGE, ZRAM_IDLE,
                                ZRAM_WB, zram_get, zram_put, zram_set_live, zram_slot_flags,
                                zram_slot_lock, zram_slot_set_flags, zram_slot_unlock)
 
-from zramfs.zpool._alloc import DEFAULT_BACKEND
-from zramfs.zpool._alloc import (Pool as _Pool, PoolImage as _PoolImage, PoolImageError,
-                           PoolInPlaceError)
+from zramfs.zpool._alloc import (DEFAULT_BACKEND, DEFAULT_MAX_PAGES_PER_ZSPAGE, Pool as _Pool,
+                                 PoolImage as _PoolImage, PoolImageError, PoolInPlaceError)
 from zramfs.zram._workers import default_workers
 from zramfs.zcomp._zcomp import DEFAULT_ALGORITHM, Compressor as _Compressor
 
@@ -129,11 +128,6 @@ cdef inline void _fill(char* page, uint64_t word) noexcept nogil:
         return
     for i in range(PAGE_SIZE // 8):
         w[i] = word
-
-
-cdef uint32_t zram_now() noexcept nogil:
-    """Seconds on a coarse monotonic clock: the unit of access times and idle ages."""
-    return zram_now_s()
 
 
 cdef bint zram_slot_has_object(zslot* s, uint32_t flags) noexcept nogil:
