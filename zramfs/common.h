@@ -16,12 +16,12 @@
 #define ZA_ADD(p, v) __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)
 #define ZA_SUB(p, v) __atomic_fetch_sub((p), (v), __ATOMIC_RELAXED)
 #define ZA_OR(p, v) __atomic_fetch_or((p), (v), __ATOMIC_RELAXED)
+#define ZA_AND(p, v) __atomic_fetch_and((p), (v), __ATOMIC_RELAXED)
 
 /* Ordered atomics: a pointer or word that publishes what it points to or guards (release on
    store, acquire on load), and the read-modify-writes a lock word needs. */
 #define ZA_LOAD_ACQ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define ZA_STORE_REL(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
-#define ZA_AND(p, v) __atomic_fetch_and((p), (v), __ATOMIC_RELAXED)
 #define ZA_OR_ACQ(p, v) __atomic_fetch_or((p), (v), __ATOMIC_ACQUIRE)
 #define ZA_AND_REL(p, v) __atomic_fetch_and((p), (v), __ATOMIC_RELEASE)
 #define ZA_SUB_REL(p, v) __atomic_fetch_sub((p), (v), __ATOMIC_RELEASE)

@@ -13,7 +13,7 @@ between two awaits is atomic, which is the one rule that makes the bookkeeping s
     dev.show("mm_stat")
 
 Where the daemon keeps state for a restart (zramfs.sysfs.record), a device tells it of each setting
-stored and each meta made or freed; `Device.adopt` builds one back from what the daemon
+stored and each meta made or freed; `Device.restore` builds one back from what the daemon
 before this one kept. The set of devices (hot_add, hot_remove) is zramfs.sysfs.hotplug's.
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@
 #define ZRAM_WB_COMPRESSED (1u << 8)   /* written back as it was stored: decompress on read */
 #define ZRAM_UNDER_WB (1u << 9)        /* a batched writeback of it is in flight; any change
                                           of the slot's content clears it */
-#define ZRAM_DEDUP (1u << 10)          /* the object is reference counted (zramfs._dedup): it
+#define ZRAM_DEDUP (1u << 10)          /* the object is reference counted (zramfs.zram._dedup): it
                                           may be shared, its count is the number of slots
                                           with this bit and its handle */
 
