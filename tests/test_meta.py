@@ -584,6 +584,115 @@ def test_recompression_on_threads_does_what_one_thread_does() -> None:
             destroy(disk)
 
 
+def _backed_disks(tmp_path, count: int, n: int, **kw) -> tuple[list[IoDisk], list]:
+    """`count` disks of `n` pages, each with a backing file of its own on tmp_path's file
+    system (O_DIRECT where it allows it)."""
+    backings = []
+    for i in range(count):
+        path = tmp_path / f"backing{i}"
+        with open(path, "wb") as f:
+            f.truncate(n * PAGE)
+        backings.append(open_backing(str(path), None))
+    return [make_disk(n * PAGE, backing=b, **kw) for b in backings], backings
+
+
+def test_writeback_on_threads_does_what_one_thread_does(tmp_path) -> None:
+    """The same pages on two disks, every one idle, written back by one thread and by four:
+    the same pages on the backing device, the same mm_stat, identical data. With
+    writeback_limit, four threads together write exactly the limit, then EIO."""
+    n = 2048
+    data = _mixed_pages(n, 2)
+    disks, backings = _backed_disks(tmp_path, 3, n)
+    try:
+        for disk in disks:
+            disk.write(0, data)
+            _tiering.set_wb_batch(disk.meta, 16)
+            _tiering.mark_idle(disk.meta, None)
+        objects = n - n // 5                            # every page but the same-filled
+        one = _tiering.writeback(disks[0].meta, "idle", (), 1)
+        four = _tiering.writeback(disks[1].meta, "idle", (), 4)
+        assert one == four == objects, (one, four)
+        assert backings[0].bd_stat() == backings[1].bd_stat()
+        assert backings[1].bd_stat()[0] == objects
+        assert disks[0].meta.mm_stat() == disks[1].meta.mm_stat()
+        _tiering.set_wb_limit(disks[2].meta, 100, True)
+        with pytest.raises(OSError) as e:
+            _tiering.writeback(disks[2].meta, "idle", (), 4)
+        assert e.value.errno == errno.EIO
+        assert backings[2].bd_stat()[0] == 100 and _tiering.wb_limit(disks[2].meta) == 0
+        for disk in disks:
+            assert disk.read(0, n * PAGE) == data
+    finally:
+        for disk in disks:
+            destroy(disk)
+        for backing in backings:
+            backing.close()
+
+
+def _in_background(fn, *args) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["done"] = fn(*args)
+        except OSError as e:
+            outcome["error"] = e
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def test_cancel_stops_writeback_and_recompression_midway(tmp_path) -> None:
+    """cancel() midway: the run ends with ECANCELED, what it did is kept and reads back, and
+    a second run does the rest: the two together leave what one uncancelled run leaves on a
+    twin disk. Writeback one page a batch (to a file, O_DIRECT where it can), so that it is
+    caught under way."""
+    n = 4096
+    data = _mixed_pages(n, 3)
+    disks, backings = _backed_disks(tmp_path, 2, n, secondary={1: ("zstd", 19)})
+    cancelled, twin = disks
+    try:
+        for disk in disks:
+            disk.write(0, data)
+        assert _tiering.recompress(twin.meta, None, 0, 0, 0, 2) > 0
+        before = cancelled.meta.mm_stat()[1]
+        thread, outcome = _in_background(_tiering.recompress, cancelled.meta, None, 0, 0, 0, 2)
+        while cancelled.meta.mm_stat()[1] == before and thread.is_alive():
+            time.sleep(0.0005)
+        _tiering.cancel(cancelled.meta)
+        thread.join()
+        assert outcome["error"].errno == errno.ECANCELED, outcome
+        assert cancelled.read(0, n * PAGE) == data
+        _tiering.cancel(cancelled.meta, False)
+        assert _tiering.recompress(cancelled.meta, None, 0, 0, 0, 2) > 0      # the rest
+        stored = [0, 1, 5, 7]           # orig, compr, same and huge: not the peak it passed
+        assert [cancelled.meta.mm_stat()[i] for i in stored] == \
+            [twin.meta.mm_stat()[i] for i in stored]
+
+        for disk in disks:
+            _tiering.set_wb_batch(disk.meta, 1)
+            _tiering.mark_idle(disk.meta, None)
+        total = _tiering.writeback(twin.meta, "idle", (), 2)
+        thread, outcome = _in_background(_tiering.writeback, cancelled.meta, "idle", (), 2)
+        while backings[0].bd_stat()[0] == 0 and thread.is_alive():
+            time.sleep(0.0005)
+        _tiering.cancel(cancelled.meta)
+        thread.join()
+        assert outcome["error"].errno == errno.ECANCELED, outcome
+        assert 0 < backings[0].bd_stat()[0] < total
+        assert cancelled.read(0, n * PAGE) == data
+        _tiering.cancel(cancelled.meta, False)
+        _tiering.mark_idle(cancelled.meta, None)        # reading it back made it hot again
+        _tiering.writeback(cancelled.meta, "idle", (), 2)
+        assert backings[0].bd_stat()[0] == backings[1].bd_stat()[0] == total
+        assert cancelled.read(0, n * PAGE) == data
+    finally:
+        for disk in disks:
+            destroy(disk)
+        for backing in backings:
+            backing.close()
+
+
 def test_recompression_on_threads_under_overwrites() -> None:
     """Four recompression threads (they compress without the slot lock) while another
     thread overwrites every page once, in random order: each page reads back as written,

@@ -64,6 +64,8 @@ import mmap  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -235,18 +237,31 @@ def test_recompress_while_writeback_runs_is_eagain(daemon: Daemon, tmp_path: Pat
     assert bd_stat(daemon, name)[0] == 65536           # the first one finished its job
 
 
+def _job(fn) -> tuple[threading.Thread, list]:
+    """`fn()` in a thread; its outcome, None or the OSError's errno, in the list."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(fn())
+        except OSError as e:
+            outcome.append(e.errno)
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
 @requires_fuse
-def test_reset_and_hot_remove_wait_for_a_running_writeback(daemon: Daemon,
-                                                           tmp_path: Path) -> None:
-    """Hazard 1 for maintenance: a writeback running in a worker thread holds the meta, so
-    reset (and hot_remove) wait for it instead of freeing the meta under it."""
+def test_reset_and_hot_remove_cancel_a_running_writeback(daemon: Daemon, tmp_path: Path) -> None:
+    """Hazard 1 for maintenance: a writeback running in worker threads holds the meta, so
+    reset (and hot_remove) wait for it instead of freeing the meta under it; they cancel it
+    first (its writer gets ECANCELED), so they wait for one batch, not the whole job."""
     for removal in ("reset", "hot_remove"):
         name = tiered_device(daemon, backing_file(tmp_path, 300 << 20), "300M")
         with open(daemon.dev(name), "r+b") as f:
             f.write(os.urandom(256 << 20))
-        job = threading.Thread(target=lambda: daemon.write(name, "writeback", "huge"))
-        job.start()
-        while bd_stat(daemon, name)[2] == 0:
+        job, outcome = _job(lambda: daemon.write(name, "writeback", "huge"))
+        while bd_stat(daemon, name)[2] == 0 and job.is_alive():
             time.sleep(0.001)
         if removal == "reset":
             daemon.write(name, "reset", "1")
@@ -255,7 +270,54 @@ def test_reset_and_hot_remove_wait_for_a_running_writeback(daemon: Daemon,
             daemon.hot_remove(name)
             assert not daemon.dev(name).exists()
         job.join()
+        assert outcome == [errno.ECANCELED]
         assert daemon.alive()
+
+
+def _signalled_writer(daemon: Daemon, name: str, attr: str, value: str, moved) -> int:
+    """`echo VALUE > ATTR` in a shell, sent SIGTERM once `moved()` says its job is under way
+    (the kernel turns the signal into a FUSE INTERRUPT); the shell's exit status."""
+    shell = subprocess.Popen(["sh", "-c", f"echo {value} > {daemon.sys(name, attr)}"])
+    try:
+        while not moved() and shell.poll() is None:
+            time.sleep(0.001)
+        shell.send_signal(signal.SIGTERM)
+        return shell.wait(timeout=120)
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+            shell.wait()
+
+
+@requires_fuse
+def test_a_signalled_writer_cancels_its_writeback_or_recompression(daemon: Daemon,
+                                                                   tmp_path: Path) -> None:
+    """Ctrl-C (here SIGTERM) on `echo ... > recompress` or `> writeback`: the kernel sends a FUSE
+    INTERRUPT, the job stops at its next batch, the pages it moved stay moved, every page
+    reads back, and the same command again does the rest."""
+    name = tiered_device(daemon, backing_file(tmp_path, 300 << 20), "300M",
+                         recomp_algorithm="algo=zstd priority=1 level=19",
+                         writeback_batch_size="1")
+    data = text_pages(16384)
+    with open(daemon.dev(name), "r+b") as f:
+        f.write(data)
+    compr = daemon.mm_stat(name)[1]
+    status = _signalled_writer(daemon, name, "recompress", "threshold=1",
+                               lambda: daemon.mm_stat(name)[1] != compr)
+    assert status == -signal.SIGTERM
+    assert "recompress threshold=1: recompression cancelled after" in daemon.log.read_text()
+    partly = daemon.mm_stat(name)[1]
+    daemon.write(name, "recompress", "threshold=1")             # the rest
+    assert daemon.mm_stat(name)[1] < partly < compr
+    daemon.write(name, "idle", "all")
+    status = _signalled_writer(daemon, name, "writeback", "idle",
+                               lambda: bd_stat(daemon, name)[0] > 0)
+    assert status == -signal.SIGTERM
+    assert 0 < bd_stat(daemon, name)[0] < 16384
+    daemon.write(name, "writeback", "idle")                     # the rest, still idle
+    assert bd_stat(daemon, name)[0] == 16384
+    with open(daemon.dev(name), "rb") as f:
+        assert f.read(len(data)) == data
 
 
 @requires_fuse

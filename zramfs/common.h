@@ -42,6 +42,18 @@ static inline void za_min(size_t* p, size_t v) {
     while (v < old && !ZA_CAS(p, &old, v)) {}
 }
 
+/* One unit taken from a count, unless it is spent: true when taken. */
+static inline int za_take(size_t* p) {
+    size_t old = ZA_LOAD(p);
+    while (old && !ZA_CAS(p, &old, old - 1)) {}
+    return old != 0;
+}
+/* `v` stored where nothing was yet (0): the first of several threads' errors is kept. */
+static inline void za_first(int* p, int v) {
+    int old = 0;
+    while (!ZA_CAS(p, &old, v) && old == 0) {}
+}
+
 /* The clock: CLOCK_MONOTONIC in nanoseconds (latencies, the workers' spin), and the coarse
    one in seconds (a slot's last access, as zram's ac_time). */
 static inline uint64_t zram_now_ns(void) {

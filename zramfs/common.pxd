@@ -18,6 +18,8 @@ cdef extern from "common.h" nogil:
     unsigned int za_add_uint "ZA_ADD"(unsigned int*, unsigned int)
     void za_max(size_t* p, size_t v)
     void za_min(size_t* p, size_t v)
+    bint za_take(size_t* p)             # one unit taken unless the count is 0
+    void za_first(int* p, int v)        # stored only where 0 is
     # Acquire / release: a pointer or word that publishes what it points to or guards.
     void* za_load_ptr "ZA_LOAD_ACQ"(void**)
     void za_store_ptr "ZA_STORE_REL"(void**, void*)

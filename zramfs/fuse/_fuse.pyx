@@ -20,8 +20,9 @@ hands it to a thread that may take the GIL.
 Request routing, decided in C per request:
 * READ / WRITE / FALLOCATE on a *data handle* (fh with DATA_FH_FLAG) are served in the
   transport's thread by the C `zramfs_data_ops` without ever taking the GIL.
-* FORGET, BATCH_FORGET and INTERRUPT get no reply (the tree keeps no lookup counts, and no
-  handler can be interrupted); FLUSH, FSYNC, OPENDIR, RELEASEDIR and STATFS are answered in C;
+* FORGET, BATCH_FORGET and INTERRUPT get no reply (the tree keeps no lookup counts). An
+  INTERRUPT of a WRITE the ops object is serving calls ops.interrupt(thread) with the ident of
+  the thread serving it (a long writeback or recompression stops: its writer was signalled); FLUSH, FSYNC, OPENDIR, RELEASEDIR and STATFS are answered in C;
   requests that would change the tree's shape (MKDIR, UNLINK, RENAME...) get EPERM, as sysfs
   answers; an opcode the tree does not use gets ENOSYS.
 * LOOKUP, GETATTR, SETATTR, OPEN, RELEASE, READDIR and READ/WRITE of other files take the GIL
@@ -353,8 +354,12 @@ cdef bint _serve(fuse_req_t* r) noexcept nogil:
         _reply_err(r, EOPNOTSUPP)
     elif op == FUSE_INIT:
         _init(r)
-    elif op == FUSE_FORGET or op == FUSE_BATCH_FORGET or op == FUSE_INTERRUPT:
+    elif op == FUSE_FORGET or op == FUSE_BATCH_FORGET:
         pass                                       # no reply is wanted (or needed)
+    elif op == FUSE_INTERRUPT:
+        if r.no_gil:
+            return True
+        _py_interrupt(r)                           # no reply either
     elif (op == FUSE_MKDIR or op == FUSE_UNLINK or op == FUSE_RMDIR or op == FUSE_RENAME
           or op == FUSE_RENAME2 or op == FUSE_SYMLINK or op == FUSE_LINK or op == FUSE_MKNOD
           or op == FUSE_CREATE):
@@ -430,6 +435,8 @@ cdef class Session:
     cdef object _lock                    # serialises unmount and close
     cdef object _init_params             # init_params(), once INIT is answered or adopted
     cdef object _init_done               # threading.Event: _init_params is set
+    cdef dict _writing                   # unique -> ident of the thread serving that WRITE
+    cdef dict _interrupted               # uniques interrupted before their WRITE was seen
 
     def __cinit__(self) -> None:
         memset(&self.s, 0, sizeof(self.s))
@@ -462,6 +469,8 @@ cdef class Session:
         self.mountpoint = mountpoint
         self._lock = threading.Lock()
         self._init_done = threading.Event()
+        self._writing = {}
+        self._interrupted = {}
         self.s.owner = <void*>self
         self.s.max_io = max_io
         self.s.max_background = max_background

@@ -36,6 +36,8 @@ cdef extern from "fuse/fuse_kernel.h" nogil:
         uint32_t len
         int32_t error
         uint64_t unique
+    struct fuse_interrupt_in:
+        uint64_t unique
     struct fuse_init_in:
         uint32_t major
         uint32_t minor

@@ -1,8 +1,8 @@
 # The requests the Python ops object answers (LOOKUP, GETATTR, SETATTR, OPEN, RELEASE, READDIR,
-# and READ/WRITE of files that are not data handles), included by _fuse.pyx: the arguments
-# unpacked into Python, the ops method of the request's name called, its result packed into
-# the reply. Everything here holds the GIL; a request's reply goes out without it, through the
-# path its transport gave it (fuse_req_t.reply).
+# READ/WRITE of files that are not data handles, and the INTERRUPT of such a WRITE), included
+# by _fuse.pyx: the arguments unpacked into Python, the ops method of the request's name
+# called, its result packed into the reply. Everything here holds the GIL; a request's reply
+# goes out without it, through the path its transport gave it (fuse_req_t.reply).
 
 cdef int _errno_of(str op, BaseException exc) noexcept:
     """An exception from a handler as an errno; anything but an OSError is logged."""
@@ -149,14 +149,60 @@ cdef void _py_request(fuse_req_t* r) noexcept with gil:
         elif op == FUSE_WRITE:
             wi = <const fuse_write_in*>arg
             memset(&wo, 0, sizeof(wo))
-            wo.size = int(fn(h.nodeid, wi.fh, PyBytes_FromStringAndSize(r.data, wi.size),
-                             wi.offset))
+            data = PyBytes_FromStringAndSize(r.data, wi.size)
+            _writing(<Session>s.owner, h.unique, True)
+            try:
+                wo.size = int(fn(h.nodeid, wi.fh, data, wi.offset))
+            finally:
+                _writing(<Session>s.owner, h.unique, False)
             out, outlen = <const char*>&wo, sizeof(wo)
     except BaseException as e:
         err = _errno_of(opname, e)
         outlen = 0
     with nogil:
         _reply(r, err, out, outlen)
+
+
+# --- INTERRUPT ------------------------------------------------------------------------------
+# The kernel sends one when the process waiting for a request gets a signal (Ctrl-C on an
+# `echo type=idle > recompress`). Only the ops object's WRITEs can be told: their thread's
+# ident goes to ops.interrupt(), which stops what that thread waits for, if it can. An
+# INTERRUPT may overtake its WRITE (two workers read them): it is kept, a few at most, for
+# the WRITE to find.
+
+cdef enum:
+    INTERRUPTS_KEPT = 64
+
+
+cdef void _interrupt(Session owner, uint64_t unique) except *:
+    """Tells the ops object that the WRITE `unique` was interrupted (GIL held)."""
+    fn = getattr(owner.ops, "interrupt", None)
+    if fn is not None:
+        fn(owner._writing[unique])
+
+
+cdef void _writing(Session owner, uint64_t unique, bint start) except *:
+    """A WRITE for the ops object starts (or ends) on this thread (GIL held)."""
+    if not start:
+        owner._writing.pop(unique, None)
+        return
+    owner._writing[unique] = threading.get_ident()
+    if owner._interrupted.pop(unique, None) is not None:
+        _interrupt(owner, unique)
+
+
+cdef void _py_interrupt(fuse_req_t* r) noexcept with gil:
+    cdef Session owner = <Session>r.s.owner
+    cdef uint64_t unique = (<const fuse_interrupt_in*>r.arg).unique
+    try:
+        if unique in owner._writing:
+            _interrupt(owner, unique)
+        else:
+            owner._interrupted[unique] = True
+            while len(owner._interrupted) > INTERRUPTS_KEPT:
+                del owner._interrupted[next(iter(owner._interrupted))]
+    except BaseException as e:
+        _errno_of("interrupt", e)
 
 
 cdef dict _changes(const fuse_setattr_in* sa):

@@ -63,7 +63,7 @@ from zramfs.service import budget, fdstore, loop, metrics, pidfile, reclaim, use
 from zramfs.zpool import _pages
 from zramfs.zram import _zram
 from zramfs.service.config import DeviceConfig
-from zramfs.sysfs import files
+from zramfs.sysfs import files, interrupts
 from zramfs.sysfs.control import Tree
 from zramfs.sysfs.device import PAGE, SETTINGS
 from zramfs.sysfs.hotplug import Devices
@@ -144,16 +144,17 @@ class TrioBridge:
         if self._closed:
             raise OSError(errno.ESHUTDOWN, "zramfs is shutting down")
         try:
-            return via(wrapper, fn, args, trio_token=self._token)
+            return via(wrapper, fn, args, threading.get_ident(), trio_token=self._token)
         except (trio.RunFinishedError, trio.Cancelled):
             raise OSError(errno.ESHUTDOWN, "zramfs is shutting down") from None
 
-    def _run_sync(self, fn: Callable[..., Any], args: tuple) -> Any:
+    def _run_sync(self, fn: Callable[..., Any], args: tuple, request: int) -> Any:
         if self._closed:
             raise OSError(errno.ESHUTDOWN, "zramfs is shutting down")
         return fn(*args)
 
-    async def _run_async(self, fn: Callable[..., Any], args: tuple) -> Any:
+    async def _run_async(self, fn: Callable[..., Any], args: tuple, request: int) -> Any:
+        interrupts.REQUEST.set(request)     # this task's own context: its request's thread
         with trio.CancelScope() as scope:
             if self._closed:
                 scope.cancel()
@@ -163,6 +164,13 @@ class TrioBridge:
             finally:
                 self._scopes.discard(scope)
         raise OSError(errno.ESHUTDOWN, "zramfs is shutting down")
+
+    def interrupt(self, request: int) -> None:
+        """The engine's INTERRUPT of the WRITE served by thread `request` (any thread)."""
+        try:
+            trio.from_thread.run_sync(interrupts.deliver, request, trio_token=self._token)
+        except trio.RunFinishedError:
+            pass
 
     def close(self) -> None:
         """Trio thread only."""
@@ -481,7 +489,7 @@ async def serve(opts: Options,
                 with trio.CancelScope(shield=True), guard_trio_thread(), \
                         trio.open_signal_receiver(signal.SIGHUP):   # too late to restart
                     if graceful:
-                        finished = await _stop_serving(session, bridge, loop_done,
+                        finished = await _stop_serving(session, bridge, devices, loop_done,
                                                        loop_scope)
                         handover = _hand_over(opts, session, state)
                         if not finished:
@@ -506,15 +514,16 @@ async def serve(opts: Options,
     return handover
 
 
-async def _stop_serving(session: _fuse.Session, bridge: TrioBridge, loop_done: trio.Event,
-                        loop_scope: trio.CancelScope) -> bool:
-    """A graceful restart's first half: no new request is read, those being served finish
-    (the trio thread answers theirs meanwhile), and the tree stays mounted. A request that
-    does not finish within HANDOVER_GRACE (a long writeback, a dict= path that blocks) is
-    left unanswered, as a crash leaves it: the next daemon gets it again (RESEND). Whether
-    every request finished."""
+async def _stop_serving(session: _fuse.Session, bridge: TrioBridge, devices: Devices,
+                        loop_done: trio.Event, loop_scope: trio.CancelScope) -> bool:
+    """A graceful restart's first half: no new request is read, a running writeback or
+    recompression is cancelled (its writer gets ECANCELED), those being served finish (the
+    trio thread answers theirs meanwhile), and the tree stays mounted. A request that does
+    not finish within HANDOVER_GRACE (a dict= path that blocks) is left unanswered, as a crash
+    leaves it: the next daemon gets it again (RESEND). Whether every request finished."""
     fdstore.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\n"
                    "STATUS=handing over to the next daemon")
+    devices.cancel_tiering()
     await trio.to_thread.run_sync(session.stop)
     with trio.move_on_after(HANDOVER_GRACE):
         await loop_done.wait()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import trio
 
-from zramfs.sysfs import files, kstrto, tiering_args as tiering
+from zramfs.sysfs import files, interrupts, kstrto, tiering_args as tiering
 from zramfs.zcomp import _zcomp
 from zramfs.zpool import _alloc
 from zramfs.zram import _backing, _dedup, _tiering, _zram
@@ -226,6 +226,7 @@ class Device:
         if self.busy:
             raise fail(errno.EBUSY, f"{self.name} is being reset")
         self.busy = True
+        self.cancel_tiering()           # a long writeback or recompression holds the drain
         try:
             if self.initialised:
                 self.disk.detach()
@@ -429,16 +430,30 @@ class Device:
 
     async def _tiering_job(self, what: str, fn, *args) -> int:
         """One writeback or recompression a time (EAGAIN otherwise), in a worker thread so
-        requests, served by their own threads, go on meanwhile."""
+        requests, served by their own threads, go on meanwhile; ECANCELED where
+        cancel_tiering() stopped it (what it did is kept): a reset, a removal, a graceful
+        restart, or a signal to its writer (the kernel's FUSE INTERRUPT)."""
         if self.tiering_busy:
             raise fail(errno.EAGAIN, f"{self.name}: a writeback or recompression is running")
         self.tiering_busy = True
+        _tiering.cancel(self.meta, False)
         try:
-            done = await self._job(fn, *args)
+            with interrupts.stoppable(self.cancel_tiering):     # its writer's Ctrl-C
+                done = await self._job(fn, *args)
+        except OSError as e:
+            if e.errno == errno.ECANCELED:
+                log.info("%s: %s: %s", self.name, what, e.strerror)
+            raise
         finally:
             self.tiering_busy = False
         log.info("%s: %s: %d pages", self.name, what, done)
         return done
+
+    def cancel_tiering(self) -> None:
+        """Stops the running writeback or recompression at its next batch, if one runs."""
+        if self.tiering_busy and self.meta is not None:
+            _tiering.cancel(self.meta)
+            log.info("%s: cancelling the running writeback or recompression", self.name)
 
     async def _store_idle(self, text: str) -> None:
         self._meta_or_einval()

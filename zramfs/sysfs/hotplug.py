@@ -92,6 +92,12 @@ class Devices:
                 self.state.removed(dev_id)
         log.info("%s: removed", dev.name)
 
+    def cancel_tiering(self) -> None:
+        """A graceful restart's first step: every running writeback or recompression stops at
+        its next batch, so the handover waits for none (their writers get ECANCELED)."""
+        for dev in self.by_id.values():
+            dev.cancel_tiering()
+
     async def remove_all(self) -> None:
         """Shutdown: every device drained and freed, open or not."""
         for dev in list(self.by_id.values()):

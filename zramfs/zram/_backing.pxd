@@ -2,7 +2,7 @@
 #
 # Space is managed in 4 KiB blocks with a free bitmap. All of these run without the GIL;
 # read and write do their own I/O (pread/pwrite, with O_DIRECT where the file allows it);
-# batches go through an io_uring of the Backing's own.
+# batches go through an io_uring of their caller's own (backing_ring_new).
 
 from zramfs.pthread cimport pthread_mutex_t
 
@@ -14,7 +14,6 @@ ctypedef struct zbacking:
     size_t hint            # where the next free-block search starts
     pthread_mutex_t lock   # guards bitmap and hint only
     char* bounce           # one aligned page per caller is the caller's; this one is for tests
-    void* ring             # the io_uring of batched writes (NULL: none; plain pwrite)
     # bd_stat, in 4 KiB units (atomic)
     size_t bd_count
     size_t bd_reads
@@ -35,11 +34,14 @@ cdef extern from *:
     enum:
         BK_MAX_BATCH      # the most writes backing_write_batch has in flight at once
 
-# `n` (<= BK_MAX_BATCH) pages to their blocks, all writes in flight at once (io_uring);
-# results[i] gets 0 or -errno for pages[i]. Returns how many succeeded. One caller at a time
-# per device.
-cdef size_t backing_write_batch(zbacking* b, size_t n, const size_t* blocks, char** pages,
-                                int* results) noexcept nogil
+# An io_uring for one caller's batches (one thread at a time), or NULL where io_uring is
+# unavailable (no io_uring, kernel.io_uring_disabled, no memory): its batches then go by pwrite.
+cdef void* backing_ring_new() noexcept nogil
+cdef void backing_ring_free(void* ring) noexcept nogil
+# `n` (<= BK_MAX_BATCH) pages to their blocks, all writes in flight at once (through `ring`);
+# results[i] gets 0 or -errno for pages[i]. Returns how many succeeded.
+cdef size_t backing_write_batch(zbacking* b, void* ring, size_t n, const size_t* blocks,
+                                char** pages, int* results) noexcept nogil
 
 
 cdef class Backing:

@@ -7,8 +7,9 @@ the kernel takes block devices only), in 4 KiB blocks with a free bitmap.
 
 The data path reaches it through the C functions in _backing.pxd, without the GIL; the free
 bitmap has its own lock. Writeback's batches go through liburing, the library the FUSE rings
-already use (one async I/O library in the project), with O_DIRECT where the file allows it, and
-through plain pwrite where io_uring is unavailable (e.g. kernel.io_uring_disabled).
+already use (one async I/O library in the project), a ring per writeback thread, with O_DIRECT
+where the file allows it, and through plain pwrite where io_uring is unavailable (e.g.
+kernel.io_uring_disabled).
 """
 from __future__ import annotations
 
@@ -36,11 +37,10 @@ cdef extern from *:
     /* liburing, as the FUSE rings (fuse/dev_uring.pxi): one async I/O library in the
        project. Writes of whole pages at their blocks, all in flight at once: with O_DIRECT
        they really overlap; otherwise the kernel does them one by one, which is still correct.
-       A ring serves one caller at a time (backing_write_batch's contract), from any thread. */
+       A ring serves one caller at a time (backing_write_batch's contract). */
     #define BK_STALE UINT64_MAX   /* a write turned into a no-op: no batch counts its CQE */
 
-    /* A ring for the batches of one Backing, or NULL where io_uring is unavailable (no
-       io_uring, kernel.io_uring_disabled, no memory): plain pwrite then. */
+    /* A ring for one caller's batches, or NULL where io_uring is unavailable. */
     static void* bk_ring_setup(void) {
         struct io_uring* r = malloc(sizeof(*r));
         if (r != NULL && io_uring_queue_init(BK_MAX_BATCH, r, 0) == 0) return r;
@@ -173,11 +173,19 @@ cdef int backing_write(zbacking* b, size_t block, const char* page) noexcept nog
     return 0
 
 
-cdef size_t backing_write_batch(zbacking* b, size_t n, const size_t* blocks, char** pages,
-                                int* results) noexcept nogil:
+cdef void* backing_ring_new() noexcept nogil:
+    return bk_ring_setup()
+
+
+cdef void backing_ring_free(void* ring) noexcept nogil:
+    bk_ring_destroy(ring)
+
+
+cdef size_t backing_write_batch(zbacking* b, void* ring, size_t n, const size_t* blocks,
+                                char** pages, int* results) noexcept nogil:
     cdef size_t i, ok = 0
-    if b.ring != NULL:
-        ok = bk_write_batch(b.ring, b.fd, n, blocks, pages, results)
+    if ring != NULL:
+        ok = bk_write_batch(ring, b.fd, n, blocks, pages, results)
     else:
         for i in range(n):
             results[i] = backing_write(b, blocks[i], pages[i])
@@ -229,12 +237,10 @@ cdef class Backing:
             self.close()
             raise MemoryError(f"no memory for a bitmap of {nr_blocks} blocks")
         pthread_mutex_init(&self.b.lock, NULL)
-        self.b.ring = bk_ring_setup()         # NULL where io_uring is unavailable: plain pwrite
         self.path = path
 
     def close(self) -> None:
         if self.b != NULL:
-            bk_ring_destroy(self.b.ring)
             close(self.b.fd)
             free(self.b.bitmap)
             free(self.b.bounce)

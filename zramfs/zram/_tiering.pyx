@@ -4,7 +4,9 @@ device, recompression with secondary algorithms (zram.rst's semantics), and zswa
 eviction of least recently used pages over mem_limit (a zramfs extension).
 
 Each walks the table without the GIL and takes one slot lock at a time; the caller holds a
-reference on the meta (Disk.call). Lock order as in _zram.pyx: a stream, then a slot lock,
+reference on the meta (Disk.call). Writeback and recompression spread their pages over one
+thread a CPU at idle priority (SCHED_IDLE: foreground I/O keeps the CPUs), and stop at their
+next batch once cancel() is called (a reset, a hot_remove, the attribute's `cancel`). Lock order as in _zram.pyx: a stream, then a slot lock,
 then (eviction) the eviction lock, then the allocator's and backing device's own locks.
 
 With dedup on (zramfs.zram._dedup), an object shared by several slots is not written back,
@@ -15,31 +17,43 @@ reference is handled as any other; its slot's reference goes with it.
     disk.call(_tiering.mark_idle, None)             # every stored page
     disk.call(_tiering.writeback, "idle", ())       # pages written back
     disk.call(_tiering.recompress, "idle", 0, 0, 0)
+    _tiering.cancel(meta)                           # from any thread: ECANCELED there
 """
 from __future__ import annotations
 
 import os
 
 from libc.errno cimport EINVAL, EIO, ENODEV, ENOMEM, ENOSPC
+
+cdef extern from "<errno.h>":
+    enum:
+        ECANCELED
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from libc.string cimport memcpy, memset
 
 from zramfs.zram._dedup cimport zdedup_shared
-from zramfs.zram._backing cimport (BK_MAX_BATCH, backing_alloc, backing_free, backing_write,
-                              backing_write_batch)
+from zramfs.zram._backing cimport (BK_MAX_BATCH, backing_alloc, backing_free, backing_ring_free,
+                                   backing_ring_new, backing_write, backing_write_batch)
 from zramfs.zcomp._zcomp cimport zcomp, zcomp_compress, zcomp_stream_get, zcomp_stream_put, zstream
 from zramfs.zram._zram cimport (Meta, zram_meta, zram_slot_free, zram_slot_has_object,
                                 zram_slot_load, zram_slot_replace, zram_stat_stored, zslot)
 from zramfs.pthread cimport (pthread_join, pthread_mutex_lock, pthread_mutex_unlock, pthread_t,
                             zram_thread_start)
-from zramfs.common cimport (PAGE_SHIFT, PAGE_SIZE, posix_memalign, za_add, za_load, za_store,
-                            za_sub, zram_now_s)
+from zramfs.common cimport (PAGE_SHIFT, PAGE_SIZE, posix_memalign, za_add, za_first, za_load,
+                            za_load_int, za_store, za_store_int, za_sub, za_take, zram_now_s)
 from zramfs.zram.zram cimport (ZRAM_ACCESSED, ZRAM_HUGE, ZRAM_IDLE, ZRAM_INCOMPRESSIBLE,
                                ZRAM_PRIO_MASK, ZRAM_PRIO_SHIFT, ZRAM_WB, ZRAM_UNDER_WB,
                                ZRAM_WB_COMPRESSED, zram_slot_clear, zram_slot_flags,
                                zram_slot_lock, zram_slot_set_flags, zram_slot_trylock,
                                zram_slot_unlock)
+
+cdef enum:
+    TIER_THREADS_MAX = 64     # threads of one writeback or recompression, at most
+
+ctypedef struct zidle:                  # a function for _on_idle_threads' threads
+    void* (*main)(void*) noexcept nogil
+    void* arg
 
 cdef enum:
     # Which pages a writeback or recompression takes, by zram.rst's page types.
@@ -70,6 +84,44 @@ cdef bint _picked(zram_meta* m, zslot* s, int pick) noexcept nogil:
     if pick == PICK_INCOMPRESSIBLE:
         return f & ZRAM_INCOMPRESSIBLE != 0
     return True
+
+
+# --- threads at idle priority ---------------------------------------------------------------
+
+cdef extern from *:
+    """
+    #include <sched.h>
+    /* The calling thread at idle priority: writeback and recompression yield the CPUs to
+       everything else. */
+    static int zt_idle_priority(void) {
+        struct sched_param p = {0};
+        return sched_setscheduler(0, SCHED_IDLE, &p);
+    }
+    """
+    int zt_idle_priority() nogil
+
+
+cdef void _on_idle_threads(void* (*main)(void*) noexcept nogil, void* arg, int nr) noexcept nogil:
+    """`main(arg)` on `nr` threads (at least one), which set themselves at idle priority; the
+    caller's thread waits for them (or, where no thread can be had, runs it itself)."""
+    cdef pthread_t threads[TIER_THREADS_MAX]
+    cdef zidle job
+    cdef int i, started = 0
+    job.main, job.arg = main, arg
+    for i in range(max(1, min(nr, <int>TIER_THREADS_MAX))):
+        if zram_thread_start(&threads[i], _idle_main, &job) != 0:
+            break
+        started += 1
+    if started == 0:
+        main(arg)
+    for i in range(started):
+        pthread_join(threads[i], NULL)
+
+
+cdef void* _idle_main(void* arg) noexcept nogil:
+    cdef zidle* job = <zidle*>arg
+    zt_idle_priority()                  # best effort: at normal priority where refused
+    return job.main(job.arg)
 
 
 # --- idle ------------------------------------------------------------------------------------
@@ -169,17 +221,29 @@ cdef int _larger_first(const void* a, const void* b) noexcept nogil:
     return (x < y) - (x > y)
 
 
+ctypedef struct zwbrun:                 # a writeback, shared by its threads
+    zram_meta* m
+    int want
+    zcandidate* cand
+    size_t n
+    size_t batch
+    int* stop                           # set: stop at the next batch (Meta.tier_stop)
+    size_t cursor                       # the next candidate to claim (atomic)
+    size_t done                         # pages written back (atomic)
+    int err                             # the first error (za_first)
+
+
 cdef long _writeback(zram_meta* m, int pick, const size_t* ranges, size_t nranges,
-                     int* err) noexcept nogil:
-    """Writes back the pages `pick` selects, largest objects first. The pages written; `err`
-    gets ENOSPC (backing device full), EIO (limit spent, or I/O), ENOMEM or stays 0."""
+                     int nr_threads, int* stop, int* err) noexcept nogil:
+    """Writes back the pages `pick` selects, largest objects first, on `nr_threads` threads
+    at idle priority. The pages written; `err` gets ENOSPC (backing device full), EIO (limit
+    spent, or I/O), ENOMEM, ECANCELED (`stop` set) or stays 0."""
     cdef size_t i, r, lo, hi, n = 0, cap = 0
     cdef zcandidate* cand = NULL
     cdef zcandidate* grown
     cdef zslot* s
-    cdef long done = 0
+    cdef zwbrun run
     cdef int want = PICK_ALL if pick == PICK_INDEXES else pick
-    err[0] = 0
     for r in range(nranges if pick == PICK_INDEXES else 1):
         lo, hi = 0, m.nr_pages - 1
         if pick == PICK_INDEXES:
@@ -202,85 +266,111 @@ cdef long _writeback(zram_meta* m, int pick, const size_t* ranges, size_t nrange
                 n += 1
             i += 1
     qsort(cand, n, sizeof(zcandidate), _larger_first)
-    done = _writeback_batches(m, want, cand, n, err)
+    memset(&run, 0, sizeof(run))
+    run.m, run.want, run.cand, run.n, run.stop = m, want, cand, n, stop
+    run.batch = max(<size_t>1, min(m.wb_batch, <size_t>BK_MAX_BATCH))
+    # A thread a batch at most: a small writeback needs no more.
+    _on_idle_threads(_writeback_main, &run, min(nr_threads, <int>((n + run.batch - 1) // run.batch)))
     free(cand)
-    return done
+    err[0] = run.err
+    return <long>za_load(&run.done)
 
 
-cdef long _writeback_batches(zram_meta* m, int want, zcandidate* cand, size_t n,
-                             int* err) noexcept nogil:
-    """The candidates, writeback_batch_size at a time: each batch's pages are prepared under
-    their slot locks and marked ZRAM_UNDER_WB, written with every write in flight at once, and
-    committed under the locks again, only where the slot was not changed meanwhile (the mark is
-    gone then, and the block goes back)."""
-    cdef size_t batch = max(<size_t>1, min(m.wb_batch, <size_t>BK_MAX_BATCH))
-    cdef char* pages = NULL
-    cdef zwb* wbs = <zwb*>malloc(batch * sizeof(zwb))
-    cdef size_t* blocks = <size_t*>malloc(batch * sizeof(size_t))
-    cdef char** ptrs = <char**>malloc(batch * sizeof(char*))
-    cdef int* results = <int*>malloc(batch * sizeof(int))
-    cdef size_t i = 0, j, k
-    cdef long done = 0
+cdef size_t _wb_prepare_batch(zwbrun* r, size_t first, char* pages, zwb* wbs, size_t* blocks,
+                              char** ptrs) noexcept nogil:
+    """The pages of candidates [first, first + batch) that are still wanted, each under its
+    slot lock read into `pages`, given a block and marked ZRAM_UNDER_WB, each taking one page
+    of writeback_limit; how many. Stops early (r.err set) when the limit is spent, or on
+    ENOSPC or EIO."""
+    cdef zram_meta* m = r.m
+    cdef size_t i, k = 0
     cdef zslot* s
-    cdef uint32_t f
     cdef int rc
-    cdef zstream* st
-    if (wbs == NULL or blocks == NULL or ptrs == NULL or results == NULL
-            or posix_memalign(<void**>&pages, PAGE_SIZE, batch * PAGE_SIZE) != 0):
-        free(wbs)
-        free(blocks)
-        free(ptrs)
-        free(results)
-        err[0] = ENOMEM
-        return 0
-    st = zcomp_stream_get(m.comp)
-    while i < n and not err[0]:
-        k = 0
-        while k < batch and i < n:
-            if m.wb_limit_enable and za_load(&m.wb_limit) <= k:
-                err[0] = EIO              # the limit is spent, counting this batch
-                break
-            s = &m.table[cand[i].index]
-            i += 1
-            zram_slot_lock(&s.flags)
-            if _picked(m, s, want):
+    cdef zstream* st = zcomp_stream_get(m.comp)
+    for i in range(first, min(first + r.batch, r.n)):
+        s = &m.table[r.cand[i].index]
+        zram_slot_lock(&s.flags)
+        rc = 0
+        if _picked(m, s, r.want):
+            if m.wb_limit_enable and not za_take(&m.wb_limit):
+                rc = -EIO               # the limit is spent
+            else:
                 rc = _wb_prepare(m, s, pages + k * PAGE_SIZE, st, &wbs[k])
                 if rc == 0:
                     zram_slot_set_flags(&s.flags, zram_slot_flags(&s.flags) | ZRAM_UNDER_WB)
                     blocks[k] = wbs[k].block
                     ptrs[k] = pages + k * PAGE_SIZE
                     k += 1
-                else:
-                    err[0] = -rc
-            zram_slot_unlock(&s.flags)
-            if err[0]:
-                break
-        if k:
-            backing_write_batch(m.backing, k, blocks, ptrs, results)
-        for j in range(k):
-            s = &m.table[wbs[j].index]
-            zram_slot_lock(&s.flags)
-            f = zram_slot_flags(&s.flags)
-            if results[j] == 0 and f & ZRAM_UNDER_WB and s.handle == wbs[j].handle:
-                zram_slot_set_flags(&s.flags, f & ~ZRAM_UNDER_WB)
-                _wb_commit(m, s, &wbs[j])
-                done += 1
-                if m.wb_limit_enable:
-                    za_sub(&m.wb_limit, 1)
-            else:
-                if f & ZRAM_UNDER_WB:
-                    zram_slot_set_flags(&s.flags, f & ~ZRAM_UNDER_WB)
-                backing_free(m.backing, wbs[j].block)
-                if results[j] != 0 and not err[0]:
-                    err[0] = EIO
-            zram_slot_unlock(&s.flags)
+                elif m.wb_limit_enable:
+                    za_add(&m.wb_limit, 1)
+        zram_slot_unlock(&s.flags)
+        if rc != 0:
+            za_first(&r.err, -rc)
+            break
     zcomp_stream_put(st)
+    return k
+
+
+cdef void _wb_commit_batch(zwbrun* r, size_t k, zwb* wbs, int* results) noexcept nogil:
+    """Each written page committed under its slot lock again, only where the slot was not
+    changed meanwhile (the mark is gone then, and the block and its page of writeback_limit
+    go back)."""
+    cdef zram_meta* m = r.m
+    cdef size_t j
+    cdef zslot* s
+    cdef uint32_t f
+    for j in range(k):
+        s = &m.table[wbs[j].index]
+        zram_slot_lock(&s.flags)
+        f = zram_slot_flags(&s.flags)
+        if results[j] == 0 and f & ZRAM_UNDER_WB and s.handle == wbs[j].handle:
+            zram_slot_set_flags(&s.flags, f & ~ZRAM_UNDER_WB)
+            _wb_commit(m, s, &wbs[j])
+            za_add(&r.done, 1)
+        else:
+            if f & ZRAM_UNDER_WB:
+                zram_slot_set_flags(&s.flags, f & ~ZRAM_UNDER_WB)
+            backing_free(m.backing, wbs[j].block)
+            if m.wb_limit_enable:
+                za_add(&m.wb_limit, 1)
+            if results[j] != 0:
+                za_first(&r.err, EIO)
+        zram_slot_unlock(&s.flags)
+
+
+cdef void* _writeback_main(void* arg) noexcept nogil:
+    """A writeback thread: claims a batch of candidates at a time, prepares it, writes it with
+    every write in flight at once (its own ring), and commits it; until the candidates are
+    done, `stop` is set or any thread met an error."""
+    cdef zwbrun* r = <zwbrun*>arg
+    cdef size_t batch = r.batch, first, k
+    cdef char* pages = NULL
+    cdef zwb* wbs = <zwb*>malloc(batch * sizeof(zwb))
+    cdef size_t* blocks = <size_t*>malloc(batch * sizeof(size_t))
+    cdef char** ptrs = <char**>malloc(batch * sizeof(char*))
+    cdef int* results = <int*>malloc(batch * sizeof(int))
+    cdef void* ring = backing_ring_new()
+    if (wbs == NULL or blocks == NULL or ptrs == NULL or results == NULL
+            or posix_memalign(<void**>&pages, PAGE_SIZE, batch * PAGE_SIZE) != 0):
+        za_first(&r.err, ENOMEM)
+    while not za_load_int(&r.err):
+        if za_load_int(r.stop):
+            za_first(&r.err, ECANCELED)
+            break
+        first = za_add(&r.cursor, batch)
+        if first >= r.n:
+            break
+        k = _wb_prepare_batch(r, first, pages, wbs, blocks, ptrs)
+        if k:
+            backing_write_batch(r.m.backing, ring, k, blocks, ptrs, results)
+            _wb_commit_batch(r, k, wbs, results)
+    backing_ring_free(ring)
     free(pages)
     free(wbs)
     free(blocks)
     free(ptrs)
     free(results)
-    return done
+    return NULL
 
 
 # --- recompression ---------------------------------------------------------------------------
@@ -294,20 +384,8 @@ cdef bint _recompress_wanted(zram_meta* m, zslot* s, int pick, size_t threshold,
             and <int>((f & ZRAM_PRIO_MASK) >> ZRAM_PRIO_SHIFT) < top)
 
 
-cdef extern from *:
-    """
-    #include <sched.h>
-    /* The calling thread at idle priority: recompression yields the CPUs to everything else. */
-    static int zt_idle_priority(void) {
-        struct sched_param p = {0};
-        return sched_setscheduler(0, SCHED_IDLE, &p);
-    }
-    """
-    int zt_idle_priority() nogil
-
 cdef enum:
     RECOMP_CHUNK = 64          # pages a recompression thread claims at a time
-    RECOMP_THREADS_MAX = 64
 
 ctypedef struct zrecomp:
     zram_meta* m
@@ -316,6 +394,8 @@ ctypedef struct zrecomp:
     int top                    # the highest priority this run may use
     size_t threshold
     size_t max_pages           # 0: no limit
+    int* stop                  # set: stop at the next chunk (Meta.tier_stop)
+    int cancelled              # stopped by `stop` (atomic)
     size_t cursor              # the next page index to claim (atomic)
     size_t tried               # pages tried (atomic), against max_pages
     size_t done                # pages recompressed (atomic)
@@ -393,12 +473,14 @@ cdef void* _recompress_main(void* arg) noexcept nogil:
     cdef char* out = NULL
     cdef size_t first, i
     cdef int rc
-    zt_idle_priority()                  # best effort: at normal priority where refused
     if (posix_memalign(<void**>&page, PAGE_SIZE, PAGE_SIZE) != 0
             or posix_memalign(<void**>&out, PAGE_SIZE, PAGE_SIZE) != 0):
         free(page)
         return NULL
     while True:
+        if za_load_int(r.stop):
+            za_store_int(&r.cancelled, 1)
+            break
         first = za_add(&r.cursor, RECOMP_CHUNK)
         if first >= r.m.nr_pages:
             break
@@ -417,29 +499,23 @@ cdef void* _recompress_main(void* arg) noexcept nogil:
 
 
 cdef long _recompress(zram_meta* m, int pick, size_t threshold, size_t max_pages, int only,
-                      int nr_threads) noexcept nogil:
+                      int nr_threads, int* stop, bint* cancelled) noexcept nogil:
     """Recompresses the pages `pick` and `threshold` select, trying at most `max_pages`
-    (0: no limit), on `nr_threads` threads at idle priority (the caller's thread waits). The
-    pages recompressed. As the kernel's, one page's outcome does not depend on another's,
-    so the threads' order changes which pages a max_pages run takes, never the result."""
+    (0: no limit), on `nr_threads` threads at idle priority, until done or `stop` is set
+    (`cancelled` then). The pages recompressed. As the kernel's, one page's outcome does not
+    depend on another's, so the threads' order changes which pages a max_pages run takes,
+    never the result."""
     cdef zrecomp r
-    cdef pthread_t threads[RECOMP_THREADS_MAX]
-    cdef int i, started = 0
     memset(&r, 0, sizeof(r))
     r.m, r.pick, r.only, r.threshold, r.max_pages = m, pick, only, threshold, max_pages
+    r.stop = stop
     r.top = only
     if not only:
         for r.top in range(3, 0, -1):
             if m.secondary[r.top] != NULL:
                 break
-    for i in range(max(1, min(nr_threads, <int>RECOMP_THREADS_MAX))):
-        if zram_thread_start(&threads[i], _recompress_main, &r) != 0:
-            break
-        started += 1
-    if started == 0:
-        _recompress_main(&r)            # no thread to be had: this one does it all
-    for i in range(started):
-        pthread_join(threads[i], NULL)
+    _on_idle_threads(_recompress_main, &r, nr_threads)
+    cancelled[0] = za_load_int(&r.cancelled) != 0
     return <long>za_load(&r.done)
 
 
@@ -497,17 +573,25 @@ def mark_idle(Meta meta, age: int | None = None) -> int:
     return marked
 
 
-def writeback(Meta meta, mode: str | None, ranges=()) -> int:
+def _threads(int threads) -> int:
+    """How many threads a writeback or recompression runs on: `threads`, or with 0 one a CPU
+    this process may run on."""
+    return threads if threads > 0 else len(os.sched_getaffinity(0))
+
+
+def writeback(Meta meta, mode: str | None, ranges=(), int threads=0) -> int:
     """Writes back the pages of a page type `mode` (idle, huge, huge_idle, incompressible),
-    or with None those of the page index `ranges` (inclusive pairs); returns how many.
-    OSError: ENODEV without a backing device, ENOSPC when it is full, EIO when
-    writeback_limit is spent or I/O fails."""
+    or with None those of the page index `ranges` (inclusive pairs), on `threads` threads at
+    idle priority (0: one a CPU); returns how many. OSError: ENODEV without a backing device,
+    ENOSPC when it is full, EIO when writeback_limit is spent or I/O fails, ECANCELED when
+    cancel() stopped it."""
     cdef zram_meta* m = meta.m
     cdef int pick = PICK_INDEXES if mode is None else PAGE_TYPES[mode]
     cdef size_t n = len(ranges)
     cdef size_t* cranges
     cdef long done
     cdef int err = 0
+    cdef int nr = _threads(threads)
     if m.backing == NULL:
         raise OSError(ENODEV, "no backing device")
     cranges = <size_t*>calloc(2 * n + 2, sizeof(size_t))
@@ -516,8 +600,10 @@ def writeback(Meta meta, mode: str | None, ranges=()) -> int:
     for i, (lo, hi) in enumerate(ranges):
         cranges[2 * i], cranges[2 * i + 1] = lo, hi
     with nogil:
-        done = _writeback(m, pick, cranges, n, &err)
+        done = _writeback(m, pick, cranges, n, nr, &meta.tier_stop, &err)
     free(cranges)
+    if err == ECANCELED:
+        raise OSError(err, f"writeback cancelled after {done} pages")
     if err:
         raise OSError(err, f"writeback stopped after {done} pages")
     return done
@@ -527,17 +613,28 @@ def recompress(Meta meta, mode: str | None, size_t threshold=0, size_t max_pages
                int priority=0, int threads=0) -> int:
     """Recompresses the pages a page type `mode` (idle, huge, huge_idle; None: all) and
     `threshold` select with the secondary algorithms (or only the one of `priority`), on
-    `threads` threads at idle priority (0: one a CPU this process may run on)."""
+    `threads` threads at idle priority (0: one a CPU). OSError(ECANCELED) when cancel()
+    stopped it."""
     cdef int pick = PICK_ALL if mode is None else PAGE_TYPES[mode]
     cdef long done
-    cdef int nr = threads if threads > 0 else len(os.sched_getaffinity(0))
+    cdef bint cancelled = False
+    cdef int nr = _threads(threads)
     if not meta.secondary:
         raise OSError(EINVAL, "no recompression algorithm")
     if pick == PICK_INCOMPRESSIBLE:
         raise OSError(EINVAL, "incompressible pages are not recompressed")
     with nogil:
-        done = _recompress(meta.m, pick, threshold, max_pages, priority, nr)
+        done = _recompress(meta.m, pick, threshold, max_pages, priority, nr, &meta.tier_stop,
+                           &cancelled)
+    if cancelled:
+        raise OSError(ECANCELED, f"recompression cancelled after {done} pages")
     return done
+
+
+def cancel(Meta meta, bint stop=True) -> None:
+    """Stops the writeback or recompression running on `meta` at its next batch (what it did
+    is kept); with False, lets the next one run. Any thread."""
+    za_store_int(&meta.tier_stop, stop)
 
 
 def set_eviction(Meta meta, bint on) -> None:

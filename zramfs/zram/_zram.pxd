@@ -131,6 +131,7 @@ cdef class Meta:
     cdef readonly dict secondary
     cdef readonly object dedup    # zramfs.zram._dedup's index, which frees itself; None: off
     cdef readonly object adopted  # what a meta adopted in place holds (Adopted); None: new
+    cdef int tier_stop            # 1: the running writeback or recompression stops (atomic)
 
 
 cdef class Disk:
