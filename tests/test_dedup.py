@@ -364,7 +364,7 @@ def test_tiering_against_twin_writers() -> None:
                 if i % 3 == 0:
                     _tiering.writeback(meta, "idle")
                 elif i % 3 == 1:
-                    _tiering.recompress(meta, None, 1)
+                    _tiering.recompress(meta, None, 1, polite=False)   # the race itself
                 else:
                     # Eviction on before the limit comes down and until it goes back up: a
                     # write over mem_limit with nothing to evict fails (ENOMEM, as in the

@@ -693,6 +693,47 @@ def test_cancel_stops_writeback_and_recompression_midway(tmp_path) -> None:
             backing.close()
 
 
+def test_recompression_pauses_for_foreground_requests_and_still_finishes() -> None:
+    """A recompression while another disk takes requests without a break: its threads pause
+    for them, but every so often take a page all the same, so it finishes, with what an
+    undisturbed one does; it does not pause where nothing else runs."""
+    n = 64
+    data = _mixed_pages(n, 5)
+    disks = [make_disk(n * PAGE, secondary={1: ("zstd", 19)}) for _ in range(2)]
+    busy = make_disk(16 * PAGE)
+    stop = threading.Event()
+
+    def foreground() -> None:
+        page = bytes(range(256)) * 16
+        while not stop.is_set():
+            busy.write(0, page)
+    writer = threading.Thread(target=foreground)
+    try:
+        for disk in disks:
+            disk.write(0, data)
+        writer.start()
+        started = time.monotonic()
+        polite = _tiering.recompress(disks[0].meta, None, 0, 0, 0, 2)
+        paused = time.monotonic() - started
+        stop.set()
+        writer.join()
+        started = time.monotonic()
+        alone = _tiering.recompress(disks[1].meta, None, 0, 0, 0, 2)
+        assert polite == alone > 0
+        assert disks[0].meta.mm_stat()[1] == disks[1].meta.mm_stat()[1]
+        assert disks[0].read(0, n * PAGE) == data
+        # Not a timing of the machine: a pause is at least 10 ms, and a thread takes one page
+        # after 20 of them at most; 64 pages, of which some are not recompressed, never pause
+        # without a foreground, and always do with one.
+        assert paused > 0.2, paused
+    finally:
+        stop.set()
+        if writer.is_alive():
+            writer.join()
+        for disk in disks + [busy]:
+            destroy(disk)
+
+
 def test_recompression_on_threads_under_overwrites() -> None:
     """Four recompression threads (they compress without the slot lock) while another
     thread overwrites every page once, in random order: each page reads back as written,
@@ -722,7 +763,7 @@ def test_recompression_on_threads_under_overwrites() -> None:
             try:
                 started.set()
                 while writer.is_alive():
-                    _tiering.recompress(disk.meta, None, 0, 0, 0, 4)
+                    _tiering.recompress(disk.meta, None, 0, 0, 0, 4, polite=False)
             finally:
                 started.set()
                 writer.join()

@@ -102,6 +102,10 @@ cdef ssize_t zram_write(zram* disk, uint32_t generation, const char* buf, size_t
 cdef int zram_fallocate(zram* disk, uint32_t generation, int mode, off_t off,
                          off_t length) noexcept nogil
 
+# Requests the data path has taken, on every device of this process, since it started: how
+# tiering's idle-priority threads see that foreground I/O runs.
+cdef size_t zram_requests() noexcept nogil
+
 # The slot API, for tiering and dedup. Each takes the slot's lock held (zram_slot_lock) unless
 # it says otherwise, and a reference on the meta.
 cdef void zram_slot_free(zram_meta* m, zslot* s) noexcept nogil

@@ -352,9 +352,18 @@ cdef inline void _account(zram* d, int kind, size_t nbytes, uint64_t started) no
     za_add(&d.ticks_ns[kind], zram_now_ns() - started)
 
 
+cdef size_t _requests = 0             # the data path's requests, every device's (atomic)
+
+
+cdef size_t zram_requests() noexcept nogil:
+    return za_load(&_requests)
+
+
 cdef inline int _get(zram* d, uint32_t generation) noexcept nogil:
-    """A reference on the disk's meta, for the device `generation` names: 1; 0 where the disk
-    is not live; -1 where it now serves a newer device of its id (the caller's is gone)."""
+    """A request's reference on the disk's meta, for the device `generation` names: 1; 0
+    where the disk is not live; -1 where it now serves a newer device of its id (the caller's
+    is gone)."""
+    za_add(&_requests, 1)
     if generation and za_load32(&d.generation) != generation:
         return -1
     if not zram_get(&d.state):
