@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Daemon, requires_fuse, run
-from zramfs.sysfs.device import open_backing
+from zramfs.sysfs.device_tiering import open_backing
 from zramfs.zram._backing import BackingError
 
 PAGE = 4096

@@ -17,7 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from conftest import PAGE, PUNCH_HOLE, ZERO_RANGE, attached, destroy, race
 from disk_io import IoDisk
-from zramfs.sysfs.device import open_backing
+from zramfs.sysfs.device_tiering import open_backing
 from zramfs.zram import _dedup, _tiering
 from zramfs.zram._zram import Meta
 

@@ -59,7 +59,7 @@ _HEX = "0123456789abcdefABCDEF"
 
 
 def fail(code: int, message: str) -> OSError:
-    """The error a store gives back: the kernel's errno, and why (as zramfs.sysfs.device.fail)."""
+    """The error a store or show gives back: the kernel's errno, and why."""
     return OSError(code, message)
 
 
