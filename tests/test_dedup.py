@@ -16,7 +16,7 @@ import pytest
 from conftest import PAGE, PUNCH_HOLE, ZERO_RANGE, Daemon, attached, race
 from test_meta import destroy, make_disk
 from zramfs.zram import _dedup, _tiering
-from zramfs.sysfs.device import open_backing
+from zramfs.sysfs.device_tiering import open_backing
 
 ORIG, COMPR, USED = 0, 1, 2
 PATTERN = (b"a page of text that compresses well, but is not same-filled; " * 70)[:PAGE]

@@ -21,8 +21,9 @@ Request routing, decided in C per request:
 * READ / WRITE / FALLOCATE on a *data handle* (fh with DATA_FH_FLAG) are served in the
   transport's thread by the C `zramfs_data_ops` without ever taking the GIL.
 * FORGET, BATCH_FORGET and INTERRUPT get no reply (the tree keeps no lookup counts). An
-  INTERRUPT of a WRITE the ops object is serving calls ops.interrupt(thread) with the ident of
-  the thread serving it (a long writeback or recompression stops: its writer was signalled); FLUSH, FSYNC, OPENDIR, RELEASEDIR and STATFS are answered in C;
+  INTERRUPT of a WRITE the ops object is serving calls ops.interrupt(thread) with the ident
+  of the thread serving it (a long writeback or recompression stops: its writer was
+  signalled). FLUSH, FSYNC, OPENDIR, RELEASEDIR and STATFS are answered in C;
   requests that would change the tree's shape (MKDIR, UNLINK, RENAME...) get EPERM, as sysfs
   answers; an opcode the tree does not use gets ENOSYS.
 * LOOKUP, GETATTR, SETATTR, OPEN, RELEASE, READDIR and READ/WRITE of other files take the GIL

@@ -209,8 +209,9 @@ cdef class Backing:
 
     def __init__(self, path: str, int fd):
         """`fd`: an open block device or regular file (BackingError(EINVAL) for anything
-        else), as zramfs.sysfs.device.open_backing opens `path` (without waiting on it), or a
-        live restart's kept descriptor. This object owns it from now on; `path` is its name."""
+        else), as zramfs.sysfs.device_tiering.open_backing opens `path` (without waiting on
+        it), or a live restart's kept descriptor. This object owns it from now on; `path` is
+        its name."""
         st = os.fstat(fd)
         if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
             os.close(fd)

@@ -37,7 +37,8 @@ cdef void _yield_to_foreground(size_t* seen) noexcept nogil:
         nanosleep(&t, NULL)
 
 
-cdef bint _recompress_wanted(zram_meta* m, zslot* s, int pick, size_t threshold, int top) noexcept nogil:
+cdef bint _recompress_wanted(zram_meta* m, zslot* s, int pick, size_t threshold,
+                             int top) noexcept nogil:
     """A page of the type, at least `threshold` big, not known incompressible, and not already
     compressed by the highest algorithm this run may use (`top`): as the kernel, such a page
     is passed over, not tried again (and so not counted against max_pages)."""
@@ -168,9 +169,9 @@ cdef long _recompress(zram_meta* m, int pick, size_t threshold, size_t max_pages
                       int nr_threads, bint polite, int* stop, bint* cancelled) noexcept nogil:
     """Recompresses the pages `pick` and `threshold` select, trying at most `max_pages`
     (0: no limit), on `nr_threads` threads at idle priority (`polite`: pausing while the data
-    path takes requests), until done or `stop` is set (`cancelled` then). The pages recompressed. As the kernel's, one page's outcome does not
-    depend on another's, so the threads' order changes which pages a max_pages run takes,
-    never the result."""
+    path takes requests), until done or `stop` is set (`cancelled` then). The pages
+    recompressed. As the kernel's, one page's outcome does not depend on another's, so the
+    threads' order changes which pages a max_pages run takes, never the result."""
     cdef zrecomp r
     memset(&r, 0, sizeof(r))
     r.m, r.pick, r.only, r.threshold, r.max_pages = m, pick, only, threshold, max_pages

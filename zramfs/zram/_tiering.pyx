@@ -6,8 +6,9 @@ eviction of least recently used pages over mem_limit (a zramfs extension).
 Each walks the table without the GIL and takes one slot lock at a time; the caller holds a
 reference on the meta (Disk.call). Writeback and recompression spread their pages over one
 thread a CPU at idle priority (SCHED_IDLE: foreground I/O keeps the CPUs), and stop at their
-next batch once cancel() is called (a reset, a hot_remove, the attribute's `cancel`). Lock order as in _zram.pyx: a stream, then a slot lock,
-then (eviction) the eviction lock, then the allocator's and backing device's own locks.
+next batch once cancel() is called (a reset, a hot_remove, a graceful restart, a signal to
+the attribute's writer). Lock order as in _zram.pyx: a stream, then a slot lock, then
+(eviction) the eviction lock, then the allocator's and backing device's own locks.
 
 With dedup on (zramfs.zram._dedup), an object shared by several slots is not written back,
 recompressed or evicted: moving one slot's page would free nothing. One with a single
@@ -24,10 +25,6 @@ from __future__ import annotations
 import os
 
 from libc.errno cimport EINVAL, EIO, ENODEV, ENOMEM, ENOSPC
-
-cdef extern from "<errno.h>":
-    enum:
-        ECANCELED
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from libc.string cimport memcpy, memset
@@ -42,12 +39,16 @@ from zramfs.zram._zram cimport (Meta, zram_meta, zram_requests, zram_slot_free,
 from zramfs.pthread cimport (pthread_join, pthread_mutex_lock, pthread_mutex_unlock, pthread_t,
                             zram_thread_start)
 from zramfs.common cimport (PAGE_SHIFT, PAGE_SIZE, posix_memalign, za_add, za_first, za_load,
-                            za_load_int, za_store, za_store_int, za_sub, za_take, zram_now_s)
+                            za_load_int, za_store, za_store_int, za_take, zram_now_s)
 from zramfs.zram.zram cimport (ZRAM_ACCESSED, ZRAM_HUGE, ZRAM_IDLE, ZRAM_INCOMPRESSIBLE,
                                ZRAM_PRIO_MASK, ZRAM_PRIO_SHIFT, ZRAM_WB, ZRAM_UNDER_WB,
                                ZRAM_WB_COMPRESSED, zram_slot_clear, zram_slot_flags,
                                zram_slot_lock, zram_slot_set_flags, zram_slot_trylock,
                                zram_slot_unlock)
+
+cdef extern from "<errno.h>":
+    enum:
+        ECANCELED              # not in Cython's libc.errno
 
 cdef enum:
     TIER_THREADS_MAX = 64     # threads of one writeback or recompression, at most
@@ -271,7 +272,8 @@ cdef long _writeback(zram_meta* m, int pick, const size_t* ranges, size_t nrange
     run.m, run.want, run.cand, run.n, run.stop = m, want, cand, n, stop
     run.batch = max(<size_t>1, min(m.wb_batch, <size_t>BK_MAX_BATCH))
     # A thread a batch at most: a small writeback needs no more.
-    _on_idle_threads(_writeback_main, &run, min(nr_threads, <int>((n + run.batch - 1) // run.batch)))
+    _on_idle_threads(_writeback_main, &run,
+                     min(nr_threads, <int>((n + run.batch - 1) // run.batch)))
     free(cand)
     err[0] = run.err
     return <long>za_load(&run.done)
