@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (PAGE, ZRAMFS, Cleanup, is_mounted, requires_fuse, run, start_daemon,
-                      wait_for, zramfs_daemon)
+                      uring_unavailable, wait_for, zramfs_daemon)
 from manager import (FUSE_HAS_RESEND, Call, Manager, alive, children, servings, stop,
                      stuck_request)
 from zramfs.service import loop
@@ -471,3 +471,34 @@ def test_the_kernels_other_algorithms_are_kept_across_a_kill(tmp_path: Path,
             with open(d.dev(name), "rb") as f:
                 assert f.read(len(data)) == data, name
         stop(d, mgr)
+
+
+@requires_fuse
+def test_on_io_uring_sighup_is_refused_and_a_crash_loses_the_tree(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The README's transport table, io_uring's row: a graceful restart is refused (SIGHUP
+    logged and ignored, the device serves on with its pages), and a crash takes the tree with
+    it (ECONNABORTED): nothing is kept for a next daemon, as docs/fuse-protocol.md §5.1 says why."""
+    reason = uring_unavailable()
+    if reason:
+        pytest.skip(reason)
+    request.getfixturevalue("uring_param_restored")
+    with zramfs_daemon(tmp=tmp_path, transport="io_uring") as d:
+        name = d.device("16M")
+        data = os.urandom(64 * PAGE)
+        with open(d.dev(name), "r+b", buffering=0) as f:
+            f.write(data)
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "no graceful restart on the io_uring transport" not in d.log.read_text():
+            assert time.monotonic() < deadline, d.log.read_text()
+            time.sleep(0.05)
+        assert d.proc.poll() is None
+        with open(d.dev(name), "rb", buffering=0) as f:
+            assert f.read(len(data)) == data
+        os.kill(d.proc.pid, signal.SIGKILL)
+        d.proc.wait(30)
+        with pytest.raises(OSError) as e:
+            os.stat(d.dev(name))
+        assert e.value.errno == errno.ECONNABORTED      # the kernel aborted the connection
+        run("fusermount3", "-u", "-z", str(d.mnt), timeout=30)
