@@ -2,6 +2,7 @@
 limits, lifetime, races."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import os
@@ -9,6 +10,7 @@ import random
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import settings
@@ -584,16 +586,26 @@ def test_recompression_on_threads_does_what_one_thread_does() -> None:
             destroy(disk)
 
 
-def _backed_disks(tmp_path, count: int, n: int, **kw) -> tuple[list[IoDisk], list]:
+@contextlib.contextmanager
+def _backed_disks(tmp_path, count: int, n: int,
+                  **kw) -> Iterator[tuple[list[IoDisk], list]]:
     """`count` disks of `n` pages, each with a backing file of its own on tmp_path's file
-    system (O_DIRECT where it allows it)."""
-    backings = []
-    for i in range(count):
-        path = tmp_path / f"backing{i}"
-        with open(path, "wb") as f:
-            f.truncate(n * PAGE)
-        backings.append(open_backing(str(path), None))
-    return [make_disk(n * PAGE, backing=b, **kw) for b in backings], backings
+    system (O_DIRECT where it allows it); destroyed and closed after, pass or fail."""
+    backings, disks = [], []
+    try:
+        for i in range(count):
+            path = tmp_path / f"backing{i}"
+            with open(path, "wb") as f:
+                f.truncate(n * PAGE)
+            backings.append(open_backing(str(path), None))
+        for b in backings:
+            disks.append(make_disk(n * PAGE, backing=b, **kw))
+        yield disks, backings
+    finally:
+        for disk in disks:
+            destroy(disk)
+        for backing in backings:
+            backing.close()
 
 
 def test_writeback_on_threads_does_what_one_thread_does(tmp_path) -> None:
@@ -602,8 +614,7 @@ def test_writeback_on_threads_does_what_one_thread_does(tmp_path) -> None:
     writeback_limit, four threads together write exactly the limit, then EIO."""
     n = 2048
     data = _mixed_pages(n, 2)
-    disks, backings = _backed_disks(tmp_path, 3, n)
-    try:
+    with _backed_disks(tmp_path, 3, n) as (disks, backings):
         for disk in disks:
             disk.write(0, data)
             _tiering.set_wb_batch(disk.meta, 16)
@@ -622,11 +633,6 @@ def test_writeback_on_threads_does_what_one_thread_does(tmp_path) -> None:
         assert backings[2].bd_stat()[0] == 100 and _tiering.wb_limit(disks[2].meta) == 0
         for disk in disks:
             assert disk.read(0, n * PAGE) == data
-    finally:
-        for disk in disks:
-            destroy(disk)
-        for backing in backings:
-            backing.close()
 
 
 def _in_background(fn, *args) -> tuple[threading.Thread, dict]:
@@ -649,9 +655,8 @@ def test_cancel_stops_writeback_and_recompression_midway(tmp_path) -> None:
     caught under way."""
     n = 4096
     data = _mixed_pages(n, 3)
-    disks, backings = _backed_disks(tmp_path, 2, n, secondary={1: ("zstd", 19)})
-    cancelled, twin = disks
-    try:
+    with _backed_disks(tmp_path, 2, n, secondary={1: ("zstd", 19)}) as (disks, backings):
+        cancelled, twin = disks
         for disk in disks:
             disk.write(0, data)
         assert _tiering.recompress(twin.meta, None, 0, 0, 0, 2) > 0
@@ -686,11 +691,6 @@ def test_cancel_stops_writeback_and_recompression_midway(tmp_path) -> None:
         _tiering.writeback(cancelled.meta, "idle", (), 2)
         assert backings[0].bd_stat()[0] == backings[1].bd_stat()[0] == total
         assert cancelled.read(0, n * PAGE) == data
-    finally:
-        for disk in disks:
-            destroy(disk)
-        for backing in backings:
-            backing.close()
 
 
 def test_recompression_pauses_for_foreground_requests_and_still_finishes() -> None:
