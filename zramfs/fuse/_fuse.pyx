@@ -134,9 +134,9 @@ cdef enum:
     NR_BUCKETS = 24               # latency buckets: bucket b up to 2**b microseconds
 
 cdef struct stats_t:
-    # Per opcode: requests served, their total time, and a histogram of their latency (from
-    # the request read to its reply written), for the metrics endpoint.
-    size_t op_count[NR_OPS]
+    # Per opcode: the requests' total time and a histogram of their latency (from the
+    # request read to its reply written), for the metrics endpoint. The count is the
+    # histogram's sum, so a reader between two of _account's adds never sees them differ.
     size_t op_ns[NR_OPS]
     size_t op_hist[NR_OPS][NR_BUCKETS]
     size_t data_reads
@@ -396,7 +396,6 @@ cdef void _account(session_t* s, uint32_t op, uint64_t ns) noexcept nogil:
     while us and b < NR_BUCKETS - 1:
         us >>= 1
         b += 1
-    za_add(&s.st.op_count[op], 1)
     za_add(&s.st.op_ns[op], ns)
     za_add(&s.st.op_hist[op][b], 1)
 
@@ -631,14 +630,14 @@ cdef class Session:
 
     def requests(self) -> dict[str, tuple[int, float, list[int]]]:
         """Per request type served so far: (count, total seconds, latency histogram), the
-        histogram's bucket b counting requests up to 2**b microseconds (the last: any)."""
+        histogram's bucket b counting requests up to 2**b microseconds (the last: any). The
+        count is the histogram's sum, so the two agree in every snapshot."""
         cdef stats_t* st = &self.s.st
         out = {}
         for op, name in OPCODE_NAMES.items():
-            count = za_load(&st.op_count[op])
-            if count:
-                out[name] = (count, za_load(&st.op_ns[op]) / 1e9,
-                             [za_load(&st.op_hist[op][b]) for b in range(NR_BUCKETS)])
+            hist = [za_load(&st.op_hist[op][b]) for b in range(NR_BUCKETS)]
+            if any(hist):
+                out[name] = (sum(hist), za_load(&st.op_ns[op]) / 1e9, hist)
         return out
 
     def __dealloc__(self) -> None:
