@@ -13,7 +13,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -22,6 +24,8 @@ from zramfs.sysfs.kstrto import fail
 from zramfs.zcomp import _zcomp
 from zramfs.zram import _backing, _tiering, _zram
 from zramfs.zram._backing import Backing, BackingError
+
+T = TypeVar("T")
 
 log = logging.getLogger("zramfs.sysfs.device")
 
@@ -126,10 +130,7 @@ class Tiering:
 
     async def _store_idle(self, text: str) -> None:
         self._meta_or_einval()
-        try:
-            age = tiering.parse_idle(text)
-        except ValueError as e:
-            raise fail(errno.EINVAL, str(e)) from None
+        age = _parsed(tiering.parse_idle, text)
         # An age past what 32 bits of seconds hold marks what the largest age marks: nothing.
         await self._job(_tiering.mark_idle, None if age is None else min(age, AGE_MAX))
 
@@ -137,10 +138,7 @@ class Tiering:
         self._meta_or_einval()
         if self.backing is None:
             raise fail(errno.ENODEV, f"{self.name} has no backing device")
-        try:
-            wb = tiering.parse_writeback(text)
-        except ValueError as e:
-            raise fail(errno.EINVAL, str(e)) from None
+        wb = _parsed(tiering.parse_writeback, text)
         await self._tiering_job(f"writeback {text.strip()}", _tiering.writeback, wb.mode,
                                 wb.ranges)
 
@@ -209,10 +207,7 @@ class Tiering:
 
     async def _store_recompress(self, text: str) -> None:
         self._meta_or_einval()
-        try:
-            r = tiering.parse_recompress(text)
-        except ValueError as e:
-            raise fail(errno.EINVAL, str(e)) from None
+        r = _parsed(tiering.parse_recompress, text)
         if not self.secondary:
             raise fail(errno.EINVAL, f"{self.name} has no recomp_algorithm")
         prio = r.priority or 0
@@ -222,6 +217,15 @@ class Tiering:
             raise fail(errno.EINVAL, f"no recompression algorithm {r.algo or r.priority}")
         await self._tiering_job(f"recompress {text.strip()}", _tiering.recompress, r.mode,
                                 r.threshold, r.max_pages, prio)
+
+
+def _parsed(parse: Callable[[str], T], text: str) -> T:
+    """`parse(text)`, a tiering_args parser's ValueError as the kernel's EINVAL with its
+    reason."""
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise fail(errno.EINVAL, str(e)) from None
 
 
 def open_backing(path: str, tree: Path | None) -> Backing:
